@@ -1,0 +1,111 @@
+"""The run directory and its rules: atomic outputs, and finished stages that stay finished.
+
+Layout (DESIGN.md): ``<root>/<name>/`` holds ``config.yaml`` and one folder per stage
+(``data/``, ``tokenizer/``, ``pretrain/``, ...). A stage is finished when its folder holds
+``stage.json``, written last and atomically; rerunning a finished stage is a no-op unless forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STAGE_MARKER = "stage.json"
+
+
+class StageConfigChanged(RuntimeError):
+    """A finished stage's recorded config differs from the current one."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a directory under a temporary name; rename it to ``final`` only on success.
+
+    An existing ``final`` is replaced. On an exception the partial directory is removed and
+    ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    """Remove temporaries left by a crashed earlier attempt (``.name.tmp-*``, ``.name.old-*``)."""
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.name.startswith(".") and (".tmp-" in child.name or ".old-" in child.name):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:
+    """The stage's marker if it finished with this config digest, else None.
+
+    Raises:
+        StageConfigChanged: it finished with a different config (rerun with --force).
+    """
+    marker = stage_dir / STAGE_MARKER
+    if not marker.exists():
+        return None
+    info = json.loads(marker.read_text())
+    if info.get("config_digest") != digest:
+        raise StageConfigChanged(
+            f"{stage_dir} finished with a different config (digest {info.get('config_digest')}, "
+            f"now {digest}); rerun with --force to redo it"
+        )
+    return info
+
+
+def mark_finished(stage_dir: Path, stage: str, digest: str, summary: dict[str, Any]) -> None:
+    """Record that ``stage`` finished: written last, atomically."""
+    atomic_write_json(
+        stage_dir / STAGE_MARKER,
+        {"stage": stage, "config_digest": digest, "finished_at": time.time(), "summary": summary},
+    )
+
+
+def unmark(stage_dir: Path) -> None:
+    """Forget that a stage finished (``--force``), before any of its outputs are rewritten."""
+    (stage_dir / STAGE_MARKER).unlink(missing_ok=True)
