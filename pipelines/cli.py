@@ -1,0 +1,104 @@
+"""The ``kiln`` command line: one subcommand per stage, plus ``run`` for all of them in order."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.config import ConfigError, KilnConfig, dump_config, load_config
+from pipelines.rundir import StageConfigChanged, atomic_write_text
+
+
+def _generate(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import quickstart_data
+
+    if cfg.generate is None:
+        raise ConfigError("config has no 'generate' section")
+    summary = quickstart_data.generate(cfg.generate)
+    print(f"kiln generate: wrote {cfg.generate.out_dir}: {summary}")
+
+
+def _data(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import data
+
+    data.run(cfg, force=force)
+
+
+def _pretrain(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import pretrain
+
+    pretrain.run(cfg, force=force)
+
+
+def _sft(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import sft
+
+    sft.run(cfg, force=force)
+
+
+def _reward_model(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import reward_model
+
+    reward_model.run(cfg, force=force)
+
+
+# Stages in pipeline order; `kiln run` runs those whose section the config has.
+STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
+    "generate": _generate,
+    "data": _data,
+    "pretrain": _pretrain,
+    "sft": _sft,
+    "reward_model": _reward_model,
+}
+
+
+def _save_config(cfg: KilnConfig) -> None:
+    atomic_write_text(cfg.run.dir / "config.yaml", dump_config(cfg))
+
+
+def _run_all(cfg: KilnConfig, force: bool) -> None:
+    todo = [name for name in STAGES if getattr(cfg, name) is not None]
+    print(f"kiln run: {cfg.run.dir} stages: {' -> '.join(todo)}")
+    for name in todo:
+        STAGES[name](cfg, force)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "generate": "write the deterministic quickstart corpus and task data",
+        "data": "clean, deduplicate, tokenize and pack a corpus",
+        "pretrain": "pretrain a base model on the packed shards (Ray Train + DeepSpeed)",
+        "sft": "fine-tune on chat data, loss on response tokens only",
+        "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
+        "run": "every stage the config has, in order (finished stages are skipped)",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", type=Path, help="YAML config file")
+        p.add_argument("--force", action="store_true", help="redo finished stages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return 2
+    _save_config(cfg)
+    action = _run_all if args.command == "run" else STAGES[args.command.replace("-", "_")]
+    try:
+        action(cfg, args.force)
+    except (ConfigError, FileNotFoundError, ValueError, StageConfigChanged) as e:
+        print(f"kiln {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""``kiln data CONFIG``: stream a corpus through Ray Data into clean, deduplicated, packed shards.
+
+Read top to bottom:
+  1. read + normalise + quality-filter + content-hash + MinHash, streamed to a scratch table;
+  2. exact duplicates: hash-shuffle on the content hash, connected components;
+  3. near duplicates: LSH bucket keys hash-shuffled, candidate pairs verified on signatures,
+     connected components; one document (the earliest) kept per component;
+  4. the documents table (every input record with its status and what it duplicates);
+  5. the BPE tokenizer, trained on the kept documents;
+  6. tokenise (Ray Data) and pack (in stream order) into train/validation Parquet shards;
+  7. data_report.json and the stage marker.
+The corpus itself never sits in one process: only duplicate pairs and their signatures do.
+Everything is built inside a temporary directory renamed into place at the end, so a crash
+leaves the previous output (or none) and a rerun gives the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.data import DataContext, Dataset
+
+from cluster.runtime import init_ray
+from pipelines.config import DataConfig, DedupConfig, FilterConfig, InputConfig, KilnConfig
+from pipelines.corpus import REJECTED, CorpusFile, list_corpus_files, read_file
+from pipelines.filters import first_failure
+from pipelines.minhash import (
+    EMPTY,
+    MinHasher,
+    band_keys,
+    bucket_pairs,
+    components,
+    mix64,
+    optimal_bands,
+    shingle_hashes,
+)
+from pipelines.packing import Packer, ShardWriter
+from pipelines.rundir import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_temporaries,
+    finished_stage,
+    mark_finished,
+    unmark,
+)
+from pipelines.text import normalize
+from pipelines.tokenizer import copy_hf_tokenizer, load_tokenizer, save_hf_tokenizer, train_bpe
+
+STAGE = "data"
+KEPT, FILTERED, EXACT, NEAR = "kept", "filtered", "exact_duplicate", "near_duplicate"
+
+
+# --- Ray Data UDFs (module level so workers import them by name) --------------------------------
+
+
+def _read_files(batch: dict[str, np.ndarray], input_cfg: InputConfig, bad_records: str, batch_size: int):
+    for index, uri, fmt in zip(batch["index"], batch["uri"], batch["format"]):
+        yield from read_file(CorpusFile(int(index), str(uri), str(fmt)), input_cfg, bad_records, batch_size)
+
+
+def _annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher) -> dict[str, np.ndarray]:
+    """Normalise, filter, hash and sign one batch. Rejected and filtered rows get no signature."""
+    n = len(batch["id"])
+    texts = batch["text"].copy()
+    status = batch["status"].copy()
+    reason = batch["reason"].copy()
+    content_hash = np.zeros(n, dtype=np.uint64)
+    live = []
+    for i in range(n):
+        if status[i] == REJECTED:
+            continue
+        texts[i] = normalize(texts[i])
+        failed = first_failure(texts[i], filters)
+        if failed is not None:
+            status[i], reason[i] = FILTERED, failed
+            continue
+        content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
+        live.append(i)
+    signature = np.full((n, hasher.num_perm), EMPTY, dtype=np.uint32)
+    if live:
+        signature[live] = hasher.signatures([texts[i] for i in live])
+    return {**batch, "text": texts, "status": status, "reason": reason,
+            "content_hash": content_hash, "signature": signature}  # fmt: skip
+
+
+def _live(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows that passed reading and the quality filters."""
+    mask = batch["status"] == ""
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def _kept(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    mask = batch["status"] == KEPT
+    return {"id": batch["id"][mask], "text": batch["text"][mask]}
+
+
+def _group_keys(batch: dict[str, np.ndarray], exact: bool, num_bands: int, rows: int) -> dict[str, np.ndarray]:
+    """Rows to group on: the content hash (kind 0) and, if num_bands, one LSH key per band (1)."""
+    keys, ids, kinds = [], [], []
+    if exact:
+        keys.append(batch["content_hash"])
+        ids.append(batch["id"])
+        kinds.append(np.zeros(len(batch["id"]), dtype=np.int8))
+    if num_bands:
+        band = band_keys(np.asarray(batch["signature"]), num_bands, rows)  # (B, bands)
+        keys.append(band.reshape(-1))
+        ids.append(np.repeat(batch["id"], num_bands))
+        kinds.append(np.ones(band.size, dtype=np.int8))
+    # Mixing the kind into the key keeps the two groupings apart in one shuffle.
+    kind = np.concatenate(kinds)
+    return {"key": mix64(np.concatenate(keys) ^ kind.astype(np.uint64)), "id": np.concatenate(ids), "kind": kind}
+
+
+def _pairs_in_partition(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All pairs sharing a key, within one hash partition (a key never spans partitions)."""
+    out = []
+    for kind in (0, 1):
+        mask = batch["kind"] == kind
+        pairs = bucket_pairs(batch["key"][mask], batch["id"][mask])  # (E, 2)
+        out.append(np.concatenate([pairs, np.full((len(pairs), 1), kind)], axis=1))
+    both = np.concatenate(out)
+    return {"a": both[:, 0], "b": both[:, 1], "kind": both[:, 2].astype(np.int8)}
+
+
+def _pair_sides(batch: dict[str, np.ndarray], pairs: np.ndarray, ngram: int) -> dict[str, np.ndarray]:
+    """For each document in a candidate pair: (pair index, its shingle hashes), once per pair."""
+    flat = pairs.reshape(-1)  # (2E,) side j of pair i at 2i + j
+    order = np.argsort(flat, kind="stable")
+    sorted_ids = flat[order]
+    lo = np.searchsorted(sorted_ids, batch["id"], side="left")
+    hi = np.searchsorted(sorted_ids, batch["id"], side="right")
+    rows = np.flatnonzero(hi > lo)
+    pair_index, shingle_sets = [], []
+    if rows.size:
+        hashes, doc = shingle_hashes([batch["text"][r] for r in rows], ngram)
+        bounds = np.searchsorted(doc, np.arange(rows.size + 1))
+        for j, r in enumerate(rows):
+            own = np.unique(hashes[bounds[j] : bounds[j + 1]])
+            for slot in order[lo[r] : hi[r]]:
+                pair_index.append(slot // 2)
+                shingle_sets.append(own)
+    sets = np.empty(len(shingle_sets), dtype=object)
+    sets[:] = shingle_sets
+    return {"pair": np.array(pair_index, dtype=np.int64), "shingles": sets}
+
+
+def _pair_jaccard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Exact Jaccard of each pair whose two sides landed in this partition."""
+    order = np.argsort(batch["pair"], kind="stable")
+    pair, sets = batch["pair"][order], batch["shingles"][order]
+    first = np.flatnonzero((pair[1:] == pair[:-1]))  # (P,) index of side 0 of each pair
+    jac = np.empty(first.size)
+    for k, i in enumerate(first):
+        a, b = np.asarray(sets[i]), np.asarray(sets[i + 1])
+        inter = np.intersect1d(a, b, assume_unique=True).size
+        jac[k] = inter / (a.size + b.size - inter) if (a.size + b.size) else 1.0
+    return {"pair": pair[first], "jaccard": jac}
+
+
+def _mark_duplicates(
+    batch: dict[str, np.ndarray], dropped: np.ndarray, dup_of: np.ndarray, kind: np.ndarray, files: list[str]
+) -> dict[str, np.ndarray]:
+    """Final per-document status: kept, rejected, filtered, or a duplicate of which document."""
+    n = len(batch["id"])
+    status = np.where(batch["status"] == "", KEPT, batch["status"]).astype(object)
+    of = np.full(n, -1, dtype=np.int64)
+    if dropped.size:
+        pos = np.minimum(np.searchsorted(dropped, batch["id"]), dropped.size - 1)
+        hit = dropped[pos] == batch["id"]
+        status[hit] = kind[pos[hit]]
+        of[hit] = dup_of[pos[hit]]
+    of_source = np.array([f"{files[i >> 32]}:{i & 0xFFFFFFFF}" if i >= 0 else "" for i in of], dtype=object)
+    return {"id": batch["id"], "source": batch["source"], "text": batch["text"], "status": status,
+            "reason": batch["reason"], "dup_of": of, "dup_of_source": of_source}  # fmt: skip
+
+
+def _tokenize(batch: dict[str, np.ndarray], tokenizer_dir: str) -> dict[str, np.ndarray]:
+    tok = _cached_tokenizer(tokenizer_dir)
+    ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(list(batch["text"]), add_special_tokens=False)]
+    out = np.empty(len(ids), dtype=object)
+    out[:] = ids
+    return {"id": batch["id"], "input_ids": out}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _cached_tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer
+
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    return _TOKENIZERS[path]
+
+
+# --- driver helpers -----------------------------------------------------------------------------
+
+
+def _collect(ds: Dataset, columns: list[str]) -> dict[str, np.ndarray]:
+    """Pull a (small) dataset's columns into the driver."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_size=65536, batch_format="numpy"):
+        for c in columns:
+            parts[c].append(batch[c])
+    return {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
+
+
+def _grouped(rows: Dataset, key: str, fn: Any, partitions: int, columns: list[str]) -> dict[str, np.ndarray]:
+    """Hash-shuffle ``rows`` on ``key`` so equal keys share a partition, apply ``fn`` to each
+    partition, and collect the (small) result."""
+    out = rows.repartition(partitions, keys=[key]).map_batches(fn, batch_size=None, batch_format="numpy")
+    return _collect(out, columns)
+
+
+def _bands(cfg: DedupConfig) -> tuple[int, int]:
+    if cfg.num_bands is not None and cfg.rows_per_band is not None:
+        return cfg.num_bands, cfg.rows_per_band
+    return optimal_bands(cfg.threshold, cfg.num_perm)
+
+
+def _in_validation(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """A document's split is a pure function of its id: deterministic and streaming-friendly."""
+    return (mix64(ids.astype(np.uint64)) % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    d, t = report["documents"], report["tokens"]
+    lines = [
+        "kiln data: summary",
+        f"  documents in        {d['in']:>10,}",
+        f"  rejected (bad)      {d['rejected']:>10,}",
+        *(f"  filter {k:<13}{v:>10,}" for k, v in report["filtered"].items()),
+        f"  exact duplicates    {d['exact_duplicates']:>10,}",
+        f"  near duplicates     {d['near_duplicates']:>10,}  ({report['near_dedup']['components']:,} components)",
+        f"  kept                {d['kept']:>10,}",
+        f"  tokens out          {t['packed']:>10,}  ({report['sequences']['train']:,} train + "
+        f"{report['sequences']['validation']:,} val sequences of {report['seq_len']})",
+        f"  time                {report['seconds']['total']:>10.1f} s",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
+    """Run the data stage; returns its report. A finished stage is skipped unless ``force``."""
+    if cfg.data is None:
+        raise ValueError("config has no 'data' section")
+    dcfg: DataConfig = cfg.data
+    run_dir = cfg.run.dir
+    out_dir, tok_dir = run_dir / "data", run_dir / "tokenizer"
+    digest = cfg.digest("data")
+    if force:
+        unmark(out_dir)
+    elif (done := finished_stage(out_dir, digest)) is not None:
+        print(f"kiln data: {out_dir} is finished; skipping (use --force to redo)")
+        return done["summary"]
+
+    # Everything that can be checked without a cluster fails here, before any work starts.
+    files = list_corpus_files(dcfg.input)
+    if dcfg.tokenizer.path is not None:
+        load_tokenizer(dcfg.tokenizer.path)
+    num_bands, rows = _bands(dcfg.dedup)
+    hasher = MinHasher(num_bands * rows, dcfg.dedup.ngram, dcfg.dedup.seed)
+
+    init_ray(cfg.ray)
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic shards and tokenizer input
+    partitions = dcfg.shuffle_partitions or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    clean_stale_temporaries(run_dir)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    print(f"kiln data: {len(files)} file(s), MinHash {num_bands} bands x {rows} rows, "
+          f"{dcfg.dedup.ngram}-gram shingles", flush=True)  # fmt: skip
+
+    with atomic_dir(out_dir) as work:
+        scratch = work / "_scratch"
+
+        # 1. Read, normalise, filter, hash, sign: one streaming pass written to scratch.
+        t = time.perf_counter()
+        (
+            ray.data.from_items([asdict(f) for f in files], override_num_blocks=len(files))
+            .map_batches(_read_files, batch_size=1, batch_format="numpy",
+                         fn_kwargs={"input_cfg": dcfg.input, "bad_records": dcfg.bad_records,
+                                    "batch_size": dcfg.batch_size})  # fmt: skip
+            .map_batches(_annotate, batch_size=dcfg.batch_size, batch_format="numpy",
+                         fn_kwargs={"filters": dcfg.filters, "hasher": hasher})  # fmt: skip
+            .write_parquet(str(scratch / "annotated"))
+        )
+        annotated = str(scratch / "annotated")
+        seconds["read_filter_minhash"] = time.perf_counter() - t
+
+        # 2. Group on content hashes and LSH band keys in one hash shuffle: exact duplicate pairs
+        #    and near-duplicate candidate pairs.
+        t = time.perf_counter()
+        lsh_bands = num_bands if dcfg.dedup.near else 0
+        got = _grouped(
+            ray.data.read_parquet(annotated, columns=["id", "status", "content_hash", "signature"])
+            .map_batches(_live, batch_format="numpy")
+            .map_batches(_group_keys, batch_format="numpy",
+                         fn_kwargs={"exact": dcfg.dedup.exact, "num_bands": lsh_bands, "rows": rows}),  # fmt: skip
+            "key", _pairs_in_partition, partitions, ["a", "b", "kind"],
+        )
+        pairs = np.stack([got["a"], got["b"]], axis=1).astype(np.int64).reshape(-1, 2)
+        exact_dropped, exact_kept = components(np.unique(pairs[got["kind"] == 0], axis=0))
+        seconds["group"] = time.perf_counter() - t
+
+        # 3. Near duplicates among exact-dedup survivors: candidates (each exact duplicate
+        #    replaced by the document it duplicates), verified by exact Jaccard, then components.
+        t = time.perf_counter()
+        candidates = pairs[got["kind"] == 1]
+        if exact_dropped.size and candidates.size:
+            pos = np.minimum(np.searchsorted(exact_dropped, candidates), exact_dropped.size - 1)
+            candidates = np.where(exact_dropped[pos] == candidates, exact_kept[pos], candidates)
+        candidates = np.unique(np.sort(candidates, axis=1), axis=0).reshape(-1, 2)
+        candidates = candidates[candidates[:, 0] != candidates[:, 1]]
+        near_stats = {"bands": num_bands, "rows_per_band": rows, "threshold": dcfg.dedup.threshold,
+                      "candidate_pairs": len(candidates), "verified_pairs": len(candidates), "components": 0}  # fmt: skip
+        if dcfg.dedup.verify_candidates and len(candidates):
+            jac = _grouped(
+                ray.data.read_parquet(annotated, columns=["id", "text", "status"])
+                .map_batches(_live, batch_format="numpy")
+                .map_batches(_pair_sides, batch_format="numpy",
+                             fn_kwargs={"pairs": candidates, "ngram": dcfg.dedup.ngram}),  # fmt: skip
+                "pair", _pair_jaccard, partitions, ["pair", "jaccard"],
+            )
+            similar = np.zeros(len(candidates), dtype=bool)
+            similar[jac["pair"].astype(np.int64)] = jac["jaccard"] >= dcfg.dedup.threshold
+            candidates = candidates[similar]
+            near_stats["verified_pairs"] = len(candidates)
+        near_dropped, near_kept = components(candidates)
+        near_stats["components"] = int(np.unique(near_kept).size)
+        seconds["near_dedup"] = time.perf_counter() - t
+
+        # 4. The documents table: every record, its status, and what it duplicates.
+        t = time.perf_counter()
+        dropped = np.concatenate([exact_dropped, near_dropped])
+        order = np.argsort(dropped)
+        kind = np.array([EXACT] * exact_dropped.size + [NEAR] * near_dropped.size, dtype=object)
+        # Near dedup ran on exact-dedup survivors only, so every dup_of is a kept document.
+        dup_of = np.concatenate([exact_kept, near_kept])
+        (
+            ray.data.read_parquet(annotated, columns=["id", "source", "text", "status", "reason"])
+            .map_batches(_mark_duplicates, batch_format="numpy",
+                         fn_kwargs={"dropped": dropped[order], "dup_of": dup_of[order], "kind": kind[order],
+                                    "files": [f.uri for f in files]})  # fmt: skip
+            .write_parquet(str(work / "documents"))
+        )
+        shutil.rmtree(scratch)
+        documents = ray.data.read_parquet(str(work / "documents"))
+        status_counts = Counter()
+        filter_counts: Counter[str] = Counter()
+        rejected_lines = []
+        for batch in documents.select_columns(["source", "text", "status", "reason"]).iter_batches(
+            batch_size=65536, batch_format="numpy"
+        ):
+            status_counts.update(batch["status"].tolist())
+            filter_counts.update(batch["reason"][batch["status"] == FILTERED].tolist())
+            bad = batch["status"] == REJECTED
+            rejected_lines += [json.dumps({"source": s, "reason": r, "raw": x})
+                               for s, r, x in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad])]  # fmt: skip
+        atomic_write_text(work / "rejected" / "rejected.jsonl", "".join(line + "\n" for line in rejected_lines))
+        seconds["documents"] = time.perf_counter() - t
+
+        # 5. Tokenizer: trained on the kept documents (streamed), or an existing one copied.
+        t = time.perf_counter()
+        kept = documents.select_columns(["id", "text", "status"]).map_batches(_kept, batch_format="numpy")
+        if dcfg.tokenizer.path is not None:
+            copy_hf_tokenizer(Path(dcfg.tokenizer.path), tok_dir)
+        else:
+            limit = dcfg.tokenizer.max_training_documents
+            source = kept.limit(limit) if limit else kept
+            texts = (text for b in source.iter_batches(batch_size=1024, batch_format="numpy") for text in b["text"])
+            save_hf_tokenizer(train_bpe(texts, dcfg.tokenizer, length=status_counts[KEPT]), tok_dir)
+        eos_id = load_tokenizer(tok_dir).eos_token_id
+        seconds["tokenizer"] = time.perf_counter() - t
+
+        # 6. Tokenise in parallel, pack in stream order into train / validation shards.
+        t = time.perf_counter()
+        seq_len = dcfg.pack.seq_len
+        shard_dir = work / "shards"
+        packers = {s: Packer(seq_len, eos_id) for s in ("train", "validation")}
+        writers = {s: ShardWriter(shard_dir, s, seq_len, dcfg.pack.sequences_per_shard) for s in packers}
+        tokens_in = 0
+        for batch in kept.map_batches(_tokenize, batch_size=dcfg.batch_size, batch_format="numpy",
+                                      fn_kwargs={"tokenizer_dir": str(tok_dir)}).iter_batches(
+                batch_size=None, batch_format="numpy"):  # fmt: skip
+            val = _in_validation(batch["id"], dcfg.pack.validation_fraction)
+            docs = list(batch["input_ids"])
+            tokens_in += sum(len(d) + 1 for d in docs)  # +1: the EOS after each document
+            for split, mask in (("train", ~val), ("validation", val)):
+                writers[split].add(packers[split].add([d for d, m in zip(docs, mask) if m]))
+        for w in writers.values():
+            w.close()
+        seconds["tokenize_pack"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+
+        # 7. Report and marker, inside the directory that is renamed into place.
+        report = {
+            "inputs": [f.uri for f in files],
+            "documents": {
+                "in": sum(status_counts.values()),
+                "rejected": status_counts[REJECTED],
+                "filtered": status_counts[FILTERED],
+                "exact_duplicates": status_counts[EXACT],
+                "near_duplicates": status_counts[NEAR],
+                "kept": status_counts[KEPT],
+            },
+            "filtered": dict(sorted(filter_counts.items())),
+            "near_dedup": near_stats,
+            "tokenizer": {"path": str(tok_dir), "vocab_size": len(load_tokenizer(tok_dir))},
+            "tokens": {
+                "in": tokens_in,
+                "packed": sum(w.sequences for w in writers.values()) * seq_len,
+                "leftover": sum(p.leftover for p in packers.values()),
+            },
+            "seq_len": seq_len,
+            "sequences": {s: w.sequences for s, w in writers.items()},
+            "shards": {s: w.shards for s, w in writers.items()},
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        }
+        atomic_write_json(work / "data_report.json", report)
+        mark_finished(work, STAGE, digest, report)
+    _print_summary(report)
+    return report

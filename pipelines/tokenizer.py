@@ -1,0 +1,76 @@
+"""Byte-level BPE tokenizer trained with ``tokenizers``, saved in Hugging Face format.
+
+Digits are split one per token (as Llama and DeepSeek do) so arithmetic is learnable; the special
+tokens and a ChatML chat template are included so SFT, PPO and serving all format conversations
+the same way. ``AutoTokenizer.from_pretrained(dir)`` and vLLM load the saved directory unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pipelines.config import TokenizerConfig
+from pipelines.rundir import atomic_dir
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+
+# ChatML: every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a generation prompt
+# opens the assistant turn. SFT masks everything but the assistant content and its <|im_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE model on a stream of documents (never all in memory at once)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return tok
+
+
+def save_hf_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
+    """Save as a Hugging Face tokenizer directory with the special tokens and chat template."""
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    hf.chat_template = CHAT_TEMPLATE
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+
+
+def copy_hf_tokenizer(src: Path, out_dir: Path) -> None:
+    """Use an existing Hugging Face tokenizer directory: checked to load, then copied."""
+    load_tokenizer(src)
+    with atomic_dir(out_dir) as tmp:
+        for item in src.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer directory; it must have an EOS token (packing separates documents by it)."""
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise ValueError(f"{path}: tokenizer has no eos_token")
+    return tok

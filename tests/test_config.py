@@ -1,0 +1,49 @@
+"""The strict config tree: unknown keys and wrong types name their full path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config, parse_config
+
+MINIMAL = {"run": {"name": "t"}, "data": {"input": {"paths": ["x"]}}}
+
+
+def test_quickstart_config_loads() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+    assert cfg.data is not None and cfg.data.dedup.threshold == 0.8
+
+
+def test_unknown_key_names_its_path() -> None:
+    bad = {**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"treshold": 0.7}}}
+    with pytest.raises(ConfigError, match=r"data\.dedup\.treshold: Extra inputs are not permitted"):
+        parse_config(bad, "c.yaml")
+
+
+def test_wrong_type_names_its_path_and_value() -> None:
+    bad = {**MINIMAL, "data": {"input": {"paths": ["x"]}, "pack": {"seq_len": "long"}}}
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml: invalid config.*data\.pack\.seq_len: .*'long'"):
+        parse_config(bad, "c.yaml")
+
+
+def test_ranges_and_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match=r"data\.dedup\.threshold"):
+        parse_config({**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"threshold": 1.5}}})
+    with pytest.raises(ConfigError, match="num_bands and rows_per_band are set together"):
+        parse_config({**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"num_bands": None}}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("run: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_digest_tracks_section_changes() -> None:
+    a = parse_config(MINIMAL)
+    b = parse_config({**MINIMAL, "data": {"input": {"paths": ["y"]}}})
+    assert a.digest("data") == parse_config(MINIMAL).digest("data") != b.digest("data")

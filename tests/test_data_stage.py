@@ -1,0 +1,175 @@
+"""The data stage end to end on Ray Data (many blocks), scored against planted ground truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import data
+from pipelines.config import GenerateConfig, KilnConfig, parse_config
+from pipelines.corpus import BadRecordError
+from pipelines.quickstart_data import generate
+from pipelines.tokenizer import load_tokenizer
+
+BAD_LINES = b'{"text": "fine but short"}\n{"text": broken\n{"no_text": 1}\n{"text": "\xff\xfe"}\n'
+
+
+def _config(root: Path, corpus: Path, **data_overrides: Any) -> KilnConfig:
+    return parse_config(
+        {
+            "run": {"name": "t", "root": str(root)},
+            "ray": {"num_cpus": 2},
+            "data": {
+                "input": {"paths": [str(corpus / "pretrain"), str(corpus / "extra")]},
+                "batch_size": 64,  # many small blocks: the distributed path is the one tested
+                "shuffle_partitions": 3,
+                "tokenizer": {"vocab_size": 1024},
+                "pack": {"seq_len": 64, "sequences_per_shard": 500, "validation_fraction": 0.05},
+                **data_overrides,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    generate(GenerateConfig(out_dir=str(out), num_documents=1200, exact_duplicates=60, near_duplicates=150,
+                            junk_documents=60, sft_examples=10, preference_pairs=10, ppo_prompts=10,
+                            eval_prompts=10))  # fmt: skip
+    (out / "extra").mkdir()
+    (out / "extra" / "bad.jsonl").write_bytes(BAD_LINES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> tuple[KilnConfig, dict]:
+    cfg = _config(tmp_path_factory.mktemp("runs"), corpus)
+    return cfg, data.run(cfg)
+
+
+def _documents(cfg: KilnConfig) -> dict[str, dict[str, Any]]:
+    table = pq.read_table(cfg.run.dir / "data" / "documents").to_pylist()
+    return {row["source"]: row for row in table}
+
+
+def _by_original_id(corpus: Path, docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Documents keyed by the generator's own "id" field (recovered from the JSONL line)."""
+    out = {}
+    for part in sorted((corpus / "pretrain").glob("*.jsonl")):
+        for n, line in enumerate(part.read_text().splitlines(), start=1):
+            out[json.loads(line)["id"]] = docs[f"{part}:{n}"]
+    return out
+
+
+def test_near_dedup_precision_and_recall_against_ground_truth(first_run: tuple, corpus: Path) -> None:
+    """Scored by components: the representative kept may be a copy that precedes its original."""
+    cfg, _ = first_run
+    truth = json.loads((corpus / "ground_truth.json").read_text())
+    docs = _by_original_id(corpus, _documents(cfg))
+    gid_of = {row["id"]: gid for gid, row in docs.items()}
+    rep = {gid: gid_of[row["dup_of"]] if row["status"] == "near_duplicate" else gid for gid, row in docs.items()}
+    positives = [(d["original"], d["id"]) for d in truth["near_duplicates"] if d["jaccard"] >= 0.8]
+    group = {doc: original for original, copy in positives for doc in (original, copy)}  # truth graph
+    found = sum(rep[original] == rep[copy] for original, copy in positives)
+    dropped = [gid for gid, row in docs.items() if row["status"] == "near_duplicate"]
+    correct = sum(gid in group and group[gid] == group.get(rep[gid]) for gid in dropped)
+    assert len(positives) >= 80
+    assert found / len(positives) >= 0.95, f"recall {found}/{len(positives)}"
+    assert correct / len(dropped) >= 0.95, f"precision {correct}/{len(dropped)}"
+
+
+def test_exact_duplicates_junk_and_kept(first_run: tuple, corpus: Path) -> None:
+    cfg, report = first_run
+    truth = json.loads((corpus / "ground_truth.json").read_text())
+    docs = _by_original_id(corpus, _documents(cfg))
+    for copy, original in truth["exact_duplicates"]:
+        assert docs[copy]["status"] == "exact_duplicate"
+        assert docs[copy]["dup_of_source"] == docs[original]["source"]
+    junk = [j["id"] for j in truth["junk"]]
+    assert sum(docs[j]["status"] == "filtered" for j in junk) >= 0.95 * len(junk)
+    assert all(docs[u]["status"] == "kept" for u in truth["unique"])  # no good document lost
+    d = report["documents"]
+    assert d["in"] == truth["documents"] + 4
+    assert d["kept"] + d["rejected"] + d["filtered"] + d["exact_duplicates"] + d["near_duplicates"] == d["in"]
+
+
+def test_bad_records_are_skipped_counted_and_kept_for_inspection(first_run: tuple, corpus: Path) -> None:
+    cfg, report = first_run
+    rejected = [json.loads(line) for line in (cfg.run.dir / "data/rejected/rejected.jsonl").read_text().splitlines()]
+    bad = str(corpus / "extra" / "bad.jsonl")
+    assert {(r["source"], r["reason"].split(":")[0].split(" (")[0]) for r in rejected} == {
+        (f"{bad}:2", "malformed JSON"),
+        (f"{bad}:3", "no 'text' field"),
+        (f"{bad}:4", "not valid UTF-8"),
+    }
+    assert report["documents"]["rejected"] == 3
+
+
+def test_shards_hold_every_kept_token_in_order(first_run: tuple) -> None:
+    cfg, report = first_run
+    tok = load_tokenizer(cfg.run.dir / "tokenizer")
+    docs = sorted((r for r in _documents(cfg).values() if r["status"] == "kept"), key=lambda r: r["id"])
+    val = data._in_validation(np.array([r["id"] for r in docs]), 0.05)
+    for split, want_val in (("train", False), ("validation", True)):
+        expected = []
+        for r, v in zip(docs, val):
+            if v == want_val:
+                expected += tok.encode(r["text"], add_special_tokens=False) + [tok.eos_token_id]
+        files = sorted((cfg.run.dir / "data/shards").glob(f"{split}-*.parquet"))
+        got = np.concatenate([np.array(pq.read_table(f)["input_ids"].to_pylist()).reshape(-1) for f in files])
+        assert got.size == (len(expected) // 64) * 64
+        assert np.array_equal(got, np.array(expected[: got.size]))
+    assert report["tokens"]["packed"] + report["tokens"]["leftover"] == report["tokens"]["in"]
+
+
+def test_rerun_is_a_noop(first_run: tuple) -> None:
+    cfg, report = first_run
+    marker = cfg.run.dir / "data" / "stage.json"
+    before = marker.stat().st_mtime_ns
+    assert data.run(cfg) == json.loads(json.dumps(report))
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_crash_leaves_outputs_intact_and_rerun_gives_same_result(
+    first_run: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, report = first_run
+    before = _documents(cfg)
+    shards_before = {f.name: pq.read_table(f) for f in (cfg.run.dir / "data/shards").iterdir()}
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated crash while training the tokenizer")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "save_hf_tokenizer", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            data.run(cfg, force=True)
+    assert _documents(cfg) == before  # the earlier output is untouched
+    assert not [p for p in cfg.run.dir.iterdir() if p.name.startswith(".")]  # no temporaries
+
+    again = data.run(cfg)  # unmarked by --force, so it runs again
+    assert _documents(cfg) == before
+    assert {f.name: pq.read_table(f) for f in (cfg.run.dir / "data/shards").iterdir()} == shards_before
+    assert again["documents"] == report["documents"]
+
+
+def test_fail_policy_stops_at_the_first_bad_record(corpus: Path, tmp_path: Path, ray_local: None) -> None:
+    cfg = _config(tmp_path, corpus, bad_records="fail")
+    with pytest.raises(Exception, match=r"bad\.jsonl:2: malformed JSON") as info:
+        data.run(cfg)
+    assert isinstance(info.value, BadRecordError) or "BadRecordError" in repr(info.value)
+    assert not (cfg.run.dir / "data").exists()  # nothing half-written
+
+
+def test_missing_input_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"data.input.paths\[0\]"):
+        data.run(cfg)
+    shutil.rmtree(tmp_path / "t", ignore_errors=True)
