@@ -1,15 +1,15 @@
 """``kiln data CONFIG``: stream a corpus through Ray Data into clean, deduplicated, packed shards.
 
 Read top to bottom:
-  1. read + normalise + quality-filter + content-hash + MinHash, streamed to a scratch table;
+  1. read + normalise + quality-filter + content-hash + MinHash LSH keys, streamed to scratch;
   2. exact duplicates: hash-shuffle on the content hash, connected components;
-  3. near duplicates: LSH bucket keys hash-shuffled, candidate pairs verified on signatures,
+  3. near duplicates: LSH bucket keys hash-shuffled, candidate pairs verified by exact Jaccard,
      connected components; one document (the earliest) kept per component;
   4. the documents table (every input record with its status and what it duplicates);
   5. the BPE tokenizer, trained on the kept documents;
   6. tokenise (Ray Data) and pack (in stream order) into train/validation Parquet shards;
   7. data_report.json and the stage marker.
-The corpus itself never sits in one process: only duplicate pairs and their signatures do.
+The corpus itself never sits in one process: only duplicate pairs do.
 Everything is built inside a temporary directory renamed into place at the end, so a crash
 leaves the previous output (or none) and a rerun gives the same result.
 """
@@ -34,7 +34,6 @@ from pipelines.config import DataConfig, DedupConfig, FilterConfig, InputConfig,
 from pipelines.corpus import REJECTED, CorpusFile, list_corpus_files, read_file
 from pipelines.filters import first_failure
 from pipelines.minhash import (
-    EMPTY,
     MinHasher,
     band_keys,
     bucket_pairs,
@@ -68,8 +67,12 @@ def _read_files(batch: dict[str, np.ndarray], input_cfg: InputConfig, bad_record
         yield from read_file(CorpusFile(int(index), str(uri), str(fmt)), input_cfg, bad_records, batch_size)
 
 
-def _annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher) -> dict[str, np.ndarray]:
-    """Normalise, filter, hash and sign one batch. Rejected and filtered rows get no signature."""
+def _annotate(
+    batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher, num_bands: int, rows: int
+) -> dict[str, np.ndarray]:
+    """Normalise, filter, content-hash and MinHash one batch, keeping only the LSH band keys
+    (B, bands) of the signature: 8 bytes a band instead of 4 a permutation. Rejected and filtered
+    rows get zero keys and are never grouped."""
     n = len(batch["id"])
     texts = batch["text"].copy()
     status = batch["status"].copy()
@@ -86,11 +89,11 @@ def _annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHa
             continue
         content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
         live.append(i)
-    signature = np.full((n, hasher.num_perm), EMPTY, dtype=np.uint32)
+    band_key = np.zeros((n, num_bands), dtype=np.uint64)
     if live:
-        signature[live] = hasher.signatures([texts[i] for i in live])
+        band_key[live] = band_keys(hasher.signatures([texts[i] for i in live]), num_bands, rows)
     return {**batch, "text": texts, "status": status, "reason": reason,
-            "content_hash": content_hash, "signature": signature}  # fmt: skip
+            "content_hash": content_hash, "band_key": band_key}  # fmt: skip
 
 
 def _live(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -104,17 +107,17 @@ def _kept(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"id": batch["id"][mask], "text": batch["text"][mask]}
 
 
-def _group_keys(batch: dict[str, np.ndarray], exact: bool, num_bands: int, rows: int) -> dict[str, np.ndarray]:
-    """Rows to group on: the content hash (kind 0) and, if num_bands, one LSH key per band (1)."""
+def _group_keys(batch: dict[str, np.ndarray], exact: bool, near: bool) -> dict[str, np.ndarray]:
+    """Rows to group on: the content hash (kind 0) and, if near, one LSH key per band (kind 1)."""
     keys, ids, kinds = [], [], []
     if exact:
         keys.append(batch["content_hash"])
         ids.append(batch["id"])
         kinds.append(np.zeros(len(batch["id"]), dtype=np.int8))
-    if num_bands:
-        band = band_keys(np.asarray(batch["signature"]), num_bands, rows)  # (B, bands)
+    if near:
+        band = np.asarray(batch["band_key"])  # (B, bands)
         keys.append(band.reshape(-1))
-        ids.append(np.repeat(batch["id"], num_bands))
+        ids.append(np.repeat(batch["id"], band.shape[1]))
         kinds.append(np.ones(band.size, dtype=np.int8))
     # Mixing the kind into the key keeps the two groupings apart in one shuffle.
     kind = np.concatenate(kinds)
@@ -295,7 +298,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
                          fn_kwargs={"input_cfg": dcfg.input, "bad_records": dcfg.bad_records,
                                     "batch_size": dcfg.batch_size})  # fmt: skip
             .map_batches(_annotate, batch_size=dcfg.batch_size, batch_format="numpy",
-                         fn_kwargs={"filters": dcfg.filters, "hasher": hasher})  # fmt: skip
+                         fn_kwargs={"filters": dcfg.filters, "hasher": hasher, "num_bands": num_bands,
+                                    "rows": rows})  # fmt: skip
             .write_parquet(str(scratch / "annotated"))
         )
         annotated = str(scratch / "annotated")
@@ -304,12 +308,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         # 2. Group on content hashes and LSH band keys in one hash shuffle: exact duplicate pairs
         #    and near-duplicate candidate pairs.
         t = time.perf_counter()
-        lsh_bands = num_bands if dcfg.dedup.near else 0
         got = _grouped(
-            ray.data.read_parquet(annotated, columns=["id", "status", "content_hash", "signature"])
+            ray.data.read_parquet(annotated, columns=["id", "status", "content_hash", "band_key"])
             .map_batches(_live, batch_format="numpy")
             .map_batches(_group_keys, batch_format="numpy",
-                         fn_kwargs={"exact": dcfg.dedup.exact, "num_bands": lsh_bands, "rows": rows}),  # fmt: skip
+                         fn_kwargs={"exact": dcfg.dedup.exact, "near": dcfg.dedup.near}),  # fmt: skip
             "key", _pairs_in_partition, partitions, ["a", "b", "kind"],
         )
         pairs = np.stack([got["a"], got["b"]], axis=1).astype(np.int64).reshape(-1, 2)

@@ -10,12 +10,18 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipelines.config import TokenizerConfig
 from pipelines.rundir import atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# transformers (and with it torch) is imported inside the functions that need it: Ray Data
+# workers unpickle UDFs from modules that import this one, and a torch import costs seconds each.
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -53,6 +59,8 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
 
 def save_hf_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
     """Save as a Hugging Face tokenizer directory with the special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
     hf.chat_template = CHAT_TEMPLATE
     with atomic_dir(out_dir) as tmp:
@@ -68,8 +76,10 @@ def copy_hf_tokenizer(src: Path, out_dir: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
     """Load a tokenizer directory; it must have an EOS token (packing separates documents by it)."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: tokenizer has no eos_token")
