@@ -1,0 +1,447 @@
+"""An OpenAI-compatible HTTP endpoint for one model: a Ray Serve deployment around vLLM.
+
+Each replica owns one vLLM ``AsyncLLM`` engine (its engine-core process runs beside the replica
+actor) and a FastAPI ingress with ``/v1/completions``, ``/v1/chat/completions`` (both streaming as
+Server-Sent Events), ``/v1/models`` and ``/healthz``. Ray Serve routes requests to replicas, bounds
+in-flight and queued requests (overload is refused with 503 at the proxy, never queued forever),
+and scales replicas; a client that disconnects cancels its request, which aborts the generation.
+
+Usage:
+    Python:      ``serve.run(build_app({"model": "runs/x/sft/model"}))``
+    CLI:         ``kiln serve runs/x/sft/model``  (or a kiln config with a ``serve:`` section)
+    Ray Serve:   ``serve run serving/serve_config.yaml`` / ``serve deploy serving/serve_config.yaml``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve import metrics
+from ray.serve.deployment import Application
+
+from serving.auth import check_bearer, key_digest, resolve_api_key
+from serving.config import ServeConfig
+from serving.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    validation_error,
+)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput
+
+# No /docs or /openapi.json: the API is OpenAI's, documented there, and a smaller surface.
+api = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
+
+_LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+_TOKENS_PER_S_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+
+@dataclass
+class _Job:
+    """One validated generation request, ready for the engine."""
+
+    chat: bool
+    request_id: str
+    created: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    # Top log-probabilities per token; None: no logprobs in the answer.
+    logprobs: int | None
+    include_usage: bool
+
+
+# Everything the route methods use is defined above the class: serve.ingress pickles the FastAPI
+# app (and with it the methods, by value) when the decorator runs, before the rest of the module.
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    # One Server-Sent Event, exactly as the OpenAI API frames them.
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
+    """Validate a JSON body into ``schema``; malformed JSON and bad fields are 400s."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@serve.deployment
+@serve.ingress(api)
+class LLMServer:
+    """One vLLM engine behind the OpenAI HTTP API (a Ray Serve replica)."""
+
+    def __init__(self, cfg: ServeConfig, model_dir: str, model_name: str, api_key_sha256: str | None) -> None:
+        # vLLM is imported here, in the replica, so building the app stays light for the driver.
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.model_name = model_name
+        self.key_sha256 = api_key_sha256
+        self.created = int(time.time())
+        e = cfg.engine
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=model_dir,
+                served_model_name=model_name,
+                dtype=e.dtype,
+                max_model_len=e.max_model_len,
+                gpu_memory_utilization=e.gpu_memory_utilization,
+                enforce_eager=e.enforce_eager,
+                max_num_seqs=e.max_num_seqs,
+                tensor_parallel_size=e.tensor_parallel_size,
+                max_logprobs=e.max_logprobs,
+                seed=e.seed,
+            )
+        )
+        self.max_model_len: int = self.engine.model_config.max_model_len
+        # Our own tokenizer: prompts are tokenised here so context limits are checked (and
+        # answered 400) before the engine sees the request.
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # ChatML models end an assistant turn with <|im_end|>, which is not their EOS token.
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.chat_stop_ids = [im_end] if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id else []
+
+        tags = ("route", "status")
+        self.m_requests = metrics.Counter("kiln_serve_requests", "HTTP requests answered.", tag_keys=tags)
+        self.m_latency = metrics.Histogram(
+            "kiln_serve_request_latency_s", "Request latency (to the last byte).", _LATENCY_BUCKETS_S, tag_keys=tags
+        )
+        self.m_tokens = metrics.Counter("kiln_serve_generated_tokens", "Tokens generated.", tag_keys=("route",))
+        self.m_tokens_per_s = metrics.Histogram(
+            "kiln_serve_tokens_per_s", "Generated tokens/s of each request.", _TOKENS_PER_S_BUCKETS, tag_keys=("route",)
+        )
+
+    async def check_health(self) -> None:
+        """Serve's periodic replica health check: a dead engine gets the replica replaced."""
+        await self.engine.check_health()
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        """200 while the engine is alive (no auth: load balancers and probes call it)."""
+        try:
+            await self.engine.check_health()
+        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok", "unfinished_requests": self.engine.get_num_unfinished_requests()})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """The one model this app serves."""
+        try:
+            check_bearer(request.headers.get("authorization"), self.key_sha256)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "kiln",
+            "max_model_len": self.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI text completions, optionally streamed."""
+        return await self._answer(request, CompletionRequest)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions with the tokenizer's chat template, optionally streamed."""
+        return await self._answer(request, ChatCompletionRequest)
+
+    # ---- request handling ---------------------------------------------------------------------
+
+    async def _answer(self, request: Request, schema: type[SamplingFields]) -> Response:
+        started = time.perf_counter()
+        route = "chat" if schema is ChatCompletionRequest else "completions"
+        try:
+            # Authenticate before reading the body: an anonymous caller learns nothing else.
+            check_bearer(request.headers.get("authorization"), self.key_sha256)
+            req = _parse(await request.body(), schema)
+            job = self._prepare(req)
+            if req.stream:
+                return StreamingResponse(
+                    self._stream(job, route, started),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            body = await self._complete(job)
+        except APIError as e:
+            self._observe(route, e.status, started, 0)
+            return JSONResponse(e.body(), status_code=e.status)
+        self._observe(route, 200, started, body["usage"]["completion_tokens"])
+        return JSONResponse(body)
+
+    def _prepare(self, req: SamplingFields) -> _Job:
+        """Tokenise the prompt, check it against the context and build the sampling parameters."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if req.model != self.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+        if isinstance(req, ChatCompletionRequest):
+            chat, prompt_param, max_tokens = True, "messages", req.max_new_tokens
+            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The template already holds every special token the model needs.
+            prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            stop_ids = self.chat_stop_ids
+        else:
+            assert isinstance(req, CompletionRequest)
+            chat, prompt_param, max_tokens = False, "prompt", req.max_tokens
+            prompt_ids = self.tokenizer.encode(req.prompt_text)
+            logprobs, stop_ids = req.logprobs, []
+
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_ids)} tokens, leaving no room for a completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to generate).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if logprobs is not None and logprobs > self.cfg.engine.max_logprobs:
+            raise APIError(400, f"at most {self.cfg.engine.max_logprobs} logprobs", param="logprobs")
+        params = SamplingParams(
+            n=req.n,
+            max_tokens=room if max_tokens is None else max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list,
+            stop_token_ids=stop_ids,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            # Streams get each new piece once; whole answers only the final state.
+            output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
+        )
+        prefix = "chatcmpl" if chat else "cmpl"
+        return _Job(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_ids, params, logprobs, req.include_usage)
+
+    def _generate(self, job: _Job) -> AsyncIterator[Any]:
+        from vllm.inputs.engine import tokens_input
+
+        # Already tokenised: the engine skips its own rendering step.
+        return self.engine.generate(tokens_input(job.prompt_ids), job.params, job.request_id)
+
+    async def _complete(self, job: _Job) -> dict[str, Any]:
+        """Run one request to the end; the engine aborts it if the timeout cancels us."""
+        from vllm.exceptions import VLLMClientError, VLLMServerError
+
+        finals: dict[int, CompletionOutput] = {}
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                async for out in self._generate(job):
+                    for o in out.outputs:
+                        finals[o.index] = o
+        except TimeoutError:
+            raise APIError(408, f"request timed out after {self.cfg.request_timeout_s} s", type="timeout") from None
+        except VLLMClientError as e:
+            raise APIError(400, str(e)) from None
+        except VLLMServerError as e:
+            raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        choices = [self._choice(finals[i], job, offset=0) for i in sorted(finals)]
+        completion_tokens = sum(len(o.token_ids) for o in finals.values())
+        return {
+            "id": job.request_id,
+            "object": "chat.completion" if job.chat else "text_completion",
+            "created": job.created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(len(job.prompt_ids), completion_tokens),
+        }
+
+    async def _stream(self, job: _Job, route: str, started: float) -> AsyncIterator[str]:
+        """Server-Sent Events: one chunk per engine step, then usage (if asked) and ``[DONE]``."""
+        from vllm.exceptions import VLLMClientError, VLLMServerError
+
+        head = {
+            "id": job.request_id,
+            "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": job.created,
+            "model": self.model_name,
+        }
+        completion_tokens, status = 0, 200
+        # Characters streamed so far per choice (completions' logprobs.text_offset continues).
+        offsets = [0] * job.params.n
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                if job.chat:
+                    # OpenAI opens each chat choice with the role and empty content.
+                    roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(job.params.n)]
+                    yield _sse({**head, "choices": roles})
+                async for out in self._generate(job):
+                    choices = []
+                    for o in out.outputs:
+                        completion_tokens += len(o.token_ids)
+                        choices.append(self._choice(o, job, offsets[o.index], delta=True))
+                        offsets[o.index] += len(o.text)
+                    yield _sse({**head, "choices": choices})
+            if job.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(len(job.prompt_ids), completion_tokens)})
+        except TimeoutError:
+            status = 408
+            err = APIError(408, f"request timed out after {self.cfg.request_timeout_s} s", type="timeout")
+            yield _sse(err.body())
+        except VLLMClientError as e:
+            status = 400
+            yield _sse(APIError(400, str(e)).body())
+        except VLLMServerError as e:
+            # Headers (200) are already sent: the error travels as the last event, as in OpenAI's API.
+            status = 500
+            yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+        except asyncio.CancelledError:
+            # The client went away: vLLM's generate() has aborted the request on the way out.
+            status = 499
+            raise
+        finally:
+            self._observe(route, status, started, completion_tokens)
+        yield "data: [DONE]\n\n"
+
+    # ---- response pieces ----------------------------------------------------------------------
+
+    def _choice(self, o: CompletionOutput, job: _Job, offset: int, delta: bool = False) -> dict[str, Any]:
+        """One entry of ``choices`` (a chunk's when ``delta``)."""
+        finish = o.finish_reason
+        if job.chat:
+            lp = {"content": self._chat_logprobs(o, job.logprobs)} if job.logprobs is not None else None
+            if delta:
+                return {"index": o.index, "delta": {"content": o.text} if o.text or not finish else {},
+                        "logprobs": lp, "finish_reason": finish}
+            return {"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
+                    "finish_reason": finish}
+        lp = self._completion_logprobs(o, job.logprobs, offset) if job.logprobs is not None else None
+        return {"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": finish,
+                "stop_reason": o.stop_reason}
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, o: CompletionOutput, k: int, offset: int) -> dict[str, Any]:
+        """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
+        tokens, token_logprobs, top, text_offset = [], [], [], []
+        for token_id, position in zip(o.token_ids, o.logprobs or []):
+            chosen = position[token_id]
+            text = self._token_text(token_id, chosen)
+            tokens.append(text)
+            token_logprobs.append(chosen.logprob)
+            top.append({self._token_text(t, lp): lp.logprob for t, lp in position.items() if (lp.rank or 0) <= k})
+            text_offset.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+
+    def _chat_logprobs(self, o: CompletionOutput, k: int) -> list[dict[str, Any]]:
+        """The chat format: one entry per token with its top alternatives."""
+        content = []
+        for token_id, position in zip(o.token_ids, o.logprobs or []):
+            chosen = position[token_id]
+            text = self._token_text(token_id, chosen)
+            alternatives = sorted((lp.rank or 0, t, lp) for t, lp in position.items() if (lp.rank or 0) <= k)
+            content.append({
+                "token": text,
+                "logprob": chosen.logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": (s := self._token_text(t, lp)), "logprob": lp.logprob, "bytes": list(s.encode())}
+                    for _, t, lp in alternatives
+                ][:k],
+            })
+        return content
+
+    def _observe(self, route: str, status: int, started: float, tokens: int) -> None:
+        elapsed = time.perf_counter() - started
+        tags = {"route": route, "status": str(status)}
+        self.m_requests.inc(tags=tags)
+        self.m_latency.observe(elapsed, tags=tags)
+        if tokens:
+            self.m_tokens.inc(tokens, tags={"route": route})
+            self.m_tokens_per_s.observe(tokens / max(elapsed, 1e-6), tags={"route": route})
+
+
+def build_app(args: dict[str, Any] | ServeConfig) -> Application:
+    """Build the Serve application for one model directory.
+
+    Args:
+        args: a :class:`ServeConfig` or the mapping of its fields (as ``serve run`` / ``serve
+            deploy`` pass a YAML ``args:`` block). ``model`` must name an HF-format directory.
+
+    Returns:
+        The application, for ``serve.run`` or a Serve config file.
+
+    Raises:
+        ValueError: the arguments do not validate or the model directory is missing.
+    """
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    if cfg.model is None:
+        raise ValueError("serve.model: name the model directory to serve")
+    model_dir = Path(cfg.model).expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"serve.model: {model_dir} is not a Hugging Face model directory (no config.json)")
+    key = resolve_api_key(cfg.api_key, cfg.api_key_env)
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": cfg.autoscaling.model_dump()}
+        if cfg.autoscaling is not None
+        else {"num_replicas": cfg.num_replicas}
+    )
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.cpu_kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    # A caller's own vLLM settings (e.g. VLLM_CPU_OMP_THREADS_BIND) reach the replica too.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+    return LLMServer.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "runtime_env": {"env_vars": env}},
+        # vLLM start-up (weights, KV cache, warm-up) outlasts Serve's default health-check timeout.
+        health_check_timeout_s=60,
+        **scaling,
+    ).bind(
+        # The replica gets the key's digest only; the plaintext stays out of Serve's stored state.
+        cfg.model_copy(update={"api_key": None}),
+        str(model_dir),
+        cfg.model_name or model_dir.name,
+        key_digest(key) if key else None,
+    )

@@ -1,0 +1,453 @@
+"""The serving stage over real HTTP: Ray Serve + vLLM (CPU) + a tiny Llama, no mocks.
+
+One Serve instance runs two applications for the whole module (vLLM start-up dominates the cost):
+``open`` (no API key, generous limits) at ``/`` and ``secure`` (API key, one request at a time, a
+queue of one, a 3 s timeout) at ``/secure``, which also exercises overload and timeouts. vLLM's offline
+greedy output, for the equality check, is computed in a subprocess started beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "tiny"
+KEY = "kiln-test-key-0123456789"
+# Context of the served model: long enough that a 16 x 4000-token request runs for seconds.
+CONTEXT = 4096
+GREEDY_PROMPTS = ["What is 3 + 4?", "The quick brown fox"]
+GREEDY_TOKENS = 24
+ENGINE = {"dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.3, "cpu_kv_cache_gib": 1}
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+
+    if __name__ == "__main__":
+        model, prompts, max_tokens, context = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+        llm = LLM(model=model, dtype="float32", max_model_len=context, gpu_memory_utilization=0.3,
+                  enforce_eager=True, seed=0)
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        print("RESULT " + json.dumps([o.outputs[0].text for o in outs]))
+    """
+)
+
+
+@dataclass
+class Server:
+    url: str
+    offline: subprocess.Popen[str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_model_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The conftest tiny Llama, but with head_dim 32: vLLM's CPU attention has no kernel for the
+    16 of ``tiny_llama_dir`` (it fails at the first request, not at load)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("serve-model") / "tiny-llama-hd32"
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(ray_local: None, serve_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = _free_port()
+    # A busy 2-CPU machine can take longer than Serve's 5 s to start the proxy actor; the controller
+    # would then kill it and serve.start fail.
+    slow_ok = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options={"runtime_env": {"env_vars": slow_ok}})
+
+    # vLLM's offline run starts now, beside the replicas' start-up.
+    script = tmp_path_factory.mktemp("offline") / "offline_greedy.py"
+    script.write_text(OFFLINE_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [str(serve_model_dir), json.dumps(GREEDY_PROMPTS), str(GREEDY_TOKENS), str(CONTEXT)]
+    offline = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+    # api_key_env names an unset variable so a developer's own KILN_API_KEY cannot leak in.
+    common = {"model": str(serve_model_dir), "model_name": MODEL, "num_cpus": 0.5, "engine": ENGINE,
+              "api_key_env": "KILN_TEST_NO_SUCH_VAR"}
+    # Serve counts requests it is still assigning to a replica as queued: a burst of 32 needs room.
+    open_app = build_app({**common, "max_ongoing_requests": 48, "max_queued_requests": 64})
+    secure_app = build_app({**common, "api_key": KEY, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                            "request_timeout_s": 3.0})
+    try:
+        serve.run_many([serve.RunTarget(open_app, name="open", route_prefix="/"),
+                        serve.RunTarget(secure_app, name="secure", route_prefix="/secure")])
+        yield Server(f"http://127.0.0.1:{port}", offline)
+    finally:
+        offline.kill()
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+def _complete(http: httpx.Client, prompt: str, **kw: object) -> dict:
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _sse_events(lines: list[str]) -> list[str]:
+    """Payloads of a Server-Sent Events body; every non-blank line must be a ``data:`` line."""
+    events = [line for line in lines if line]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
+# ---- the API through the official client ---------------------------------------------------------
+
+
+def test_openai_client_completions_chat_models(server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+    c = client.completions.create(model=MODEL, prompt="What is 1 + 2?", max_tokens=5, temperature=0)
+    assert c.object == "text_completion" and len(c.choices) == 1
+    assert c.usage.completion_tokens == 5 and c.usage.prompt_tokens > 0
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 5
+    assert c.choices[0].finish_reason == "length"
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 6
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_streaming_equals_whole_answer(server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model=MODEL, prompt="The lazy dog", max_tokens=12, temperature=0)
+    stream = client.completions.create(model=MODEL, prompt="The lazy dog", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+    messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": "2 + 2"}]
+    whole_chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                              stream=True)
+    deltas = [ch.choices[0].delta for ch in streamed]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == whole_chat.choices[0].message.content
+
+
+# ---- raw HTTP ------------------------------------------------------------------------------------
+
+
+def test_raw_http_health_models_and_sse_framing(http: httpx.Client) -> None:
+    health = http.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert models["data"][0]["max_model_len"] == CONTEXT
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        payloads = _sse_events(list(r.iter_lines()))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_sampling_parameters(http: httpx.Client) -> None:
+    prompt = "What is 7 + 8?"
+    # seed: the same seed samples the same text; n: that many choices, each counted in usage.
+    a = _complete(http, prompt, max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=123, n=3)
+    b = _complete(http, prompt, max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=123, n=3)
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    assert a["usage"]["completion_tokens"] == 24
+
+    # stop: the answer ends before the stop string (taken from the greedy answer itself).
+    greedy = _complete(http, prompt, max_tokens=16, temperature=0)["choices"][0]["text"]
+    stop = next((greedy[i:i + 2] for i in range(3, len(greedy) - 1) if greedy[i:i + 2].strip()), None)
+    if stop is not None:
+        stopped = _complete(http, prompt, max_tokens=16, temperature=0, stop=[stop])["choices"][0]
+        assert stopped["finish_reason"] == "stop" and stop not in stopped["text"]
+        assert greedy.startswith(stopped["text"])
+
+    # logprobs: one entry per generated token, the greedy token is the most likely one. (Top entries
+    # are keyed by text, and byte-level pieces of one character all decode to "": keys can collide.)
+    lp = _complete(http, prompt, max_tokens=4, temperature=0, logprobs=2)["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 2 and chosen >= max(top.values()) - 1e-5
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                   "max_tokens": 3, "logprobs": True, "top_logprobs": 2}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
+
+
+def test_greedy_output_equals_vllm_offline(server: Server, http: httpx.Client) -> None:
+    served = [_complete(http, p, max_tokens=GREEDY_TOKENS, temperature=0)["choices"][0]["text"]
+              for p in GREEDY_PROMPTS]
+    out, _ = server.offline.communicate(timeout=600)
+    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert server.offline.returncode == 0 and result, out[-3000:]
+    assert served == json.loads(result[-1][len("RESULT "):])
+
+
+def test_32_concurrent_requests(http: httpx.Client, server: Server) -> None:
+    prompts = [f"What is {i} + {i}?" for i in range(4)]
+    expected = {p: _complete(http, p, max_tokens=10, temperature=0)["choices"][0]["text"] for p in prompts}
+
+    async def main() -> list[tuple[str, httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            async def one(i: int) -> tuple[str, httpx.Response]:
+                p = prompts[i % 4]
+                if i % 2:  # half of them as chat streams, to mix both paths in one batch
+                    body = {"model": MODEL, "messages": [{"role": "user", "content": p}], "max_tokens": 10,
+                            "temperature": 0, "stream": True}
+                    return "", await client.post("/v1/chat/completions", json=body)
+                body = {"model": MODEL, "prompt": p, "max_tokens": 10, "temperature": 0}
+                return p, await client.post("/v1/completions", json=body)
+
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert all(r.status_code == 200 for _, r in results), [r.text for _, r in results if r.status_code != 200]
+    for prompt, r in results:
+        if prompt:
+            assert r.json()["choices"][0]["text"] == expected[prompt]
+        else:
+            assert _sse_events(r.text.splitlines())[-1] == "[DONE]"
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None),  # malformed JSON
+        ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x " * (CONTEXT + 10)}, 400, "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "y " * CONTEXT}]}, 400,
+         "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+         "messages.0.role"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ],
+)
+def test_bad_input_gets_openai_error(http: httpx.Client, path: str, body: object, status: int,
+                                     param: str | None) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert http.get("/healthz").status_code == 200  # and the server stays up
+
+
+def test_client_disconnect_aborts_generation(http: httpx.Client) -> None:
+    # 16 x 4000 tokens would take many seconds; after the client hangs up they must be gone at once.
+    body = {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT - 50, "n": 16, "ignore_eos": True,
+            "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # one iterator: dropping it would close the stream early
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"error"' not in first, first
+        next(lines)
+        assert http.get("/healthz").json()["unfinished_requests"] >= 1
+    deadline = time.monotonic() + 5
+    while http.get("/healthz").json()["unfinished_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert http.get("/healthz").json()["unfinished_requests"] == 0
+
+
+# ---- auth, overload, timeout (the "secure" app) ----------------------------------------------------
+
+
+def test_api_key(server: Server) -> None:
+    import openai
+
+    url = f"{server.url}/secure"
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEY},
+                    {"Authorization": f"Basic {KEY}"}):
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
+    # Auth comes first: an anonymous caller's malformed body is still a 401.
+    assert httpx.post(f"{url}/v1/completions", content=b"{", timeout=60).status_code == 401
+    assert httpx.get(f"{url}/healthz", timeout=60).status_code == 200  # probes need no key
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
+    # The secure app takes one request at a time, queues one more and times out after 3 s: the long
+    # requests that got in run into the timeout (408), the others are refused at once (503).
+    body = {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT - 50, "n": 16, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def main() -> list[tuple[int, float, dict | None]]:
+        async with httpx.AsyncClient(base_url=f"{server.url}/secure", timeout=60, headers=headers) as client:
+            async def one(delay: float) -> tuple[int, float, dict | None]:
+                await asyncio.sleep(delay)
+                t0 = time.monotonic()
+                r = await client.post("/v1/completions", json=body)
+                is_json = r.headers.get("content-type", "").startswith("application/json")
+                return r.status_code, time.monotonic() - t0, r.json() if is_json else None
+
+            # The first request gets a head start so it holds the only slot.
+            return await asyncio.gather(one(0.0), *(one(1.0) for _ in range(5)))
+
+    results = asyncio.run(main())
+    first, rest = results[0], results[1:]
+    assert first[0] == 408 and first[2]["error"]["type"] == "timeout", first
+    refused = [elapsed for status, elapsed, _ in rest if status == 503]
+    assert len(refused) >= 3 and max(refused) < 2.0, rest
+    assert all(status in (408, 503) for status, _, _ in rest), rest
+    ok = httpx.post(f"{server.url}/secure/v1/completions", json={**body, "max_tokens": 2, "n": 1}, headers=headers,
+                    timeout=60)
+    assert ok.status_code == 200  # and it serves again afterwards
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+def test_metrics_exported_to_prometheus(http: httpx.Client) -> None:
+    import ray
+
+    _complete(http, "metrics", max_tokens=3)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.monotonic() + 60, ""
+    # Ray's metrics agent exports on an interval: poll until our series appear.
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(n in text for n in ("kiln_serve_requests", "kiln_serve_request_latency_s", "kiln_serve_generated_tokens",
+                                   "kiln_serve_tokens_per_s")):
+            break
+        time.sleep(2)
+    for name in ("kiln_serve_requests", "kiln_serve_request_latency_s_bucket", "kiln_serve_generated_tokens",
+                 "kiln_serve_tokens_per_s_bucket"):
+        assert name in text, name
+    assert 'status="200"' in text and 'status="400"' in text
+
+
+# ---- config, builder, CLI (no server) --------------------------------------------------------------
+
+
+def test_serve_config_in_the_tree_and_yaml_files() -> None:
+    import yaml
+
+    from pipelines.config import ConfigError, load_config, parse_config
+    from serving.config import ServeConfig
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    assert isinstance(cfg.serve, ServeConfig) and cfg.serve.host == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"serve\.engine\.max_num_seqs"):
+        parse_config({"run": {"name": "x"}, "serve": {"engine": {"max_num_seqs": "many"}}})
+    with pytest.raises(ConfigError, match=r"serve\.autoscaling"):
+        parse_config({"run": {"name": "x"}, "serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ConfigError, match=r"serve\.replicas"):
+        parse_config({"run": {"name": "x"}, "serve": {"replicas": 2}})
+    serve_yaml = yaml.safe_load((Path(__file__).parents[1] / "serving" / "serve_config.yaml").read_text())
+    ServeConfig.model_validate(serve_yaml["applications"][0]["args"])
+
+
+def test_build_app_options(serve_model_dir: Path, tmp_path: Path) -> None:
+    from serving.app import build_app
+    from serving.auth import key_digest
+
+    with pytest.raises(ValueError, match="serve.model"):
+        build_app({})
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        build_app({"model": str(tmp_path)})
+    app = build_app({"model": str(serve_model_dir), "api_key": KEY, "api_key_env": "KILN_TEST_NO_SUCH_VAR",
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0},
+                     "max_ongoing_requests": 7, "max_queued_requests": 5})
+    deployment = app._bound_deployment
+    assert deployment.max_ongoing_requests == 7 and deployment.max_queued_requests == 5
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    # Only the key's digest reaches the replica's (stored) arguments.
+    assert KEY not in repr(deployment.init_args) and key_digest(KEY) in deployment.init_args
+
+
+def test_cli_serve_resolves_targets(serve_model_dir: Path, tmp_path: Path) -> None:
+    from pipelines.config import ConfigError
+    from serving.server import resolve_target
+
+    _, cfg = resolve_target(serve_model_dir)
+    assert cfg.model == str(serve_model_dir)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: r, root: {tmp_path}}}\nserve: {{port: 9001}}\n")
+    with pytest.raises(ConfigError, match="no final model"):
+        resolve_target(config)
+    shutil.copytree(serve_model_dir, tmp_path / "r" / "sft" / "model")
+    _, cfg = resolve_target(config)
+    assert cfg.model == str(tmp_path / "r" / "sft" / "model") and cfg.port == 9001
