@@ -64,15 +64,15 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer, 64-wide Llama (2 heads of 32) with the tiny tokenizer, in HF format."""
+def save_tiny_llama(tokenizer_dir: Path, out: Path, max_position_embeddings: int = 256) -> Path:
+    """Save a randomly initialised 2-layer, 64-wide Llama (2 heads of 32) with ``tokenizer_dir``'s
+    tokenizer to ``out``, in HF format."""
     import shutil
 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,
@@ -82,16 +82,20 @@ def tiny_llama_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFa
         # first request, not at load).
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    model.save_pretrained(str(out), safe_serialization=True)
-    for f in tiny_tokenizer_dir.iterdir():
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
         shutil.copy2(f, out / f.name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama (context 256) with the tiny tokenizer, in HF format."""
+    return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("model") / "tiny-llama")

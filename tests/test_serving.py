@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import save_tiny_llama
+
 MODEL = "tiny"
 KEY = "kiln-test-key-0123456789"
 # Context of the served model: long enough that a 16 x 4000-token request runs for seconds.
@@ -61,31 +63,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_model_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The conftest tiny Llama, but with head_dim 32: vLLM's CPU attention has no kernel for the
-    16 of ``tiny_llama_dir`` (it fails at the first request, not at load)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("serve-model") / "tiny-llama-hd32"
-    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+    """The conftest tiny Llama with a context long enough for the too-long-prompt checks."""
+    return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("serve-model") / "tiny-llama", CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -385,18 +364,18 @@ def test_metrics_exported_to_prometheus(http: httpx.Client) -> None:
 
     _complete(http, "metrics", max_tokens=3)
     port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, text = time.monotonic() + 60, ""
-    # Ray's metrics agent exports on an interval: poll until our series appear.
+    wanted = ("kiln_serve_requests", "kiln_serve_request_latency_s_bucket", "kiln_serve_generated_tokens",
+              "kiln_serve_tokens_per_s_bucket", 'status="200"', 'status="400"')
+    deadline, text = time.monotonic() + 90, ""
+    # Ray's metrics agent exports each replica's series on an interval, so one app's series can
+    # appear before another's: poll until everything asserted below is there.
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(n in text for n in ("kiln_serve_requests", "kiln_serve_request_latency_s", "kiln_serve_generated_tokens",
-                                   "kiln_serve_tokens_per_s")):
+        if all(w in text for w in wanted):
             break
         time.sleep(2)
-    for name in ("kiln_serve_requests", "kiln_serve_request_latency_s_bucket", "kiln_serve_generated_tokens",
-                 "kiln_serve_tokens_per_s_bucket"):
-        assert name in text, name
-    assert 'status="200"' in text and 'status="400"' in text
+    for w in wanted:
+        assert w in text, w
 
 
 # ---- config, builder, CLI (no server) --------------------------------------------------------------
