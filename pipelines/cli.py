@@ -80,11 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path, help="YAML config file")
         p.add_argument("--force", action="store_true", help="redo finished stages")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve + vLLM)")
+    p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
+    p.add_argument("--host", help="interface to bind (overrides serve.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (overrides serve.port; default 8000)")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.server import serve_forever
+
+    try:
+        serve_forever(args.target, host=args.host, port=args.port)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"kiln serve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -95,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         action(cfg, args.force)
     except (ConfigError, FileNotFoundError, ValueError, StageConfigChanged) as e:
-        print(f"kiln {args.command}: error: {e}", file=sys.stderr)
+        # An error raised inside a Ray task arrives wrapped; the user needs the cause's message
+        # (file and line), not the remote traceback.
+        cause = getattr(e, "cause", None) or e
+        print(f"kiln {args.command}: error: {cause}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,54 @@
+"""``kiln pretrain CONFIG``: next-token pretraining on the data stage's shards → a base model.
+
+Read top to bottom: find the shards and tokenizer (failing before any worker starts if they are
+missing), describe the job, train it on the shared Ray Train + DeepSpeed machinery
+(``pipelines.trainer``), mark the stage finished. A rerun resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import KilnConfig
+from pipelines.rundir import mark_finished
+from pipelines.trainer import TrainJob, fit, prepare_stage, summary
+
+STAGE = "pretrain"
+
+
+def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
+    """Pretrain (or resume, or skip if finished); returns the stage summary."""
+    if cfg.pretrain is None:
+        raise ValueError("config has no 'pretrain' section")
+    pcfg = cfg.pretrain
+    stage_dir = (cfg.run.dir / STAGE).resolve()
+    digest = cfg.digest(STAGE)
+    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+        return done
+
+    shards = Path(pcfg.shards or cfg.run.dir / "data" / "shards").resolve()
+    train_files = sorted(shards.glob("train-*.parquet"))
+    if not train_files:
+        raise FileNotFoundError(f"no training shards (train-*.parquet) in {shards}; run `kiln data` first")
+    tokenizer_dir = Path(pcfg.tokenizer or pcfg.model.path or cfg.run.dir / "tokenizer").resolve()
+    job = TrainJob(
+        stage=STAGE,
+        objective="lm",
+        train=pcfg,
+        stage_dir=str(stage_dir),
+        tokenizer_dir=str(tokenizer_dir),
+        train_files=tuple(map(str, train_files)),
+        validation_files=tuple(map(str, sorted(shards.glob("validation-*.parquet")))),
+        arch=pcfg.model if pcfg.model.path is None else None,
+        init_from=str(Path(pcfg.model.path).resolve()) if pcfg.model.path else None,
+        config_digest=digest,
+    )
+    print(f"kiln pretrain: {len(train_files)} shard(s) from {shards}, {pcfg.num_workers} worker(s), "
+          f"ZeRO-{pcfg.zero_stage}, {pcfg.max_steps} steps x {pcfg.sequences_per_step} sequences", flush=True)  # fmt: skip
+    outcome = fit(job, cfg.ray)
+
+    report = summary(outcome)
+    mark_finished(stage_dir, STAGE, digest, report)
+    print(f"kiln pretrain: done {report}", flush=True)
+    return report

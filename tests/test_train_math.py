@@ -1,0 +1,193 @@
+"""Training math and data on hand-built inputs: losses, LR schedule, prompt masking, data order.
+
+No Ray and no model: tensors with known answers, and the tiny real tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from pipelines.config import ConfigError, TrainConfig, load_config, parse_config
+from pipelines.sft_data import BadRecord, encode_chat, preference_rows, sft_rows, split_validation, write_rows
+from pipelines.train_math import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
+from pipelines.trainer import RowStream, step_positions
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def test_lm_loss_shifts_and_ignores_masked_targets() -> None:
+    logits = torch.zeros(1, 3, 4)  # (B=1, T=3, V=4), uniform except where set below
+    logits[0, 0, 2] = 5.0  # position 0 predicts token 2 confidently
+    labels = torch.tensor([[IGNORE, 2, IGNORE]])  # only position 0's target (labels[1] = 2) counts
+    total, count = lm_loss_sum(logits, labels)
+    expected = -F.log_softmax(logits[0, 0], dim=-1)[2]
+    assert count.item() == 1
+    assert total.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_lm_loss_uniform_logits_is_log_vocab() -> None:
+    logits = torch.zeros(2, 5, 8)
+    labels = torch.randint(0, 8, (2, 5))
+    total, count = lm_loss_sum(logits, labels)
+    assert count.item() == 8  # 2 x (5 - 1) shifted targets
+    assert (total / count).item() == pytest.approx(math.log(8), abs=1e-6)
+
+
+def test_bradley_terry_loss_known_values() -> None:
+    equal = bradley_terry_loss(torch.tensor([0.3, -1.0]), torch.tensor([0.3, -1.0]))
+    assert equal.item() == pytest.approx(math.log(2), abs=1e-6)
+    margin = torch.tensor([2.0])
+    assert bradley_terry_loss(margin, torch.zeros(1)).item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)
+    assert bradley_terry_loss(torch.tensor([50.0]), torch.tensor([0.0])).item() < 1e-6
+    # Gradient pushes chosen up and rejected down.
+    c, r = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    bradley_terry_loss(c, r).backward()
+    assert c.grad.item() < 0 < r.grad.item()
+
+
+def test_pairwise_correct_counts_ties_as_wrong() -> None:
+    got = pairwise_correct(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]))
+    assert got.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    lrs = [lr_multiplier(s, warmup_steps=4, max_steps=20, min_ratio=0.1) for s in range(21)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[20] == pytest.approx(0.1)
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+
+
+# --- SFT and preference data ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir: Path):  # noqa: ANN201 - a transformers tokenizer
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+def _trained_text(tok, ids: list[int], labels: list[int]) -> str:  # noqa: ANN001
+    return tok.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+
+
+def test_sft_masks_everything_but_the_response(tok) -> None:  # noqa: ANN001
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "The answer is 5."}]
+    ids, labels = encode_chat(tok, messages)
+    # Same tokens as the chat template itself produces.
+    assert ids == list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    assert _trained_text(tok, ids, labels) == "The answer is 5.<|im_end|>"
+    # Every prompt token, the role header included, carries no loss.
+    prompt_len = len(tok.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert all(label == IGNORE for label in labels[:prompt_len])
+    assert all(label == i for i, label in zip(ids[prompt_len:], labels[prompt_len:]) if label != IGNORE)
+
+
+def test_sft_multi_turn_trains_every_assistant_turn(tok) -> None:  # noqa: ANN001
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    ids, labels = encode_chat(tok, messages)
+    assert _trained_text(tok, ids, labels) == "2<|im_end|>4<|im_end|>"
+
+
+def test_sft_rows_truncate_count_reject_and_pack(tok) -> None:  # noqa: ANN001
+    short = ("a:1", {"prompt": "What is 1 + 1?", "response": "2"})
+    long = ("a:2", {"prompt": "What is 1 + 1? " * 10, "response": "2"})
+    rows, stats = sft_rows(tok, [short, long], seq_len=40, overlong="truncate", packing=False)
+    assert rows["input_ids"].shape == (2, 40) and stats.truncated == 1
+    assert (rows["labels"][0] != IGNORE).sum() == 2  # "2" and <|im_end|>
+    assert rows["input_ids"][0, -1] == tok.pad_token_id and rows["labels"][0, -1] == IGNORE
+    with pytest.raises(BadRecord, match="a:2"):
+        sft_rows(tok, [short, long], seq_len=40, overlong="reject", packing=False)
+    packed, pstats = sft_rows(tok, [short, short, short], seq_len=90, overlong="truncate", packing=True)
+    assert pstats.rows == 1 and (packed["labels"][0] != IGNORE).sum() == 6
+    with pytest.raises(BadRecord, match="b:7"):
+        sft_rows(tok, [("b:7", {"text": "no chat here"})], seq_len=40, overlong="truncate", packing=False)
+
+
+def test_preference_rows_keep_the_response_end(tok) -> None:  # noqa: ANN001
+    record = {"prompt": "What is 4 + 4? " * 10, "chosen": "8", "rejected": "9"}
+    rows, stats = preference_rows(tok, [("p:1", record)], seq_len=20, overlong="truncate")
+    assert stats.truncated == 2
+    chosen = tok.decode(rows["chosen_ids"][0].tolist())
+    assert chosen.endswith("8<|im_end|>\n") and rows["chosen_ids"].shape == (1, 20)
+    chat = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": "Go"}
+    rows, _ = preference_rows(tok, [("p:2", chat)], seq_len=32, overlong="truncate")
+    assert "Hello" in tok.decode(rows["chosen_ids"][0].tolist())
+    assert rows["rejected_ids"][0, -1] == tok.pad_token_id
+
+
+def test_split_validation_is_deterministic() -> None:
+    train, val = split_validation(list(range(100)), 0.1)
+    assert len(val) == 10 and set(train) | set(val) == set(range(100)) and not set(train) & set(val)
+    assert split_validation(list(range(100)), 0.1) == (train, val)
+
+
+# --- data order ----------------------------------------------------------------------------------
+
+
+def _shards(tmp_path: Path, sizes: list[int]) -> tuple[str, ...]:
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        ids = np.arange(start, start + n, dtype=np.int32)[:, None].repeat(4, axis=1)  # row r holds r
+        write_rows(tmp_path / f"train-{i:05d}.parquet", {"input_ids": ids})
+        files.append(str(tmp_path / f"train-{i:05d}.parquet"))
+        start += n
+    return tuple(files)
+
+
+def test_every_row_once_per_epoch_split_over_ranks(tmp_path: Path) -> None:
+    cfg = TrainConfig(num_workers=2, micro_batch_per_worker=3, sequences_per_step=12)  # 2 accumulation steps
+    stream = RowStream(_shards(tmp_path, [10, 7, 9]), ("input_ids", "labels"), seed=5, shuffle=True)
+    assert stream.columns == ("input_ids",) and stream.total == 26
+    epoch_rows = stream.total // 12 * 12  # 24: the tail of each epoch is dropped
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for step in range(4):  # two epochs of two steps
+        for micro in range(cfg.grad_accum_steps):
+            for rank in range(2):
+                epoch, pos = step_positions(step, micro, rank, cfg, epoch_rows)
+                seen[epoch] += stream.rows(epoch, pos)["input_ids"][:, 0].tolist()
+    for epoch in (0, 1):
+        assert len(seen[epoch]) == 24 == len(set(seen[epoch]))  # nothing repeated within an epoch
+    assert seen[0] != seen[1]  # reshuffled each epoch
+    # A fresh reader (a resumed run) gives the same rows for the same step.
+    again = RowStream(stream.files, ("input_ids",), seed=5, shuffle=True)
+    epoch, pos = step_positions(3, 1, 1, cfg, epoch_rows)
+    assert (again.rows(epoch, pos)["input_ids"] == stream.rows(epoch, pos)["input_ids"]).all()
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_train_config_checks_batch_divisibility_and_ranges() -> None:
+    with pytest.raises(ValueError, match="multiple of micro_batch_per_worker x num_workers"):
+        TrainConfig(num_workers=2, micro_batch_per_worker=3, sequences_per_step=8)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(max_steps=5, warmup_steps=10)
+    with pytest.raises(ValueError, match="zero_stage 3"):
+        TrainConfig(zero_stage=2, offload_params=True)
+    assert TrainConfig(num_workers=2, micro_batch_per_worker=2, sequences_per_step=16).grad_accum_steps == 4
+
+
+def test_config_errors_name_the_key_path() -> None:
+    with pytest.raises(ConfigError, match=r"pretrain\.model\.num_heads"):
+        parse_config({"run": {"name": "x"}, "pretrain": {"model": {"num_heads": "four"}}})
+    with pytest.raises(ConfigError, match=r"sft\.zero_stage"):
+        parse_config({"run": {"name": "x"}, "sft": {"data": "a.jsonl", "zero_stage": 4}})
+
+
+def test_quickstart_config_has_all_three_training_sections() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    assert cfg.pretrain is not None and cfg.sft is not None and cfg.reward_model is not None
