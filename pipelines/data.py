@@ -46,7 +46,6 @@ from pipelines.packing import Packer, ShardWriter
 from pipelines.rundir import (
     atomic_dir,
     atomic_write_json,
-    atomic_write_text,
     clean_stale_temporaries,
     finished_stage,
     mark_finished,
@@ -362,18 +361,20 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         )
         shutil.rmtree(scratch)
         documents = ray.data.read_parquet(str(work / "documents"))
-        status_counts = Counter()
+        status_counts: Counter[str] = Counter()
         filter_counts: Counter[str] = Counter()
-        rejected_lines = []
-        for batch in documents.select_columns(["source", "text", "status", "reason"]).iter_batches(
-            batch_size=65536, batch_format="numpy"
-        ):
-            status_counts.update(batch["status"].tolist())
-            filter_counts.update(batch["reason"][batch["status"] == FILTERED].tolist())
-            bad = batch["status"] == REJECTED
-            rejected_lines += [json.dumps({"source": s, "reason": r, "raw": x})
-                               for s, r, x in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad])]  # fmt: skip
-        atomic_write_text(work / "rejected" / "rejected.jsonl", "".join(line + "\n" for line in rejected_lines))
+        # Rejected records are streamed to the file (inside the temporary data/ directory, so the
+        # rename at the end keeps it atomic): memory stays flat however many records are bad.
+        (work / "rejected").mkdir()
+        with open(work / "rejected" / "rejected.jsonl", "w", encoding="utf-8") as rejected:
+            for batch in documents.select_columns(["source", "text", "status", "reason"]).iter_batches(
+                batch_size=65536, batch_format="numpy"
+            ):
+                status_counts.update(batch["status"].tolist())
+                filter_counts.update(batch["reason"][batch["status"] == FILTERED].tolist())
+                bad = batch["status"] == REJECTED
+                for source, reason, raw in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad]):
+                    rejected.write(json.dumps({"source": source, "reason": reason, "raw": raw}) + "\n")
         seconds["documents"] = time.perf_counter() - t
 
         # 5. Tokenizer: trained on the kept documents (streamed), or an existing one copied.
@@ -386,14 +387,14 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             source = kept.limit(limit) if limit else kept
             texts = (text for b in source.iter_batches(batch_size=1024, batch_format="numpy") for text in b["text"])
             save_hf_tokenizer(train_bpe(texts, dcfg.tokenizer, length=status_counts[KEPT]), tok_dir)
-        eos_id = load_tokenizer(tok_dir).eos_token_id
+        tokenizer = load_tokenizer(tok_dir)
         seconds["tokenizer"] = time.perf_counter() - t
 
         # 6. Tokenise in parallel, pack in stream order into train / validation shards.
         t = time.perf_counter()
         seq_len = dcfg.pack.seq_len
         shard_dir = work / "shards"
-        packers = {s: Packer(seq_len, eos_id) for s in ("train", "validation")}
+        packers = {s: Packer(seq_len, tokenizer.eos_token_id) for s in ("train", "validation")}
         writers = {s: ShardWriter(shard_dir, s, seq_len, dcfg.pack.sequences_per_shard) for s in packers}
         tokens_in = 0
         for batch in kept.map_batches(_tokenize, batch_size=dcfg.batch_size, batch_format="numpy",
@@ -422,7 +423,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             },
             "filtered": dict(sorted(filter_counts.items())),
             "near_dedup": near_stats,
-            "tokenizer": {"path": str(tok_dir), "vocab_size": len(load_tokenizer(tok_dir))},
+            "tokenizer": {"path": str(tok_dir), "vocab_size": len(tokenizer)},
             "tokens": {
                 "in": tokens_in,
                 "packed": sum(w.sequences for w in writers.values()) * seq_len,

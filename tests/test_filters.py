@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import FilterConfig
-from pipelines.filters import FILTERS, first_failure
+from pipelines.filters import first_failure
 
 GOOD = (
     "The river ran quietly past the old mill where the miller kept his grain.\n"
