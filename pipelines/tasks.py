@@ -84,3 +84,8 @@ def reward(prompt: str, response: str, answer: int) -> float:
     credit = 1.0 if err == 0 else 0.5 * max(0.0, 1.0 - err / PARTIAL_CREDIT_ERROR_SCALE)
     penalty = LENGTH_PENALTY if len(response.split()) > MAX_SHORT_WORDS else 0.0
     return max(0.0, credit - penalty)
+
+
+def correct(prompt: str, response: str, answer: int) -> bool:
+    """The task metric, in the ``module:function`` form PPO's evaluation calls: ``is_correct``."""
+    return is_correct(response, answer)

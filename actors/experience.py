@@ -1,0 +1,124 @@
+"""The one data contract between the PPO controller and its actors.
+
+``Samples`` is what the rollout generator returns (ragged token lists, straight from vLLM).
+``Batch`` is the same samples as padded tensors, the form every model actor consumes: prompts
+are *left*-padded to a common length ``P`` and responses *right*-padded to ``A``, so response
+token ``j`` of every row sits at column ``P + j`` and is predicted by the logits at column
+``P + j - 1``. Left-padded prompts need explicit position ids (``position_ids``) so that each
+sequence's positions start at 0 exactly as in vLLM, which never sees the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    """Sampled responses, ``N = prompts x samples_per_prompt`` of them, grouped by prompt.
+
+    Attributes:
+        prompt_ids: N prompt token lists (chat template applied).
+        response_ids: N response token lists, the stop token included when one was sampled.
+        logprobs: N lists, vLLM's log-probability of each response token.
+        texts: N decoded responses (stop token excluded).
+        policy_version: the weight version that generated them.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+    policy_version: int
+
+
+@dataclass
+class Batch:
+    """Padded tensors of ``B`` samples; ``A`` response positions, ``P`` prompt positions.
+
+    Attributes:
+        input_ids: (B, P + A) int64 prompt (left-padded) then response (right-padded).
+        attention_mask: (B, P + A) int64, 1 on real tokens.
+        response_mask: (B, A) float32, 1 on real response tokens.
+        prompt_len: P.
+        rollout_logprobs: (B, A) log pi_rollout(a_t) from vLLM.
+        old_logprobs: (B, A) log pi_theta_old(a_t), the learner's before this step's updates.
+        ref_logprobs: (B, A) log pi_ref(a_t).
+        values: (B, A) the critic's V(s_t) before the update (zeros for GRPO).
+        advantages: (B, A).
+        returns: (B, A) the critic's targets (zeros for GRPO).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_len: int
+    rollout_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(B, P + A) positions counted from each sequence's first real token."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def rows(self, index: torch.Tensor | slice) -> "Batch":
+        """The samples at ``index`` (every per-sample tensor sliced alike)."""
+        fields = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            fields[name] = value[index] if isinstance(value, torch.Tensor) else value
+        return Batch(**fields)
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with every tensor on ``device``."""
+        fields = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            fields[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return Batch(**fields)
+
+
+def collate(samples: Samples, pad_id: int) -> Batch:
+    """Pad ragged samples into a :class:`Batch` (prompts left, responses right)."""
+    n = len(samples.prompt_ids)
+    p = max(len(ids) for ids in samples.prompt_ids)
+    a = max(max(len(ids) for ids in samples.response_ids), 1)
+    input_ids = torch.full((n, p + a), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, p + a), dtype=torch.long)
+    mask = torch.zeros((n, a), dtype=torch.float32)
+    logprobs = torch.zeros((n, a), dtype=torch.float32)
+    for i, (prompt, response, lp) in enumerate(zip(samples.prompt_ids, samples.response_ids, samples.logprobs)):
+        input_ids[i, p - len(prompt) : p] = torch.tensor(prompt)
+        input_ids[i, p : p + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention[i, p - len(prompt) : p + len(response)] = 1
+        mask[i, : len(response)] = 1.0
+        logprobs[i, : len(lp)] = torch.tensor(lp)
+    return Batch(input_ids, attention, mask, p, logprobs)
+
+
+def response_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """A causal LM's logits for each response token: (B, A, V)."""
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    ).logits  # (B, P + A, V)
+    a = batch.response_mask.shape[1]
+    return logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + a]
+
+
+def split(n: int, parts: int) -> list[slice]:
+    """Contiguous, near-equal slices of ``range(n)``: rank ``r`` of ``parts`` takes slice ``r``."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for r in range(parts):
+        bounds.append(bounds[-1] + base + (r < extra))
+    return [slice(bounds[r], bounds[r + 1]) for r in range(parts)]

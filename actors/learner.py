@@ -1,0 +1,99 @@
+"""Learner: the policy on DeepSpeed; PPO's clipped objective; publishes its weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ray
+import torch
+
+from actors.experience import Batch, response_logits
+from actors.trainable import DeepSpeedRank
+from pipelines.ppo_config import OptimizedModelConfig
+from pipelines.ppo_math import entropy_from_logits, masked_mean, policy_loss, token_logprobs
+
+
+@ray.remote
+class PolicyLearner(DeepSpeedRank):
+    """One data-parallel rank of the policy."""
+
+    def __init__(
+        self, rank: int, world: int, cfg: OptimizedModelConfig, minibatch_size: int, seed: int,
+        model_dir: str, temperature: float, clip_eps: float,
+    ) -> None:
+        super().__init__(rank, world, cfg, minibatch_size, seed)
+        self.model_dir = model_dir
+        self.temperature = temperature
+        self.clip_eps = clip_eps
+
+    def build_module(self) -> torch.nn.Module:
+        from transformers import AutoTokenizer
+
+        from pipelines.modeling import build_model
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = build_model("lm", self.tokenizer, path=self.model_dir)
+        model.config.use_cache = False
+        return model
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        # Same temperature as the sampler: the ratio compares the distributions tokens came from.
+        return response_logits(self.engine, batch) / self.temperature  # (b, A, V)
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """This rank's share of the batch: (b, A) log pi_theta(a_t) and the summed per-sample mean entropy."""
+        self.engine.eval()
+        mine = self._my_rows(batch)
+        out, entropy = [], 0.0
+        for micro in self._micro_batches(mine):
+            logits = self._logits(micro)
+            tokens = micro.input_ids[:, micro.prompt_len :]
+            out.append((token_logprobs(logits, tokens) * micro.response_mask).cpu())
+            entropy += masked_mean(entropy_from_logits(logits), micro.response_mask, dim=1).sum().item()
+        self.engine.train()
+        return torch.cat(out), entropy
+
+    def update(self, batch: Batch, step: int, epochs: int) -> dict[str, float]:
+        """PPO epochs over the batch (needs ``old_logprobs`` and ``advantages``); mean metrics."""
+
+        def loss_fn(micro: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+            logits = self._logits(micro)
+            logp = token_logprobs(logits, micro.input_ids[:, micro.prompt_len :])
+            loss, clip_fraction, approx_kl = policy_loss(
+                logp, micro.old_logprobs, micro.advantages, micro.response_mask, self.clip_eps
+            )
+            return loss, {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+
+        records = []
+        for epoch in range(epochs):
+            for part in self._minibatches(batch, step, epoch):
+                records.append(self.train_minibatch(part, loss_fn))
+        out = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        if not math.isfinite(out["policy_loss"]):
+            raise FloatingPointError(f"policy loss became {out['policy_loss']} at PPO step {step}")
+        return out
+
+    def publish_weights(self) -> list[ray.ObjectRef] | None:
+        """Gather the full weights (a collective call) and put them in the object store.
+
+        Returns:
+            On rank 0, ``[ref]`` to a ``{name: tensor}`` dict in Hugging Face naming (wrapped in a
+            list so the caller receives the reference, not the tensors); None on other ranks.
+        """
+        from pipelines.trainer import full_state_dict
+
+        state = full_state_dict(self.engine, self.rank)
+        return [ray.put(state)] if state is not None else None
+
+    def export(self, out_dir: str) -> None:
+        """Write the policy in Hugging Face format (rank 0 writes; a collective call)."""
+        from pathlib import Path
+
+        from pipelines.modeling import save_hf_model
+        from pipelines.trainer import full_state_dict
+
+        state = full_state_dict(self.engine, self.rank)
+        if state is not None:
+            save_hf_model(self.engine.module, state, self.model_dir, Path(out_dir))

@@ -1,0 +1,31 @@
+"""Reference policy: the frozen starting policy, for the per-token KL penalty."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.experience import Batch, response_logits
+from pipelines.ppo_math import token_logprobs
+
+
+@ray.remote
+class ReferencePolicy:
+    """A frozen causal LM; answers log pi_ref(a_t) for every response token."""
+
+    def __init__(self, model_dir: str, threads: int, temperature: float) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch, micro_batch: int = 64) -> torch.Tensor:
+        """(B, A) log-probs of the response tokens under the reference, at the sampling temperature."""
+        out = []
+        for start in range(0, batch.size, micro_batch):
+            part = batch.rows(slice(start, start + micro_batch))
+            logits = response_logits(self.model, part) / self.temperature
+            out.append(token_logprobs(logits, part.input_ids[:, part.prompt_len :]) * part.response_mask)
+        return torch.cat(out)

@@ -1,0 +1,105 @@
+"""Rollout generator: a vLLM engine that samples responses and loads new policy weights in place.
+
+The engine runs inside this actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the
+controller in the actor's runtime environment): new weights then reach vLLM's worker as plain
+tensors, with no second serialisation between the engine's processes.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.experience import Samples
+from serving.config import EngineConfig
+
+
+@ray.remote
+class RolloutGenerator:
+    """Samples responses with vLLM; ``load_weights`` swaps in a newer policy."""
+
+    def __init__(self, model_dir: str, engine: EngineConfig, max_model_len: int, temperature: float) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_dir,
+            dtype=engine.dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            enforce_eager=engine.enforce_eager,
+            max_num_seqs=engine.max_num_seqs,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            seed=engine.seed,
+            # Log-probs after temperature: the distribution the tokens were sampled from, which
+            # is what the learner's ratio pi_theta / pi_old must be taken against.
+            logprobs_mode="processed_logprobs",
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # ChatML models end a turn with <|im_end|>, which is not their EOS token.
+        self.stop_ids = [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
+        self.temperature = temperature
+        self.version = 0
+
+    def policy_version(self) -> int:
+        """The weight version loaded: 0 is the initial model; it survives only in this process."""
+        return self.version
+
+    def generate(
+        self, prompt_ids: list[list[int]], samples_per_prompt: int, max_tokens: int, seed: int,
+        greedy: bool = False, top_p: float = 1.0, top_k: int = -1,
+    ) -> Samples:
+        """Sample ``samples_per_prompt`` responses to each prompt.
+
+        Args:
+            prompt_ids: token lists, chat template applied.
+            samples_per_prompt: responses per prompt; they come back grouped by prompt.
+            max_tokens: most tokens per response.
+            seed: seeds every sample (sample ``i`` uses ``seed + i``), so a step is reproducible.
+            greedy: decode greedily (evaluation); ``samples_per_prompt`` must then be 1.
+            top_p / top_k: nucleus and top-k truncation (1.0 / -1: none).
+
+        Returns:
+            The samples, in prompt order, with vLLM's log-prob of every response token.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(samples_per_prompt)]
+        params = [
+            SamplingParams(
+                temperature=0.0 if greedy else self.temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_tokens=max_tokens,
+                stop_token_ids=self.stop_ids,
+                logprobs=0,  # the sampled token's own log-prob only
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        response_ids, logprobs, texts = [], [], []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            response_ids.append(ids)
+            logprobs.append([float(step[token].logprob) for step, token in zip(completion.logprobs, ids)])
+            texts.append(completion.text)
+        return Samples(
+            prompt_ids=[list(p["prompt_token_ids"]) for p in prompts],
+            response_ids=response_ids,
+            logprobs=logprobs,
+            texts=texts,
+            policy_version=self.version,
+        )
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Load a full policy state dict (Hugging Face names) into the engine, in place.
+
+        The prefix cache is dropped: its KV entries were computed with the old weights.
+        """
+        pairs = list(state.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
+        self.llm.reset_prefix_cache()
+        self.version = version

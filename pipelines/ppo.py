@@ -1,0 +1,411 @@
+"""``kiln ppo CONFIG``: RLHF with PPO as cooperating Ray actors, driven by this single controller.
+
+Read top to bottom. Each step:
+
+  1. prompts  — the next ``prompts_per_step`` of a seeded permutation (a function of the step);
+  2. generate — the vLLM rollout actor samples ``samples_per_prompt`` responses with log-probs;
+  3. score ∥ reference log-probs ∥ policy log-probs ∥ values — four actors at once;
+  4. advantages — per-token KL penalty + GAE (or GRPO's group-normalised scores), here in the
+     controller with the pure functions of ``pipelines.ppo_math``;
+  5. learn — the policy's PPO epochs ∥ the critic's value epochs, on DeepSpeed;
+  6. sync  — the learner gathers its (ZeRO-sharded) weights into the object store and the
+     rollout engine loads them in place. Next step's rollout log-probs are compared with the
+     learner's for the same tokens: ``logprob_mismatch`` must be ~0.
+
+Actors live in ``actors/``, one file per role. The controller owns the algorithm; actors own
+compute. Every step is a function of (seed, step): a resumed run repeats nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.critic import Critic
+from actors.experience import Samples, collate
+from actors.group import RankGroup
+from actors.learner import PolicyLearner
+from actors.reference import ReferencePolicy
+from actors.reward import RewardScorer, Scores, load_function
+from actors.rollout import RolloutGenerator
+from pipelines.config import KilnConfig
+from pipelines.modeling import check_model_dir
+from pipelines.ppo_config import PpoConfig
+from pipelines.ppo_math import adaptive_kl_coef, gae, grpo_advantages, kl_estimate, masked_mean, masked_whiten, token_rewards
+from pipelines.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished
+from pipelines.sft_data import BadRecord, read_jsonl
+
+STAGE = "ppo"
+
+
+class NonFiniteStep(FloatingPointError):
+    """NaN or inf in rewards or advantages: the step stopped before it reached the weights."""
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """One prompt: as given (string or chat messages), its token ids, and its other fields."""
+
+    prompt: Any
+    ids: list[int]
+    fields: dict[str, Any]
+
+
+def load_prompts(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Prompt], int]:
+    """Prompts of a JSONL file, chat template applied; those over ``max_tokens`` are skipped.
+
+    Returns:
+        (prompts, skipped count).
+
+    Raises:
+        BadRecord: a line is not JSON or has no usable ``prompt`` (naming file:line).
+    """
+    prompts, skipped = [], 0
+    for lineno, record in read_jsonl(path):
+        prompt = record.get("prompt")
+        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+            raise BadRecord(f"{path}:{lineno}: 'prompt' must be a non-empty string or a list of chat messages")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        if len(ids) > max_tokens:
+            skipped += 1
+            continue
+        prompts.append(Prompt(prompt, list(ids), {k: v for k, v in record.items() if k != "prompt"}))
+    return prompts, skipped
+
+
+def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
+    """Prompts of one step: positions ``[step * count, (step + 1) * count)`` of seeded per-epoch permutations."""
+    out = []
+    for position in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(position, total)
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(order[offset]))
+    return out
+
+
+# --- the actors --------------------------------------------------------------------------------
+
+
+@dataclass
+class Actors:
+    rollout: Any
+    reward: Any
+    reference: Any
+    learner: RankGroup
+    critic: RankGroup | None
+    # The latest published weights, kept so that a restarted rollout actor can be re-sent them.
+    weights: ray.ObjectRef | None = None
+    version: int = 0
+
+
+def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path, max_model_len: int) -> Actors:
+    """Create every role's actor(s) with the resources the config gives them."""
+    import os
+
+    minibatch = p.samples_per_step // p.minibatches_per_epoch
+    # In-process engine (weights reach its worker as tensors); per-reload INFO lines are noise.
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(p.rollout.engine.cpu_kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_") and k not in env})
+    rollout = RolloutGenerator.options(
+        num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
+        runtime_env={"env_vars": env},
+    ).remote(str(policy), p.rollout.engine, max_model_len, p.temperature)
+    reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus).remote(
+        str(reward_model) if reward_model else None, p.reward_model_weight,
+        p.reward_function, p.reward_function_weight, p.on_reward_error == "skip", p.reward.threads,
+    )
+    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus).remote(
+        str(policy), p.reference.threads, p.temperature
+    )
+
+    def options(m: Any) -> dict[str, Any]:
+        return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0}
+
+    learner = RankGroup(
+        PolicyLearner, p.learner.num_workers, options(p.learner),
+        p.learner, minibatch, p.seed, str(policy), p.temperature, p.clip_eps,
+    )
+    critic = None
+    if p.advantage == "gae":
+        critic = RankGroup(
+            Critic, p.critic.num_workers, options(p.critic), p.critic, minibatch, p.seed, str(critic_init), p.value_clip
+        )
+    return Actors(rollout, reward, reference, learner, critic)
+
+
+def sync_weights(actors: Actors) -> None:
+    """Learner → object store → rollout engine; the version counts updates."""
+    refs = ray.get([r.publish_weights.remote() for r in actors.learner.ranks])
+    actors.weights = refs[0][0]
+    actors.version += 1
+    ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
+
+
+def generate(actors: Actors, prompt_ids: list[list[int]], p: PpoConfig, seed: int, greedy: bool = False) -> Samples:
+    """Sample with the rollout actor; a restarted actor is re-sent the current weights first."""
+    for attempt in range(p.rollout.max_restarts + 1):
+        try:
+            if actors.version and ray.get(actors.rollout.policy_version.remote()) != actors.version:
+                print(f"kiln ppo: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
+                ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
+            return ray.get(actors.rollout.generate.remote(
+                prompt_ids, 1 if greedy else p.samples_per_prompt, p.max_response_tokens, seed,
+                greedy, p.top_p, p.top_k,
+            ))
+        except ray.exceptions.RayActorError:
+            if attempt == p.rollout.max_restarts:
+                raise
+            time.sleep(1.0)  # Ray is restarting the actor (max_restarts); try again
+    raise AssertionError("unreachable")
+
+
+# --- one step -----------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides the models: the step and the adaptive KL coefficient."""
+
+    step: int = 0
+    kl_coef: float = 0.0
+    eval_before: dict[str, float] = field(default_factory=dict)
+
+
+def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, pad_id: int) -> dict[str, Any]:
+    """One PPO step: generate, score, advantages, learn, sync. Returns the step's metrics."""
+    t_start = time.perf_counter()
+    chosen = [prompts[i] for i in prompt_indices(state.step, p.prompts_per_step, len(prompts), p.seed)]
+    k = p.samples_per_prompt
+
+    # 2. generate
+    samples = generate(actors, [q.ids for q in chosen], p, seed=(p.seed * 1_000_003 + state.step) * 10_000)
+    t_generate = time.perf_counter()
+
+    # 3. score ∥ reference ∥ policy log-probs ∥ values, all on the same batch in the object store
+    batch = collate(samples, pad_id)
+    batch_ref = ray.put(batch)
+    scores_ref = actors.reward.score.remote(
+        [q.prompt for q in chosen for _ in range(k)], samples.texts, [q.fields for q in chosen for _ in range(k)]
+    )
+    ref_ref = actors.reference.logprobs.remote(batch_ref)
+    old_refs = [r.logprobs.remote(batch_ref) for r in actors.learner.ranks]
+    value_refs = [r.values.remote(batch_ref) for r in actors.critic.ranks] if actors.critic else []
+    scores: Scores = ray.get(scores_ref)
+    old_parts = ray.get(old_refs)
+    batch.old_logprobs = torch.cat([lp for lp, _ in old_parts])  # (B, A)
+    entropy = sum(e for _, e in old_parts) / batch.size
+    batch.ref_logprobs = ray.get(ref_ref)
+    batch.values = torch.cat(ray.get(value_refs)) if value_refs else torch.zeros_like(batch.old_logprobs)
+    t_score = time.perf_counter()
+
+    # 4. advantages
+    mask = batch.response_mask * scores.valid.unsqueeze(1)  # skipped samples take no part
+    batch.response_mask = mask
+    if not torch.isfinite(scores.total).all():
+        raise NonFiniteStep(f"step {state.step}: non-finite reward {scores.total.tolist()}")
+    seq_scores = scores.total.clamp(-p.reward_clip, p.reward_clip) if p.reward_clip else scores.total
+    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask  # (B, A)
+    kl_per_sample = kl.sum(1)  # (B,)
+    if p.advantage == "gae":
+        rewards = token_rewards(seq_scores, kl, mask, state.kl_coef)
+        advantages, returns = gae(rewards, batch.values, mask, p.gamma, p.lam)
+        batch.advantages = masked_whiten(advantages, mask) if p.whiten_advantages else advantages
+        batch.returns = returns
+    else:
+        # GRPO in the same loop: the KL penalty joins the sequence score before normalising.
+        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k)
+        batch.advantages = adv.unsqueeze(1) * mask
+        batch.returns = torch.zeros_like(mask)
+    if not torch.isfinite(batch.advantages).all():
+        raise NonFiniteStep(f"step {state.step}: non-finite advantages; the update was not applied")
+
+    # 5. learn: policy ∥ critic
+    batch_ref = ray.put(batch)
+    learn_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.learner.ranks]
+    critic_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.critic.ranks] if actors.critic else []
+    learned = _mean(ray.get(learn_refs))
+    valued = _mean(ray.get(critic_refs)) if critic_refs else {}
+    t_learn = time.perf_counter()
+
+    # 6. sync
+    sync_weights(actors)
+    t_sync = time.perf_counter()
+
+    observed_kl = kl_per_sample.mean().item()
+    record = {
+        "step": state.step + 1,
+        "reward_mean": scores.total.mean().item(),
+        "reward_function_mean": scores.function.mean().item(),
+        "reward_model_mean": scores.model.mean().item(),
+        "kl": observed_kl,
+        "kl_coef": state.kl_coef,
+        "entropy": entropy,
+        "response_length": batch.response_mask.sum(1).mean().item(),
+        # vLLM's log-probs against the learner's for the very same tokens and weights.
+        "logprob_mismatch": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
+        "logprob_mismatch_max": ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).max().item(),
+        "skipped_samples": int((~scores.valid).sum()),
+        **learned,
+        **valued,
+        "time_generate_s": t_generate - t_start,
+        "time_score_s": t_score - t_generate,
+        "time_learn_s": t_learn - t_score,
+        "time_sync_s": t_sync - t_learn,
+        "time_step_s": t_sync - t_start,
+    }
+    if p.kl_target is not None:
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, observed_kl, p.kl_target, batch.size, p.kl_horizon)
+    state.step += 1
+    return record
+
+
+def _mean(records: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
+def evaluate(actors: Actors, prompts: list[Prompt], p: PpoConfig, metric: Any) -> dict[str, float]:
+    """Greedy responses to held-out prompts: mean reward and mean task metric."""
+    samples = generate(actors, [q.ids for q in prompts], p, seed=0, greedy=True)
+    scores: Scores = ray.get(actors.reward.score.remote([q.prompt for q in prompts], samples.texts, [q.fields for q in prompts]))
+    out = {"reward": scores.total.mean().item(), "prompts": len(prompts)}
+    if metric is not None:
+        out["metric"] = sum(float(metric(q.prompt, t, **q.fields)) for q, t in zip(prompts, samples.texts)) / len(prompts)
+    return out
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def save_checkpoint(actors: Actors, state: State, root: Path, keep: int) -> Path:
+    """Policy and critic (DeepSpeed: weights + optimizer) and the controller state, renamed into place."""
+    final = root / f"step-{state.step:08d}"
+    with atomic_dir(final) as tmp:
+        calls = [r.save.remote(str(tmp / "policy")) for r in actors.learner.ranks]
+        calls += [r.save.remote(str(tmp / "critic")) for r in actors.critic.ranks] if actors.critic else []
+        ray.get(calls)
+        atomic_write_json(tmp / "state.json", {"step": state.step, "kl_coef": state.kl_coef, "eval_before": state.eval_before})
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    clean_stale_temporaries(root)
+    found = sorted(root.glob("step-*"))
+    return found[-1] if found else None
+
+
+def restore(actors: Actors, checkpoint: Path) -> State:
+    calls = [r.load.remote(str(checkpoint / "policy")) for r in actors.learner.ranks]
+    calls += [r.load.remote(str(checkpoint / "critic")) for r in actors.critic.ranks] if actors.critic else []
+    ray.get(calls)
+    saved = json.loads((checkpoint / "state.json").read_text())
+    sync_weights(actors)
+    return State(step=saved["step"], kl_coef=saved["kl_coef"], eval_before=saved["eval_before"])
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
+    """Train with PPO (or resume, or skip if finished); returns the stage summary."""
+    from cluster.runtime import init_ray
+    from pipelines.tokenizer import load_tokenizer
+    from pipelines.trainer import _Metrics, prepare_stage
+
+    if cfg.ppo is None:
+        raise ValueError("config has no 'ppo' section")
+    p = cfg.ppo
+    stage_dir = (cfg.run.dir / STAGE).resolve()
+    digest = cfg.digest(STAGE)
+    # 0. Inputs are checked before any actor starts.
+    policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
+    reward_model = check_model_dir(Path(p.reward_model).resolve()) if p.reward_model else None
+    critic_init = check_model_dir(Path(p.critic.init_from).resolve()) if p.critic.init_from else (reward_model or policy)
+    if p.reward_function:
+        load_function(p.reward_function)
+    metric = load_function(p.metric_function) if p.metric_function else None
+    max_model_len = p.max_prompt_tokens + p.max_response_tokens
+    positions = json.loads((policy / "config.json").read_text()).get("max_position_embeddings", max_model_len)
+    if max_model_len > positions:
+        raise ValueError(f"ppo: max_prompt_tokens + max_response_tokens ({max_model_len}) exceed the policy's "
+                         f"max_position_embeddings ({positions})")  # fmt: skip
+    tokenizer = load_tokenizer(policy)
+    prompts, skipped = load_prompts(Path(p.prompts), tokenizer, p.max_prompt_tokens)
+    if len(prompts) < p.prompts_per_step:
+        raise ValueError(f"ppo: {len(prompts)} usable prompts in {p.prompts} ({skipped} over max_prompt_tokens), "
+                         f"fewer than prompts_per_step ({p.prompts_per_step})")  # fmt: skip
+    eval_prompts = load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)[0] if p.eval_prompts else []
+    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+        return done
+    if force:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    print(f"kiln ppo: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
+          f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
+
+    # 1. Actors; resume from the latest checkpoint, or measure the starting policy.
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    actors = start_actors(p, policy, reward_model, critic_init, max_model_len)
+    metrics = _Metrics(stage_dir, enabled=True)
+    checkpoints = stage_dir / "checkpoints"
+    if (ckpt := latest_checkpoint(checkpoints)) is not None:
+        state = restore(actors, ckpt)
+        print(f"kiln ppo: resumed from {ckpt.name}", flush=True)
+    else:
+        state = State(kl_coef=p.kl_coef)
+        if eval_prompts:
+            state.eval_before = evaluate(actors, eval_prompts, p, metric)
+            metrics.write({"step": 0, **{f"eval_{k}": v for k, v in state.eval_before.items()}})
+            print(f"kiln ppo: before training {state.eval_before}", flush=True)
+
+    # 2. The loop.
+    while state.step < p.max_steps:
+        record = ppo_step(actors, prompts, p, state, tokenizer.pad_token_id)
+        if eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps):
+            record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
+        metrics.write(record)
+        print("kiln ppo: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                                      if not k.startswith("time_") or k == "time_step_s"), flush=True)  # fmt: skip
+        if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
+            save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
+
+    # 3. Export the policy, measure it, mark the stage finished.
+    with atomic_dir(stage_dir / "model") as tmp:
+        ray.get([r.export.remote(str(tmp)) for r in actors.learner.ranks])
+    after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
+    atomic_write_json(stage_dir / "eval.json", {"before": state.eval_before, "after": after})
+    history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [m for m in history if "reward_mean" in m]
+    summary = {
+        "model": str(stage_dir / "model"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": state.step,
+        "prompts_skipped": skipped,
+        "eval_before": state.eval_before,
+        "eval_after": after,
+        "first_reward": steps[0]["reward_mean"] if steps else None,
+        "final_reward": steps[-1]["reward_mean"] if steps else None,
+        "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
+        "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
+    }
+    mark_finished(stage_dir, STAGE, digest, summary)
+    for actor in [actors.rollout, actors.reward, actors.reference, *actors.learner.ranks, *(actors.critic.ranks if actors.critic else [])]:
+        ray.kill(actor)
+    print(f"kiln ppo: done {summary}", flush=True)
+    return summary

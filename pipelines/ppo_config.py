@@ -1,0 +1,169 @@
+"""The ``ppo:`` section of the kiln config: prompts, rewards, the algorithm, and each actor role.
+
+In its own module because it builds on serving's :class:`EngineConfig` (the rollout generator
+is a vLLM engine like a serving replica); ``pipelines.config`` imports :class:`PpoConfig` at its
+end, as it does ``ServeConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.config import Section
+from serving.config import EngineConfig
+
+
+class OptimizedModelConfig(Section):
+    """A model trained inside PPO (the policy or the critic) on DeepSpeed, one actor per rank."""
+
+    # Data-parallel ranks (actors); each holds cpus_per_worker CPUs (or one GPU with use_gpu).
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    use_gpu: bool = False
+    # torch intra-op threads of each rank on CPU (null: torch's default).
+    threads_per_worker: int | None = Field(default=1, ge=1)
+    # DeepSpeed ZeRO stage; offloading as in the training stages.
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Samples per forward/backward on one rank.
+    micro_batch_per_worker: int = Field(default=16, ge=1)
+    # Constant learning rate after warmup_steps of linear warm-up (in optimizer steps).
+    learning_rate: float = Field(default=1.0e-5, gt=0.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    adam_eps: float = Field(default=1.0e-8, gt=0.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _offload(self) -> "OptimizedModelConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class CriticConfig(OptimizedModelConfig):
+    """The value model (GAE only)."""
+
+    # Model directory to start from (null: the reward model when one is used, else the policy);
+    # the scalar head of a reward model becomes the per-token value head.
+    init_from: str | None = None
+
+
+class RolloutConfig(Section):
+    """The vLLM rollout generator."""
+
+    num_cpus: float = Field(default=0.5, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    # Times Ray restarts a crashed generator (it is re-sent the current weights before it samples).
+    max_restarts: int = Field(default=3, ge=0)
+    engine: EngineConfig = EngineConfig()
+
+
+class HelperActorConfig(Section):
+    """Resources of an inference-only actor (reference policy, reward)."""
+
+    num_cpus: float = Field(default=0.25, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    # torch intra-op threads on CPU.
+    threads: int = Field(default=1, ge=1)
+
+
+class PpoConfig(Section):
+    """``kiln ppo``: RLHF with PPO (GAE + critic) or GRPO on cooperating Ray actors."""
+
+    # Policy to start from, also the frozen reference (null: <run>/sft/model).
+    policy: str | None = None
+    # JSONL of {"prompt": str or chat messages, ...}; other fields are passed to the reward
+    # and metric functions as keyword arguments (e.g. the quickstart's "answer").
+    prompts: str
+    # Held-out prompts (same format) on which reward and metric are measured before, during
+    # and after training (null: no evaluation).
+    eval_prompts: str | None = None
+    # Reward model directory from `kiln reward-model` (null: none), and its weight in the reward.
+    reward_model: str | None = None
+    reward_model_weight: float = 1.0
+    # A Python reward "module:function" called as f(prompt, response, **fields) -> float
+    # (null: none), and its weight. At least one of the two rewards must be given.
+    reward_function: str | None = None
+    reward_function_weight: float = 1.0
+    # A reward function that raises: stop the run (naming function and sample) or skip the
+    # sample (its reward becomes 0 and it is masked out of the update; counted).
+    on_reward_error: Literal["stop", "skip"] = "stop"
+    # The task metric for evaluation, "module:function" -> float or bool (null: none).
+    metric_function: str | None = None
+    # Prompts longer than this (tokens, chat template included) are skipped and counted.
+    max_prompt_tokens: int = Field(default=128, ge=1)
+    # Most tokens sampled per response.
+    max_response_tokens: int = Field(default=64, ge=1)
+    # Prompts per PPO step, and responses sampled for each (a GRPO group).
+    prompts_per_step: int = Field(default=16, ge=1)
+    samples_per_prompt: int = Field(default=4, ge=1)
+    # Sampling of the rollouts (PPO's ratio is exact only at temperature 1, top_p 1, top_k -1).
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    # gae: per-token advantages from the critic; grpo: no critic, sequence rewards normalised
+    # within the samples of each prompt.
+    advantage: Literal["gae", "grpo"] = "gae"
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    # Whiten GAE advantages over the batch's response tokens.
+    whiten_advantages: bool = True
+    # Per-token KL penalty to the reference: coefficient, estimator (k1 or k3), and an optional
+    # target KL per sample that adapts the coefficient (Ziegler et al.; null: fixed coefficient).
+    kl_coef: float = Field(default=0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = Field(default=None, gt=0.0)
+    kl_horizon: int = Field(default=10000, ge=1)
+    # PPO ratio clip, value clip (null: none) and score clip to [-reward_clip, reward_clip].
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    value_clip: float | None = Field(default=0.2, gt=0.0)
+    reward_clip: float | None = Field(default=5.0, gt=0.0)
+    # Passes over each rollout batch, and optimizer steps (mini-batches) per pass.
+    ppo_epochs: int = Field(default=2, ge=1)
+    minibatches_per_epoch: int = Field(default=2, ge=1)
+    max_steps: int = Field(default=50, ge=1)
+    # Steps between evaluations on eval_prompts (greedy decoding), and between checkpoints.
+    eval_every_steps: int = Field(default=10, ge=1)
+    checkpoint_every_steps: int = Field(default=10, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    seed: int = 0
+    learner: OptimizedModelConfig = OptimizedModelConfig()
+    critic: CriticConfig = CriticConfig(learning_rate=5.0e-5)
+    rollout: RolloutConfig = RolloutConfig()
+    reference: HelperActorConfig = HelperActorConfig()
+    reward: HelperActorConfig = HelperActorConfig()
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PpoConfig":
+        if self.reward_model is None and self.reward_function is None:
+            raise ValueError("give reward_model, reward_function or both")
+        for name in ("reward_function", "metric_function"):
+            value = getattr(self, name)
+            if value is not None and value.count(":") != 1:
+                raise ValueError(f"{name}: expected 'module:function', got {value!r}")
+        minibatch, rem = divmod(self.samples_per_step, self.minibatches_per_epoch)
+        if rem:
+            raise ValueError(
+                f"prompts_per_step x samples_per_prompt ({self.samples_per_step}) must be a multiple "
+                f"of minibatches_per_epoch ({self.minibatches_per_epoch})"
+            )
+        models = [("learner", self.learner)] + ([("critic", self.critic)] if self.advantage == "gae" else [])
+        for name, m in models:
+            if minibatch % (m.micro_batch_per_worker * m.num_workers):
+                raise ValueError(
+                    f"a mini-batch of {minibatch} samples must be a multiple of {name}.micro_batch_per_worker "
+                    f"x {name}.num_workers ({m.micro_batch_per_worker} x {m.num_workers})"
+                )
+        if self.advantage == "grpo" and self.samples_per_prompt < 2:
+            raise ValueError("advantage grpo needs samples_per_prompt >= 2 (it compares samples of a prompt)")
+        return self

@@ -1,0 +1,180 @@
+"""The PPO / GRPO math as pure functions on tensors: no Ray, no model, no config.
+
+Shapes: ``B`` samples (prompt + response each), ``A`` response ("action") positions. Every
+per-token tensor is ``(B, A)`` and comes with ``mask`` ``(B, A)``: 1.0 on real response tokens,
+0.0 on the right padding. Response tokens are contiguous from position 0 (right-padded), which
+the backward recursions below rely on.
+
+References: Schulman et al. 2017 (clipped objective), Schulman et al. 2016 (GAE), Ziegler et
+al. 2019 (per-token KL penalty, adaptive coefficient), Schulman 2020 "Approximating KL
+divergence" (k1/k3), Shao et al. 2024 (GRPO group-normalised advantages).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (all of them, or along ``dim``)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / std`` with mean and (unbiased) std taken over masked positions only.
+
+    Padding stays 0 so that it never leaks into a later masked sum.
+    """
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = (((x - mean) ** 2) * mask).sum() / (count - 1.0).clamp(min=1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[tokens]``: (B, T, V), (B, T) -> (B, T), in float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: (B, T, V) -> (B, T)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
+
+    ``k1 = log pi - log ref`` is unbiased but can be negative per token; ``k3 = r - 1 - log r``
+    with ``r = ref / pi`` is unbiased too, never negative, and has lower variance when the two
+    policies are close.
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * kl`` everywhere, plus the sequence score on the last token.
+
+    Args:
+        scores: (B,) one scalar reward per sample.
+        kl: (B, A) per-token KL estimate to the reference.
+        mask: (B, A) response mask; each row has at least one token.
+        kl_coef: weight of the KL penalty.
+
+    Returns:
+        (B, A) rewards, 0 on padding.
+    """
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of each response's final token
+    return rewards.index_put((torch.arange(len(scores)), last), scores, accumulate=True)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` = 0 past the last token, and
+    ``A_t = delta_t + gamma * lam * A_{t+1}``.
+
+    Args:
+        rewards: (B, A) per-token rewards.
+        values: (B, A) critic values of the states before each response token.
+        mask: (B, A) response mask (right-padded).
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, each (B, A) and 0 on padding; ``returns = advantages + values``
+        are the critic's regression targets.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: each sample's score normalised within the group of samples of its prompt.
+
+    Args:
+        scores: (B,) sequence rewards, ordered so that consecutive runs of ``group_size`` share
+            a prompt.
+        group_size: samples per prompt.
+        eps: added to the std, so that a group of equal scores gets advantage 0, not NaN.
+
+    Returns:
+        (B,) advantages ``(score - group mean) / (group std + eps)``.
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    mean = groups.mean(1, keepdim=True)
+    std = groups.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, averaged over response tokens.
+
+    Returns:
+        ``(loss, clip_fraction, approx_kl)``: the loss to minimise; the share of tokens whose
+        ratio was clipped; ``mean(0.5 * (log ratio)^2)``, the drift from the rollout policy.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio.pow(2), mask)
+    return loss, clip_fraction.detach(), approx_kl.detach()
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's (optionally clipped) squared error, ``0.5 * mean(max(err^2, err_clipped^2))``.
+
+    With ``clip``, a value may move at most ``clip`` away from its rollout-time estimate before
+    its error stops improving (the PPO2 value clipping).
+
+    Returns:
+        ``(loss, clip_fraction)``.
+    """
+    err = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * masked_mean(err, mask), torch.zeros(())
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    return loss, masked_mean((err_clipped > err).float(), mask).detach()
+
+
+def adaptive_kl_coef(coef: float, observed_kl: float, target_kl: float, samples: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: move ``coef`` so that the KL tracks ``target_kl``.
+
+    ``error = clip(observed / target - 1, -0.2, 0.2)``; ``coef *= 1 + error * samples / horizon``.
+    """
+    error = min(max(observed_kl / target_kl - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)
