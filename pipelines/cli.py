@@ -44,6 +44,12 @@ def _reward_model(cfg: KilnConfig, force: bool) -> None:
     reward_model.run(cfg, force=force)
 
 
+def _ppo(cfg: KilnConfig, force: bool) -> None:
+    from pipelines import ppo
+
+    ppo.run(cfg, force=force)
+
+
 # Stages in pipeline order; `kiln run` runs those whose section the config has.
 STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "generate": _generate,
@@ -51,6 +57,7 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "pretrain": _pretrain,
     "sft": _sft,
     "reward_model": _reward_model,
+    "ppo": _ppo,
 }
 
 
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain": "pretrain a base model on the packed shards (Ray Train + DeepSpeed)",
         "sft": "fine-tune on chat data, loss on response tokens only",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
+        "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
         "run": "every stage the config has, in order (finished stages are skipped)",
     }
     for name, text in helps.items():

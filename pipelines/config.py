@@ -304,7 +304,9 @@ class KilnConfig(Section):
     pretrain: PretrainConfig | None = None
     sft: SftConfig | None = None
     reward_model: RewardModelConfig | None = None
-    # Defined in serving/config.py; resolved by the model_rebuild() at the end of this module.
+    # Defined in pipelines/ppo_config.py and serving/config.py; resolved by the model_rebuild()
+    # at the end of this module.
+    ppo: PpoConfig | None = None
     serve: ServeConfig | None = None
 
     def digest(self, section: str) -> str:
@@ -363,5 +365,6 @@ def dump_config(config: KilnConfig) -> str:
 # The serving stage owns its section. Imported last because serving.config imports Section from
 # here (serving/__init__.py imports this module first, so either import order works).
 from serving.config import ServeConfig  # noqa: E402
+from pipelines.ppo_config import PpoConfig  # noqa: E402
 
 KilnConfig.model_rebuild()

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.config import ModelConfig, RayConfig, TrainConfig
+from pipelines.ppo_config import OptimizedModelConfig
 from pipelines.train_math import bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
 
 Objective = Literal["lm", "reward"]
@@ -156,16 +157,17 @@ def step_positions(step: int, micro: int, rank: int, cfg: TrainConfig, epoch_row
 # --- the worker ----------------------------------------------------------------------------------
 
 
-def _ds_config(cfg: TrainConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig | OptimizedModelConfig, micro_batch: int, accum_steps: int, world: int) -> dict[str, Any]:
+    """The DeepSpeed config of a training stage or of a PPO-trained model (same field names)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_per_worker,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.sequences_per_step,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": micro_batch * accum_steps * world,
         "gradient_clipping": cfg.grad_clip or 0.0,
         "optimizer": {
             "type": "AdamW",
@@ -185,7 +187,7 @@ def _ds_config(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # No weight decay on norms and biases (1-D tensors), as in GPT-2/Llama recipes.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -286,7 +288,7 @@ def _evaluate(engine: Any, job: TrainJob, stream: RowStream, rank: int, device: 
     return {"val_loss": num / den, "val_accuracy": correct / den}
 
 
-def _full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
     """The module's complete weights on rank 0 (None elsewhere); a collective call.
 
     Under ZeRO-3 each rank holds a slice of every parameter: ``GatheredParameters`` assembles
@@ -317,7 +319,7 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
         (root / "ds").mkdir()
         engine.save_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG, save_latest=False)
         torch.save(_rng_state(), root / f"rng-rank{rank}.pt")
-        state = _full_state_dict(engine, rank) if export else None
+        state = full_state_dict(engine, rank) if export else None
         if rank == 0:
             (root / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": job.config_digest}))
             if state is not None:
@@ -355,8 +357,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     model.config.use_cache = False
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=_param_groups(model, cfg.weight_decay),
-        config=_ds_config(cfg),
+        model_parameters=param_groups(model, cfg.weight_decay),
+        config=deepspeed_config(cfg, cfg.micro_batch_per_worker, cfg.grad_accum_steps, cfg.num_workers),
         dist_init_required=False,  # Ray Train already set up torch.distributed (gloo / NCCL)
     )
 
