@@ -232,6 +232,10 @@ class _Metrics:
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+        # Ray dashboard gauges kiln_train_<key>{stage=...}; the stage folder's name is the stage.
+        from pipelines.dashboard import StageGauges
+
+        StageGauges(self.path.parent.name).record(record)
 
 
 def _forward(engine: Any, objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -1,0 +1,424 @@
+"""The run report: ``<run>/report.md`` and its PNG plots in ``<run>/report/``.
+
+Reads what the stages left in the run directory, every input optional (a stage that did not run is
+noted as not run):
+
+- ``data/data_report.json`` (or the summary in ``data/stage.json``): document and token counts;
+- ``<stage>/metrics.jsonl`` for ``pretrain``, ``sft``, ``reward_model``, ``ppo``: one JSON object a
+  line with ``step``; lifecycle lines (with an ``event`` key) are left out, and a resumed run's
+  repeated steps keep their last record;
+- ``<stage>/stage.json``: the stage finished, with its summary (``seconds`` gives the duration);
+- ``ppo/eval.json``: ``{"before": {"reward", "accuracy", "prompts"}, "after": {...}}``, the SFT model
+  and the PPO policy on held-out prompts.
+
+Every input is read and checked before anything is written, and the plots are drawn into a
+temporary folder that replaces ``report/`` only when all of them are done, so a malformed input or
+a failed plot leaves the previous report as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
+
+STAGES = ("data", "pretrain", "sft", "reward_model", "ppo")
+TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo")
+REPORT_FILE = "report.md"
+REPORT_DIR = "report"
+
+
+class ReportInputError(ValueError):
+    """A report input is malformed; the message names the file, and the line where there is one."""
+
+
+@dataclass
+class StageData:
+    """What one stage left behind.
+
+    Attributes:
+        name: the stage's run-directory folder.
+        marker: its ``stage.json`` (None: not finished).
+        records: per-step metric records, sorted by step, one per step.
+        report: the data stage's ``data_report.json``; ``ppo/eval.json`` for PPO.
+    """
+
+    name: str
+    marker: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return (self.marker or {}).get("summary") or {}
+
+    @property
+    def status(self) -> str:
+        if self.marker is not None:
+            return "finished"
+        return "not finished" if self.records or self.report else "not run"
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """Steps and values of ``key`` over the records that have it as a number."""
+        pairs = [(r["step"], float(r[key])) for r in self.records if _is_number(r.get(key))]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def first(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[0] if values else None
+
+    def last(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it does not exist.
+
+    Raises:
+        ReportInputError: not valid JSON, or not an object (naming ``path:line``).
+    """
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportInputError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ReportInputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The per-step records of a ``metrics.jsonl``, sorted by step (empty if there is no file).
+
+    A resumed run appends the steps since its last checkpoint again: the last record for a step
+    wins. Lines with an ``event`` key (start, resume, finished) are not step records.
+
+    Raises:
+        ReportInputError: a line is not a JSON object, or has no integer ``step`` (``path:line``).
+    """
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportInputError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise ReportInputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        if "event" in record:
+            continue
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ReportInputError(f"{path}:{lineno}: record has no integer 'step' (got {step!r})")
+        by_step[step] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _read_eval(path: Path) -> dict[str, Any] | None:
+    """``ppo/eval.json``, checked: ``before`` and ``after`` objects of numbers."""
+    obj = read_json(path)
+    if obj is None:
+        return None
+    for side in ("before", "after"):
+        values = obj.get(side)
+        if not isinstance(values, dict) or not all(_is_number(v) for v in values.values()):
+            raise ReportInputError(f"{path}: '{side}' must be an object of numbers, got {values!r}")
+    return obj
+
+
+def load_run(run_dir: Path) -> dict[str, StageData]:
+    """Every stage's inputs, read and checked (see the module docstring), keyed by stage name."""
+    stages = {name: StageData(name, marker=read_json(run_dir / name / STAGE_MARKER)) for name in STAGES}
+    for name in TRAINED_STAGES:
+        stages[name].records = read_metrics(run_dir / name / "metrics.jsonl")
+    data = stages["data"]
+    data.report = read_json(run_dir / "data" / "data_report.json") or (data.summary or None)
+    stages["ppo"].report = _read_eval(run_dir / "ppo" / "eval.json")
+    return stages
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if not _is_number(value):
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value) or abs(value) < 1000:
+        return f"{value:.4g}"
+    return f"{value:,.0f}"
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if _is_number(value) else "—"
+
+
+def _duration(seconds: Any) -> str:
+    if not _is_number(seconds):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _stage_seconds(stage: StageData) -> Any:
+    seconds = stage.summary.get("seconds")
+    if isinstance(seconds, dict):  # the data stage: seconds per phase and the total
+        seconds = seconds.get("total")
+    if seconds is None and stage.name == "data" and stage.report:
+        seconds = (stage.report.get("seconds") or {}).get("total")
+    return seconds
+
+
+def _data_results(report: dict[str, Any]) -> str:
+    docs, seqs = report.get("documents") or {}, report.get("sequences") or {}
+    return (
+        f"{_fmt(docs.get('in'))} documents in, {_fmt(docs.get('kept'))} kept "
+        f"({_fmt(docs.get('exact_duplicates'))} exact + {_fmt(docs.get('near_duplicates'))} near duplicates, "
+        f"{_fmt(docs.get('filtered'))} filtered, {_fmt(docs.get('rejected'))} rejected); "
+        f"{_fmt((report.get('tokens') or {}).get('packed'))} tokens packed into "
+        f"{_fmt(seqs.get('train'))} train + {_fmt(seqs.get('validation'))} validation sequences"
+    )
+
+
+def _training_results(stage: StageData) -> str:
+    keys = ("val_loss", "val_perplexity", "val_accuracy", "tokens_per_s")
+    # Metrics first (they exist for an unfinished stage too), else the finished stage's summary.
+    if stage.records:
+        steps, first, final = stage.records[-1]["step"], stage.first("loss"), stage.last("loss")
+        latest = {key: stage.last(key) for key in keys}
+    else:
+        steps, first, final = (stage.summary.get(key) for key in ("steps", "first_loss", "final_loss"))
+        latest = {key: stage.summary.get(key) for key in keys}
+    parts = [f"{_fmt(steps)} steps", f"loss {_fmt(first)} → {_fmt(final)}"]
+    templates = {"val_loss": "val loss {}", "val_perplexity": "val perplexity {}",
+                 "val_accuracy": "val accuracy {}", "tokens_per_s": "{} tokens/s"}
+    for key, template in templates.items():
+        if latest[key] is not None:
+            parts.append(template.format(_pct(latest[key]) if key == "val_accuracy" else _fmt(latest[key])))
+    return ", ".join(parts)
+
+
+def _ppo_results(stage: StageData) -> str:
+    parts = []
+    if stage.records:
+        parts += [
+            f"{_fmt(stage.records[-1]['step'])} steps",
+            f"reward {_fmt(stage.first('reward_mean'))} → {_fmt(stage.last('reward_mean'))}",
+            f"KL {_fmt(stage.last('kl'))}",
+        ]
+    if stage.report:
+        before, after = stage.report["before"], stage.report["after"]
+        parts.append(
+            f"held-out reward {_fmt(before.get('reward'))} → {_fmt(after.get('reward'))}, "
+            f"accuracy {_pct(before.get('accuracy'))} → {_pct(after.get('accuracy'))} "
+            f"({_fmt(after.get('prompts'))} prompts)"
+        )
+    return ", ".join(parts)
+
+
+def _results(stage: StageData) -> str:
+    if stage.status == "not run":
+        return "—"
+    if stage.name == "data":
+        return _data_results(stage.report) if stage.report else "—"
+    if stage.name == "ppo":
+        return _ppo_results(stage) or "—"
+    return _training_results(stage)
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One PNG of the report: its file name in ``report/``, a short title (alt text), its caption."""
+
+    file: str
+    title: str
+    caption: str
+
+
+def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
+    # Figure, not pyplot: no global state and no GUI backend; savefig draws with the Agg canvas.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4 * ncols, 4.0), layout="constrained")
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _curves(ax: Any, stage: StageData, keys: dict[str, str], ylabel: str) -> bool:
+    """Plot each ``key: label`` of ``stage`` against the step; False when none has data."""
+    drawn = False
+    for key, label in keys.items():
+        steps, values = stage.series(key)
+        if steps:
+            # Evaluations are sparse: mark their points.
+            ax.plot(steps, values, "o-" if key.startswith(("val_", "eval_")) else "-", label=label)
+            drawn = True
+    if drawn:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.25
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return drawn
+
+
+def _plot_loss(stage: StageData, title: str, out: Path) -> bool:
+    fig, (ax,) = _figure()
+    if not _curves(ax, stage, {"loss": "training", "val_loss": "held-out"}, "loss"):
+        return False
+    ax.set_title(title)
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def _plot_reward_model(stage: StageData, out: Path) -> bool:
+    fig, (loss_ax, acc_ax) = _figure(2)
+    drawn = _curves(loss_ax, stage, {"loss": "training", "val_loss": "held-out"}, "Bradley–Terry loss")
+    drawn |= _curves(acc_ax, stage, {"accuracy": "training", "val_accuracy": "held-out"}, "pairwise accuracy")
+    if not drawn:
+        return False
+    loss_ax.set_title("Reward model loss")
+    acc_ax.set_title("Reward model accuracy (chosen scored above rejected)")
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def _plot_ppo(stage: StageData, out: Path) -> bool:
+    fig, (reward_ax, kl_ax) = _figure(2)
+    drawn = _curves(reward_ax, stage, {"reward_mean": "rollouts", "eval_reward": "held-out"}, "mean reward")
+    drawn |= _curves(kl_ax, stage, {"kl": "KL(policy ‖ reference)"}, "KL")
+    if not drawn:
+        return False
+    reward_ax.set_title("PPO reward")
+    kl_ax.set_title("PPO KL to the SFT model")
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def _plot_before_after(evaluation: dict[str, Any] | None, out: Path) -> bool:
+    if not evaluation:
+        return False
+    before, after = evaluation["before"], evaluation["after"]
+    metrics = [m for m in ("reward", "accuracy") if _is_number(before.get(m)) and _is_number(after.get(m))]
+    if not metrics:
+        return False
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        values = [before[metric], after[metric]]
+        bars = ax.bar(["SFT (before)", "PPO (after)"], values, color=["tab:gray", "tab:blue"])
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
+        ax.set_title(f"held-out {metric}")
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot], list[str]]:
+    """Draw every plot that has data into ``out_dir``; returns the plots and notes on the missing ones."""
+    ppo = stages["ppo"]
+    prompts = (ppo.report or {}).get("after", {}).get("prompts")
+    on_prompts = f" on {_fmt(prompts)} held-out prompts" if prompts is not None else " on held-out prompts"
+    # (stage, plot, draw): in pipeline order.
+    wanted = [
+        ("pretrain", Plot("pretrain_loss.png", "Pretraining loss",
+                          "Pretraining: next-token loss per logging window, and on the validation shards."),
+         lambda out: _plot_loss(stages["pretrain"], "Pretraining loss", out)),
+        ("sft", Plot("sft_loss.png", "SFT loss", "SFT: loss on assistant tokens, training and held-out."),
+         lambda out: _plot_loss(stages["sft"], "SFT loss", out)),
+        ("reward_model", Plot("reward_model.png", "Reward model loss and accuracy",
+                              "Reward model: Bradley–Terry loss (left) and pairwise accuracy (right), "
+                              "training and held-out."),
+         lambda out: _plot_reward_model(stages["reward_model"], out)),
+        ("ppo", Plot("ppo_reward_kl.png", "PPO reward and KL",
+                     "PPO: mean rollout reward and held-out reward (left), KL of the policy from the SFT "
+                     "model (right)."),
+         lambda out: _plot_ppo(ppo, out)),
+        ("ppo", Plot("ppo_before_after.png", "Task metric before and after PPO",
+                     f"Task metric before (SFT model) and after PPO{on_prompts}."),
+         lambda out: _plot_before_after(ppo.report, out)),
+    ]
+    plots, missing = [], []
+    for stage, plot, draw in wanted:
+        if draw(out_dir / plot.file):
+            plots.append(plot)
+        else:
+            why = "not run" if stages[stage].status == "not run" else "no data for this plot"
+            missing.append(f"`{plot.file}` ({stage}: {why})")
+    return plots, missing
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def _markdown(run_dir: Path, stages: dict[str, StageData], plots: list[Plot], missing: list[str]) -> str:
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    lines = [
+        f"# kiln run report: {run_dir.name}",
+        "",
+        f"Run directory `{run_dir.resolve()}`, report generated {generated}.",
+        "",
+        "## Stages",
+        "",
+        "| stage | status | duration | results |",
+        "|---|---|---|---|",
+    ]
+    for stage in stages.values():
+        lines.append(f"| {stage.name} | {stage.status} | {_duration(_stage_seconds(stage))} | {_results(stage)} |")
+    lines += ["", "## Plots", ""]
+    for number, plot in enumerate(plots, start=1):
+        lines += [f"![{plot.title}]({REPORT_DIR}/{plot.file})", "", f"*Figure {number}. {plot.caption}*", ""]
+    if not plots:
+        lines += ["No stage has metrics to plot yet.", ""]
+    if missing:
+        lines += ["Not plotted: " + "; ".join(missing) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``<run_dir>/report.md`` and its plots in ``<run_dir>/report/``, replacing an older report.
+
+    Args:
+        run_dir: the run directory, ``runs/<name>``.
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist.
+        ReportInputError: an input file is malformed (naming the file and line); nothing is written.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found")
+    stages = load_run(run_dir)  # every input checked before anything is written
+    with atomic_dir(run_dir / REPORT_DIR) as tmp:
+        plots, missing = _draw_plots(stages, tmp)
+        text = _markdown(run_dir, stages, plots, missing)
+    # The plots are in place; report.md follows in one rename. Only a crash between the two
+    # renames can pair new plots with the old text (same file names, so its links still work).
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, text)
+    return path
