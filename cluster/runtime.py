@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -13,20 +14,43 @@ from pipelines.config import RayConfig
 # and Ray Data's per-operator progress bars are noise in a log.
 _WORKER_ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
+# Set by Ray's job supervisor in the environment of a submitted job's driver: the job's runtime
+# environment (working_dir, env_vars, ...) as JSON. ray.init() merges it with the one we pass.
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 
 def worker_env() -> dict[str, str]:
     """Environment variables passed to every Ray worker (the caller's values win)."""
     return {k: os.environ.get(k, v) for k, v in _WORKER_ENV_DEFAULTS.items()}
 
 
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this process is the driver of ({} outside a job)."""
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
 def init_ray(cfg: RayConfig) -> None:
-    """Start or join a Ray cluster once per process; a second call is a no-op."""
+    """Start or join a Ray cluster once per process; a second call is a no-op.
+
+    ``address: null`` starts an embedded cluster of ``num_cpus`` CPUs, except where Ray itself
+    names a cluster to join: inside a submitted job (``kiln submit``, ``ray job submit``, a KubeRay
+    RayJob) Ray sets ``RAY_ADDRESS`` and the driver joins the job's cluster, whose size is fixed.
+    """
     if ray.is_initialized():
         return
+    joins = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    # Ray refuses to merge a driver's env var with one the job's runtime env already sets (even
+    # to the same value), and the job's value is already in this process's environment anyway.
+    job_env = _job_env_vars()
+    env_vars = {k: v for k, v in worker_env().items() if k not in job_env}
     ray.init(
         address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
-        runtime_env={"env_vars": worker_env()},
+        # Only an embedded cluster can be sized; Ray rejects num_cpus when joining one.
+        num_cpus=None if joins else cfg.num_cpus,
+        runtime_env={"env_vars": env_vars},
         include_dashboard=None,
         logging_level=logging.WARNING,
         log_to_driver=True,

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
     p.add_argument("--host", help="interface to bind (overrides serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (overrides serve.port; default 8000)")
+    p = sub.add_parser("submit", help="run `kiln run CONFIG` as a Ray job on a running cluster and follow its logs")
+    p.add_argument("config", type=Path, help="YAML config file, inside the working directory")
+    p.add_argument("--address", required=True, help="the cluster's Ray dashboard, http://HEAD:8265")
+    p.add_argument("--working-dir", type=Path, help="directory uploaded as the job's working directory (default: the kiln project)")
+    p.add_argument("--no-follow", action="store_true", help="return once the job is submitted")
     return parser
 
 
@@ -106,10 +111,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import SubmitError, submit
+
+    try:
+        return submit(args.config, args.address, working_dir=args.working_dir, follow=not args.no_follow)
+    except (ConfigError, SubmitError) as e:
+        print(f"kiln submit: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "submit":
+        return _submit(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

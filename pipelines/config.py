@@ -31,10 +31,20 @@ class RunConfig(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     root: str = "runs"
+    # Shared storage for checkpoints: a path every node mounts, or an object-store URI
+    # (s3://bucket/kiln). Required on multi-node clusters, where a node's local disk is not seen
+    # by the others (``kiln submit`` refuses a remote cluster without it); null: under root.
+    storage_path: str | None = Field(default=None, min_length=1)
 
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
+
+    def stage_storage(self, stage: str) -> str | None:
+        """Ray Train storage of one stage's checkpoints: ``<storage_path>/<name>/<stage>``, or None."""
+        if self.storage_path is None:
+            return None
+        return f"{self.storage_path.rstrip('/')}/{self.name}/{stage}"
 
 
 class RayConfig(Section):

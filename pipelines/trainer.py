@@ -64,6 +64,8 @@ class TrainJob:
         arch: sizes of a new model (with ``init_from`` None).
         init_from: a HF model directory to start from.
         config_digest: the stage config's digest, to refuse resuming under another config.
+        storage_path: Ray Train storage for the checkpoints (``RunConfig.stage_storage``: a
+            shared path or object-store URI); None keeps them in ``<stage_dir>/ray``.
     """
 
     stage: str
@@ -76,6 +78,7 @@ class TrainJob:
     arch: ModelConfig | None = None
     init_from: str | None = None
     config_digest: str = ""
+    storage_path: str | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -546,7 +549,7 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=str(stage_dir / "ray"),
+            storage_path=job.storage_path or str(stage_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
