@@ -61,6 +61,24 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
 }
 
 
+def _report(cfg: KilnConfig, force: bool) -> None:
+    from pipelines.report import write_report
+
+    print(f"kiln report: wrote {write_report(cfg.run.dir)}")
+
+
+def _first_prompt(cfg: KilnConfig) -> str:
+    """A prompt to show the served model off: the first held-out PPO prompt, if there is one."""
+    import json
+
+    if cfg.ppo is not None and cfg.ppo.eval_prompts and Path(cfg.ppo.eval_prompts).is_file():
+        with open(cfg.ppo.eval_prompts, encoding="utf-8") as f:
+            prompt = json.loads(f.readline()).get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+    return "Hello! Who are you?"
+
+
 def _save_config(cfg: KilnConfig) -> None:
     atomic_write_text(cfg.run.dir / "config.yaml", dump_config(cfg))
 
@@ -70,6 +88,7 @@ def _run_all(cfg: KilnConfig, force: bool) -> None:
     print(f"kiln run: {cfg.run.dir} stages: {' -> '.join(todo)}")
     for name in todo:
         STAGES[name](cfg, force)
+    _report(cfg, force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sft": "fine-tune on chat data, loss on response tokens only",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
         "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
-        "run": "every stage the config has, in order (finished stages are skipped)",
+        "run": "every stage the config has, in order (finished stages are skipped), then the report",
+        "report": "write <run>/report.md with PNG plots from what the stages wrote",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path, help="YAML config file")
         p.add_argument("--force", action="store_true", help="redo finished stages")
+    sub.choices["run"].add_argument("--serve", action="store_true", help="then serve the final model (Ctrl-C stops)")
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve + vLLM)")
     p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
     p.add_argument("--host", help="interface to bind (overrides serve.host; default 127.0.0.1)")
@@ -133,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: {e}", file=sys.stderr)
         return 2
     _save_config(cfg)
-    action = _run_all if args.command == "run" else STAGES[args.command.replace("-", "_")]
+    action = {"run": _run_all, "report": _report}.get(args.command) or STAGES[args.command.replace("-", "_")]
     try:
         action(cfg, args.force)
     except (ConfigError, FileNotFoundError, ValueError, StageConfigChanged) as e:
@@ -142,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(e, "cause", None) or e
         print(f"kiln {args.command}: error: {cause}", file=sys.stderr)
         return 1
+    if args.command == "run" and args.serve:
+        from serving.server import serve_forever
+
+        serve_forever(args.config, first_prompt=_first_prompt(cfg))
     return 0
 
 

@@ -124,7 +124,7 @@ def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_i
     rollout = RolloutGenerator.options(
         num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
         runtime_env={"env_vars": env},
-    ).remote(str(policy), p.rollout.engine, max_model_len, p.temperature)
+    ).remote(str(policy), p.rollout.engine, p.rollout.engine.max_model_len or max_model_len, p.temperature)
     reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus).remote(
         str(reward_model) if reward_model else None, p.reward_model_weight,
         p.reward_function, p.reward_function_weight, p.on_reward_error == "skip", p.reward.threads,
@@ -156,21 +156,37 @@ def sync_weights(actors: Actors) -> None:
     ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
 
 
+def _rollout_version(actors: Actors, timeout_s: float = 600.0) -> int:
+    """The rollout actor's weight version, waiting while Ray restarts it (vLLM start-up takes a while)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actors.rollout.policy_version.remote())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def generate(actors: Actors, prompt_ids: list[list[int]], p: PpoConfig, seed: int, greedy: bool = False) -> Samples:
-    """Sample with the rollout actor; a restarted actor is re-sent the current weights first."""
+    """Sample with the rollout actor; a restarted actor is re-sent the current weights first.
+
+    Raises:
+        ray.exceptions.ActorDiedError: the actor crashed more than ``rollout.max_restarts`` times.
+    """
     for attempt in range(p.rollout.max_restarts + 1):
         try:
-            if actors.version and ray.get(actors.rollout.policy_version.remote()) != actors.version:
+            if actors.version and _rollout_version(actors) != actors.version:
                 print(f"kiln ppo: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
                 ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
             return ray.get(actors.rollout.generate.remote(
                 prompt_ids, 1 if greedy else p.samples_per_prompt, p.max_response_tokens, seed,
                 greedy, p.top_p, p.top_k,
             ))
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.ActorUnavailableError:
+            # Died mid-call and is being restarted (max_restarts): wait, resync, sample again.
             if attempt == p.rollout.max_restarts:
                 raise
-            time.sleep(1.0)  # Ray is restarting the actor (max_restarts); try again
     raise AssertionError("unreachable")
 
 
@@ -279,12 +295,12 @@ def _mean(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate(actors: Actors, prompts: list[Prompt], p: PpoConfig, metric: Any) -> dict[str, float]:
-    """Greedy responses to held-out prompts: mean reward and mean task metric."""
+    """Greedy responses to held-out prompts: mean reward, and the metric function's mean as ``accuracy``."""
     samples = generate(actors, [q.ids for q in prompts], p, seed=0, greedy=True)
     scores: Scores = ray.get(actors.reward.score.remote([q.prompt for q in prompts], samples.texts, [q.fields for q in prompts]))
     out = {"reward": scores.total.mean().item(), "prompts": len(prompts)}
     if metric is not None:
-        out["metric"] = sum(float(metric(q.prompt, t, **q.fields)) for q, t in zip(prompts, samples.texts)) / len(prompts)
+        out["accuracy"] = sum(float(metric(q.prompt, t, **q.fields)) for q, t in zip(prompts, samples.texts)) / len(prompts)
     return out
 
 
@@ -326,7 +342,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train with PPO (or resume, or skip if finished); returns the stage summary."""
     from cluster.runtime import init_ray
     from pipelines.tokenizer import load_tokenizer
-    from pipelines.trainer import _Metrics, prepare_stage
+    from pipelines.trainer import MetricsSink, prepare_stage
 
     if cfg.ppo is None:
         raise ValueError("config has no 'ppo' section")
@@ -362,7 +378,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     actors = start_actors(p, policy, reward_model, critic_init, max_model_len)
-    metrics = _Metrics(stage_dir, enabled=True)
+    metrics = MetricsSink(stage_dir, enabled=True)
     checkpoints = stage_dir / "checkpoints"
     if (ckpt := latest_checkpoint(checkpoints)) is not None:
         state = restore(actors, ckpt)

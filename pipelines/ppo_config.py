@@ -94,7 +94,8 @@ class PpoConfig(Section):
     # A reward function that raises: stop the run (naming function and sample) or skip the
     # sample (its reward becomes 0 and it is masked out of the update; counted).
     on_reward_error: Literal["stop", "skip"] = "stop"
-    # The task metric for evaluation, "module:function" -> float or bool (null: none).
+    # The task metric for evaluation, "module:function"(prompt, response, **fields) -> bool or a
+    # score in [0, 1]; its mean is reported as accuracy (null: none).
     metric_function: str | None = None
     # Prompts longer than this (tokens, chat template included) are skipped and counted.
     max_prompt_tokens: int = Field(default=128, ge=1)

@@ -43,6 +43,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         arch=pcfg.model if pcfg.model.path is None else None,
         init_from=str(Path(pcfg.model.path).resolve()) if pcfg.model.path else None,
         config_digest=digest,
+        storage_path=cfg.run.stage_storage(STAGE),
     )
     print(f"kiln pretrain: {len(train_files)} shard(s) from {shards}, {pcfg.num_workers} worker(s), "
           f"ZeRO-{pcfg.zero_stage}, {pcfg.max_steps} steps x {pcfg.sequences_per_step} sequences", flush=True)  # fmt: skip

@@ -59,6 +59,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         validation_files=tuple(str(p) for p in [dataset / "validation.parquet"] if p.exists()),
         init_from=str(init_from),
         config_digest=digest,
+        storage_path=cfg.run.stage_storage(STAGE),
     )
     outcome = fit(job, cfg.ray)
 

@@ -213,7 +213,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-class _Metrics:
+class MetricsSink:
     """Rank 0's metric sinks: ``metrics.jsonl`` (appended, one JSON object a line) and TensorBoard."""
 
     def __init__(self, stage_dir: Path, enabled: bool) -> None:
@@ -353,7 +353,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if cfg.threads_per_worker is not None:
             # Two workers on two cores: torch's default (all cores each) oversubscribes them.
             torch.set_num_threads(cfg.threads_per_worker)
-    metrics = _Metrics(Path(job.stage_dir), enabled=rank == 0)
+    metrics = MetricsSink(Path(job.stage_dir), enabled=rank == 0)
 
     # 1. Model and engine. Same seed on every rank: ZeRO-3 partitions each rank's own copy.
     _seed_all(cfg.seed)

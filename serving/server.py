@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from pathlib import Path
 
 from pipelines.config import ConfigError, KilnConfig, RayConfig, load_config
@@ -37,13 +39,29 @@ def resolve_target(target: Path) -> tuple[RayConfig, ServeConfig]:
     return cfg.ray, serve_cfg
 
 
-def serve_forever(target: Path, host: str | None = None, port: int | None = None) -> None:
+def ask(cfg: ServeConfig, prompt: str, timeout_s: float = 60.0) -> str:
+    """Send one greedy chat request to the running endpoint and return the answer's text."""
+    from serving.auth import resolve_api_key
+
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    body = {"model": cfg.model_name or Path(cfg.model or "").resolve().name, "max_tokens": 32, "temperature": 0.0,
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+    if key := resolve_api_key(cfg.api_key, cfg.api_key_env):
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"http://{host}:{cfg.port}/v1/chat/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.load(response)["choices"][0]["message"]["content"]
+
+
+def serve_forever(target: Path, host: str | None = None, port: int | None = None, first_prompt: str | None = None) -> None:
     """Serve a model directory (or a config's ``serve:`` model) until interrupted.
 
     Args:
         target: a Hugging Face model directory, or a kiln YAML config.
         host: overrides ``serve.host`` (explicitly, from the command line).
         port: overrides ``serve.port``.
+        first_prompt: once the endpoint is up, ask it this over HTTP and print the answer.
     """
     from ray import serve
 
@@ -62,6 +80,8 @@ def serve_forever(target: Path, host: str | None = None, port: int | None = None
     serve.run(app, name="kiln", route_prefix="/")
     name = cfg.model_name or Path(cfg.model or "").resolve().name
     print(f"kiln serve: model '{name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops", flush=True)
+    if first_prompt is not None:
+        print(f"kiln serve: asked {first_prompt!r}, the model answered {ask(cfg, first_prompt)!r}", flush=True)
     try:
         while True:
             time.sleep(3600)

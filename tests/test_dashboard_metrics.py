@@ -59,10 +59,10 @@ def test_gauges_reach_the_metrics_endpoint(ray_local: None, tmp_path: Path) -> N
         """Records like the PPO controller (the helper) and like a training worker (the trainer's sink)."""
 
         def record(self, stage_dir: str) -> str:
-            from pipelines.trainer import _Metrics
+            from pipelines.trainer import MetricsSink
 
             StageGauges("ppo").record({"step": 7, "reward_mean": 0.625, "kl": 0.03125, "eval_accuracy": 0.5})
-            sink = _Metrics(Path(stage_dir), enabled=True)
+            sink = MetricsSink(Path(stage_dir), enabled=True)
             sink.write({"event": "start", "step": 0, "time": time.time(), "pid": 1})
             sink.write({"step": 5, "loss": 1.25, "tokens_per_s": 4321.0, "val_loss": float("nan")})
             return ray.get_runtime_context().get_worker_id()

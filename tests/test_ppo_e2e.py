@@ -1,0 +1,227 @@
+"""PPO end to end on 2 CPUs: real vLLM rollouts, real DeepSpeed learner and critic, tiny models.
+
+The policy is a tiny Llama fine-tuned on the addition task inside a fixture (a plain PyTorch
+loop over rows from ``pipelines.sft_data``: test set-up, a minute instead of the quickstart's
+pretrain + SFT stages). PPO's prompts and its held-out evaluation prompts never share a pair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from actors.reward import RewardFunctionError, RewardScorer
+from pipelines.ppo import Actors, Prompt, State, generate, latest_checkpoint, load_prompts, ppo_step, restore, save_checkpoint, start_actors
+from pipelines.ppo_config import PpoConfig
+from pipelines.tasks import format_prompt, is_correct, parse_answer, reward
+
+pytestmark = pytest.mark.slow
+
+MAX_OPERAND = 9
+# Like much real SFT data, the fixture's demonstrations are not all helpful: some responses
+# ramble without answering. A verifiable reward should teach the policy to answer instead, and
+# that behaviour carries over to prompts PPO never trained on.
+ANSWER_SHARE = 0.6
+RAMBLES = ("Let me think about it.", "That is a good question.", "I am not sure about that.")
+
+
+def _sft(model_dir: Path, pairs: list[tuple[int, int]], steps: int) -> None:
+    """Fine-tune ``model_dir`` in place on "What is a + b?" chats, answered (a + b) or rambled (cosine LR)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.sft_data import sft_rows
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rng = random.Random(1)
+    records = [
+        (f"pair:{a},{b}", {"prompt": format_prompt(a, b), "response": str(a + b) if rng.random() < ANSWER_SHARE else rng.choice(RAMBLES)})
+        for a, b in pairs for _ in range(2)
+    ]  # fmt: skip
+    rows, _ = sft_rows(tok, records, 64, "reject", packing=False)
+    ids, labels = torch.from_numpy(rows["input_ids"]).long(), torch.from_numpy(rows["labels"]).long()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=3e-4)
+    for _ in range(steps):
+        idx = torch.randint(0, len(ids), (32,))
+        logits = model(input_ids=ids[idx]).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx][:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> dict[str, Any]:
+    """A fine-tuned tiny policy, PPO prompts and disjoint held-out prompts (JSONL, with answers)."""
+    from conftest import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("ppo")
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    random.Random(0).shuffle(pairs)
+    held_out, train = pairs[:30], pairs[30:]
+    for name, subset in (("prompts.jsonl", train), ("eval.jsonl", held_out)):
+        (root / name).write_text("".join(json.dumps({"prompt": format_prompt(a, b), "answer": a + b}) + "\n" for a, b in subset))
+    policy = save_tiny_llama(tiny_tokenizer_dir, root / "policy", max_position_embeddings=64)
+    # The tiny model cannot learn to generalise addition in a minute of CPU, so SFT sees every
+    # pair (imperfectly); PPO's held-out prompts are held out from PPO.
+    _sft(policy, pairs, steps=300)
+    return {"root": root, "policy": policy, "prompts": root / "prompts.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _ppo_config(task: dict[str, Any], **overrides: Any) -> PpoConfig:
+    base: dict[str, Any] = {
+        "prompts": str(task["prompts"]),
+        "eval_prompts": str(task["eval"]),
+        "reward_function": "pipelines.tasks:reward",
+        "metric_function": "pipelines.tasks:correct",
+        "max_prompt_tokens": 32,
+        "max_response_tokens": 8,
+        "prompts_per_step": 8,
+        "samples_per_prompt": 4,
+        "minibatches_per_epoch": 2,
+        "ppo_epochs": 2,
+        "kl_coef": 0.01,
+        "learner": {"num_workers": 2, "cpus_per_worker": 0.25, "zero_stage": 3, "micro_batch_per_worker": 8,
+                    "learning_rate": 2.0e-4},
+        "critic": {"num_workers": 1, "cpus_per_worker": 0.25, "micro_batch_per_worker": 16, "learning_rate": 1.0e-3},
+        "rollout": {"num_cpus": 0.5, "engine": {"dtype": "float32"}},
+    }  # fmt: skip
+    return PpoConfig.model_validate({**base, **overrides})
+
+
+def _start(task: dict[str, Any], p: PpoConfig) -> tuple[Actors, list[Prompt], int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(task["policy"]))
+    prompts, skipped = load_prompts(Path(p.prompts), tok, p.max_prompt_tokens)
+    assert skipped == 0
+    actors = start_actors(p, task["policy"], None, task["policy"], p.max_prompt_tokens + p.max_response_tokens)
+    return actors, prompts, tok.pad_token_id
+
+
+def _kill_all(actors: Actors) -> None:
+    for a in [actors.rollout, actors.reward, actors.reference, *actors.learner.ranks, *(actors.critic.ranks if actors.critic else [])]:
+        ray.kill(a)
+
+
+def _weights(actors: Actors) -> dict[str, torch.Tensor]:
+    refs = ray.get([r.publish_weights.remote() for r in actors.learner.ranks])
+    return ray.get(refs[0][0])
+
+
+def _sampled_eval(actors: Actors, prompts: list[Prompt], p: PpoConfig, samples: int) -> dict[str, float]:
+    """Mean reward and accuracy over ``samples`` responses per prompt at temperature 1 (fixed seed)."""
+    out = generate(actors, [q.ids for q in prompts], p.model_copy(update={"samples_per_prompt": samples}), seed=12345)
+    fields = [q for q in prompts for _ in range(samples)]
+    rewards = [reward(q.prompt, t, **q.fields) for q, t in zip(fields, out.texts)]
+    correct = [is_correct(t, q.fields["answer"]) for q, t in zip(fields, out.texts)]
+    answered = [parse_answer(t) is not None for t in out.texts]
+    n = len(out.texts)
+    return {"reward": sum(rewards) / n, "accuracy": sum(correct) / n, "answered": sum(answered) / n}
+
+
+@pytest.fixture(scope="module")
+def system(ray_local: None, task: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three PPO steps (2 ZeRO-3 learner ranks + critic), a rollout-actor kill, a checkpoint and a resume."""
+    p = _ppo_config(task)
+    actors, prompts, pad = _start(task, p)
+    before = _weights(actors)
+    state = State(kl_coef=p.kl_coef)
+    records = [ppo_step(actors, prompts, p, state, pad) for _ in range(3)]
+    after = _weights(actors)
+
+    ray.kill(actors.rollout, no_restart=False)  # Ray restarts it with the initial weights
+    records.append(ppo_step(actors, prompts, p, state, pad))
+    restarted_version = ray.get(actors.rollout.policy_version.remote())
+
+    ckpt_root = tmp_path_factory.mktemp("ppo-ckpt")
+    save_checkpoint(actors, state, ckpt_root, keep=2)
+    continued = ppo_step(actors, prompts, p, state, pad)
+    resumed_state = restore(actors, latest_checkpoint(ckpt_root))
+    resumed_step = resumed_state.step
+    replayed = ppo_step(actors, prompts, p, resumed_state, pad)
+    out = {"p": p, "records": records, "before": before, "after": after, "restarted_version": restarted_version,
+           "version": actors.version, "continued": continued, "replayed": replayed, "resumed_step": resumed_step,
+           "checkpoints": sorted(x.name for x in ckpt_root.iterdir())}  # fmt: skip
+    _kill_all(actors)
+    return out
+
+
+def test_every_policy_parameter_changes(system: dict[str, Any]) -> None:
+    before, after = system["before"], system["after"]
+    assert before.keys() == after.keys() and len(before) > 10
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters not updated by PPO: {unchanged}"
+
+
+def test_rollout_logprobs_match_the_learner_after_every_sync(system: dict[str, Any]) -> None:
+    # Step 1 samples with the initial weights, later steps with freshly synced ones; the
+    # learner's log-probs for the very same tokens must agree in every case.
+    for r in system["records"] + [system["continued"], system["replayed"]]:
+        assert r["logprob_mismatch"] < 1e-4 and r["logprob_mismatch_max"] < 1e-3, r
+    assert all(math.isfinite(r[k]) for r in system["records"] for k in ("policy_loss", "value_loss", "kl", "entropy"))
+    assert [r["step"] for r in system["records"]] == [1, 2, 3, 4]
+
+
+def test_killed_rollout_actor_is_restarted_and_resynced(system: dict[str, Any]) -> None:
+    # Without the resync the restarted engine would sample from the initial weights and the
+    # mismatch above (record 4) would be large.
+    assert system["restarted_version"] == system["records"][3]["step"]  # the engine follows again
+    assert system["records"][3]["logprob_mismatch"] < 1e-4
+
+
+def test_resume_from_checkpoint_continues_the_step_count_and_replays_exactly(system: dict[str, Any]) -> None:
+    assert system["checkpoints"] == ["step-00000004"]
+    assert system["resumed_step"] == 4
+    continued, replayed = system["continued"], system["replayed"]
+    assert continued["step"] == replayed["step"] == 5
+    # Same weights, optimizer, prompts and sampling seeds: the same step again.
+    for key in ("reward_mean", "response_length", "kl"):
+        assert replayed[key] == pytest.approx(continued[key], abs=1e-5), key
+    assert replayed["policy_loss"] == pytest.approx(continued["policy_loss"], abs=1e-4)
+
+
+def test_reward_function_errors_name_the_function_and_sample(ray_local: None) -> None:
+    # The quickstart reward needs the prompt's "answer" field: without it, it raises.
+    scorer = RewardScorer.remote(None, 1.0, "pipelines.tasks:reward", 1.0, False, 1)
+    with pytest.raises(RewardFunctionError, match=r"pipelines\.tasks:reward failed on sample 1 .*answer"):
+        try:
+            ray.get(scorer.score.remote(["What is 1 + 1?"] * 2, ["2", "3"], [{"answer": 2}, {}]))
+        except ray.exceptions.RayTaskError as e:
+            raise e.cause from None
+    skipping = RewardScorer.remote(None, 1.0, "pipelines.tasks:reward", 1.0, True, 1)
+    scores = ray.get(skipping.score.remote(["What is 1 + 1?"] * 2, ["2", "3"], [{"answer": 2}, {}]))
+    assert scores.valid.tolist() == [True, False] and scores.total.tolist() == [1.0, 0.0]
+    ray.kill(scorer)
+    ray.kill(skipping)
+
+
+def test_ppo_improves_reward_and_accuracy_on_held_out_prompts(ray_local: None, task: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    # GRPO (the critic-free advantage of the same loop): a fresh critic's values are noise for
+    # the first steps, and this test has twenty steps.
+    p = _ppo_config(task, advantage="grpo", learner={"num_workers": 1, "cpus_per_worker": 0.5, "micro_batch_per_worker": 16,
+                                                     "learning_rate": 3.0e-4})  # fmt: skip
+    actors, prompts, pad = _start(task, p)
+    held_out, _ = load_prompts(task["eval"], AutoTokenizer.from_pretrained(str(task["policy"])), p.max_prompt_tokens)
+    before = _sampled_eval(actors, held_out, p, samples=16)
+    state = State(kl_coef=p.kl_coef)
+    rewards = [ppo_step(actors, prompts, p, state, pad)["reward_mean"] for _ in range(20)]
+    after = _sampled_eval(actors, held_out, p, samples=16)
+    _kill_all(actors)
+    print(f"held-out before {before} after {after}; training rewards {[round(r, 3) for r in rewards]}")
+    assert after["reward"] > before["reward"] + 0.05, (before, after)
+    # Not reward hacking: the task's own metric (exact answers) improves too.
+    assert after["accuracy"] > before["accuracy"] + 0.03, (before, after)
