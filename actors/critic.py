@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ray
@@ -72,11 +71,4 @@ class Critic(DeepSpeedRank):
             loss, clip_fraction = value_loss(values, micro.values, micro.returns, micro.response_mask, self.value_clip)
             return loss, {"value_loss": loss.item(), "value_clip_fraction": clip_fraction.item()}
 
-        records = []
-        for epoch in range(epochs):
-            for part in self._minibatches(batch, step, epoch):
-                records.append(self.train_minibatch(part, loss_fn))
-        out = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
-        if not math.isfinite(out["value_loss"]):
-            raise FloatingPointError(f"value loss became {out['value_loss']} at PPO step {step}")
-        return out
+        return self.train_epochs(batch, step, epochs, loss_fn)

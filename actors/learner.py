@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ray
@@ -66,14 +65,7 @@ class PolicyLearner(DeepSpeedRank):
             )
             return loss, {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
 
-        records = []
-        for epoch in range(epochs):
-            for part in self._minibatches(batch, step, epoch):
-                records.append(self.train_minibatch(part, loss_fn))
-        out = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
-        if not math.isfinite(out["policy_loss"]):
-            raise FloatingPointError(f"policy loss became {out['policy_loss']} at PPO step {step}")
-        return out
+        return self.train_epochs(batch, step, epochs, loss_fn)
 
     def publish_weights(self) -> list[ray.ObjectRef] | None:
         """Gather the full weights (a collective call) and put them in the object store.

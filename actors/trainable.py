@@ -8,6 +8,7 @@ share of each mini-batch and DeepSpeed accumulates and all-reduces the gradients
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -118,6 +119,20 @@ class DeepSpeedRank:
         grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return totals
+
+    def train_epochs(self, batch: Batch, step: int, epochs: int, loss_fn: Any) -> dict[str, float]:
+        """``epochs`` passes of mini-batches over the batch; the mean of each loss part.
+
+        Raises:
+            FloatingPointError: a loss part became NaN or infinite (the run stops; the last
+                checkpoint is intact).
+        """
+        records = [self.train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)]
+        out = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        bad = {k: v for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)}
+        if bad:
+            raise FloatingPointError(f"{type(self).__name__}: {bad} at PPO step {step}")
+        return out
 
     def save(self, directory: str) -> None:
         """Write this rank's part of a DeepSpeed checkpoint (weights, optimizer) into ``directory``."""

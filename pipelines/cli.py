@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: {e}", file=sys.stderr)
         return 2
     _save_config(cfg)
+    # DeepSpeed's accelerator follows the config (cuda when a section trains on GPUs), for this
+    # process and, through init_ray's worker environment, for every Ray worker.
+    from pipelines.submit import job_env_vars
+
+    os.environ.setdefault("DS_ACCELERATOR", job_env_vars(cfg)["DS_ACCELERATOR"])
     action = {"run": _run_all, "report": _report}.get(args.command) or STAGES[args.command.replace("-", "_")]
     try:
         action(cfg, args.force)

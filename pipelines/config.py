@@ -200,10 +200,14 @@ class ModelConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """The training machinery shared by pretrain, SFT and reward model (Ray Train + DeepSpeed)."""
+class DeepSpeedSettings(Section):
+    """What every DeepSpeed-trained model shares: ranks and their resources, ZeRO, AdamW, clipping.
 
-    # Ray Train workers (data-parallel ranks) and the resources each one holds.
+    The training stages (``TrainConfig``) and PPO's learner and critic
+    (``pipelines.ppo_config.OptimizedModelConfig``) build on it.
+    """
+
+    # Data-parallel ranks (workers) and the resources each one holds.
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     use_gpu: bool = False
@@ -213,23 +217,37 @@ class TrainConfig(Section):
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Sequences per optimizer step, summed over workers and gradient-accumulation micro steps.
-    sequences_per_step: int = Field(default=32, ge=1)
-    # Sequences per forward/backward on one worker; sequences_per_step must be a multiple of
-    # micro_batch_per_worker x num_workers (the quotient is the gradient-accumulation steps).
+    # Sequences per forward/backward on one worker.
     micro_batch_per_worker: int = Field(default=8, ge=1)
-    max_steps: int = Field(default=1000, ge=1)
-    # Peak learning rate, reached after warmup_steps of linear warm-up, then cosine decay to
-    # learning_rate x min_lr_ratio at max_steps.
+    # Peak learning rate, reached after warmup_steps of linear warm-up.
     learning_rate: float = Field(default=3.0e-4, gt=0.0)
     warmup_steps: int = Field(default=100, ge=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.1, ge=0.0)
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
     adam_eps: float = Field(default=1.0e-8, gt=0.0)
     # Global gradient-norm clip (null: no clipping).
     grad_clip: float | None = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSettings":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class TrainConfig(DeepSpeedSettings):
+    """The training machinery shared by pretrain, SFT and reward model (Ray Train + DeepSpeed).
+
+    ``micro_batch_per_worker``: sequences_per_step must be a multiple of it x num_workers (the
+    quotient is the gradient-accumulation steps). The learning rate decays (cosine) after the
+    warm-up to learning_rate x min_lr_ratio at max_steps.
+    """
+
+    # Sequences per optimizer step, summed over workers and gradient-accumulation micro steps.
+    sequences_per_step: int = Field(default=32, ge=1)
+    max_steps: int = Field(default=1000, ge=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     # Recompute activations in the backward pass: less memory, about a third more compute.
     activation_checkpointing: bool = False
     # Optimizer steps between metric lines (metrics.jsonl, TensorBoard, ray.train.report).
@@ -259,8 +277,6 @@ class TrainConfig(Section):
             )
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
         return self
 
 

@@ -11,39 +11,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import Section
+from pipelines.config import DeepSpeedSettings, Section
 from serving.config import EngineConfig
 
 
-class OptimizedModelConfig(Section):
-    """A model trained inside PPO (the policy or the critic) on DeepSpeed, one actor per rank."""
+class OptimizedModelConfig(DeepSpeedSettings):
+    """A model trained inside PPO (the policy or the critic) on DeepSpeed, one actor per rank.
 
-    # Data-parallel ranks (actors); each holds cpus_per_worker CPUs (or one GPU with use_gpu).
+    The learning rate is constant after ``warmup_steps`` (optimizer steps) of linear warm-up.
+    """
+
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=0.5, gt=0.0)
-    use_gpu: bool = False
-    # torch intra-op threads of each rank on CPU (null: torch's default).
-    threads_per_worker: int | None = Field(default=1, ge=1)
-    # DeepSpeed ZeRO stage; offloading as in the training stages.
-    zero_stage: Literal[1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    # Samples per forward/backward on one rank.
     micro_batch_per_worker: int = Field(default=16, ge=1)
-    # Constant learning rate after warmup_steps of linear warm-up (in optimizer steps).
     learning_rate: float = Field(default=1.0e-5, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
-    adam_eps: float = Field(default=1.0e-8, gt=0.0)
-    grad_clip: float | None = Field(default=1.0, gt=0.0)
-
-    @model_validator(mode="after")
-    def _offload(self) -> "OptimizedModelConfig":
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
-        return self
 
 
 class CriticConfig(OptimizedModelConfig):

@@ -36,8 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.config import ModelConfig, RayConfig, TrainConfig
-from pipelines.ppo_config import OptimizedModelConfig
+from pipelines.config import DeepSpeedSettings, ModelConfig, RayConfig, TrainConfig
 from pipelines.train_math import bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
 
 Objective = Literal["lm", "reward"]
@@ -160,7 +159,7 @@ def step_positions(step: int, micro: int, rank: int, cfg: TrainConfig, epoch_row
 # --- the worker ----------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: TrainConfig | OptimizedModelConfig, micro_batch: int, accum_steps: int, world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: DeepSpeedSettings, micro_batch: int, accum_steps: int, world: int) -> dict[str, Any]:
     """The DeepSpeed config of a training stage or of a PPO-trained model (same field names)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
