@@ -7,6 +7,8 @@ tensors, with no second serialisation between the engine's processes.
 
 from __future__ import annotations
 
+import logging
+
 import ray
 import torch
 
@@ -41,6 +43,9 @@ class RolloutGenerator:
         self.stop_ids = [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
         self.temperature = temperature
         self.version = 0
+        # Every in-place reload warns that the rotary embedding (which has no weights) loaded
+        # none; log-probs match the learner's after a reload, so the line is noise.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     def policy_version(self) -> int:
         """The weight version loaded: 0 is the initial model; it survives only in this process."""
