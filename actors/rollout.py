@@ -26,13 +26,7 @@ class RolloutGenerator:
 
         self.llm = LLM(
             model=model_dir,
-            dtype=engine.dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            enforce_eager=engine.enforce_eager,
-            max_num_seqs=engine.max_num_seqs,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            seed=engine.seed,
+            **{**engine.vllm_args(), "max_model_len": max_model_len},
             # Log-probs after temperature: the distribution the tokens were sampled from, which
             # is what the learner's ratio pi_theta / pi_old must be taken against.
             logprobs_mode="processed_logprobs",

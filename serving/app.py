@@ -106,20 +106,8 @@ class LLMServer:
         self.model_name = model_name
         self.key_sha256 = api_key_sha256
         self.created = int(time.time())
-        e = cfg.engine
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(
-                model=model_dir,
-                served_model_name=model_name,
-                dtype=e.dtype,
-                max_model_len=e.max_model_len,
-                gpu_memory_utilization=e.gpu_memory_utilization,
-                enforce_eager=e.enforce_eager,
-                max_num_seqs=e.max_num_seqs,
-                tensor_parallel_size=e.tensor_parallel_size,
-                max_logprobs=e.max_logprobs,
-                seed=e.seed,
-            )
+            AsyncEngineArgs(model=model_dir, served_model_name=model_name, **cfg.engine.vllm_args())
         )
         self.max_model_len: int = self.engine.model_config.max_model_len
         # Our own tokenizer: prompts are tokenised here so context limits are checked (and

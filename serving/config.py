@@ -6,7 +6,7 @@ Defined here rather than in ``pipelines/config.py`` so the serving code owns its
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -35,6 +35,11 @@ class EngineConfig(Section):
     max_logprobs: int = Field(default=20, ge=0)
     # Engine seed (requests without their own seed sample from this stream).
     seed: int = 0
+
+    def vllm_args(self) -> dict[str, Any]:
+        """These settings as vLLM engine arguments (``LLM(...)`` / ``AsyncEngineArgs(...)``);
+        the CPU KV cache size goes through the VLLM_CPU_KVCACHE_SPACE environment variable instead."""
+        return self.model_dump(exclude={"cpu_kv_cache_gib"})
 
 
 class AutoscalingConfig(Section):
