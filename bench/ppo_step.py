@@ -158,9 +158,8 @@ def rollout_vllm(model_dir: Path, prompt_ids: list[list[int]], p: Any, max_model
     # workers started later would inherit it and kiln's actors would run under it. Put it back.
     environ = dict(os.environ)
     t0 = time.perf_counter()
-    llm = LLM(model=str(model_dir), dtype=engine.dtype, max_model_len=max_model_len,
-              gpu_memory_utilization=engine.gpu_memory_utilization, enforce_eager=engine.enforce_eager,
-              max_num_seqs=engine.max_num_seqs, seed=engine.seed, logprobs_mode="processed_logprobs")  # fmt: skip
+    llm = LLM(model=str(model_dir), **{**engine.vllm_args(), "max_model_len": max_model_len},
+              logprobs_mode="processed_logprobs")  # the rollout actor's own engine arguments
     startup = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(p.samples_per_prompt)]
 
