@@ -13,6 +13,7 @@ import ray
 import torch
 
 from actors.experience import Samples
+from pipelines.tokenizer import chat_stop_ids
 from serving.config import EngineConfig
 
 
@@ -31,10 +32,7 @@ class RolloutGenerator:
             # is what the learner's ratio pi_theta / pi_old must be taken against.
             logprobs_mode="processed_logprobs",
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        # ChatML models end a turn with <|im_end|>, which is not their EOS token.
-        self.stop_ids = [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
+        self.stop_ids = chat_stop_ids(AutoTokenizer.from_pretrained(model_dir))
         self.temperature = temperature
         self.version = 0
         # Every in-place reload warns that the rotary embedding (which has no weights) loaded

@@ -22,6 +22,11 @@ from pipelines.ppo_config import OptimizedModelConfig
 CHECKPOINT_TAG = "state"
 
 
+def mean_records(records: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of metric dicts (mini-batches of one rank, or ranks that train equal shares)."""
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
 def rendezvous() -> tuple[str, int]:
     """This node's IP and a free TCP port, for the process group's rank 0."""
     import ray
@@ -127,8 +132,7 @@ class DeepSpeedRank:
             FloatingPointError: a loss part became NaN or infinite (the run stops; the last
                 checkpoint is intact).
         """
-        records = [self.train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)]
-        out = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        out = mean_records([self.train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)])
         bad = {k: v for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)}
         if bad:
             raise FloatingPointError(f"{type(self).__name__}: {bad} at PPO step {step}")
@@ -145,8 +149,3 @@ class DeepSpeedRank:
         _, client = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         self.optimizer_steps = int((client or {}).get("optimizer_steps", 0))
 
-
-def mean_over_ranks(records: list[dict[str, float]]) -> dict[str, float]:
-    """Average per-rank metric dicts (every rank trains an equal share)."""
-    keys = records[0].keys()
-    return {k: sum(r[k] for r in records) / len(records) for k in keys}

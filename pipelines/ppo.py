@@ -35,6 +35,7 @@ from actors.learner import PolicyLearner
 from actors.reference import ReferencePolicy
 from actors.reward import RewardScorer, Scores, load_function
 from actors.rollout import RolloutGenerator
+from actors.trainable import mean_records
 from pipelines.config import KilnConfig
 from pipelines.modeling import check_model_dir
 from pipelines.ppo_config import PpoConfig
@@ -86,11 +87,13 @@ def load_prompts(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Prom
 
 def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
     """Prompts of one step: positions ``[step * count, (step + 1) * count)`` of seeded per-epoch permutations."""
+    orders: dict[int, torch.Tensor] = {}  # a step spans at most two epochs
     out = []
     for position in range(step * count, (step + 1) * count):
         epoch, offset = divmod(position, total)
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(order[offset]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(orders[epoch][offset]))
     return out
 
 
@@ -108,19 +111,16 @@ class Actors:
     weights: ray.ObjectRef | None = None
     version: int = 0
 
+    def all(self) -> list[Any]:
+        """Every actor handle, e.g. to kill them all."""
+        return [self.rollout, self.reward, self.reference, *self.learner.ranks, *(self.critic.ranks if self.critic else [])]
+
 
 def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path, max_model_len: int) -> Actors:
     """Create every role's actor(s) with the resources the config gives them."""
-    import os
-
     minibatch = p.samples_per_step // p.minibatches_per_epoch
-    # In-process engine (weights reach its worker as tensors); per-reload INFO lines are noise.
-    env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(p.rollout.engine.cpu_kv_cache_gib),
-        "VLLM_LOGGING_LEVEL": "WARNING",
-    }
-    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_") and k not in env})
+    # In-process engine: weights reach its worker as tensors. Per-reload INFO lines are noise.
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", **p.rollout.engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
     rollout = RolloutGenerator.options(
         num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
         runtime_env={"env_vars": env},
@@ -254,8 +254,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     batch_ref = ray.put(batch)
     learn_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.learner.ranks]
     critic_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.critic.ranks] if actors.critic else []
-    learned = _mean(ray.get(learn_refs))
-    valued = _mean(ray.get(critic_refs)) if critic_refs else {}
+    learned = mean_records(ray.get(learn_refs))
+    valued = mean_records(ray.get(critic_refs)) if critic_refs else {}
     t_learn = time.perf_counter()
 
     # 6. sync
@@ -288,10 +288,6 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
         state.kl_coef = adaptive_kl_coef(state.kl_coef, observed_kl, p.kl_target, batch.size, p.kl_horizon)
     state.step += 1
     return record
-
-
-def _mean(records: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
 
 
 def evaluate(actors: Actors, prompts: list[Prompt], p: PpoConfig, metric: Any) -> dict[str, float]:
@@ -342,7 +338,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train with PPO (or resume, or skip if finished); returns the stage summary."""
     from cluster.runtime import init_ray
     from pipelines.tokenizer import load_tokenizer
-    from pipelines.trainer import MetricsSink, prepare_stage
+    from pipelines.trainer import MetricsSink, prepare_stage, read_metrics
 
     if cfg.ppo is None:
         raise ValueError("config has no 'ppo' section")
@@ -406,8 +402,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         ray.get([r.export.remote(str(tmp)) for r in actors.learner.ranks])
     after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
     atomic_write_json(stage_dir / "eval.json", {"before": state.eval_before, "after": after})
-    history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [m for m in history if "reward_mean" in m]
+    steps = [m for m in read_metrics(stage_dir) if "reward_mean" in m]
     summary = {
         "model": str(stage_dir / "model"),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -421,7 +416,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
     mark_finished(stage_dir, STAGE, digest, summary)
-    for actor in [actors.rollout, actors.reward, actors.reference, *actors.learner.ranks, *(actors.critic.ranks if actors.critic else [])]:
+    for actor in actors.all():
         ray.kill(actor)
     print(f"kiln ppo: done {summary}", flush=True)
     return summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -27,6 +27,13 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+
+
+def chat_stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: ``<|im_end|>`` for ChatML models (not their EOS
+    token, so generation must stop on it explicitly), none for a tokenizer without it."""
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    return [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 
 # ChatML: every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a generation prompt

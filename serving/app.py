@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application
 
+from pipelines.tokenizer import chat_stop_ids
 from serving.auth import check_bearer, key_digest, resolve_api_key
 from serving.config import ServeConfig
 from serving.schemas import (
@@ -113,9 +113,7 @@ class LLMServer:
         # Our own tokenizer: prompts are tokenised here so context limits are checked (and
         # answered 400) before the engine sees the request.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # ChatML models end an assistant turn with <|im_end|>, which is not their EOS token.
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.chat_stop_ids = [im_end] if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id else []
+        self.chat_stop_ids = chat_stop_ids(self.tokenizer)
 
         tags = ("route", "status")
         self.m_requests = metrics.Counter("kiln_serve_requests", "HTTP requests answered.", tag_keys=tags)
@@ -416,9 +414,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         if cfg.autoscaling is not None
         else {"num_replicas": cfg.num_replicas}
     )
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.cpu_kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
-    # A caller's own vLLM settings (e.g. VLLM_CPU_OMP_THREADS_BIND) reach the replica too.
-    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+    env = {"TOKENIZERS_PARALLELISM": "false", **cfg.engine.vllm_env()}
     return LLMServer.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,

@@ -6,6 +6,7 @@ Defined here rather than in ``pipelines/config.py`` so the serving code owns its
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -35,6 +36,13 @@ class EngineConfig(Section):
     max_logprobs: int = Field(default=20, ge=0)
     # Engine seed (requests without their own seed sample from this stream).
     seed: int = 0
+
+    def vllm_env(self, **overrides: str) -> dict[str, str]:
+        """Environment of a process running this engine: the CPU KV cache size, the caller's own
+        ``VLLM_*`` settings (e.g. VLLM_CPU_OMP_THREADS_BIND), then ``overrides``."""
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+        return {**env, **overrides}
 
     def vllm_args(self) -> dict[str, Any]:
         """These settings as vLLM engine arguments (``LLM(...)`` / ``AsyncEngineArgs(...)``);

@@ -111,7 +111,7 @@ def _start(task: dict[str, Any], p: PpoConfig) -> tuple[Actors, list[Prompt], in
 
 
 def _kill_all(actors: Actors) -> None:
-    for a in [actors.rollout, actors.reward, actors.reference, *actors.learner.ranks, *(actors.critic.ranks if actors.critic else [])]:
+    for a in actors.all():
         ray.kill(a)
 
 
