@@ -6,11 +6,13 @@ from typing import Any
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from actors.experience import Batch
 from actors.trainable import DeepSpeedRank
-from pipelines.ppo_config import OptimizedModelConfig
-from pipelines.ppo_math import value_loss
+from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.ppo_math import value_loss
+from pipelines.train.modeling import build_model
 
 
 class ValueModel(torch.nn.Module):
@@ -35,21 +37,22 @@ class ValueModel(torch.nn.Module):
 
 @ray.remote
 class Critic(DeepSpeedRank):
-    """One data-parallel rank of the value model."""
+    """One data-parallel rank of the value model.
 
-    def __init__(
-        self, rank: int, world: int, cfg: OptimizedModelConfig, minibatch_size: int, seed: int,
-        model_dir: str, value_clip: float | None,
-    ) -> None:
-        super().__init__(rank, world, cfg, minibatch_size, seed)
+    Verbs: ``values``, ``update``, plus ``save`` / ``load``.
+
+    Args:
+        rank / world: this rank and the number of ranks.
+        ppo: the ``ppo:`` section (``ppo.critic`` sizes the rank; value_clip).
+        model_dir: the starting model: a reward model's head becomes the value head.
+    """
+
+    def __init__(self, rank: int, world: int, ppo: PpoConfig, model_dir: str) -> None:
+        super().__init__(rank, world, ppo.critic, ppo)
         self.model_dir = model_dir
-        self.value_clip = value_clip
+        self.value_clip = ppo.value_clip
 
-    def build_module(self) -> torch.nn.Module:
-        from transformers import AutoTokenizer
-
-        from pipelines.modeling import build_model
-
+    def _build_module(self) -> torch.nn.Module:
         model = build_model("reward", AutoTokenizer.from_pretrained(self.model_dir), path=self.model_dir)
         model.config.use_cache = False
         return ValueModel(model)
@@ -71,4 +74,4 @@ class Critic(DeepSpeedRank):
             loss, clip_fraction = value_loss(values, micro.values, micro.returns, micro.response_mask, self.value_clip)
             return loss, {"value_loss": loss.item(), "value_clip_fraction": clip_fraction.item()}
 
-        return self.train_epochs(batch, step, epochs, loss_fn)
+        return self._train_epochs(batch, step, epochs, loss_fn)

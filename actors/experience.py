@@ -10,7 +10,7 @@ sequence's positions start at 0 exactly as in vLLM, which never sees the padding
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,9 +34,11 @@ class Samples:
     policy_version: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     """Padded tensors of ``B`` samples; ``A`` response positions, ``P`` prompt positions.
+
+    Immutable: each PPO phase returns a new batch (``dataclasses.replace``) with its fields filled.
 
     Attributes:
         input_ids: (B, P + A) int64 prompt (left-padded) then response (right-padded).
@@ -70,6 +72,10 @@ class Batch:
     def position_ids(self) -> torch.Tensor:
         """(B, P + A) positions counted from each sequence's first real token."""
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def with_fields(self, **fields: torch.Tensor) -> "Batch":
+        """A copy with ``fields`` set (e.g. ``old_logprobs``, ``advantages``); this batch is unchanged."""
+        return replace(self, **fields)
 
     def rows(self, index: torch.Tensor | slice) -> "Batch":
         """The samples at ``index`` (every per-sample tensor sliced alike)."""

@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from actors.experience import Batch, response_logits
 from actors.trainable import DeepSpeedRank
-from pipelines.ppo_config import OptimizedModelConfig
-from pipelines.ppo_math import entropy_from_logits, masked_mean, policy_loss, token_logprobs
+from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.ppo_math import entropy_from_logits, masked_mean, policy_loss, token_logprobs
+from pipelines.train.engine import full_state_dict
+from pipelines.train.modeling import build_model, save_hf_model
 
 
 @ray.remote
 class PolicyLearner(DeepSpeedRank):
-    """One data-parallel rank of the policy."""
+    """One data-parallel rank of the policy.
 
-    def __init__(
-        self, rank: int, world: int, cfg: OptimizedModelConfig, minibatch_size: int, seed: int,
-        model_dir: str, temperature: float, clip_eps: float,
-    ) -> None:
-        super().__init__(rank, world, cfg, minibatch_size, seed)
+    Verbs: ``logprobs``, ``update``, ``publish_weights``, ``export``, plus ``save`` / ``load``.
+
+    Args:
+        rank / world: this rank and the number of ranks.
+        ppo: the ``ppo:`` section (``ppo.learner`` sizes the rank; temperature and clip_eps).
+        model_dir: the starting policy (Hugging Face directory).
+    """
+
+    def __init__(self, rank: int, world: int, ppo: PpoConfig, model_dir: str) -> None:
+        super().__init__(rank, world, ppo.learner, ppo)
         self.model_dir = model_dir
-        self.temperature = temperature
-        self.clip_eps = clip_eps
+        self.temperature = ppo.temperature
+        self.clip_eps = ppo.clip_eps
 
-    def build_module(self) -> torch.nn.Module:
-        from transformers import AutoTokenizer
-
-        from pipelines.modeling import build_model
-
+    def _build_module(self) -> torch.nn.Module:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = build_model("lm", self.tokenizer, path=self.model_dir)
         model.config.use_cache = False
@@ -65,7 +70,7 @@ class PolicyLearner(DeepSpeedRank):
             )
             return loss, {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
 
-        return self.train_epochs(batch, step, epochs, loss_fn)
+        return self._train_epochs(batch, step, epochs, loss_fn)
 
     def publish_weights(self) -> list[ray.ObjectRef] | None:
         """Gather the full weights (a collective call) and put them in the object store.
@@ -74,18 +79,11 @@ class PolicyLearner(DeepSpeedRank):
             On rank 0, ``[ref]`` to a ``{name: tensor}`` dict in Hugging Face naming (wrapped in a
             list so the caller receives the reference, not the tensors); None on other ranks.
         """
-        from pipelines.trainer import full_state_dict
-
         state = full_state_dict(self.engine, self.rank)
         return [ray.put(state)] if state is not None else None
 
     def export(self, out_dir: str) -> None:
         """Write the policy in Hugging Face format (rank 0 writes; a collective call)."""
-        from pathlib import Path
-
-        from pipelines.modeling import save_hf_model
-        from pipelines.trainer import full_state_dict
-
         state = full_state_dict(self.engine, self.rank)
         if state is not None:
             save_hf_model(self.engine.module, state, self.model_dir, Path(out_dir))

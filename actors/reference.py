@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import ray
 import torch
+from transformers import AutoModelForCausalLM
 
 from actors.experience import Batch, response_logits
-from pipelines.ppo_math import token_logprobs
+from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.ppo_math import token_logprobs
 
 
 @ray.remote
 class ReferencePolicy:
-    """A frozen causal LM; answers log pi_ref(a_t) for every response token."""
+    """A frozen causal LM; answers log pi_ref(a_t) for every response token.
 
-    def __init__(self, model_dir: str, threads: int, temperature: float) -> None:
-        from transformers import AutoModelForCausalLM
+    Args:
+        model_dir: the starting policy (Hugging Face directory).
+        ppo: the ``ppo:`` section (``ppo.reference.threads``, the sampling temperature).
+    """
 
-        torch.set_num_threads(threads)
+    def __init__(self, model_dir: str, ppo: PpoConfig) -> None:
+        torch.set_num_threads(ppo.reference.threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.temperature = temperature
+        self.temperature = ppo.temperature
 
     @torch.no_grad()
     def logprobs(self, batch: Batch, micro_batch: int = 64) -> torch.Tensor:

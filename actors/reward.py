@@ -10,6 +10,9 @@ from typing import Any
 
 import ray
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipelines.rlhf.config import PpoConfig
 
 
 class RewardFunctionError(RuntimeError):
@@ -51,29 +54,24 @@ class Scores:
 
 @ray.remote
 class RewardScorer:
-    """Scores (prompt, response) pairs."""
+    """Scores (prompt, response) pairs: ``score`` is its one verb.
 
-    def __init__(
-        self,
-        model_dir: str | None,
-        model_weight: float,
-        function: str | None,
-        function_weight: float,
-        skip_errors: bool,
-        threads: int,
-    ) -> None:
-        torch.set_num_threads(threads)
+    Args:
+        ppo: the ``ppo:`` section (weights, the reward function, ``on_reward_error``, ``reward.threads``).
+        model_dir: the reward model's directory (resolved by the controller), or None.
+    """
+
+    def __init__(self, ppo: PpoConfig, model_dir: str | None) -> None:
+        torch.set_num_threads(ppo.reward.threads)
         self.model = self.tokenizer = None
         if model_dir is not None:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.model_weight = model_weight
-        self.function_spec = function
-        self.function = load_function(function) if function else None
-        self.function_weight = function_weight
-        self.skip_errors = skip_errors
+        self.model_weight = ppo.reward_model_weight
+        self.function_spec = ppo.reward_function
+        self.function = load_function(ppo.reward_function) if ppo.reward_function else None
+        self.function_weight = ppo.reward_function_weight
+        self.skip_errors = ppo.on_reward_error == "skip"
 
     def score(self, prompts: list[Any], responses: list[str], fields: list[dict[str, Any]]) -> Scores:
         """Rewards of N samples.

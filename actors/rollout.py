@@ -11,29 +11,40 @@ import logging
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from actors.experience import Samples
-from pipelines.tokenizer import chat_stop_ids
-from serving.config import EngineConfig
+from core.chat import chat_stop_ids
+from pipelines.rlhf.config import PpoConfig
 
 
 @ray.remote
 class RolloutGenerator:
-    """Samples responses with vLLM; ``load_weights`` swaps in a newer policy."""
+    """Samples responses with vLLM; ``load_weights`` swaps in a newer policy.
 
-    def __init__(self, model_dir: str, engine: EngineConfig, max_model_len: int, temperature: float) -> None:
-        from transformers import AutoTokenizer
+    Verbs: ``generate``, ``load_weights``, ``policy_version``.
+
+    Args:
+        model_dir: the starting policy (Hugging Face directory).
+        ppo: the ``ppo:`` section (``ppo.rollout.engine``; sampling: temperature, top_p, top_k,
+            max_response_tokens).
+    """
+
+    def __init__(self, model_dir: str, ppo: PpoConfig) -> None:
+        # vLLM is imported in the actor only: the engine module sets process-wide state (threads,
+        # LD_PRELOAD) that must not leak into the controller or other workers.
         from vllm import LLM
 
+        engine = ppo.rollout.engine
         self.llm = LLM(
             model=model_dir,
-            **{**engine.vllm_args(), "max_model_len": max_model_len},
+            **{**engine.vllm_args(), "max_model_len": engine.max_model_len or ppo.max_prompt_tokens + ppo.max_response_tokens},
             # Log-probs after temperature: the distribution the tokens were sampled from, which
             # is what the learner's ratio pi_theta / pi_old must be taken against.
             logprobs_mode="processed_logprobs",
         )
         self.stop_ids = chat_stop_ids(AutoTokenizer.from_pretrained(model_dir))
-        self.temperature = temperature
+        self.sampling = ppo
         self.version = 0
         # Every in-place reload warns that the rotary embedding (which has no weights) loaded
         # none; log-probs match the learner's after a reload, so the line is noise.
@@ -43,32 +54,28 @@ class RolloutGenerator:
         """The weight version loaded: 0 is the initial model; it survives only in this process."""
         return self.version
 
-    def generate(
-        self, prompt_ids: list[list[int]], samples_per_prompt: int, max_tokens: int, seed: int,
-        greedy: bool = False, top_p: float = 1.0, top_k: int = -1,
-    ) -> Samples:
+    def generate(self, prompt_ids: list[list[int]], samples_per_prompt: int, seed: int, greedy: bool = False) -> Samples:
         """Sample ``samples_per_prompt`` responses to each prompt.
 
         Args:
             prompt_ids: token lists, chat template applied.
             samples_per_prompt: responses per prompt; they come back grouped by prompt.
-            max_tokens: most tokens per response.
             seed: seeds every sample (sample ``i`` uses ``seed + i``), so a step is reproducible.
             greedy: decode greedily (evaluation); ``samples_per_prompt`` must then be 1.
-            top_p / top_k: nucleus and top-k truncation (1.0 / -1: none).
 
         Returns:
             The samples, in prompt order, with vLLM's log-prob of every response token.
         """
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams, TokensPrompt  # see __init__
 
+        cfg = self.sampling
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(samples_per_prompt)]
         params = [
             SamplingParams(
-                temperature=0.0 if greedy else self.temperature,
-                top_p=top_p,
-                top_k=top_k,
-                max_tokens=max_tokens,
+                temperature=0.0 if greedy else cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                max_tokens=cfg.max_response_tokens,
                 stop_token_ids=self.stop_ids,
                 logprobs=0,  # the sampled token's own log-prob only
                 seed=seed + i,

@@ -14,10 +14,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from actors.experience import Batch, split
-from pipelines.ppo_config import OptimizedModelConfig
+from pipelines.rlhf.config import OptimizedModelConfig, PpoConfig
+from pipelines.train.engine import deepspeed_config, param_groups
 
 CHECKPOINT_TAG = "state"
 
@@ -29,8 +31,6 @@ def mean_records(records: list[dict[str, float]]) -> dict[str, float]:
 
 def rendezvous() -> tuple[str, int]:
     """This node's IP and a free TCP port, for the process group's rank 0."""
-    import ray
-
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
@@ -38,12 +38,21 @@ def rendezvous() -> tuple[str, int]:
 
 
 class DeepSpeedRank:
-    """One rank of a DeepSpeed-wrapped model; subclasses build the module and define the loss."""
+    """One rank of a DeepSpeed-wrapped model; subclasses build the module and define the loss.
 
-    def __init__(self, rank: int, world: int, cfg: OptimizedModelConfig, minibatch_size: int, seed: int) -> None:
+    Public verbs: ``rendezvous`` and ``setup`` (called by ``RankGroup`` only), ``save`` and
+    ``load``; subclasses add their own few. Everything else is private.
+
+    Args:
+        rank / world: this rank and the number of ranks.
+        cfg: the model's section (``ppo.learner`` or ``ppo.critic``).
+        ppo: the ``ppo:`` section (mini-batch size and seed).
+    """
+
+    def __init__(self, rank: int, world: int, cfg: OptimizedModelConfig, ppo: PpoConfig) -> None:
         self.rank, self.world, self.cfg = rank, world, cfg
-        self.minibatch_size = minibatch_size
-        self.seed = seed
+        self.minibatch_size = ppo.samples_per_step // ppo.minibatches_per_epoch
+        self.seed = ppo.seed
         self.optimizer_steps = 0
         self.engine: Any = None
         if cfg.use_gpu:
@@ -57,15 +66,13 @@ class DeepSpeedRank:
         """Rank 0's address for the process group."""
         return rendezvous()
 
-    def build_module(self) -> torch.nn.Module:
+    def _build_module(self) -> torch.nn.Module:
         """The model to train (subclasses); called once in :meth:`setup`, after the seed is set."""
         raise NotImplementedError
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and wrap the model in a DeepSpeed engine (a collective call)."""
-        import deepspeed
-
-        from pipelines.trainer import deepspeed_config, param_groups
+        import deepspeed  # here, not at the top: its import picks the accelerator (DS_ACCELERATOR)
 
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
@@ -73,7 +80,7 @@ class DeepSpeedRank:
         )
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo")
         torch.manual_seed(self.seed)  # identical initial weights on every rank
-        module = self.build_module()
+        module = self._build_module()
         micro = self.cfg.micro_batch_per_worker
         accum = self.minibatch_size // (micro * self.world)
         self.engine, *_ = deepspeed.initialize(
@@ -109,7 +116,7 @@ class DeepSpeedRank:
             group["lr"] = lr
         return lr
 
-    def train_minibatch(self, part: Batch, loss_fn: Any) -> dict[str, float]:
+    def _train_minibatch(self, part: Batch, loss_fn: Any) -> dict[str, float]:
         """One optimizer step over this rank's share of a mini-batch; returns summed loss parts."""
         self._set_lr()
         totals: dict[str, float] = {}
@@ -125,14 +132,14 @@ class DeepSpeedRank:
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return totals
 
-    def train_epochs(self, batch: Batch, step: int, epochs: int, loss_fn: Any) -> dict[str, float]:
+    def _train_epochs(self, batch: Batch, step: int, epochs: int, loss_fn: Any) -> dict[str, float]:
         """``epochs`` passes of mini-batches over the batch; the mean of each loss part.
 
         Raises:
             FloatingPointError: a loss part became NaN or infinite (the run stops; the last
                 checkpoint is intact).
         """
-        out = mean_records([self.train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)])
+        out = mean_records([self._train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)])
         bad = {k: v for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)}
         if bad:
             raise FloatingPointError(f"{type(self).__name__}: {bad} at PPO step {step}")

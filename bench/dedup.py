@@ -10,20 +10,20 @@ What it measures, per corpus size, each method in a fresh (spawned) process so t
 belongs to that method alone:
 
 * ``datasketch``: the standard dedup loop over documents in corpus order: ``MinHash(num_perm=112)``
-  + ``update_batch`` on the document's shingles (``pipelines.text.shingles`` joined to bytes),
+  + ``update_batch`` on the document's shingles (``pipelines.data.text.shingles`` joined to bytes),
   query ``MinHashLSH(threshold=0.8, num_perm=112, params=(14, 8))`` first, insert only if there is
   no candidate; every candidate is a duplicate edge. One core.
 * ``kiln kernel``: the in-process vectorised path, one core, no Ray: ``MinHasher.signatures`` in
   batches, ``band_keys``, ``bucket_pairs``, ``components``. No candidate verification (like
   datasketch), so both see the same LSH false positives.
-* ``kiln Ray stage``: the real data stage (``pipelines.data.run``, quality filters and exact dedup
+* ``kiln Ray stage``: the real data stage (``pipelines.data.stage.run``, quality filters and exact dedup
   off) on the embedded 2-CPU Ray cluster, reading the corpus as JSONL shards. Its time is the sum of
   the phases that near dedup needs (``read_filter_minhash`` + ``group`` + ``near_dedup`` in the
   stage report): reading, normalising, signing, writing the scratch table, the LSH-key shuffle and
   the exact-Jaccard verification shuffle. ``ray.init`` is reported apart as startup; the stage's
   later phases (documents table, tokenizer, packing) are not timed.
 
-Every method uses 5-gram word shingles (``pipelines.text.words``), 112 permutations, 14 bands x 8
+Every method uses 5-gram word shingles (``pipelines.data.text.words``), 112 permutations, 14 bands x 8
 rows, threshold 0.8. The corpus is synthetic (~1 KB documents over a Zipf-distributed vocabulary of
 invented words) with 10% planted near copies, each made by 0-6 word substitutions in turn, so their
 exact Jaccard spreads from 1.0 down to about 0.6, half of them on each side of the threshold.
@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from pipelines.text import jaccard, shingles
+from pipelines.data.text import jaccard, shingles
 
 NGRAM = 5
 NUM_PERM = 112
@@ -195,7 +195,7 @@ def _peak_rss_mb() -> float:
 
 
 def _clusters(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.minhash import components
+    from pipelines.data.minhash import components
 
     return components(np.asarray(edges, dtype=np.int64).reshape(-1, 2))
 
@@ -225,7 +225,7 @@ def run_datasketch(corpus: Corpus) -> MethodRun:
 
 def run_kiln_kernel(corpus: Corpus) -> MethodRun:
     """Signatures in batches, band keys, bucket pairs, components: one core, no Ray."""
-    from pipelines.minhash import MinHasher, band_keys, bucket_pairs, components
+    from pipelines.data.minhash import MinHasher, band_keys, bucket_pairs, components
 
     texts = read_texts(corpus)
     t = time.perf_counter()
@@ -311,7 +311,7 @@ def run_kiln_ray(corpus: Corpus, run_root: Path) -> MethodRun:
     import ray
 
     from cluster.runtime import init_ray
-    from pipelines import data
+    from pipelines.data import stage as data
 
     cfg = _stage_config(corpus, run_root)
     t = time.perf_counter()

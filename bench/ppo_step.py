@@ -8,10 +8,10 @@ Run from the repository root (2 CPUs; ``--quick`` takes about 3.5 minutes, the d
     .venv/bin/python -m bench.ppo_step --layers 8 --hidden 256 --response-tokens 64
 
 Everything runs on a model and data built here: the quickstart's ``ppo_prompts.jsonl`` ("What is
-a + b?" with an ``answer`` field, ``pipelines.quickstart_data``), a byte-level BPE tokenizer (vocab
+a + b?" with an ``answer`` field, ``pipelines.quickstart.generate``), a byte-level BPE tokenizer (vocab
 4096) trained on the quickstart corpus, and a randomly initialised Llama (default 4 layers x 128
 wide, 4 heads of 32, MLP 352: the quickstart's size) saved in Hugging Face format. The reward is the
-quickstart's programmatic ``pipelines.tasks:reward`` (no reward model). Batch: ``--prompts`` (16) x
+quickstart's programmatic ``pipelines.quickstart.task:reward`` (no reward model). Batch: ``--prompts`` (16) x
 ``--samples`` (4) responses of at most ``--response-tokens`` (24) tokens, as in the quickstart.
 
 What it measures, in this order, each baseline in the same run as the kiln figure it is compared to:
@@ -32,9 +32,9 @@ What it measures, in this order, each baseline in the same run as the kiln figur
    exactly ``samples x N`` tokens (checked). One untimed warm-up call each, then the fastest of
    ``--repeats`` calls (the least disturbed by other jobs on a shared machine; every call's time
    is in the JSON). tokens/s = generated tokens / wall seconds. Goal: vLLM >= 10x.
-2. **Step-time breakdown.** kiln's own actors (``pipelines.ppo.start_actors``, the quickstart's
+2. **Step-time breakdown.** kiln's own actors (``pipelines.rlhf.ppo.start_actors``, the quickstart's
    resources: rollout 0.5 CPU, learner 0.5, critic 0.25, reference 0.25, reward 0.25, one torch
-   thread each) on an embedded 2-CPU Ray cluster, driven by ``pipelines.ppo.ppo_step``: one warm-up
+   thread each) on an embedded 2-CPU Ray cluster, driven by ``pipelines.rlhf.ppo.ppo_step``: one warm-up
    step, then ``--steps`` steps with ``advantage: gae`` (critic), then the same with ``advantage:
    grpo`` (no critic; same actors, critic left out). Mean seconds of each phase as ``ppo_step``
    records them (``time_generate_s``, ``time_score_s``, ``time_learn_s``, ``time_sync_s``,
@@ -96,9 +96,10 @@ def build_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipelines.config import GenerateConfig, TokenizerConfig
-    from pipelines.quickstart_data import generate
-    from pipelines.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
+    from pipelines.data.config import TokenizerConfig
+    from pipelines.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate
 
     data = work / "data"
     generate(GenerateConfig(out_dir=str(data), num_documents=300, exact_duplicates=0, near_duplicates=0,
@@ -125,7 +126,7 @@ def ppo_section(model_dir: Path, prompts: Path, args: argparse.Namespace, advant
     """The ``ppo:`` config the benchmark runs: the quickstart's, with the function reward only."""
     model = {"micro_batch_per_worker": 16, "learning_rate": 3.0e-5}
     return {
-        "policy": str(model_dir), "prompts": str(prompts), "reward_function": "pipelines.tasks:reward",
+        "policy": str(model_dir), "prompts": str(prompts), "reward_function": "pipelines.quickstart.task:reward",
         "max_prompt_tokens": 32, "max_response_tokens": args.response_tokens,
         "prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "advantage": advantage,
         "kl_coef": 0.05, "clip_eps": 0.2, "ppo_epochs": 2, "minibatches_per_epoch": 2, "seed": 0,
@@ -137,8 +138,8 @@ def ppo_section(model_dir: Path, prompts: Path, args: argparse.Namespace, advant
 
 def first_batch(model_dir: Path, prompts_path: Path, p: Any) -> tuple[list[list[int]], int, int]:
     """Token ids of the prompts of step 0, exactly as ``ppo_step`` picks them; and (pad id, eos id)."""
-    from pipelines.ppo import load_prompts, prompt_indices
-    from pipelines.tokenizer import load_tokenizer
+    from pipelines.data.tokenizer import load_tokenizer
+    from pipelines.rlhf.ppo import load_prompts, prompt_indices
 
     tok = load_tokenizer(model_dir)
     prompts, _ = load_prompts(prompts_path, tok, p.max_prompt_tokens)
@@ -239,11 +240,11 @@ def kiln_steps(model_dir: Path, prompts_path: Path, args: argparse.Namespace) ->
     """Warm-up + ``args.steps`` ``ppo_step`` calls with GAE, then the same with GRPO, on one set of actors."""
     import ray
 
+    from cluster.config import RayConfig
     from cluster.runtime import init_ray
-    from pipelines.config import RayConfig
-    from pipelines.ppo import State, load_prompts, ppo_step, start_actors
-    from pipelines.ppo_config import PpoConfig
-    from pipelines.tokenizer import load_tokenizer
+    from pipelines.data.tokenizer import load_tokenizer
+    from pipelines.rlhf.config import PpoConfig
+    from pipelines.rlhf.ppo import State, load_prompts, ppo_step, start_actors
 
     configs = {a: PpoConfig.model_validate(ppo_section(model_dir, prompts_path, args, a)) for a in ("gae", "grpo")}
     p = configs["gae"]
@@ -252,7 +253,7 @@ def kiln_steps(model_dir: Path, prompts_path: Path, args: argparse.Namespace) ->
     init_ray(RayConfig(num_cpus=2))
     t0 = time.perf_counter()
     # The critic starts from the policy (there is no reward model here).
-    actors = start_actors(p, model_dir, None, model_dir, p.max_prompt_tokens + p.max_response_tokens)
+    actors = start_actors(p, model_dir, None, model_dir)
     ray.get([actors.rollout.policy_version.remote(), actors.reward.__ray_ready__.remote(),
              actors.reference.__ray_ready__.remote()])  # fmt: skip
     out: dict[str, Any] = {"startup_s": time.perf_counter() - t0}
@@ -309,7 +310,7 @@ def trl_step(model_dir: Path, prompts_path: Path, p: Any, work: Path, rounds: in
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from pipelines.tasks import reward
+    from pipelines.quickstart.task import reward
 
     torch.set_num_threads(threads)
     records = [json.loads(line) for line in prompts_path.read_text().splitlines() if line.strip()]
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import safetensors.torch
 
-    from pipelines.ppo_config import PpoConfig
+    from pipelines.rlhf.config import PpoConfig
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-ppo-") as tmp:

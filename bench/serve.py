@@ -55,8 +55,8 @@ def build_tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipelines.config import TokenizerConfig
-    from pipelines.tokenizer import save_hf_tokenizer, train_bpe
+    from pipelines.data.config import TokenizerConfig
+    from pipelines.data.tokenizer import save_hf_tokenizer, train_bpe
 
     tok_dir = out.parent / "tokenizer"
     texts = [f"What is {a} + {b}? {a + b}. The quick brown fox jumps over the lazy dog." for a in range(50)

@@ -29,12 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import GenerateConfig, ModelConfig, TokenizerConfig, TrainConfig, parse_config  # noqa: E402
-from pipelines.modeling import build_model  # noqa: E402
-from pipelines.quickstart_data import generate  # noqa: E402
-from pipelines.sft_data import write_rows  # noqa: E402
-from pipelines.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe  # noqa: E402
-from pipelines.train_math import lm_loss_sum, lr_multiplier  # noqa: E402
+from pipelines.config import parse_config  # noqa: E402
+from pipelines.data.config import TokenizerConfig
+from pipelines.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe  # noqa: E402
+from pipelines.quickstart.config import GenerateConfig
+from pipelines.quickstart.generate import generate  # noqa: E402
+from pipelines.train.config import ModelConfig, TrainConfig
+from pipelines.train.datasets import write_rows  # noqa: E402
+from pipelines.train.losses import lm_loss_sum, lr_multiplier  # noqa: E402
+from pipelines.train.modeling import build_model  # noqa: E402
 
 MODEL = ModelConfig(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=4,
                     max_position_embeddings=512)  # fmt: skip
@@ -114,8 +117,8 @@ def bare_loop(tok_dir: Path, shards: Path, train: TrainConfig, threads: int, ste
 
 def kiln_run(work: Path, name: str, tok_dir: Path, shards: Path, section: dict[str, Any]) -> float:
     """tokens/s of ``kiln pretrain`` (median of the logging windows after the first)."""
-    from pipelines import pretrain
-    from pipelines.trainer import read_metrics
+    from core.metrics import read_metrics
+    from pipelines.train import pretrain
 
     cfg = parse_config({"run": {"name": name, "root": str(work / "runs")}, "ray": {"num_cpus": 2},
                         "pretrain": {**section, "shards": str(shards), "tokenizer": str(tok_dir)}})  # fmt: skip

@@ -8,7 +8,7 @@ import os
 
 import ray
 
-from pipelines.config import RayConfig
+from cluster.config import RayConfig
 
 # Environment every Ray worker needs: DeepSpeed must pick its CPU accelerator on CPU-only nodes,
 # and Ray Data's per-operator progress bars are noise in a log.

@@ -8,12 +8,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.config import ConfigError, KilnConfig, dump_config, load_config
-from pipelines.rundir import StageConfigChanged, atomic_write_text
+from cluster.config import RayConfig
+from cluster.runtime import init_ray
+from cluster.submit import SubmitError, job_env_vars, submit
+from core.config import ConfigError
+from core.jsonl import read_jsonl
+from core.rundir import StageConfigChanged, atomic_write_text
+from pipelines.config import KilnConfig, dump_config, load_config
+from pipelines.report import write_report
+from serving.app import build_app
+from serving.config import ServeConfig
+from serving.server import serve_forever
+
+# Each stage's driver is imported when its command runs: importing them all (torch, Ray Train,
+# transformers, DeepSpeed) would cost seconds on every `kiln --help`.
 
 
 def _generate(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import quickstart_data
+    from pipelines.quickstart import generate as quickstart_data
 
     if cfg.generate is None:
         raise ConfigError("config has no 'generate' section")
@@ -22,31 +34,31 @@ def _generate(cfg: KilnConfig, force: bool) -> None:
 
 
 def _data(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import data
+    from pipelines.data import stage as data
 
     data.run(cfg, force=force)
 
 
 def _pretrain(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import pretrain
+    from pipelines.train import pretrain
 
     pretrain.run(cfg, force=force)
 
 
 def _sft(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import sft
+    from pipelines.train import sft
 
     sft.run(cfg, force=force)
 
 
 def _reward_model(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import reward_model
+    from pipelines.train import reward_model
 
     reward_model.run(cfg, force=force)
 
 
 def _ppo(cfg: KilnConfig, force: bool) -> None:
-    from pipelines import ppo
+    from pipelines.rlhf import ppo
 
     ppo.run(cfg, force=force)
 
@@ -63,21 +75,57 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
 
 
 def _report(cfg: KilnConfig, force: bool) -> None:
-    from pipelines.report import write_report
-
     print(f"kiln report: wrote {write_report(cfg.run.dir)}")
 
 
 def _first_prompt(cfg: KilnConfig) -> str:
     """A prompt to show the served model off: the first held-out PPO prompt, if there is one."""
-    import json
-
     if cfg.ppo is not None and cfg.ppo.eval_prompts and Path(cfg.ppo.eval_prompts).is_file():
-        with open(cfg.ppo.eval_prompts, encoding="utf-8") as f:
-            prompt = json.loads(f.readline()).get("prompt")
+        prompt = next(read_jsonl(cfg.ppo.eval_prompts), (0, {}))[1].get("prompt")
         if isinstance(prompt, str):
             return prompt
     return "Hello! Who are you?"
+
+
+# Stages whose output is a servable (generative) model, latest first.
+_MODEL_STAGES = ("ppo", "sft", "pretrain")
+
+
+def final_model_dir(cfg: KilnConfig) -> Path:
+    """The model of the last stage of the run that wrote one (``<run>/<stage>/model``).
+
+    Raises:
+        ConfigError: no stage of the run has written a model yet.
+    """
+    for stage in _MODEL_STAGES:
+        candidate = cfg.run.dir / stage / "model"
+        if (candidate / "config.json").is_file():
+            return candidate
+    looked = ", ".join(str(cfg.run.dir / s / "model") for s in _MODEL_STAGES)
+    raise ConfigError(f"serve.model is not set and the run has no final model yet (looked in {looked})")
+
+
+def resolve_serve_target(target: Path) -> tuple[RayConfig, ServeConfig]:
+    """Ray and serve settings for a model directory or a kiln config file."""
+    if target.is_dir():
+        return RayConfig(), ServeConfig(model=str(target))
+    cfg = load_config(target)
+    serve_cfg = cfg.serve or ServeConfig()
+    if serve_cfg.model is None:
+        serve_cfg = serve_cfg.model_copy(update={"model": str(final_model_dir(cfg))})
+    return cfg.ray, serve_cfg
+
+
+def _serve_target(target: Path, host: str | None = None, port: int | None = None, first_prompt: str | None = None) -> None:
+    """Serve a model directory (or a config's ``serve:`` model) until interrupted."""
+    ray_cfg, cfg = resolve_serve_target(target)
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if overrides:
+        # Re-validate: an override is held to the same rules as the config file.
+        cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
+    app = build_app(cfg)  # validates the model directory before anything starts
+    init_ray(ray_cfg)
+    serve_forever(app, cfg, first_prompt)
 
 
 def _save_config(cfg: KilnConfig) -> None:
@@ -123,10 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.server import serve_forever
-
     try:
-        serve_forever(args.target, host=args.host, port=args.port)
+        _serve_target(args.target, host=args.host, port=args.port)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"kiln serve: error: {e}", file=sys.stderr)
         return 1
@@ -134,8 +180,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines.submit import SubmitError, submit
-
     try:
         return submit(args.config, args.address, working_dir=args.working_dir, follow=not args.no_follow)
     except (ConfigError, SubmitError) as e:
@@ -157,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     _save_config(cfg)
     # DeepSpeed's accelerator follows the config (cuda when a section trains on GPUs), for this
     # process and, through init_ray's worker environment, for every Ray worker.
-    from pipelines.submit import job_env_vars
-
     os.environ.setdefault("DS_ACCELERATOR", job_env_vars(cfg)["DS_ACCELERATOR"])
     action = {"run": _run_all, "report": _report}.get(args.command) or STAGES[args.command.replace("-", "_")]
     try:
@@ -170,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln {args.command}: error: {cause}", file=sys.stderr)
         return 1
     if args.command == "run" and args.serve:
-        from serving.server import serve_forever
-
-        serve_forever(args.config, first_prompt=_first_prompt(cfg))
+        _serve_target(args.config, first_prompt=_first_prompt(cfg))
     return 0
 
 

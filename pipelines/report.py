@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
+from core.jsonl import BadRecord
+from core.metrics import read_metrics
+from core.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
 
 STAGES = ("data", "pretrain", "sft", "reward_model", "ppo")
 TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo")
@@ -98,34 +100,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return obj
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The per-step records of a ``metrics.jsonl``, sorted by step (empty if there is no file).
-
-    A resumed run appends the steps since its last checkpoint again: the last record for a step
-    wins. Lines with an ``event`` key (start, resume, finished) are not step records.
+def _step_records(stage_dir: Path) -> list[dict[str, Any]]:
+    """The stage's measurements, the last record of each step (``core.metrics.read_metrics``).
 
     Raises:
         ReportInputError: a line is not a JSON object, or has no integer ``step`` (``path:line``).
     """
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportInputError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise ReportInputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        if "event" in record:
-            continue
-        step = record.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise ReportInputError(f"{path}:{lineno}: record has no integer 'step' (got {step!r})")
-        by_step[step] = record
-    return [by_step[step] for step in sorted(by_step)]
+    try:
+        return read_metrics(stage_dir, by_step=True)
+    except BadRecord as e:
+        raise ReportInputError(str(e)) from None
 
 
 def _read_eval(path: Path) -> dict[str, Any] | None:
@@ -144,7 +128,7 @@ def load_run(run_dir: Path) -> dict[str, StageData]:
     """Every stage's inputs, read and checked (see the module docstring), keyed by stage name."""
     stages = {name: StageData(name, marker=read_json(run_dir / name / STAGE_MARKER)) for name in STAGES}
     for name in TRAINED_STAGES:
-        stages[name].records = read_metrics(run_dir / name / "metrics.jsonl")
+        stages[name].records = _step_records(run_dir / name)
     data = stages["data"]
     data.report = read_json(run_dir / "data" / "data_report.json") or (data.summary or None)
     stages["ppo"].report = _read_eval(run_dir / "ppo" / "eval.json")
@@ -275,7 +259,7 @@ def _curves(ax: Any, stage: StageData, keys: dict[str, str], ylabel: str) -> boo
             ax.plot(steps, values, "o-" if key.startswith(("val_", "eval_")) else "-", label=label)
             drawn = True
     if drawn:
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import MaxNLocator  # see _figure: matplotlib only when plotting
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 1.25
         ax.set_xlabel("step")

@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application
 
-from pipelines.tokenizer import chat_stop_ids
+from core.chat import chat_stop_ids
 from serving.auth import check_bearer, key_digest, resolve_api_key
 from serving.config import ServeConfig
 from serving.schemas import (
@@ -191,7 +191,7 @@ class LLMServer:
 
     def _prepare(self, req: SamplingFields) -> _Job:
         """Tokenise the prompt, check it against the context and build the sampling parameters."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM only in the replica (see __init__)
         from vllm.sampling_params import RequestOutputKind
 
         if req.model != self.model_name:
@@ -249,14 +249,14 @@ class LLMServer:
         return _Job(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_ids, params, logprobs, req.include_usage)
 
     def _generate(self, job: _Job) -> AsyncIterator[Any]:
-        from vllm.inputs.engine import tokens_input
+        from vllm.inputs.engine import tokens_input  # see __init__
 
         # Already tokenised: the engine skips its own rendering step.
         return self.engine.generate(tokens_input(job.prompt_ids), job.params, job.request_id)
 
     async def _complete(self, job: _Job) -> dict[str, Any]:
         """Run one request to the end; the engine aborts it if the timeout cancels us."""
-        from vllm.exceptions import VLLMClientError, VLLMServerError
+        from vllm.exceptions import VLLMClientError, VLLMServerError  # see __init__
 
         finals: dict[int, CompletionOutput] = {}
         try:
@@ -283,7 +283,7 @@ class LLMServer:
 
     async def _stream(self, job: _Job, route: str, started: float) -> AsyncIterator[str]:
         """Server-Sent Events: one chunk per engine step, then usage (if asked) and ``[DONE]``."""
-        from vllm.exceptions import VLLMClientError, VLLMServerError
+        from vllm.exceptions import VLLMClientError, VLLMServerError  # see __init__
 
         head = {
             "id": job.request_id,

@@ -1,53 +1,14 @@
 """The ``serve:`` section of the kiln config: which model, where it listens, how it scales.
 
-Defined here rather than in ``pipelines/config.py`` so the serving code owns its own settings;
-``pipelines.config`` imports :class:`ServeConfig` at its end to hang it on ``KilnConfig``.
+The serving code owns its settings; the vLLM engine settings (:class:`EngineConfig`) are shared
+with PPO's rollout generator and live on the ground floor (``core.config``).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
-
 from pydantic import Field, model_validator
 
-from pipelines.config import Section
-
-
-class EngineConfig(Section):
-    """vLLM engine settings of each replica (the CPU backend needs the small memory values)."""
-
-    # auto: the model's own dtype; tiny CPU models run best in float32.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Context length in tokens (prompt + completion); null: the model's max_position_embeddings.
-    max_model_len: int | None = Field(default=None, ge=16)
-    # GPU: fraction of GPU memory vLLM reserves. CPU: fraction of NUMA node 0's memory, checked
-    # at start-up (the default 0.92 of vLLM fails on small machines).
-    gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=1.0)
-    # CPU backend only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
-    cpu_kv_cache_gib: int = Field(default=1, ge=1)
-    # Skip CUDA-graph / torch.compile capture: much faster start-up, a little slower decoding.
-    enforce_eager: bool = True
-    # Sequences one engine step may batch.
-    max_num_seqs: int = Field(default=128, ge=1)
-    # GPUs one replica shards the model over.
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    # Most top log-probabilities a request may ask for.
-    max_logprobs: int = Field(default=20, ge=0)
-    # Engine seed (requests without their own seed sample from this stream).
-    seed: int = 0
-
-    def vllm_env(self, **overrides: str) -> dict[str, str]:
-        """Environment of a process running this engine: the CPU KV cache size, the caller's own
-        ``VLLM_*`` settings (e.g. VLLM_CPU_OMP_THREADS_BIND), then ``overrides``."""
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
-        return {**env, **overrides}
-
-    def vllm_args(self) -> dict[str, Any]:
-        """These settings as vLLM engine arguments (``LLM(...)`` / ``AsyncEngineArgs(...)``);
-        the CPU KV cache size goes through the VLLM_CPU_KVCACHE_SPACE environment variable instead."""
-        return self.model_dump(exclude={"cpu_kv_cache_gib"})
+from core.config import EngineConfig, Section
 
 
 class AutoscalingConfig(Section):

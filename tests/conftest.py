@@ -1,6 +1,6 @@
 """Shared fixtures: a local Ray cluster, and a tiny *real* tokenizer and Llama model on disk.
 
-Nothing here is a fake: the tokenizer is trained by ``pipelines.tokenizer`` and the model is a
+Nothing here is a fake: the tokenizer is trained by ``pipelines.data.tokenizer`` and the model is a
 randomly initialised ``transformers`` Llama saved in Hugging Face format, small enough that vLLM,
 DeepSpeed and Ray Serve run it on 2 CPUs in seconds.
 """
@@ -56,8 +56,8 @@ TINY_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer (vocab 512) with the chat template, in HF format."""
-    from pipelines.config import TokenizerConfig
-    from pipelines.tokenizer import save_hf_tokenizer, train_bpe
+    from pipelines.data.config import TokenizerConfig
+    from pipelines.data.tokenizer import save_hf_tokenizer, train_bpe
 
     out = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
     save_hf_tokenizer(train_bpe(TINY_TEXTS, TokenizerConfig(vocab_size=512)), out)

@@ -247,7 +247,7 @@ def test_manifests_put_gpus_on_workers_only() -> None:
 
 
 def test_rayjob_runs_kiln_run_on_the_raycluster_with_a_real_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.submit import job_env_vars
+    from cluster.submit import job_env_vars
 
     m = _manifests()
     job = m["RayJob"]["spec"]

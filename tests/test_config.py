@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config, parse_config
+from core.config import ConfigError
+from pipelines.config import load_config, parse_config
 
 MINIMAL = {"run": {"name": "t"}, "data": {"input": {"paths": ["x"]}}}
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import InputConfig
-from pipelines.corpus import REJECTED, BadRecordError, CorpusNotFound, list_corpus_files, read_file
+from pipelines.data.config import InputConfig
+from pipelines.data.corpus import REJECTED, BadRecordError, CorpusNotFound, list_corpus_files, read_file
 
 
 def _read_all(path: Path, policy: str = "skip", **kw: object) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Dashboard metrics (``pipelines/dashboard.py``): names, filtering, and the real Prometheus export.
+"""Dashboard metrics (``cluster/dashboard.py``): names, filtering, and the real Prometheus export.
 
 The export test records gauges from a Ray actor on the shared test cluster (``ray_local``; every
 Ray node runs a metrics agent on its metrics export port, dashboard or not) and reads them back
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.dashboard import StageGauges, metric_name
+from cluster.dashboard import StageGauges, metric_name
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>.*)\} (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -59,10 +59,10 @@ def test_gauges_reach_the_metrics_endpoint(ray_local: None, tmp_path: Path) -> N
         """Records like the PPO controller (the helper) and like a training worker (the trainer's sink)."""
 
         def record(self, stage_dir: str) -> str:
-            from pipelines.trainer import MetricsSink
+            from core.metrics import MetricsSink
 
             StageGauges("ppo").record({"step": 7, "reward_mean": 0.625, "kl": 0.03125, "eval_accuracy": 0.5})
-            sink = MetricsSink(Path(stage_dir), enabled=True)
+            sink = MetricsSink(Path(stage_dir), enabled=True, gauges=StageGauges("sft").record)
             sink.write({"event": "start", "step": 0, "time": time.time(), "pid": 1})
             sink.write({"step": 5, "loss": 1.25, "tokens_per_s": 4321.0, "val_loss": float("nan")})
             return ray.get_runtime_context().get_worker_id()

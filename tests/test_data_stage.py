@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import data
-from pipelines.config import GenerateConfig, KilnConfig, parse_config
-from pipelines.corpus import BadRecordError
-from pipelines.quickstart_data import generate
-from pipelines.tokenizer import load_tokenizer
+from pipelines.config import KilnConfig, parse_config
+from pipelines.data import stage as data
+from pipelines.data.corpus import BadRecordError
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.quickstart.config import GenerateConfig
+from pipelines.quickstart.generate import generate
 
 BAD_LINES = b'{"text": "fine but short"}\n{"text": broken\n{"no_text": 1}\n{"text": "\xff\xfe"}\n'
 

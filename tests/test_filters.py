@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import FilterConfig
-from pipelines.filters import first_failure
+from pipelines.data.config import FilterConfig
+from pipelines.data.filters import first_failure
 
 GOOD = (
     "The river ran quietly past the old mill where the miller kept his grain.\n"

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.minhash import (
+from pipelines.data.minhash import (
     EMPTY,
     MinHasher,
     band_keys,
@@ -18,7 +18,7 @@ from pipelines.minhash import (
     optimal_bands,
     shingle_hashes,
 )
-from pipelines.text import jaccard, normalize, shingles, words
+from pipelines.data.text import jaccard, normalize, shingles, words
 
 VOCAB = [f"w{i}q" for i in range(3000)]
 

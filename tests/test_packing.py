@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.packing import Packer, ShardWriter
-from pipelines.tokenizer import CHAT_TEMPLATE, EOS, load_tokenizer
+from core.chat import CHAT_TEMPLATE, EOS
+from pipelines.data.packing import Packer, ShardWriter
+from pipelines.data.tokenizer import load_tokenizer
 
 
 def test_tokenizer_round_trip_and_specials(tiny_tokenizer_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """PPO end to end on 2 CPUs: real vLLM rollouts, real DeepSpeed learner and critic, tiny models.
 
 The policy is a tiny Llama fine-tuned on the addition task inside a fixture (a plain PyTorch
-loop over rows from ``pipelines.sft_data``: test set-up, a minute instead of the quickstart's
+loop over rows from ``pipelines.train.datasets``: test set-up, a minute instead of the quickstart's
 pretrain + SFT stages). PPO's prompts and its held-out evaluation prompts never share a pair.
 """
 
@@ -18,9 +18,20 @@ import ray
 import torch
 
 from actors.reward import RewardFunctionError, RewardScorer
-from pipelines.ppo import Actors, Prompt, State, generate, latest_checkpoint, load_prompts, ppo_step, restore, save_checkpoint, start_actors
-from pipelines.ppo_config import PpoConfig
-from pipelines.tasks import format_prompt, is_correct, parse_answer, reward
+from pipelines.quickstart.task import format_prompt, is_correct, parse_answer, reward
+from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.ppo import (
+    Actors,
+    Prompt,
+    State,
+    generate,
+    latest_checkpoint,
+    load_prompts,
+    ppo_step,
+    restore,
+    save_checkpoint,
+    start_actors,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +47,7 @@ def _sft(model_dir: Path, pairs: list[tuple[int, int]], steps: int) -> None:
     """Fine-tune ``model_dir`` in place on "What is a + b?" chats, answered (a + b) or rambled (cosine LR)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.sft_data import sft_rows
+    from pipelines.train.datasets import sft_rows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rng = random.Random(1)
@@ -83,8 +94,8 @@ def _ppo_config(task: dict[str, Any], **overrides: Any) -> PpoConfig:
     base: dict[str, Any] = {
         "prompts": str(task["prompts"]),
         "eval_prompts": str(task["eval"]),
-        "reward_function": "pipelines.tasks:reward",
-        "metric_function": "pipelines.tasks:correct",
+        "reward_function": "pipelines.quickstart.task:reward",
+        "metric_function": "pipelines.quickstart.task:correct",
         "max_prompt_tokens": 32,
         "max_response_tokens": 8,
         "prompts_per_step": 8,
@@ -106,7 +117,7 @@ def _start(task: dict[str, Any], p: PpoConfig) -> tuple[Actors, list[Prompt], in
     tok = AutoTokenizer.from_pretrained(str(task["policy"]))
     prompts, skipped = load_prompts(Path(p.prompts), tok, p.max_prompt_tokens)
     assert skipped == 0
-    actors = start_actors(p, task["policy"], None, task["policy"], p.max_prompt_tokens + p.max_response_tokens)
+    actors = start_actors(p, task["policy"], None, task["policy"])
     return actors, prompts, tok.pad_token_id
 
 
@@ -116,7 +127,7 @@ def _kill_all(actors: Actors) -> None:
 
 
 def _weights(actors: Actors) -> dict[str, torch.Tensor]:
-    refs = ray.get([r.publish_weights.remote() for r in actors.learner.ranks])
+    refs = actors.learner.get(lambda r: r.publish_weights.remote())
     return ray.get(refs[0][0])
 
 
@@ -194,13 +205,14 @@ def test_resume_from_checkpoint_continues_the_step_count_and_replays_exactly(sys
 
 def test_reward_function_errors_name_the_function_and_sample(ray_local: None) -> None:
     # The quickstart reward needs the prompt's "answer" field: without it, it raises.
-    scorer = RewardScorer.remote(None, 1.0, "pipelines.tasks:reward", 1.0, False, 1)
-    with pytest.raises(RewardFunctionError, match=r"pipelines\.tasks:reward failed on sample 1 .*answer"):
+    p = PpoConfig(prompts="unused.jsonl", reward_function="pipelines.quickstart.task:reward")
+    scorer = RewardScorer.remote(p, None)
+    with pytest.raises(RewardFunctionError, match=r"pipelines\.quickstart\.task:reward failed on sample 1 .*answer"):
         try:
             ray.get(scorer.score.remote(["What is 1 + 1?"] * 2, ["2", "3"], [{"answer": 2}, {}]))
         except ray.exceptions.RayTaskError as e:
             raise e.cause from None
-    skipping = RewardScorer.remote(None, 1.0, "pipelines.tasks:reward", 1.0, True, 1)
+    skipping = RewardScorer.remote(p.model_copy(update={"on_reward_error": "skip"}), None)
     scores = ray.get(skipping.score.remote(["What is 1 + 1?"] * 2, ["2", "3"], [{"answer": 2}, {}]))
     assert scores.valid.tolist() == [True, False] and scores.total.tolist() == [1.0, 0.0]
     ray.kill(scorer)

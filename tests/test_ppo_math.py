@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.ppo_math import (
+from pipelines.rlhf.ppo_math import (
     adaptive_kl_coef,
     entropy_from_logits,
     gae,

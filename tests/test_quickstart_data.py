@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from pipelines.config import GenerateConfig
-from pipelines.quickstart_data import JUNK_KINDS, generate
-from pipelines.tasks import format_prompt, is_correct, parse_answer, reward
-from pipelines.text import jaccard, words
+from pipelines.data.text import jaccard, words
+from pipelines.quickstart.config import GenerateConfig
+from pipelines.quickstart.generate import JUNK_KINDS, generate
+from pipelines.quickstart.task import format_prompt, is_correct, parse_answer, reward
 
 _PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
 _ARITHMETIC = re.compile(r"What is (\d+) \+ (\d+)\? (\d+)\.|(\d+) plus (\d+) equals (\d+)\.")

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, read_metrics, write_report
+from core.metrics import read_metrics
+from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "ppo_reward_kl.png", "ppo_before_after.png")
@@ -150,12 +151,11 @@ def test_table_has_the_final_numbers(full_report: Path) -> None:
 
 
 def test_read_metrics_keeps_the_last_record_per_step(tmp_path: Path) -> None:
-    path = tmp_path / "fake-metrics.jsonl"
-    _write_jsonl(path, FAKE_PRETRAIN_METRICS)
-    records = read_metrics(path)
+    _write_jsonl(tmp_path / "metrics.jsonl", FAKE_PRETRAIN_METRICS)
+    records = read_metrics(tmp_path, by_step=True)
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     assert records[2]["loss"] == 6.0  # the resumed attempt's record, not the stale 9.75
-    assert read_metrics(tmp_path / "absent.jsonl") == []
+    assert read_metrics(tmp_path / "absent", by_step=True) == []
 
 
 def test_missing_and_unfinished_stages_are_noted(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.rundir import StageConfigChanged, atomic_dir, finished_stage, mark_finished, unmark
+from core.rundir import StageConfigChanged, atomic_dir, finished_stage, mark_finished, unmark
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import save_tiny_llama
 
 MODEL = "tiny"
@@ -384,7 +383,8 @@ def test_metrics_exported_to_prometheus(http: httpx.Client) -> None:
 def test_serve_config_in_the_tree_and_yaml_files() -> None:
     import yaml
 
-    from pipelines.config import ConfigError, load_config, parse_config
+    from core.config import ConfigError
+    from pipelines.config import load_config, parse_config
     from serving.config import ServeConfig
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
@@ -418,8 +418,8 @@ def test_build_app_options(serve_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_serve_resolves_targets(serve_model_dir: Path, tmp_path: Path) -> None:
-    from pipelines.config import ConfigError
-    from serving.server import resolve_target
+    from core.config import ConfigError
+    from pipelines.cli import resolve_serve_target as resolve_target
 
     _, cfg = resolve_target(serve_model_dir)
     assert cfg.model == str(serve_model_dir)

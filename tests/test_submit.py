@@ -267,7 +267,7 @@ def test_invalid_config_is_reported_before_submitting(tmp_path: Path, capsys: py
 
 
 def test_token_lookup_follows_rays_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.submit import SubmitError, auth_token
+    from cluster.submit import SubmitError, auth_token
 
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -291,8 +291,8 @@ def test_token_lookup_follows_rays_precedence(tmp_path: Path, monkeypatch: pytes
 
 
 def test_gpu_configs_run_deepspeed_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.submit import _trains_on_gpu, job_env_vars
     from pipelines.config import load_config, parse_config
-    from pipelines.submit import _trains_on_gpu, job_env_vars
 
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     quickstart = load_config(ROOT / "configs" / "quickstart.yaml")

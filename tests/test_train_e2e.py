@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import GenerateConfig, KilnConfig, parse_config
-from pipelines.packing import Packer, ShardWriter
-from pipelines.quickstart_data import generate
-from pipelines.trainer import TrainingDiverged, read_metrics
+from core.metrics import read_metrics
+from pipelines.config import KilnConfig, parse_config
+from pipelines.data.packing import Packer, ShardWriter
+from pipelines.quickstart.config import GenerateConfig
+from pipelines.quickstart.generate import generate
+from pipelines.train.trainer import TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +84,7 @@ def _config(ws: dict[str, Path], name: str, **sections: Any) -> KilnConfig:
 @pytest.fixture(scope="module")
 def trained(ray_local: None, workspace: dict[str, Path]) -> dict[str, Any]:
     """pretrain (ZeRO-2) → SFT (ZeRO-3) → reward model (ZeRO-1), each through its stage driver."""
-    from pipelines import pretrain, reward_model, sft
+    from pipelines.train import pretrain, reward_model, sft
 
     ws = workspace
     cfg = _config(
@@ -130,7 +132,7 @@ def test_pretrain_loss_falls_and_exports_a_hf_model(trained: dict[str, Any]) -> 
 
 
 def test_finished_stage_is_skipped_on_rerun(trained: dict[str, Any]) -> None:
-    from pipelines import pretrain
+    from pipelines.train import pretrain
 
     before = (trained["cfg"].run.dir / "pretrain" / "metrics.jsonl").read_text()
     t0 = time.perf_counter()
@@ -203,7 +205,8 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained: dict[str, Any], wo
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipelines.sft_data import preference_rows, read_jsonl, split_validation
+    from core.jsonl import read_jsonl
+    from pipelines.train.datasets import preference_rows, split_validation
 
     summary = trained["reward_model"]
     losses = _losses(trained["cfg"].run.dir / "reward_model")
@@ -271,7 +274,7 @@ def test_killed_worker_restarts_and_stopped_run_continues(trained: dict[str, Any
     """
     import ray.train
 
-    from pipelines import pretrain
+    from pipelines.train import pretrain
 
     section = _pretrain_section(workspace["shards"], workspace["tokenizer"], max_failures=1)
     cfg = _config(workspace, "fault", pretrain=section)
@@ -302,7 +305,7 @@ def test_non_finite_loss_stops_with_a_clear_message(ray_local: None, workspace: 
     retries, no checkpoint after a bad step, no export) and says so."""
     from safetensors.torch import load_file, save_file
 
-    from pipelines import pretrain
+    from pipelines.train import pretrain
 
     model_dir = tmp_path / "poisoned"
     shutil.copytree(tiny_llama_dir, model_dir)
@@ -320,7 +323,7 @@ def test_non_finite_loss_stops_with_a_clear_message(ray_local: None, workspace: 
 
 
 def test_missing_inputs_fail_before_any_worker_starts(workspace: dict[str, Path], tmp_path: Path) -> None:
-    from pipelines import pretrain, sft
+    from pipelines.train import pretrain, sft
 
     cfg = _config(workspace, "missing", pretrain=_pretrain_section(tmp_path / "no-shards", workspace["tokenizer"]),
                   sft={**_TRAIN_COMMON, "data": str(tmp_path / "absent.jsonl"), "init_from": str(tmp_path / "no-model")})  # fmt: skip

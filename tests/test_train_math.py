@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from pipelines.config import ConfigError, TrainConfig, load_config, parse_config
-from pipelines.sft_data import BadRecord, encode_chat, preference_rows, sft_rows, split_validation, write_rows
-from pipelines.train_math import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
-from pipelines.trainer import RowStream, step_positions
+from core.config import ConfigError
+from core.jsonl import BadRecord
+from pipelines.config import load_config, parse_config
+from pipelines.train.config import TrainConfig
+from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
+from pipelines.train.losses import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
+from pipelines.train.rows import RowStream, step_positions
 
 # --- losses --------------------------------------------------------------------------------------
 

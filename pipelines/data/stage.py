@@ -30,10 +30,18 @@ import ray
 from ray.data import DataContext, Dataset
 
 from cluster.runtime import init_ray
-from pipelines.config import DataConfig, DedupConfig, FilterConfig, InputConfig, KilnConfig
-from pipelines.corpus import REJECTED, CorpusFile, list_corpus_files, read_file
-from pipelines.filters import first_failure
-from pipelines.minhash import (
+from core.rundir import (
+    atomic_dir,
+    atomic_write_json,
+    clean_stale_temporaries,
+    finished_summary,
+    mark_finished,
+)
+from pipelines.config import KilnConfig
+from pipelines.data.config import DataConfig, DedupConfig, FilterConfig, InputConfig
+from pipelines.data.corpus import REJECTED, CorpusFile, list_corpus_files, read_file
+from pipelines.data.filters import first_failure
+from pipelines.data.minhash import (
     MinHasher,
     band_keys,
     bucket_pairs,
@@ -42,17 +50,9 @@ from pipelines.minhash import (
     optimal_bands,
     shingle_hashes,
 )
-from pipelines.packing import Packer, ShardWriter
-from pipelines.rundir import (
-    atomic_dir,
-    atomic_write_json,
-    clean_stale_temporaries,
-    finished_stage,
-    mark_finished,
-    unmark,
-)
-from pipelines.text import normalize
-from pipelines.tokenizer import copy_hf_tokenizer, load_tokenizer, save_hf_tokenizer, train_bpe
+from pipelines.data.packing import Packer, ShardWriter
+from pipelines.data.text import normalize
+from pipelines.data.tokenizer import copy_hf_tokenizer, load_tokenizer, save_hf_tokenizer, train_bpe
 
 STAGE = "data"
 KEPT, FILTERED, EXACT, NEAR = "kept", "filtered", "exact_duplicate", "near_duplicate"
@@ -198,7 +198,7 @@ _TOKENIZERS: dict[str, Any] = {}
 
 
 def _cached_tokenizer(path: str) -> Any:
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # in the Ray Data worker that runs the UDF, once per process
 
     if path not in _TOKENIZERS:
         _TOKENIZERS[path] = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
@@ -263,11 +263,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     run_dir = cfg.run.dir
     out_dir, tok_dir = run_dir / "data", run_dir / "tokenizer"
     digest = cfg.digest("data")
-    if force:
-        unmark(out_dir)
-    elif (done := finished_stage(out_dir, digest)) is not None:
-        print(f"kiln data: {out_dir} is finished; skipping (use --force to redo)")
-        return done["summary"]
+    if (done := finished_summary(out_dir, "data", digest, force)) is not None:
+        return done
 
     # Everything that can be checked without a cluster fails here, before any work starts.
     files = list_corpus_files(dcfg.input)

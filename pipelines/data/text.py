@@ -2,7 +2,7 @@
 
 A *word* is a maximal run of bytes of the lower-cased UTF-8 text that are ASCII letters, digits,
 ``_`` or any byte >= 0x80 (so every non-ASCII letter counts as a word character). The vectorised
-MinHash in ``pipelines/minhash.py`` hashes exactly these words; the reference functions here are
+MinHash in ``pipelines/data/minhash.py`` hashes exactly these words; the reference functions here are
 what tests and the quickstart generator use to compute exact Jaccard similarities.
 """
 

@@ -10,41 +10,19 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.config import TokenizerConfig
-from pipelines.rundir import atomic_dir
+from core.chat import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from core.rundir import atomic_dir
+from pipelines.data.config import TokenizerConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # transformers (and with it torch) is imported inside the functions that need it: Ray Data
 # workers unpickle UDFs from modules that import this one, and a torch import costs seconds each.
-
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-
-def chat_stop_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant turn: ``<|im_end|>`` for ChatML models (not their EOS
-    token, so generation must stop on it explicitly), none for a tokenizer without it."""
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    return [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
-SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
-
-# ChatML: every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a generation prompt
-# opens the assistant turn. SFT masks everything but the assistant content and its <|im_end|>.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None) -> Tokenizer:
     """Train a byte-level BPE model on a stream of documents (never all in memory at once)."""

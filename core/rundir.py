@@ -109,3 +109,43 @@ def mark_finished(stage_dir: Path, stage: str, digest: str, summary: dict[str, A
 def unmark(stage_dir: Path) -> None:
     """Forget that a stage finished (``--force``), before any of its outputs are rewritten."""
     (stage_dir / STAGE_MARKER).unlink(missing_ok=True)
+
+
+def finished_summary(stage_dir: Path, stage: str, digest: str, force: bool) -> dict[str, Any] | None:
+    """The summary of a stage already finished with this config (skip it), or None (run it).
+
+    ``force`` forgets the finished marker first.
+
+    Raises:
+        StageConfigChanged: finished under another config (use --force).
+    """
+    if force:
+        unmark(stage_dir)
+        return None
+    if (done := finished_stage(stage_dir, digest)) is not None:
+        print(f"kiln {stage}: {stage_dir} is finished; skipping (use --force to redo)")
+        return done["summary"]
+    return None
+
+
+def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool) -> dict[str, Any] | None:
+    """The start of every stage that checkpoints (training, PPO): the finished marker's summary (skip), or None (train).
+
+    ``force`` forgets the stage's marker, checkpoints and metrics. An unfinished stage keeps its
+    checkpoints (the run resumes from them) as long as its config is the one it started with.
+
+    Raises:
+        StageConfigChanged: finished, or checkpointed, under another config (use --force).
+    """
+    if (done := finished_summary(stage_dir, stage, digest, force)) is not None:
+        return done
+    if force:
+        for name in ("ray", "tensorboard", "model", "dataset"):
+            shutil.rmtree(stage_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "started.json"):
+            (stage_dir / name).unlink(missing_ok=True)
+    started = stage_dir / "started.json"
+    if started.exists() and json.loads(started.read_text())["config_digest"] != digest:
+        raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")
+    atomic_write_json(started, {"config_digest": digest})
+    return None

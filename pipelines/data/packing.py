@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.rundir import atomic_write_bytes
+from core.rundir import atomic_write_bytes
 
 
 class Packer:

@@ -12,8 +12,6 @@ overlong pairs lose their *beginning* (left truncation), never the response's en
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from pipelines.rundir import atomic_write_bytes
-from pipelines.train_math import IGNORE  # label of a token that carries no loss
+from core.jsonl import BadRecord
+from core.rundir import atomic_write_bytes
+from pipelines.train.losses import IGNORE  # label of a token that carries no loss
 
 Overlong = Literal["truncate", "reject"]
 Message = dict[str, str]
-
-
-class BadRecord(ValueError):
-    """A JSONL record that cannot be used; the message names the file and line."""
 
 
 @dataclass
@@ -44,21 +39,6 @@ class EncodeStats:
     trained_tokens: int = 0
     rows: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-empty line; a malformed line fails naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise BadRecord(f"{path}:{lineno}: a record must be a JSON object")
-            yield lineno, record
 
 
 def to_messages(record: dict[str, Any], where: str) -> list[Message]:

@@ -1,6 +1,6 @@
 """Vectorised MinHash signatures, LSH banding and duplicate grouping: pure numpy, no Ray.
 
-Words are the ones ``pipelines.text.words`` defines. The two loops that touch every byte and
+Words are the ones ``pipelines.data.text.words`` defines. The two loops that touch every byte and
 every (shingle, permutation) pair are numba kernels, so nothing of size shingles x permutations
 is ever materialised:
 
@@ -143,7 +143,7 @@ class MinHasher:
 
 
 def shingle_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of the word ``n``-grams of a batch (``pipelines.text.shingles``' sets).
+    """64-bit hashes of the word ``n``-grams of a batch (``pipelines.data.text.shingles``' sets).
 
     Returns:
         hashes (S,) uint64 and each shingle's document index (S,) int64, sorted by document.

@@ -6,7 +6,7 @@ Read top to bottom. Each step:
   2. generate — the vLLM rollout actor samples ``samples_per_prompt`` responses with log-probs;
   3. score ∥ reference log-probs ∥ policy log-probs ∥ values — four actors at once;
   4. advantages — per-token KL penalty + GAE (or GRPO's group-normalised scores), here in the
-     controller with the pure functions of ``pipelines.ppo_math``;
+     controller with the pure functions of ``pipelines.rlhf.ppo_math``;
   5. learn — the policy's PPO epochs ∥ the critic's value epochs, on DeepSpeed;
   6. sync  — the learner gathers its (ZeRO-sharded) weights into the object store and the
      rollout engine loads them in place. Next step's rollout log-probs are compared with the
@@ -36,12 +36,24 @@ from actors.reference import ReferencePolicy
 from actors.reward import RewardScorer, Scores, load_function
 from actors.rollout import RolloutGenerator
 from actors.trainable import mean_records
+from cluster.dashboard import StageGauges
+from cluster.runtime import init_ray
+from core.jsonl import BadRecord, read_jsonl
+from core.metrics import MetricsSink, read_metrics
+from core.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished, prepare_stage
 from pipelines.config import KilnConfig
-from pipelines.modeling import check_model_dir
-from pipelines.ppo_config import PpoConfig
-from pipelines.ppo_math import adaptive_kl_coef, gae, grpo_advantages, kl_estimate, masked_mean, masked_whiten, token_rewards
-from pipelines.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished
-from pipelines.sft_data import BadRecord, read_jsonl
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.ppo_math import (
+    adaptive_kl_coef,
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from pipelines.train.modeling import check_model_dir
 
 STAGE = "ppo"
 
@@ -116,41 +128,30 @@ class Actors:
         return [self.rollout, self.reward, self.reference, *self.learner.ranks, *(self.critic.ranks if self.critic else [])]
 
 
-def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path, max_model_len: int) -> Actors:
-    """Create every role's actor(s) with the resources the config gives them."""
-    minibatch = p.samples_per_step // p.minibatches_per_epoch
+def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path) -> Actors:
+    """Create every role's actor(s) from the ``ppo:`` section, with the resources it gives them."""
     # In-process engine: weights reach its worker as tensors. Per-reload INFO lines are noise.
     env = {"VLLM_LOGGING_LEVEL": "WARNING", **p.rollout.engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
     rollout = RolloutGenerator.options(
         num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
         runtime_env={"env_vars": env},
-    ).remote(str(policy), p.rollout.engine, p.rollout.engine.max_model_len or max_model_len, p.temperature)
+    ).remote(str(policy), p)
     reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus).remote(
-        str(reward_model) if reward_model else None, p.reward_model_weight,
-        p.reward_function, p.reward_function_weight, p.on_reward_error == "skip", p.reward.threads,
+        p, str(reward_model) if reward_model else None
     )
-    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus).remote(
-        str(policy), p.reference.threads, p.temperature
-    )
+    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus).remote(str(policy), p)
 
     def options(m: Any) -> dict[str, Any]:
         return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0}
 
-    learner = RankGroup(
-        PolicyLearner, p.learner.num_workers, options(p.learner),
-        p.learner, minibatch, p.seed, str(policy), p.temperature, p.clip_eps,
-    )
-    critic = None
-    if p.advantage == "gae":
-        critic = RankGroup(
-            Critic, p.critic.num_workers, options(p.critic), p.critic, minibatch, p.seed, str(critic_init), p.value_clip
-        )
+    learner = RankGroup(PolicyLearner, p.learner.num_workers, options(p.learner), p, str(policy))
+    critic = RankGroup(Critic, p.critic.num_workers, options(p.critic), p, str(critic_init)) if p.advantage == "gae" else None
     return Actors(rollout, reward, reference, learner, critic)
 
 
 def sync_weights(actors: Actors) -> None:
     """Learner → object store → rollout engine; the version counts updates."""
-    refs = ray.get([r.publish_weights.remote() for r in actors.learner.ranks])
+    refs = actors.learner.get(lambda r: r.publish_weights.remote())
     actors.weights = refs[0][0]
     actors.version += 1
     ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
@@ -179,10 +180,7 @@ def generate(actors: Actors, prompt_ids: list[list[int]], p: PpoConfig, seed: in
             if actors.version and _rollout_version(actors) != actors.version:
                 print(f"kiln ppo: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
                 ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
-            return ray.get(actors.rollout.generate.remote(
-                prompt_ids, 1 if greedy else p.samples_per_prompt, p.max_response_tokens, seed,
-                greedy, p.top_p, p.top_k,
-            ))
+            return ray.get(actors.rollout.generate.remote(prompt_ids, 1 if greedy else p.samples_per_prompt, seed, greedy))
         except ray.exceptions.ActorUnavailableError:
             # Died mid-call and is being restarted (max_restarts): wait, resync, sample again.
             if attempt == p.rollout.max_restarts:
@@ -219,19 +217,18 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
         [q.prompt for q in chosen for _ in range(k)], samples.texts, [q.fields for q in chosen for _ in range(k)]
     )
     ref_ref = actors.reference.logprobs.remote(batch_ref)
-    old_refs = [r.logprobs.remote(batch_ref) for r in actors.learner.ranks]
-    value_refs = [r.values.remote(batch_ref) for r in actors.critic.ranks] if actors.critic else []
+    old_refs = actors.learner.call(lambda r: r.logprobs.remote(batch_ref))
+    value_refs = actors.critic.call(lambda r: r.values.remote(batch_ref)) if actors.critic else []
     scores: Scores = ray.get(scores_ref)
     old_parts = ray.get(old_refs)
-    batch.old_logprobs = torch.cat([lp for lp, _ in old_parts])  # (B, A)
+    old_logprobs = torch.cat([lp for lp, _ in old_parts])  # (B, A)
     entropy = sum(e for _, e in old_parts) / batch.size
-    batch.ref_logprobs = ray.get(ref_ref)
-    batch.values = torch.cat(ray.get(value_refs)) if value_refs else torch.zeros_like(batch.old_logprobs)
+    values = torch.cat(ray.get(value_refs)) if value_refs else torch.zeros_like(old_logprobs)  # (B, A)
+    batch = batch.with_fields(old_logprobs=old_logprobs, ref_logprobs=ray.get(ref_ref), values=values)
     t_score = time.perf_counter()
 
     # 4. advantages
-    mask = batch.response_mask * scores.valid.unsqueeze(1)  # skipped samples take no part
-    batch.response_mask = mask
+    mask = batch.response_mask * scores.valid.unsqueeze(1)  # (B, A) skipped samples take no part
     if not torch.isfinite(scores.total).all():
         raise NonFiniteStep(f"step {state.step}: non-finite reward {scores.total.tolist()}")
     seq_scores = scores.total.clamp(-p.reward_clip, p.reward_clip) if p.reward_clip else scores.total
@@ -240,20 +237,20 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     if p.advantage == "gae":
         rewards = token_rewards(seq_scores, kl, mask, state.kl_coef)
         advantages, returns = gae(rewards, batch.values, mask, p.gamma, p.lam)
-        batch.advantages = masked_whiten(advantages, mask) if p.whiten_advantages else advantages
-        batch.returns = returns
+        if p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
     else:
         # GRPO in the same loop: the KL penalty joins the sequence score before normalising.
-        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k)
-        batch.advantages = adv.unsqueeze(1) * mask
-        batch.returns = torch.zeros_like(mask)
+        advantages = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k).unsqueeze(1) * mask
+        returns = torch.zeros_like(mask)
+    batch = batch.with_fields(response_mask=mask, advantages=advantages, returns=returns)
     if not torch.isfinite(batch.advantages).all():
         raise NonFiniteStep(f"step {state.step}: non-finite advantages; the update was not applied")
 
     # 5. learn: policy ∥ critic
     batch_ref = ray.put(batch)
-    learn_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.learner.ranks]
-    critic_refs = [r.update.remote(batch_ref, state.step, p.ppo_epochs) for r in actors.critic.ranks] if actors.critic else []
+    learn_refs = actors.learner.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs))
+    critic_refs = actors.critic.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs)) if actors.critic else []
     learned = mean_records(ray.get(learn_refs))
     valued = mean_records(ray.get(critic_refs)) if critic_refs else {}
     t_learn = time.perf_counter()
@@ -307,8 +304,8 @@ def save_checkpoint(actors: Actors, state: State, root: Path, keep: int) -> Path
     """Policy and critic (DeepSpeed: weights + optimizer) and the controller state, renamed into place."""
     final = root / f"step-{state.step:08d}"
     with atomic_dir(final) as tmp:
-        calls = [r.save.remote(str(tmp / "policy")) for r in actors.learner.ranks]
-        calls += [r.save.remote(str(tmp / "critic")) for r in actors.critic.ranks] if actors.critic else []
+        calls = actors.learner.call(lambda r: r.save.remote(str(tmp / "policy")))
+        calls += actors.critic.call(lambda r: r.save.remote(str(tmp / "critic"))) if actors.critic else []
         ray.get(calls)
         atomic_write_json(tmp / "state.json", {"step": state.step, "kl_coef": state.kl_coef, "eval_before": state.eval_before})
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -323,8 +320,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def restore(actors: Actors, checkpoint: Path) -> State:
-    calls = [r.load.remote(str(checkpoint / "policy")) for r in actors.learner.ranks]
-    calls += [r.load.remote(str(checkpoint / "critic")) for r in actors.critic.ranks] if actors.critic else []
+    calls = actors.learner.call(lambda r: r.load.remote(str(checkpoint / "policy")))
+    calls += actors.critic.call(lambda r: r.load.remote(str(checkpoint / "critic"))) if actors.critic else []
     ray.get(calls)
     saved = json.loads((checkpoint / "state.json").read_text())
     sync_weights(actors)
@@ -336,10 +333,6 @@ def restore(actors: Actors, checkpoint: Path) -> State:
 
 def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train with PPO (or resume, or skip if finished); returns the stage summary."""
-    from cluster.runtime import init_ray
-    from pipelines.tokenizer import load_tokenizer
-    from pipelines.trainer import MetricsSink, prepare_stage, read_metrics
-
     if cfg.ppo is None:
         raise ValueError("config has no 'ppo' section")
     p = cfg.ppo
@@ -370,11 +363,39 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     print(f"kiln ppo: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
           f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
 
-    # 1. Actors; resume from the latest checkpoint, or measure the starting policy.
+    # 1. Actors; resume from the latest checkpoint, or measure the starting policy. The actors are
+    #    torn down however the run ends: a failed run must not leave them holding the cluster.
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    actors = start_actors(p, policy, reward_model, critic_init, max_model_len)
-    metrics = MetricsSink(stage_dir, enabled=True)
+    actors = start_actors(p, policy, reward_model, critic_init)
+    try:
+        after = _train(actors, p, stage_dir, prompts, eval_prompts, metric, tokenizer.pad_token_id)
+    finally:
+        for actor in actors.all():
+            ray.kill(actor)
+    steps = [m for m in read_metrics(stage_dir, by_step=True) if "reward_mean" in m]
+    summary = {
+        "model": str(stage_dir / "model"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": p.max_steps,
+        "prompts_skipped": skipped,
+        "eval_before": after["before"],
+        "eval_after": after["after"],
+        "first_reward": steps[0]["reward_mean"] if steps else None,
+        "final_reward": steps[-1]["reward_mean"] if steps else None,
+        "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
+        "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
+    }
+    mark_finished(stage_dir, STAGE, digest, summary)
+    print(f"kiln ppo: done {summary}", flush=True)
+    return summary
+
+
+def _train(
+    actors: Actors, p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt], metric: Any, pad_id: int
+) -> dict[str, dict[str, float]]:
+    """Resume or start, run the loop to ``max_steps``, export the policy; the held-out figures before and after."""
+    metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(STAGE).record)
     checkpoints = stage_dir / "checkpoints"
     if (ckpt := latest_checkpoint(checkpoints)) is not None:
         state = restore(actors, ckpt)
@@ -388,7 +409,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
 
     # 2. The loop.
     while state.step < p.max_steps:
-        record = ppo_step(actors, prompts, p, state, tokenizer.pad_token_id)
+        record = ppo_step(actors, prompts, p, state, pad_id)
         if eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps):
             record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
         metrics.write(record)
@@ -397,26 +418,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
             save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
 
-    # 3. Export the policy, measure it, mark the stage finished.
+    # 3. Export the policy and measure it.
     with atomic_dir(stage_dir / "model") as tmp:
-        ray.get([r.export.remote(str(tmp)) for r in actors.learner.ranks])
+        actors.learner.get(lambda r: r.export.remote(str(tmp)))
     after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
     atomic_write_json(stage_dir / "eval.json", {"before": state.eval_before, "after": after})
-    steps = [m for m in read_metrics(stage_dir) if "reward_mean" in m]
-    summary = {
-        "model": str(stage_dir / "model"),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "steps": state.step,
-        "prompts_skipped": skipped,
-        "eval_before": state.eval_before,
-        "eval_after": after,
-        "first_reward": steps[0]["reward_mean"] if steps else None,
-        "final_reward": steps[-1]["reward_mean"] if steps else None,
-        "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
-        "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
-    }
-    mark_finished(stage_dir, STAGE, digest, summary)
-    for actor in actors.all():
-        ray.kill(actor)
-    print(f"kiln ppo: done {summary}", flush=True)
-    return summary
+    return {"before": state.eval_before, "after": after}

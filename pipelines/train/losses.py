@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label that carries no loss (same value as pipelines.sft_data.IGNORE)
+IGNORE = -100  # label that carries no loss (same value as pipelines.train.datasets.IGNORE)
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 The corpus is synthetic English-like text over a vocabulary of a few thousand invented words, so
 two unrelated documents share essentially no word 5-grams and every duplicate is one we planted.
 ``ground_truth.json`` records each planted exact copy, near copy (with its exact Jaccard
-similarity, as ``pipelines.text.jaccard`` computes it) and junk document, so the data stage's
+similarity, as ``pipelines.data.text.jaccard`` computes it) and junk document, so the data stage's
 filters and dedup can be scored, not just run. About a third of the documents also state true
 sums in the task's own prompt format, so pretraining sees the task.
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import GenerateConfig
-from pipelines.rundir import atomic_write_json, atomic_write_text
-from pipelines.tasks import format_prompt
-from pipelines.text import jaccard
+from core.rundir import atomic_write_json, atomic_write_text
+from pipelines.data.text import jaccard
+from pipelines.quickstart.config import GenerateConfig
+from pipelines.quickstart.task import format_prompt
 
 # An addition task's operands (a, b).
 Pair = tuple[int, int]

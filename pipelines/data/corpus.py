@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.config import InputConfig
+from pipelines.data.config import InputConfig
 
 Format = Literal["jsonl", "parquet", "text"]
 REJECTED = "rejected"

@@ -2,7 +2,7 @@
 
 Read top to bottom: find the shards and tokenizer (failing before any worker starts if they are
 missing), describe the job, train it on the shared Ray Train + DeepSpeed machinery
-(``pipelines.trainer``), mark the stage finished. A rerun resumes from the latest checkpoint.
+(``pipelines.train.trainer``), mark the stage finished. A rerun resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
-from pipelines.rundir import mark_finished
-from pipelines.trainer import TrainJob, fit, prepare_stage, summary
+from pipelines.train.trainer import fit, summary
+from pipelines.train.worker import TrainJob
 
 STAGE = "pretrain"
 

@@ -142,6 +142,7 @@ def _relative_config(config_path: Path, working_dir: Path) -> str:
 
 
 def _client(address: str, token: str | None) -> JobSubmissionClient:
+    # Ray's job and state SDKs are imported only when submitting: `kiln --help` stays fast.
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -166,7 +167,7 @@ def _auth_help(address: str, token: str | None) -> str:
 
 
 def _alive_nodes(address: str, token: str | None) -> int:
-    from ray.util.state import StateApiClient
+    from ray.util.state import StateApiClient  # see _client
     from ray.util.state.common import ListApiOptions, StateResource
 
     headers = {"Authorization": f"Bearer {token}"} if token else None

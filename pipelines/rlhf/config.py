@@ -1,8 +1,6 @@
 """The ``ppo:`` section of the kiln config: prompts, rewards, the algorithm, and each actor role.
 
-In its own module because it builds on serving's :class:`EngineConfig` (the rollout generator
-is a vLLM engine like a serving replica); ``pipelines.config`` imports :class:`PpoConfig` at its
-end, as it does ``ServeConfig``.
+The rollout generator is a vLLM engine like a serving replica: both use ``core.config.EngineConfig``.
 """
 
 from __future__ import annotations
@@ -11,8 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import DeepSpeedSettings, Section
-from serving.config import EngineConfig
+from core.config import DeepSpeedSettings, EngineConfig, Section
 
 
 class OptimizedModelConfig(DeepSpeedSettings):

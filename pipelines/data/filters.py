@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipelines.config import FilterConfig
+from pipelines.data.config import FilterConfig
 
 _SYMBOLS = ("#", "...", "\u2026")
 _BULLETS = ("-", "*", "\u2022", "\u2023", "\u25cf", "\u25e6")

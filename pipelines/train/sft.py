@@ -1,7 +1,7 @@
 """``kiln sft CONFIG``: supervised fine-tuning on chat data, loss on response tokens only.
 
 Read top to bottom: check the starting model and the JSONL (before any worker starts), apply
-the model's chat template and mask the prompt tokens (``pipelines.sft_data``), write the rows as
+the model's chat template and mask the prompt tokens (``pipelines.train.datasets``), write the rows as
 Parquet under ``<run>/sft/dataset/``, train them on the shared machinery, mark the stage finished.
 """
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.jsonl import read_jsonl
+from core.rundir import atomic_dir, mark_finished, prepare_stage
 from pipelines.config import KilnConfig
-from pipelines.modeling import check_model_dir
-from pipelines.rundir import atomic_dir, mark_finished
-from pipelines.sft_data import read_jsonl, sft_rows, split_validation, write_rows
-from pipelines.tokenizer import load_tokenizer
-from pipelines.trainer import TrainJob, fit, prepare_stage, summary
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.train.datasets import sft_rows, split_validation, write_rows
+from pipelines.train.modeling import check_model_dir
+from pipelines.train.trainer import fit, summary
+from pipelines.train.worker import TrainJob
 
 STAGE = "sft"
 

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipelines.config import ModelConfig
+from pipelines.train.config import ModelConfig
 
 Head = Literal["lm", "reward"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

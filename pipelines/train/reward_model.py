@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.jsonl import read_jsonl
+from core.rundir import atomic_dir, mark_finished, prepare_stage
 from pipelines.config import KilnConfig
-from pipelines.modeling import check_model_dir
-from pipelines.rundir import atomic_dir, mark_finished
-from pipelines.sft_data import preference_rows, read_jsonl, split_validation, write_rows
-from pipelines.tokenizer import load_tokenizer
-from pipelines.trainer import TrainJob, fit, prepare_stage, summary
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.train.datasets import preference_rows, split_validation, write_rows
+from pipelines.train.modeling import check_model_dir
+from pipelines.train.trainer import fit, summary
+from pipelines.train.worker import TrainJob
 
 STAGE = "reward_model"
 

@@ -1,0 +1,107 @@
+"""The ground floor of the config tree: the strict section base and the settings that several
+layers share (DeepSpeed-trained models, vLLM engines).
+
+Every section of ``kiln``'s one config tree is a :class:`Section`: unknown keys and wrong types
+are rejected with the key's full path, values are never silently rewritten. Each stage family
+defines its own sections next to its code (``pipelines/data/config.py``, ``serving/config.py``,
+...); ``pipelines/config.py`` is the root that imports them all. Nothing here imports the project.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: strict types, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({error.error_count()} problem(s))"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+class DeepSpeedSettings(Section):
+    """What every DeepSpeed-trained model shares: ranks and their resources, ZeRO, AdamW, clipping.
+
+    The training stages (``TrainConfig``) and PPO's learner and critic
+    (``pipelines.rlhf.config.OptimizedModelConfig``) build on it.
+    """
+
+    # Data-parallel ranks (workers) and the resources each one holds.
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    use_gpu: bool = False
+    # torch intra-op threads per worker on CPU (null: leave torch's default).
+    threads_per_worker: int | None = Field(default=1, ge=1)
+    # DeepSpeed ZeRO stage; offloading moves optimizer state (any stage) or parameters (stage 3) to CPU.
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Sequences per forward/backward on one worker.
+    micro_batch_per_worker: int = Field(default=8, ge=1)
+    # Peak learning rate, reached after warmup_steps of linear warm-up.
+    learning_rate: float = Field(default=3.0e-4, gt=0.0)
+    warmup_steps: int = Field(default=100, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    adam_eps: float = Field(default=1.0e-8, gt=0.0)
+    # Global gradient-norm clip (null: no clipping).
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSettings":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class EngineConfig(Section):
+    """vLLM engine settings of each replica (the CPU backend needs the small memory values)."""
+
+    # auto: the model's own dtype; tiny CPU models run best in float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Context length in tokens (prompt + completion); null: the model's max_position_embeddings.
+    max_model_len: int | None = Field(default=None, ge=16)
+    # GPU: fraction of GPU memory vLLM reserves. CPU: fraction of NUMA node 0's memory, checked
+    # at start-up (the default 0.92 of vLLM fails on small machines).
+    gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=1.0)
+    # CPU backend only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
+    cpu_kv_cache_gib: int = Field(default=1, ge=1)
+    # Skip CUDA-graph / torch.compile capture: much faster start-up, a little slower decoding.
+    enforce_eager: bool = True
+    # Sequences one engine step may batch.
+    max_num_seqs: int = Field(default=128, ge=1)
+    # GPUs one replica shards the model over.
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # Most top log-probabilities a request may ask for.
+    max_logprobs: int = Field(default=20, ge=0)
+    # Engine seed (requests without their own seed sample from this stream).
+    seed: int = 0
+
+    def vllm_env(self, **overrides: str) -> dict[str, str]:
+        """Environment of a process running this engine: the CPU KV cache size, the caller's own
+        ``VLLM_*`` settings (e.g. VLLM_CPU_OMP_THREADS_BIND), then ``overrides``."""
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+        return {**env, **overrides}
+
+    def vllm_args(self) -> dict[str, Any]:
+        """These settings as vLLM engine arguments (``LLM(...)`` / ``AsyncEngineArgs(...)``);
+        the CPU KV cache size goes through the VLLM_CPU_KVCACHE_SPACE environment variable instead."""
+        return self.model_dump(exclude={"cpu_kv_cache_gib"})

@@ -1,0 +1,1 @@
+"""The data stage: stream a corpus, clean, filter, deduplicate, train a tokenizer, pack shards."""

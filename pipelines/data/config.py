@@ -1,0 +1,107 @@
+"""The ``data:`` section: which corpus to read, and how to filter, deduplicate, tokenise and pack it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from core.config import Section
+
+
+class InputConfig(Section):
+    """Which corpus files to read and how to find the text in them."""
+
+    # Files, directories or globs; local paths or URIs pyarrow's filesystems accept (s3://, gs://).
+    paths: list[str] = Field(min_length=1)
+    # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); .gz is read transparently.
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    # Field (JSONL) or column (Parquet) holding the document text.
+    text_field: str = "text"
+    # Plain text: one document per file, or one per non-empty line.
+    text_unit: Literal["file", "line"] = "file"
+
+
+class FilterConfig(Section):
+    """Gopher / C4-style quality filters; set a threshold to null to switch that filter off."""
+
+    min_words: int | None = 20
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    # Symbols ('#', '...', '…') per word.
+    max_symbol_word_ratio: float | None = 0.1
+    # Share of lines that are exact repeats of an earlier line in the same document.
+    max_duplicate_line_fraction: float | None = 0.3
+    # Share of words that contain at least one alphabetic character.
+    min_alpha_word_fraction: float | None = 0.8
+    # Share of lines that start with a bullet.
+    max_bullet_line_fraction: float | None = 0.9
+    # Share of lines that end with an ellipsis.
+    max_ellipsis_line_fraction: float | None = 0.3
+
+
+class DedupConfig(Section):
+    """Exact (content hash) and near (MinHash + LSH) deduplication."""
+
+    exact: bool = True
+    near: bool = True
+    # Word n-gram size of the shingles.
+    ngram: int = Field(default=5, ge=1)
+    # Documents whose Jaccard similarity reaches this are near duplicates.
+    threshold: float = Field(default=0.8, gt=0.0, lt=1.0)
+    # LSH bands x rows per band = MinHash permutations. Null for both: derived from threshold
+    # and num_perm by minimising false positive + false negative probability mass.
+    num_bands: int | None = Field(default=14, ge=1)
+    rows_per_band: int | None = Field(default=8, ge=1)
+    # Permutations when bands/rows are derived.
+    num_perm: int = Field(default=112, ge=2)
+    # Keep only LSH candidate pairs whose exact Jaccard (on their shingle sets, computed in a
+    # distributed shuffle keyed by pair) reaches the threshold. Off: every candidate is a duplicate.
+    verify_candidates: bool = True
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _bands_together(self) -> "DedupConfig":
+        if (self.num_bands is None) != (self.rows_per_band is None):
+            raise ValueError("num_bands and rows_per_band are set together, or both null")
+        return self
+
+
+class TokenizerConfig(Section):
+    """Train a byte-level BPE tokenizer, or use an existing Hugging Face tokenizer directory."""
+
+    # An existing HF tokenizer directory; null trains one on the cleaned corpus.
+    path: str | None = None
+    vocab_size: int = Field(default=4096, ge=300)
+    min_frequency: int = Field(default=2, ge=1)
+    # Documents used to train the tokenizer (null: all kept documents).
+    max_training_documents: int | None = Field(default=None, ge=1)
+
+
+class PackConfig(Section):
+    """Tokenise and pack documents into fixed-length training sequences."""
+
+    seq_len: int = Field(default=256, ge=8)
+    # Sequences per Parquet shard.
+    sequences_per_shard: int = Field(default=2048, ge=1)
+    # Fraction of sequences held out for validation (the tail of the stream).
+    validation_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
+
+
+class DataConfig(Section):
+    """The data stage: stream, clean, deduplicate, tokenise, pack."""
+
+    input: InputConfig
+    # Bad records (malformed JSON, missing text field, undecodable bytes): skip them (counted,
+    # written to data/rejected/ with the reason) or fail with the file and line.
+    bad_records: Literal["skip", "fail"] = "skip"
+    filters: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pack: PackConfig = PackConfig()
+    # Documents per Ray Data batch in the map stages.
+    batch_size: int = Field(default=512, ge=1)
+    # Partitions of the hash shuffles that group duplicates (null: 2 x cluster CPUs).
+    shuffle_partitions: int | None = Field(default=None, ge=1)

@@ -1,0 +1,1 @@
+"""The quickstart: a deterministic corpus and a task a program can check."""

@@ -1,0 +1,29 @@
+"""The ``generate:`` section: the deterministic quickstart corpus and task data.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from core.config import Section
+
+
+class GenerateConfig(Section):
+    """The deterministic quickstart corpus and task data (``kiln generate``)."""
+
+    out_dir: str
+    seed: int = 0
+    # Unique pretraining documents before duplicates and junk are planted.
+    num_documents: int = Field(default=4000, ge=100)
+    # Exact copies planted into the corpus.
+    exact_duplicates: int = Field(default=200, ge=0)
+    # Near-duplicate copies planted, spread over a range of Jaccard similarities.
+    near_duplicates: int = Field(default=300, ge=0)
+    # Low-quality documents the quality filters should drop.
+    junk_documents: int = Field(default=200, ge=0)
+    # Addition task: operands are drawn from [0, max_operand].
+    max_operand: int = Field(default=49, ge=1)
+    sft_examples: int = Field(default=3000, ge=10)
+    preference_pairs: int = Field(default=2000, ge=10)
+    ppo_prompts: int = Field(default=512, ge=10)
+    eval_prompts: int = Field(default=200, ge=10)

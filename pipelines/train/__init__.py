@@ -1,0 +1,1 @@
+"""Pretraining, SFT and the reward model on one Ray Train + DeepSpeed trainer."""

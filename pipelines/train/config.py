@@ -1,0 +1,122 @@
+"""The training sections: the model's sizes, the shared trainer settings, and ``pretrain:``,
+``sft:`` and ``reward_model:``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from core.config import DeepSpeedSettings, Section
+
+
+class ModelConfig(Section):
+    """A Llama-style decoder: built from these sizes and initialised from scratch, or loaded."""
+
+    # A local Hugging Face model directory to start from; null builds a new model from the sizes.
+    path: str | None = None
+    hidden_size: int = Field(default=256, ge=8)
+    intermediate_size: int = Field(default=688, ge=8)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    # Grouped-query attention: key/value heads (num_heads must be a multiple).
+    num_kv_heads: int = Field(default=4, ge=1)
+    # Longest sequence the model accepts (rotary embeddings are defined up to it).
+    max_position_embeddings: int = Field(default=2048, ge=8)
+    rope_theta: float = Field(default=10_000.0, gt=0.0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size / num_heads (the head size) must be even for rotary embeddings")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class TrainConfig(DeepSpeedSettings):
+    """The training machinery shared by pretrain, SFT and reward model (Ray Train + DeepSpeed).
+
+    ``micro_batch_per_worker``: sequences_per_step must be a multiple of it x num_workers (the
+    quotient is the gradient-accumulation steps). The learning rate decays (cosine) after the
+    warm-up to learning_rate x min_lr_ratio at max_steps.
+    """
+
+    # Sequences per optimizer step, summed over workers and gradient-accumulation micro steps.
+    sequences_per_step: int = Field(default=32, ge=1)
+    max_steps: int = Field(default=1000, ge=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    # Recompute activations in the backward pass: less memory, about a third more compute.
+    activation_checkpointing: bool = False
+    # Optimizer steps between metric lines (metrics.jsonl, TensorBoard, ray.train.report).
+    log_every_steps: int = Field(default=10, ge=1)
+    # Optimizer steps between held-out evaluations, and micro batches per worker each one uses.
+    eval_every_steps: int = Field(default=100, ge=1)
+    eval_batches: int = Field(default=4, ge=1)
+    # Optimizer steps between checkpoints, and how many of the latest to keep.
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # Worker failures Ray Train recovers from (restarting from the latest checkpoint); -1: no limit.
+    max_failures: int = Field(default=3, ge=-1)
+    seed: int = 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro steps per optimizer step on each worker."""
+        return self.sequences_per_step // (self.micro_batch_per_worker * self.num_workers)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_micro_step = self.micro_batch_per_worker * self.num_workers
+        if self.sequences_per_step % per_micro_step:
+            raise ValueError(
+                f"sequences_per_step ({self.sequences_per_step}) must be a multiple of "
+                f"micro_batch_per_worker x num_workers ({self.micro_batch_per_worker} x {self.num_workers})"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    """``kiln pretrain``: next-token prediction on the data stage's packed shards."""
+
+    model: ModelConfig = ModelConfig()
+    # Folder of train-*.parquet / validation-*.parquet shards (null: <run>/data/shards).
+    shards: str | None = None
+    # Tokenizer directory saved with the model (null: <run>/tokenizer).
+    tokenizer: str | None = None
+
+
+class SftConfig(TrainConfig):
+    """``kiln sft``: chat-formatted instruction tuning, loss on response tokens only."""
+
+    # JSONL of {"messages": [...]} or {"prompt": ..., "response": ...} records.
+    data: str
+    # Model directory to start from (null: <run>/pretrain/model); its tokenizer is used.
+    init_from: str | None = None
+    # Tokens per training sequence.
+    seq_len: int = Field(default=256, ge=8)
+    # Examples longer than seq_len: truncated (and counted), or the stage fails naming the record.
+    overlong: Literal["truncate", "reject"] = "truncate"
+    # Pack several examples into each sequence (prompt tokens of each still masked).
+    packing: bool = False
+    # Share of records held out for validation (every k-th record, deterministic).
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
+
+
+class RewardModelConfig(TrainConfig):
+    """``kiln reward-model``: a scalar-head model trained with the Bradley–Terry loss on pairs."""
+
+    # JSONL of {"prompt", "chosen", "rejected"} records (strings, or chat message lists).
+    data: str
+    # Model directory to start from (null: <run>/sft/model); the scalar head is new.
+    init_from: str | None = None
+    # Tokens per sequence (prompt + one response).
+    seq_len: int = Field(default=256, ge=8)
+    overlong: Literal["truncate", "reject"] = "truncate"
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)

@@ -1,0 +1,86 @@
+"""A deterministic, resumable stream of training rows from Parquet shards.
+
+Data order is a pure function of (seed, epoch, position): every optimizer step reads a fixed
+slice of a seeded permutation of the Parquet rows, each rank its own stride of it. The
+checkpoint stores the step, so a resumed run reads exactly the rows an uninterrupted run would
+have read next: none skipped, none repeated. (Ray Data's ``streaming_split`` hands blocks to
+whichever worker asks first, so it cannot promise that.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.train.config import TrainConfig
+
+
+class RowStream:
+    """Rows of Parquet files in an order fixed by (seed, epoch): files permuted, rows permuted.
+
+    Position ``p`` of epoch ``e`` maps to one (file, row); a reader asks for positions, and keeps
+    only the file(s) it is reading in memory, so the stream never loads the whole corpus.
+    Every rank reads the same files and keeps its own stride of rows.
+    """
+
+    def __init__(self, files: tuple[str, ...], columns: tuple[str, ...], seed: int, shuffle: bool) -> None:
+        self.files = files
+        self.seed, self.shuffle = seed, shuffle
+        schema = pq.read_schema(files[0]) if files else None
+        self.columns = tuple(c for c in columns if schema is not None and c in schema.names)
+        self.counts = np.array([pq.ParquetFile(f).metadata.num_rows for f in files], dtype=np.int64)
+        self.total = int(self.counts.sum())
+        self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def _file_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.files))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+
+    def _file_rows(self, epoch: int, file_index: int) -> dict[str, np.ndarray]:
+        key = (epoch, file_index)
+        if key not in self._cache:
+            if len(self._cache) >= 2:  # a step touches at most two files
+                self._cache.pop(next(iter(self._cache)))
+            table = pq.read_table(self.files[file_index], columns=list(self.columns))
+            rows = {c: _fixed_rows(table.column(c)) for c in self.columns}
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, file_index]).permutation(int(self.counts[file_index]))
+                rows = {c: a[order] for c, a in rows.items()}
+            self._cache[key] = rows
+        return self._cache[key]
+
+    def rows(self, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows at ``positions`` (within ``epoch``) as {column: (len(positions), L) int64}."""
+        order = self._file_order(epoch)
+        ends = np.cumsum(self.counts[order])
+        slot = np.searchsorted(ends, positions, side="right")
+        out: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
+        for s, p in zip(slot, positions):
+            file_rows = self._file_rows(epoch, int(order[s]))
+            row = int(p - (ends[s] - self.counts[order[s]]))
+            for c in self.columns:
+                out[c].append(file_rows[c][row])
+        return {c: np.stack(v).astype(np.int64) for c, v in out.items()}
+
+
+def _fixed_rows(column: Any) -> np.ndarray:
+    """A fixed_size_list<int32>[L] column as an (N, L) array."""
+    col = column.combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), -1)
+
+
+def step_positions(step: int, micro: int, rank: int, cfg: TrainConfig, epoch_rows: int) -> tuple[int, np.ndarray]:
+    """(epoch, row positions) of one worker's micro batch: a pure function of the step.
+
+    Optimizer step ``s`` consumes positions [s·G, (s+1)·G) of the epoch-concatenated stream,
+    G = ``sequences_per_step``; each epoch uses its first ``epoch_rows`` (a multiple of G) rows.
+    Within a step, micro batch k of rank r is the slice starting at (k·W + r)·M.
+    """
+    per_step = cfg.sequences_per_step
+    steps_per_epoch = epoch_rows // per_step
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    start = in_epoch * per_step + (micro * cfg.num_workers + rank) * cfg.micro_batch_per_worker
+    return epoch, np.arange(start, start + cfg.micro_batch_per_worker)

@@ -1,0 +1,129 @@
+"""The driver side of the one training machinery behind pretrain, SFT and reward model.
+
+``fit`` checks inputs, starts a Ray Train ``TorchTrainer`` whose workers run
+``pipelines.train.worker.train_worker`` (DeepSpeed ZeRO), and copies the exported model into the
+run directory. The three stage drivers (``pretrain.py``, ``sft.py``, ``reward_model.py``) build a
+``TrainJob`` and call it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from cluster.config import RayConfig
+from cluster.runtime import init_ray
+from core.metrics import read_metrics
+from core.rundir import atomic_dir
+from pipelines.train.modeling import check_model_dir
+from pipelines.train.rows import RowStream
+from pipelines.train.worker import EXPORT_DIR, TrainJob, train_worker
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainOutcome:
+    """What ``fit`` returns: the exported model directory and the run's metric lines."""
+
+    model_dir: Path
+    metrics: list[dict[str, Any]]
+    seconds: float
+
+
+def check_inputs(job: TrainJob) -> None:
+    """Fail before any worker starts if data or model inputs are missing or unusable.
+
+    Raises:
+        FileNotFoundError: naming the missing path.
+        ValueError: too little data for one optimizer step.
+    """
+    if job.init_from is not None:
+        check_model_dir(job.init_from)
+    if not (Path(job.tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer directory {job.tokenizer_dir} not found (no tokenizer.json)")
+    for f in job.train_files + job.validation_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"training data {f} not found")
+    stream = RowStream(job.train_files, job.columns, 0, shuffle=False)
+    if stream.total < job.train.sequences_per_step:
+        raise ValueError(
+            f"{job.stage}: {stream.total} training rows, fewer than sequences_per_step ({job.train.sequences_per_step})"
+        )
+    seq_len = pq.read_schema(job.train_files[0]).field(stream.columns[0]).type.list_size
+    if job.arch is not None:
+        max_positions = job.arch.max_position_embeddings
+    else:
+        max_positions = json.loads((Path(job.init_from) / "config.json").read_text()).get("max_position_embeddings", seq_len)
+    if seq_len > max_positions:
+        raise ValueError(f"{job.stage}: sequences of {seq_len} tokens exceed the model's max_position_embeddings ({max_positions})")
+
+
+def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
+    """Train (or resume) with Ray Train and copy the exported HF model to ``<stage_dir>/model``.
+
+    Raises:
+        TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
+        ray.train.TrainingFailedError: workers failed more than ``max_failures`` times.
+    """
+    check_inputs(job)
+    init_ray(ray_cfg)
+    stage_dir = Path(job.stage_dir)
+    cfg = job.train
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=job.storage_path or str(stage_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    lines = read_metrics(stage_dir)
+    last_event = next((m for m in reversed(lines) if "event" in m), {})
+    if last_event.get("event") == "non_finite_loss":
+        kept = result.checkpoint.path if result.checkpoint is not None else "none"
+        raise TrainingDiverged(
+            f"{job.stage}: loss became {last_event['loss']} at step {last_event['step']}; training stopped. "
+            f"Last good checkpoint kept: {kept}. Lower the learning rate or check the data, then rerun."
+        )
+    assert result.checkpoint is not None, "training finished without a checkpoint"
+    with result.checkpoint.as_directory() as ckpt_dir:
+        export = Path(ckpt_dir) / EXPORT_DIR
+        if not export.is_dir():
+            raise RuntimeError(f"{job.stage}: final checkpoint {result.checkpoint.path} has no exported model")
+        with atomic_dir(stage_dir / "model") as tmp:
+            shutil.copytree(export, tmp, dirs_exist_ok=True)
+    return TrainOutcome(model_dir=stage_dir / "model", metrics=lines, seconds=seconds)
+
+
+def summary(outcome: TrainOutcome) -> dict[str, Any]:
+    """A stage's closing numbers from its metric lines: first/last loss, held-out figures, time."""
+    steps = [m for m in outcome.metrics if "loss" in m and "event" not in m]
+    evals = [m for m in outcome.metrics if "val_loss" in m]
+    out: dict[str, Any] = {"model": str(outcome.model_dir), "seconds": round(outcome.seconds, 1)}
+    if steps:
+        out.update(first_loss=steps[0]["loss"], final_loss=steps[-1]["loss"], steps=steps[-1]["step"])
+        out["tokens_per_s"] = steps[-1]["tokens_per_s"]
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
+    return out
