@@ -1,0 +1,1 @@
+"""kiln eval: held-out measurements of every stage's model."""
