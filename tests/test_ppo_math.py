@@ -98,6 +98,21 @@ def test_grpo_advantages_are_group_normalised() -> None:
         grpo_advantages(scores, group_size=3)
 
 
+def test_grpo_skipped_samples_leave_their_group() -> None:
+    # Group 1: the third sample was skipped (its score 0 is a placeholder, not a reward).
+    # Group 2: one valid sample only: nothing to compare it with, advantage 0.
+    scores = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.7, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, False, True, True, False, False, False])
+    adv = grpo_advantages(scores, group_size=4, valid=valid)
+    kept = torch.tensor([1.0, 0.5, 0.0])  # the valid scores of group 1
+    expected = (kept - kept.mean()) / (kept.std() + 1e-6)
+    torch.testing.assert_close(adv[[0, 1, 3]], expected)
+    assert adv[2] == 0.0
+    torch.testing.assert_close(adv[4:], torch.zeros(4))
+    # With every sample valid it is the plain group normalisation.
+    torch.testing.assert_close(grpo_advantages(scores, 4, valid=torch.ones(8, dtype=torch.bool)), grpo_advantages(scores, 4))
+
+
 def test_policy_loss_clips_both_ways() -> None:
     old = torch.zeros(1, 4)
     # ratios e^0.5 ≈ 1.65 and e^-0.5 ≈ 0.61, with positive and negative advantages.

@@ -241,7 +241,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
             advantages = masked_whiten(advantages, mask)
     else:
         # GRPO in the same loop: the KL penalty joins the sequence score before normalising.
-        advantages = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k).unsqueeze(1) * mask
+        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k, valid=scores.valid)  # (B,)
+        advantages = adv.unsqueeze(1) * mask
         returns = torch.zeros_like(mask)
     batch = batch.with_fields(response_mask=mask, advantages=advantages, returns=returns)
     if not torch.isfinite(batch.advantages).all():
@@ -259,16 +260,17 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     sync_weights(actors)
     t_sync = time.perf_counter()
 
-    observed_kl = kl_per_sample.mean().item()
+    observed_kl = kl_per_sample[scores.valid].mean().item()
     record = {
         "step": state.step + 1,
-        "reward_mean": scores.total.mean().item(),
-        "reward_function_mean": scores.function.mean().item(),
-        "reward_model_mean": scores.model.mean().item(),
+        # Skipped samples (on_reward_error: skip) have no reward: they leave every mean.
+        "reward_mean": scores.total[scores.valid].mean().item(),
+        "reward_function_mean": scores.function[scores.valid].mean().item(),
+        "reward_model_mean": scores.model[scores.valid].mean().item(),
         "kl": observed_kl,
         "kl_coef": state.kl_coef,
         "entropy": entropy,
-        "response_length": batch.response_mask.sum(1).mean().item(),
+        "response_length": batch.response_mask.sum(1)[scores.valid].mean().item(),
         # vLLM's log-probs against the learner's for the very same tokens and weights.
         "logprob_mismatch": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
         "logprob_mismatch_max": ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).max().item(),

@@ -112,24 +112,35 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO: each sample's score normalised within the group of samples of its prompt.
 
     Args:
         scores: (B,) sequence rewards, ordered so that consecutive runs of ``group_size`` share
             a prompt.
         group_size: samples per prompt.
+        valid: (B,) bool, False for samples left out (a reward function that failed under
+            ``on_reward_error: skip``): they take no part in their group's mean and standard
+            deviation and get advantage 0. None: all valid.
         eps: added to the std, so that a group of equal scores gets advantage 0, not NaN.
 
     Returns:
-        (B,) advantages ``(score - group mean) / (group std + eps)``.
+        (B,) advantages ``(score - group mean) / (group std + eps)`` over the valid samples of
+        each group; 0 for invalid samples and for groups with fewer than two valid samples.
     """
     if scores.numel() % group_size:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
-    groups = scores.view(-1, group_size)
-    mean = groups.mean(1, keepdim=True)
-    std = groups.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
-    return ((groups - mean) / (std + eps)).view(-1)
+    keep = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    groups = scores.view(-1, group_size)  # (G, k)
+    w = keep.view(-1, group_size).to(scores.dtype)  # (G, k)
+    count = w.sum(1, keepdim=True)  # (G, 1) valid samples per group
+    mean = (groups * w).sum(1, keepdim=True) / count.clamp(min=1)
+    # Unbiased (n - 1) std over the valid samples, as torch.std.
+    var = (((groups - mean) ** 2) * w).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+    adv = (groups - mean) / (var.sqrt() + eps) * w
+    return torch.where(count > 1, adv, torch.zeros_like(adv)).view(-1)
 
 
 def policy_loss(
