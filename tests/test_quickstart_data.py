@@ -13,10 +13,10 @@ import pytest
 from pipelines.data.text import jaccard, words
 from pipelines.quickstart.config import GenerateConfig
 from pipelines.quickstart.generate import JUNK_KINDS, generate
-from pipelines.quickstart.task import format_prompt, is_correct, parse_answer, reward
+from pipelines.quickstart.task import format_answer, format_prompt, has_carry, is_correct, parse_answer, reward
 
 _PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
-_ARITHMETIC = re.compile(r"What is (\d+) \+ (\d+)\? (\d+)\.|(\d+) plus (\d+) equals (\d+)\.")
+_ARITHMETIC = re.compile(r"What is (\d+) \+ (\d+)\? \d+ \+ \d+ = (\d+)\.|(\d+) plus (\d+) equals (\d+)\.")
 
 
 def _small(out_dir: Path) -> GenerateConfig:
@@ -84,6 +84,7 @@ def test_same_config_gives_byte_identical_files(tmp_path: Path) -> None:
         "preferences.jsonl",
         "ppo_prompts.jsonl",
         "eval_prompts.jsonl",
+        "eval_preferences.jsonl",
     }
     assert set(files_a) == expected, "writes these files and nothing else"
     for name, lines in first.items():
@@ -204,28 +205,29 @@ def test_junk_is_what_its_kind_says(docs: dict[str, str], truth: dict[str, Any])
 
 def test_task_functions_on_hand_made_cases() -> None:
     assert format_prompt(12, 7) == "What is 12 + 7?"
+    assert format_answer(12, 7, 19) == "12 + 7 = 19."
+    assert parse_answer("12 + 7 = 19.") == 19, "the answer follows the '='"
     assert parse_answer("19") == 19
     assert parse_answer("The answer is -3.") == -3
-    assert parse_answer("19, since 12 + 7 = 19.") == 19
-    assert parse_answer("12 + 7 = 19") == 12, "the first integer is the answer"
+    assert parse_answer("12 + 7 = 19 = 20") == 19
+    assert parse_answer("12 + 7 =") is None
     assert parse_answer("I am not sure.") is None
-    assert is_correct("The answer is 19.", 19)
-    assert not is_correct("The answer is 18.", 19)
-    assert not is_correct("nineteen", 19)
+    assert is_correct("12 + 7 = 19.", 19)
+    assert not is_correct("12 + 7 = 18.", 19)
+    assert not is_correct("12 + 7 equals nineteen", 19)
+    assert has_carry(17, 25) and not has_carry(12, 7) and has_carry(5, 5)
 
 
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
+        ("12 + 7 = 19.", 1.0),
         ("19", 1.0),
-        ("The answer is 19.", 1.0),
         ("Adding the two numbers together gives 19, which is the sum.", 0.9),
         ("I do not know.", 0.0),
-        ("20", 0.45),
-        ("14", 0.25),
-        ("29", 0.0),
-        ("Adding the two numbers together gives 14, which is the sum.", 0.15),
-        ("Adding the two numbers together gives 40, which is the sum.", 0.0),
+        ("12 + 7 = 9.", 0.0),  # a dropped ten earns nothing: no partial credit
+        ("12 + 7 = 20.", 0.0),
+        ("12 + 7 =", 0.0),  # the format alone earns nothing
     ],
 )
 def test_reward_shape(response: str, expected: float) -> None:
@@ -237,6 +239,7 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
     assert len(sft) == 200
     chat = [row for row in sft if "messages" in row]
     assert 0.3 <= len(chat) / len(sft) <= 0.7
+    flawed = carries = 0
     for row in sft:
         if "messages" in row:
             user, assistant = row["messages"]
@@ -245,22 +248,37 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
         else:
             prompt, response = row["prompt"], row["response"]
         a, b = _pair(prompt)
-        assert is_correct(response, a + b)
+        assert response.startswith(f"{a} + {b} = ")
+        if has_carry(a, b):
+            carries += 1
+            # The teacher's one flaw: a dropped carry, on carry sums only.
+            assert parse_answer(response) in (a + b, a + b - 10)
+            flawed += not is_correct(response, a + b)
+        else:
+            assert is_correct(response, a + b)
+    assert 0.45 <= flawed / carries <= 0.75  # teacher_carry_error 0.6
 
     preferences = _read_jsonl(out / "preferences.jsonl")
     assert len(preferences) == 200
+    same = [row for row in preferences if row["same_format"]]
+    assert 0.6 <= len(same) / len(preferences) <= 0.9
     for row in preferences:
         a, b = _pair(row["prompt"])
-        assert is_correct(row["chosen"], a + b)
+        assert is_correct(row["chosen"], a + b) and row["chosen"] == format_answer(a, b, a + b)
         assert not is_correct(row["rejected"], a + b)
         guess = parse_answer(row["rejected"])
-        assert guess is None or 1 <= abs(guess - (a + b)) <= 10
+        if row["same_format"]:
+            assert row["rejected"].startswith(f"{a} + {b} = ") and guess is not None and guess >= 0
+        else:
+            assert guess is None
         chosen, rejected = (reward(row["prompt"], row[k], a + b) for k in ("chosen", "rejected"))
         assert chosen > rejected
 
     for name in ("ppo_prompts.jsonl", "eval_prompts.jsonl"):
         for row in _read_jsonl(out / name):
             assert sum(_pair(row["prompt"])) == row["answer"]
+    held = [_pair(row["prompt"]) for row in _read_jsonl(out / "eval_preferences.jsonl")]
+    assert held == [_pair(row["prompt"]) for row in _read_jsonl(out / "eval_prompts.jsonl")]
 
 
 def test_eval_pairs_are_held_out_from_everything(

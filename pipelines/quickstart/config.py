@@ -24,6 +24,9 @@ class GenerateConfig(Section):
     # Addition task: operands are drawn from [0, max_operand].
     max_operand: int = Field(default=49, ge=1)
     sft_examples: int = Field(default=3000, ge=10)
+    # Share of the SFT demonstrations of sums that need a carry where the teacher drops it
+    # (17 + 25 = 32): a systematic flaw that imitation learns and RL can undo.
+    teacher_carry_error: float = Field(default=0.6, ge=0.0, le=1.0)
     preference_pairs: int = Field(default=2000, ge=10)
     ppo_prompts: int = Field(default=512, ge=10)
     eval_prompts: int = Field(default=200, ge=10)

@@ -26,7 +26,7 @@ from typing import Any
 from core.rundir import atomic_write_json, atomic_write_text
 from pipelines.data.text import jaccard
 from pipelines.quickstart.config import GenerateConfig
-from pipelines.quickstart.task import format_prompt
+from pipelines.quickstart.task import format_answer, format_prompt, has_carry
 
 # An addition task's operands (a, b).
 Pair = tuple[int, int]
@@ -56,15 +56,7 @@ _PREPOSITIONS = ("with", "under", "near", "from", "over", "after", "before", "fo
 # are never edited, so every arithmetic sentence in a copy stays true.
 _EDITABLE = re.compile(r"[A-Za-z]+[.,?]?")
 
-# Correct-answer styles for SFT and preferences. The answer is always the first integer, since
-# that is what ``tasks.parse_answer`` grades; the last style is longer than 8 words, so PPO has a
-# length penalty to sharpen away even when the model is already right.
-_ANSWER_STYLES = (
-    "{s}",
-    "The answer is {s}.",
-    "{s}, since {a} + {b} = {s}.",
-    "Adding the two numbers together gives {s}, which is the sum.",
-)
+# Hedges: responses that answer nothing, the "different format" rejects of the preference data.
 _RAMBLES = (
     "Let me think about this carefully before I answer.",
     "Addition means putting two amounts together into one.",
@@ -156,7 +148,7 @@ def _sentence(rng: random.Random, vocab: Vocabulary, topic: list[str]) -> str:
 def _arithmetic_sentence(rng: random.Random, pairs: list[Pair]) -> str:
     a, b = rng.choice(pairs)
     if rng.random() < 0.5:
-        return f"{format_prompt(a, b)} {a + b}."
+        return f"{format_prompt(a, b)} {format_answer(a, b, a + b)}"
     return f"{a} plus {b} equals {a + b}."
 
 
@@ -316,23 +308,29 @@ def split_pairs(
     return [p for p in pairs if p not in blocked], held_out
 
 
-def _answer(rng: random.Random, a: int, b: int, value: int) -> str:
-    return rng.choice(_ANSWER_STYLES).format(a=a, b=b, s=value)
+def teacher_answer(rng: random.Random, a: int, b: int, carry_error: float) -> str:
+    """The SFT demonstrator's answer: right, except that it drops the carry on a share of the
+    sums that need one (writing 17 + 25 = 32) — a systematic flaw, as real demonstrations have,
+    which imitation learns and reinforcement against a verifier or a reward model can undo."""
+    value = a + b
+    if has_carry(a, b) and rng.random() < carry_error:
+        value -= 10
+    return format_answer(a, b, value)
 
 
-def _wrong_answer(rng: random.Random, a: int, b: int) -> str:
-    # A quarter ramble without a number; the rest are off by 1..10, never negative.
-    if rng.random() < 0.25:
-        return " ".join(rng.sample(_RAMBLES, rng.randint(2, 3)))
-    offset = rng.randint(1, 10) * rng.choice((-1, 1))
-    if a + b + offset < 0:
-        offset = -offset
-    return _answer(rng, a, b, a + b + offset)
+def _wrong_value(rng: random.Random, a: int, b: int) -> int:
+    # Half the wrong sums drop the carry (or miss the tens digit by one), the rest are off by 1..9.
+    if rng.random() < 0.5:
+        if has_carry(a, b):
+            return a + b - 10
+        return a + b + (rng.choice((-10, 10)) if a + b >= 10 else 10)
+    offset = rng.randint(1, 9) * rng.choice((-1, 1))
+    return a + b + (offset if a + b + offset >= 0 else -offset)
 
 
-def sft_example(rng: random.Random, a: int, b: int) -> dict[str, Any]:
-    """One correct demonstration, in chat (``messages``) or plain (``prompt``/``response``) form."""
-    prompt, response = format_prompt(a, b), _answer(rng, a, b, a + b)
+def sft_example(rng: random.Random, a: int, b: int, carry_error: float) -> dict[str, Any]:
+    """One teacher demonstration, in chat (``messages``) or plain (``prompt``/``response``) form."""
+    prompt, response = format_prompt(a, b), teacher_answer(rng, a, b, carry_error)
     if rng.random() < 0.5:
         return {
             "messages": [
@@ -344,11 +342,22 @@ def sft_example(rng: random.Random, a: int, b: int) -> dict[str, Any]:
 
 
 def preference_pair(rng: random.Random, a: int, b: int) -> dict[str, Any]:
-    """A correct (chosen) and a wrong (rejected) response to the same prompt."""
+    """A right (chosen) and a worse (rejected) response to the same prompt.
+
+    Three rejects in four state a wrong sum in the same format as the chosen one
+    (``same_format: true``): the reward model must check the sum, not the shape. The rest hedge
+    without answering.
+    """
+    same_format = rng.random() < 0.75
+    if same_format:
+        rejected = format_answer(a, b, _wrong_value(rng, a, b))
+    else:
+        rejected = " ".join(rng.sample(_RAMBLES, rng.randint(1, 2)))
     return {
         "prompt": format_prompt(a, b),
-        "chosen": _answer(rng, a, b, a + b),
-        "rejected": _wrong_answer(rng, a, b),
+        "chosen": format_answer(a, b, a + b),
+        "rejected": rejected,
+        "same_format": same_format,
     }
 
 
@@ -419,11 +428,14 @@ def build_corpus(cfg: GenerateConfig, pairs: list[Pair]) -> tuple[list[str], dic
 def build_task_data(
     cfg: GenerateConfig, train_pairs: list[Pair], eval_pairs: list[Pair]
 ) -> dict[str, list[dict[str, Any]]]:
-    """The task files' rows by file name; each training file draws from its own stream."""
-    sft, preferences, ppo = (_rng(cfg.seed, name) for name in ("sft", "preferences", "ppo"))
+    """The task files' rows by file name; each file draws from its own stream.
+
+    ``eval_preferences.jsonl`` pairs are built on the held-out pairs, for ``kiln eval`` only.
+    """
+    sft, preferences, ppo, held = (_rng(cfg.seed, name) for name in ("sft", "preferences", "ppo", "eval_preferences"))
     return {
         "sft.jsonl": [
-            sft_example(sft, *sft.choice(train_pairs)) for _ in range(cfg.sft_examples)
+            sft_example(sft, *sft.choice(train_pairs), cfg.teacher_carry_error) for _ in range(cfg.sft_examples)
         ],
         "preferences.jsonl": [
             preference_pair(preferences, *preferences.choice(train_pairs))
@@ -433,6 +445,7 @@ def build_task_data(
             _prompt_row(*ppo.choice(train_pairs)) for _ in range(cfg.ppo_prompts)
         ],
         "eval_prompts.jsonl": [_prompt_row(a, b) for a, b in eval_pairs],
+        "eval_preferences.jsonl": [preference_pair(held, a, b) for a, b in eval_pairs],
     }
 
 
@@ -444,8 +457,8 @@ def generate(cfg: GenerateConfig) -> dict[str, int]:
     """Write the quickstart corpus, its ground truth and the task data under ``cfg.out_dir``.
 
     Files: ``pretrain/part-000{0..3}.jsonl`` (``{"id", "text"}`` per line), ``ground_truth.json``,
-    ``sft.jsonl``, ``preferences.jsonl``, ``ppo_prompts.jsonl``, ``eval_prompts.jsonl``; each
-    written atomically.
+    ``sft.jsonl``, ``preferences.jsonl``, ``ppo_prompts.jsonl``, ``eval_prompts.jsonl``,
+    ``eval_preferences.jsonl``; each written atomically.
 
     Args:
         cfg: Sizes, seed and output folder.

@@ -1,8 +1,11 @@
-"""The quickstart's checkable task: two-operand addition.
+"""The quickstart's checkable task: two-operand addition, answered as an equation.
 
 Addition was chosen because a program can grade every answer, so the later stages (SFT, reward
-model, PPO) can show that the model got *better at the task*, not only that a loss moved. Pure
-Python with no heavy imports: PPO loads ``reward`` as a ``module:function`` reward in its actors.
+model, PPO) can show that the model got *better at the task*, not only that a loss moved. The
+answer format is ``"{a} + {b} = {s}."``: restating the operands right before the sum gives a tiny
+model the digits it adds next to where it writes the result (answering with the bare sum first
+was learnt far more slowly). Pure Python with no heavy imports: PPO loads ``reward`` as a
+``module:function`` reward in its actors.
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ import re
 
 _INTEGER = re.compile(r"-?\d+")
 
-# Answers longer than this many (whitespace-separated) words are penalised by ``reward``.
+# Answers longer than this many (whitespace-separated) words lose LENGTH_PENALTY of their reward.
 MAX_SHORT_WORDS = 8
 LENGTH_PENALTY = 0.1
-# A wrong answer earns partial credit that falls linearly to zero at this absolute error.
-PARTIAL_CREDIT_ERROR_SCALE = 10
 
 
 def format_prompt(a: int, b: int) -> str:
@@ -31,43 +32,47 @@ def format_prompt(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
+def format_answer(a: int, b: int, value: int) -> str:
+    """A response stating ``value`` as the sum: ``"{a} + {b} = {value}."``."""
+    return f"{a} + {b} = {value}."
+
+
+def has_carry(a: int, b: int) -> bool:
+    """Whether adding the units digits carries into the tens (e.g. 17 + 25: 7 + 5 = 12)."""
+    return a % 10 + b % 10 >= 10
+
+
 def parse_answer(response: str) -> int | None:
-    """The answer a response gives: its first integer (with an optional leading minus).
+    """The answer a response gives: the first integer after its first ``=``, or, without an
+    ``=``, its first integer.
 
     Args:
         response: The model's text.
 
     Returns:
-        The first integer in ``response``, or None when it contains none.
+        The stated answer, or None when there is none.
     """
-    match = _INTEGER.search(response)
+    _, eq, after = response.partition("=")
+    match = _INTEGER.search(after if eq else response)
     return int(match.group()) if match else None
 
 
 def is_correct(response: str, answer: int) -> bool:
-    """Whether the response's first integer is the right answer.
+    """Whether the response states the right sum (``parse_answer(response) == answer``).
 
     Args:
         response: The model's text.
         answer: The true sum.
-
-    Returns:
-        True when ``parse_answer(response) == answer``.
     """
     return parse_answer(response) == answer
 
 
 def reward(prompt: str, response: str, answer: int) -> float:
-    """The programmatic reward PPO uses for the addition task; a pure function in [0, 1].
+    """The programmatic reward for the addition task; a pure function in [0, 1].
 
-    Shape, with ``err = parse_answer(response) - answer`` and ``long`` meaning more than
-    ``MAX_SHORT_WORDS`` (8) whitespace-separated words:
-
-    - no integer in the response: 0.0;
-    - ``err == 0``: 1.0, or 0.9 when ``long``;
-    - otherwise partial credit ``0.5 * max(0, 1 - |err| / 10)`` (0.45 at |err| = 1, 0 from
-      |err| = 10 on), minus 0.1 when ``long``, floored at 0.0 so that a far-off rambling answer
-      never scores below an answer with no number at all.
+    1.0 for the right sum, 0.0 for a wrong one or none; a response of more than
+    ``MAX_SHORT_WORDS`` words loses ``LENGTH_PENALTY``. No partial credit: a sum off by ten (a
+    dropped carry) is as wrong as any other, and a format alone earns nothing.
 
     Args:
         prompt: The prompt (unused; part of the ``module:function`` reward interface).
@@ -77,13 +82,9 @@ def reward(prompt: str, response: str, answer: int) -> float:
     Returns:
         The reward.
     """
-    guess = parse_answer(response)
-    if guess is None:
+    if not is_correct(response, answer):
         return 0.0
-    err = abs(guess - answer)
-    credit = 1.0 if err == 0 else 0.5 * max(0.0, 1.0 - err / PARTIAL_CREDIT_ERROR_SCALE)
-    penalty = LENGTH_PENALTY if len(response.split()) > MAX_SHORT_WORDS else 0.0
-    return max(0.0, credit - penalty)
+    return 1.0 - (LENGTH_PENALTY if len(response.split()) > MAX_SHORT_WORDS else 0.0)
 
 
 def correct(prompt: str, response: str, answer: int) -> bool:

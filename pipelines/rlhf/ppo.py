@@ -178,7 +178,7 @@ def generate(actors: Actors, prompt_ids: list[list[int]], p: PpoConfig, seed: in
     for attempt in range(p.rollout.max_restarts + 1):
         try:
             if actors.version and _rollout_version(actors) != actors.version:
-                print(f"kiln ppo: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
+                print(f"kiln: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
                 ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
             return ray.get(actors.rollout.generate.remote(prompt_ids, 1 if greedy else p.samples_per_prompt, seed, greedy))
         except ray.exceptions.ActorUnavailableError:
@@ -333,13 +333,20 @@ def restore(actors: Actors, checkpoint: Path) -> State:
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
-    """Train with PPO (or resume, or skip if finished); returns the stage summary."""
-    if cfg.ppo is None:
-        raise ValueError("config has no 'ppo' section")
-    p = cfg.ppo
-    stage_dir = (cfg.run.dir / STAGE).resolve()
-    digest = cfg.digest(STAGE)
+def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, Any]:
+    """Train with PPO (or resume, or skip if finished); returns the stage summary.
+
+    Args:
+        cfg: the run's config.
+        force: redo a finished stage.
+        stage: the config section and run-directory folder: ``ppo``, or ``grpo`` for a second RL
+            run from the same SFT model (same section schema).
+    """
+    p: PpoConfig | None = getattr(cfg, stage)
+    if p is None:
+        raise ValueError(f"config has no '{stage}' section")
+    stage_dir = (cfg.run.dir / stage).resolve()
+    digest = cfg.digest(stage)
     # 0. Inputs are checked before any actor starts.
     policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
     reward_model = check_model_dir(Path(p.reward_model).resolve()) if p.reward_model else None
@@ -358,11 +365,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         raise ValueError(f"ppo: {len(prompts)} usable prompts in {p.prompts} ({skipped} over max_prompt_tokens), "
                          f"fewer than prompts_per_step ({p.prompts_per_step})")  # fmt: skip
     eval_prompts = load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)[0] if p.eval_prompts else []
-    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+    if (done := prepare_stage(stage_dir, stage, digest, force)) is not None:
         return done
     if force:
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-    print(f"kiln ppo: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
+    print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
           f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
 
     # 1. Actors; resume from the latest checkpoint, or measure the starting policy. The actors are
@@ -371,7 +378,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     actors = start_actors(p, policy, reward_model, critic_init)
     try:
-        after = _train(actors, p, stage_dir, prompts, eval_prompts, metric, tokenizer.pad_token_id)
+        after = _train(actors, p, stage_dir, prompts, eval_prompts, metric, tokenizer.pad_token_id, stage)
     finally:
         for actor in actors.all():
             ray.kill(actor)
@@ -388,26 +395,27 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
-    mark_finished(stage_dir, STAGE, digest, summary)
-    print(f"kiln ppo: done {summary}", flush=True)
+    mark_finished(stage_dir, stage, digest, summary)
+    print(f"kiln {stage}: done {summary}", flush=True)
     return summary
 
 
 def _train(
-    actors: Actors, p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt], metric: Any, pad_id: int
+    actors: Actors, p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt], metric: Any,
+    pad_id: int, stage: str,
 ) -> dict[str, dict[str, float]]:
     """Resume or start, run the loop to ``max_steps``, export the policy; the held-out figures before and after."""
-    metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(STAGE).record)
+    metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(stage).record)
     checkpoints = stage_dir / "checkpoints"
     if (ckpt := latest_checkpoint(checkpoints)) is not None:
         state = restore(actors, ckpt)
-        print(f"kiln ppo: resumed from {ckpt.name}", flush=True)
+        print(f"kiln {stage}: resumed from {ckpt.name}", flush=True)
     else:
         state = State(kl_coef=p.kl_coef)
         if eval_prompts:
             state.eval_before = evaluate(actors, eval_prompts, p, metric)
             metrics.write({"step": 0, **{f"eval_{k}": v for k, v in state.eval_before.items()}})
-            print(f"kiln ppo: before training {state.eval_before}", flush=True)
+            print(f"kiln {stage}: before training {state.eval_before}", flush=True)
 
     # 2. The loop.
     while state.step < p.max_steps:
@@ -415,7 +423,7 @@ def _train(
         if eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps):
             record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
         metrics.write(record)
-        print("kiln ppo: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+        print(f"kiln {stage}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                       if not k.startswith("time_") or k == "time_step_s"), flush=True)  # fmt: skip
         if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
             save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
