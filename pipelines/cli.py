@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -63,6 +64,12 @@ def _ppo(cfg: KilnConfig, force: bool) -> None:
     ppo.run(cfg, force=force)
 
 
+def _eval(cfg: KilnConfig, force: bool, models: list[str] | None = None) -> None:
+    from pipelines.eval import stage as evaluation
+
+    evaluation.run(cfg, force=force, models=models)
+
+
 # Stages in pipeline order; `kiln run` runs those whose section the config has.
 STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "generate": _generate,
@@ -71,6 +78,7 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "sft": _sft,
     "reward_model": _reward_model,
     "ppo": _ppo,
+    "eval": _eval,
 }
 
 
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sft": "fine-tune on chat data, loss on response tokens only",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
         "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
+        "eval": "measure every stage's model on held-out prompts (accuracy with CIs, pass@k, reward, KL, perplexity)",
         "run": "every stage the config has, in order (finished stages are skipped), then the report",
         "report": "write <run>/report.md with PNG plots from what the stages wrote",
     }
@@ -157,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path, help="YAML config file")
         p.add_argument("--force", action="store_true", help="redo finished stages")
+    sub.choices["eval"].add_argument(
+        "--models", nargs="+", action="extend", metavar="NAME=PATH",
+        help="evaluate these Hugging Face model directories, in this order, instead of the run's stage models",
+    )  # fmt: skip
     sub.choices["run"].add_argument("--serve", action="store_true", help="then serve the final model (Ctrl-C stops)")
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve + vLLM)")
     p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     # process and, through init_ray's worker environment, for every Ray worker.
     os.environ.setdefault("DS_ACCELERATOR", job_env_vars(cfg)["DS_ACCELERATOR"])
     action = {"run": _run_all, "report": _report}.get(args.command) or STAGES[args.command.replace("-", "_")]
+    if args.command == "eval":
+        action = functools.partial(_eval, models=args.models)
     try:
         action(cfg, args.force)
     except (ConfigError, FileNotFoundError, ValueError, StageConfigChanged) as e:

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError
 from cluster.config import RayConfig
 from core.config import ConfigError, Section, format_errors
 from pipelines.data.config import DataConfig
+from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
 from pipelines.rlhf.config import PpoConfig
 from pipelines.train.config import PretrainConfig, RewardModelConfig, SftConfig
@@ -60,6 +61,7 @@ class KilnConfig(Section):
     sft: SftConfig | None = None
     reward_model: RewardModelConfig | None = None
     ppo: PpoConfig | None = None
+    eval: EvalConfig | None = None
     serve: ServeConfig | None = None
 
     def digest(self, section: str) -> str:

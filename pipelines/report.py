@@ -9,7 +9,9 @@ noted as not run):
   repeated steps keep their last record;
 - ``<stage>/stage.json``: the stage finished, with its summary (``seconds`` gives the duration);
 - ``ppo/eval.json``: ``{"before": {"reward", "accuracy", "prompts"}, "after": {...}}``, the SFT model
-  and the PPO policy on held-out prompts.
+  and the PPO policy on held-out prompts;
+- ``eval/summary.json`` (``kiln eval``): every model side by side with 95 % intervals, and McNemar
+  tests between consecutive stages; the report renders its table and plots the task accuracy.
 
 Every input is read and checked before anything is written, and the plots are drawn into a
 temporary folder that replaces ``report/`` only when all of them are done, so a malformed input or
@@ -28,8 +30,9 @@ from typing import Any
 from core.jsonl import BadRecord
 from core.metrics import read_metrics
 from core.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
+from pipelines.eval.table import COMPARISON_HEADER, comparison_cells, model_cells, model_header
 
-STAGES = ("data", "pretrain", "sft", "reward_model", "ppo")
+STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "eval")
 TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo")
 REPORT_FILE = "report.md"
 REPORT_DIR = "report"
@@ -47,7 +50,8 @@ class StageData:
         name: the stage's run-directory folder.
         marker: its ``stage.json`` (None: not finished).
         records: per-step metric records, sorted by step, one per step.
-        report: the data stage's ``data_report.json``; ``ppo/eval.json`` for PPO.
+        report: the data stage's ``data_report.json``; ``ppo/eval.json`` for PPO; ``eval/summary.json``
+            for the evaluation.
     """
 
     name: str
@@ -124,6 +128,20 @@ def _read_eval(path: Path) -> dict[str, Any] | None:
     return obj
 
 
+def _read_eval_summary(path: Path) -> dict[str, Any] | None:
+    """``eval/summary.json``, checked: a list of model objects, each with its name, and a list of
+    comparison objects."""
+    obj = read_json(path)
+    if obj is None:
+        return None
+    models, comparisons = obj.get("models"), obj.get("comparisons", [])
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("model"), str) for m in models):
+        raise ReportInputError(f"{path}: 'models' must be a list of objects with a 'model' name, got {models!r}")
+    if not isinstance(comparisons, list) or not all(isinstance(c, dict) for c in comparisons):
+        raise ReportInputError(f"{path}: 'comparisons' must be a list of objects, got {comparisons!r}")
+    return obj
+
+
 def load_run(run_dir: Path) -> dict[str, StageData]:
     """Every stage's inputs, read and checked (see the module docstring), keyed by stage name."""
     stages = {name: StageData(name, marker=read_json(run_dir / name / STAGE_MARKER)) for name in STAGES}
@@ -132,6 +150,7 @@ def load_run(run_dir: Path) -> dict[str, StageData]:
     data = stages["data"]
     data.report = read_json(run_dir / "data" / "data_report.json") or (data.summary or None)
     stages["ppo"].report = _read_eval(run_dir / "ppo" / "eval.json")
+    stages["eval"].report = _read_eval_summary(run_dir / "eval" / "summary.json")
     return stages
 
 
@@ -219,6 +238,16 @@ def _ppo_results(stage: StageData) -> str:
     return ", ".join(parts)
 
 
+def _eval_results(summary: dict[str, Any]) -> str:
+    models = summary["models"]
+    graded = [m for m in models if _is_number(m.get("task_accuracy"))]
+    text = f"{len(models)} models on {_fmt((summary.get('prompts') or {}).get('n'))} held-out prompts"
+    if graded:
+        best = max(graded, key=lambda m: m["task_accuracy"])
+        text += f"; best greedy accuracy {best['model']} {model_cells(best)[1]} (table below)"
+    return text
+
+
 def _results(stage: StageData) -> str:
     if stage.status == "not run":
         return "—"
@@ -226,6 +255,8 @@ def _results(stage: StageData) -> str:
         return _data_results(stage.report) if stage.report else "—"
     if stage.name == "ppo":
         return _ppo_results(stage) or "—"
+    if stage.name == "eval":
+        return _eval_results(stage.report) if stage.report else "—"
     return _training_results(stage)
 
 
@@ -320,6 +351,26 @@ def _plot_before_after(evaluation: dict[str, Any] | None, out: Path) -> bool:
     return True
 
 
+def _plot_eval_accuracy(summary: dict[str, Any] | None, out: Path) -> bool:
+    models = [m for m in (summary or {}).get("models", []) if _is_number(m.get("task_accuracy"))]
+    if not models:
+        return False
+    fig, (ax,) = _figure()
+    names, acc = [m["model"] for m in models], [m["task_accuracy"] for m in models]
+    # Asymmetric error bars: the Wilson interval is not centred on the estimate.
+    cis = [m.get("task_accuracy_ci95") or [a, a] for m, a in zip(models, acc)]
+    yerr = [[a - lo for a, (lo, _) in zip(acc, cis)], [hi - a for a, (_, hi) in zip(acc, cis)]]
+    ax.bar(names, acc, yerr=yerr, capsize=6, color="tab:blue", ecolor="black")
+    for x, (a, (_, hi)) in enumerate(zip(acc, cis)):
+        ax.text(x, hi + 0.02, f"{a:.1%}", ha="center")  # above the error bar, which it would hide
+    ax.set_ylim(0.0, 1.08)
+    ax.set_ylabel("task accuracy (greedy)")
+    ax.set_title(f"Held-out task accuracy by stage (n = {models[0].get('n', '?')}, 95% Wilson CI)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out, dpi=100)
+    return True
+
+
 def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot], list[str]]:
     """Draw every plot that has data into ``out_dir``; returns the plots and notes on the missing ones."""
     ppo = stages["ppo"]
@@ -343,6 +394,9 @@ def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot]
         ("ppo", Plot("ppo_before_after.png", "Task metric before and after PPO",
                      f"Task metric before (SFT model) and after PPO{on_prompts}."),
          lambda out: _plot_before_after(ppo.report, out)),
+        ("eval", Plot("eval_accuracy.png", "Task accuracy by stage",
+                      "Held-out task accuracy of every model (greedy decoding), with 95 % Wilson intervals."),
+         lambda out: _plot_eval_accuracy(stages["eval"].report, out)),
     ]
     plots, missing = [], []
     for stage, plot, draw in wanted:
@@ -355,6 +409,30 @@ def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot]
 
 
 # ---- the report -----------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _eval_section(summary: dict[str, Any]) -> list[str]:
+    """Every model side by side, then the paired comparisons (``kiln eval``)."""
+    prompts = (summary.get("prompts") or {}).get("n")
+    lines = ["", "## Evaluation", "",
+             f"{_fmt(prompts)} held-out prompts. Accuracy: greedy decoding, 95 % Wilson interval; "
+             f"pass@{summary.get('k', 'k')}: {summary.get('k', 'k')} samples per prompt at temperature "
+             f"{summary.get('temperature', '—')}; reward and RM score: means over the greedy responses; "
+             f"KL: per-response k1 estimate against {summary.get('reference', 'the reference')}.", ""]  # fmt: skip
+    lines += _table(model_header(summary), [model_cells(m) for m in summary["models"]])
+    if summary.get("comparisons"):
+        lines += ["", "Paired comparisons on the same prompts (McNemar's exact test on greedy correctness):", ""]
+        lines += _table(COMPARISON_HEADER, [comparison_cells(c) for c in summary["comparisons"]])
+    rm = summary.get("reward_model") or {}
+    if _is_number(rm.get("pairwise_accuracy")):
+        lines += ["", f"Reward model: pairwise accuracy {_pct(rm['pairwise_accuracy'])} on {_fmt(rm.get('pairs'))} "
+                      f"held-out pairs, {_pct(rm.get('pairwise_accuracy_same_format'))} on the "
+                      f"{_fmt(rm.get('pairs_same_format'))} pairs of the same format."]  # fmt: skip
+    return lines
 
 
 def _markdown(run_dir: Path, stages: dict[str, StageData], plots: list[Plot], missing: list[str]) -> str:
@@ -371,6 +449,8 @@ def _markdown(run_dir: Path, stages: dict[str, StageData], plots: list[Plot], mi
     ]
     for stage in stages.values():
         lines.append(f"| {stage.name} | {stage.status} | {_duration(_stage_seconds(stage))} | {_results(stage)} |")
+    if stages["eval"].report:
+        lines += _eval_section(stages["eval"].report)
     lines += ["", "## Plots", ""]
     for number, plot in enumerate(plots, start=1):
         lines += [f"![{plot.title}]({REPORT_DIR}/{plot.file})", "", f"*Figure {number}. {plot.caption}*", ""]

@@ -48,3 +48,14 @@ def test_digest_tracks_section_changes() -> None:
     a = parse_config(MINIMAL)
     b = parse_config({**MINIMAL, "data": {"input": {"paths": ["y"]}}})
     assert a.digest("data") == parse_config(MINIMAL).digest("data") != b.digest("data")
+
+
+def test_eval_section_is_strict() -> None:
+    cfg = parse_config({"run": {"name": "t"}, "eval": {}})
+    assert cfg.eval is not None and cfg.eval.samples_per_prompt == 8 and cfg.eval.engine.dtype == "float32"
+    with pytest.raises(ConfigError, match=r"eval\.samples_per_promt: Extra inputs are not permitted"):
+        parse_config({"run": {"name": "t"}, "eval": {"samples_per_promt": 4}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"eval\.engine\.dtyp: Extra inputs are not permitted"):
+        parse_config({"run": {"name": "t"}, "eval": {"engine": {"dtyp": "float32"}}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"eval\.metric_function: Value error, expected 'module:function'"):
+        parse_config({"run": {"name": "t"}, "eval": {"metric_function": "no_colon"}}, "c.yaml")

@@ -17,7 +17,8 @@ from core.metrics import read_metrics
 from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "ppo_reward_kl.png", "ppo_before_after.png")
+ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "ppo_reward_kl.png", "ppo_before_after.png",
+            "eval_accuracy.png")
 
 FAKE_DATA_REPORT = {
     "documents": {"in": 4700, "kept": 4100, "exact_duplicates": 200, "near_duplicates": 200, "filtered": 200,
@@ -61,6 +62,26 @@ FAKE_PPO_METRICS = [
 ]
 FAKE_PPO_EVAL = {"before": {"reward": 0.2, "accuracy": 0.1, "prompts": 64},
                  "after": {"reward": 0.7, "accuracy": 0.55, "prompts": 64}}
+# kiln eval: three models on 200 prompts (base has no KL: it was measured against sft).
+FAKE_EVAL_SUMMARY = {
+    "models": [
+        {"model": "base", "n": 200, "k": 8, "task_accuracy": 0.05, "task_accuracy_ci95": [0.0275, 0.09],
+         "pass_at_k": 0.25, "reward_mean": 0.125, "rm_score_mean": -1.5, "val_perplexity": 42.52, "kl_to_ref": 3.25},
+        {"model": "sft", "n": 200, "k": 8, "task_accuracy": 0.43, "task_accuracy_ci95": [0.3625, 0.5],
+         "pass_at_k": 0.8125, "reward_mean": 0.5, "rm_score_mean": 0.75, "val_perplexity": 45.0, "kl_to_ref": 0.0},
+        {"model": "ppo", "n": 200, "k": 8, "task_accuracy": 0.6, "task_accuracy_ci95": [0.53, 0.665],
+         "pass_at_k": 0.875, "reward_mean": 0.7, "rm_score_mean": 1.25, "val_perplexity": None, "kl_to_ref": 0.375},
+    ],
+    "reward_model": {"pairwise_accuracy": 0.9, "pairwise_accuracy_same_format": 0.8, "pairs": 200,
+                     "pairs_same_format": 100},
+    "comparisons": [
+        {"a": "base", "b": "sft", "metric": "task_accuracy", "delta": 0.38, "p_value": 1.5e-20, "a_only": 2,
+         "b_only": 78, "n": 200},
+        {"a": "sft", "b": "ppo", "metric": "task_accuracy", "delta": 0.17, "p_value": 0.00125, "a_only": 10,
+         "b_only": 44, "n": 200},
+    ],
+    "reference": "sft", "k": 8, "temperature": 1.0, "prompts": {"n": 200},
+}
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -73,7 +94,10 @@ def _mark(stage_dir: Path, stage: str, summary: dict[str, Any]) -> None:
     (stage_dir / "stage.json").write_text(json.dumps({"stage": stage, "config_digest": "fake", "summary": summary}))
 
 
-def make_fake_run(root: Path, stages: tuple[str, ...] = ("data", "pretrain", "sft", "reward_model", "ppo")) -> Path:
+ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "eval")
+
+
+def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
     """A FAKE run directory with the hand-written inputs of ``stages``, each stage finished."""
     run = root / "fake-run"
     run.mkdir()
@@ -88,11 +112,16 @@ def make_fake_run(root: Path, stages: tuple[str, ...] = ("data", "pretrain", "sf
             _mark(run / stage, stage, {"seconds": seconds})
     if "ppo" in stages:
         (run / "ppo" / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
+    if "eval" in stages:
+        _mark(run / "eval", "eval", {"seconds": 125.0})
+        (run / "eval" / "summary.json").write_text(json.dumps(FAKE_EVAL_SUMMARY))
     return run
 
 
-def _row(markdown: str, stage: str) -> str:
-    rows = [line for line in markdown.splitlines() if line.startswith(f"| {stage} |")]
+def _row(markdown: str, stage: str, section: str = "Stages") -> str:
+    """The one row of ``section``'s table (``## Stages`` or ``## Evaluation``) that starts with ``stage``."""
+    lines = markdown.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = [line for line in lines if line.startswith(f"| {stage} |")]
     assert len(rows) == 1, markdown
     return rows[0]
 
@@ -150,6 +179,23 @@ def test_table_has_the_final_numbers(full_report: Path) -> None:
     )
 
 
+def test_eval_table_has_every_model_and_comparison(full_report: Path) -> None:
+    markdown = full_report.read_text()
+    assert _row(markdown, "eval") == (
+        "| eval | finished | 2 min 5 s | 3 models on 200 held-out prompts; best greedy accuracy ppo "
+        "60.0% [53.0%, 66.5%] (table below) |"
+    )
+    assert "| model | accuracy [95% CI] | pass@8 | reward | RM score | val ppl | KL to sft |" in markdown
+    assert _row(markdown, "base", "Evaluation") == "| base | 5.0% [2.8%, 9.0%] | 25.0% | 0.125 | -1.5 | 42.52 | 3.25 |"
+    assert _row(markdown, "sft", "Evaluation") == "| sft | 43.0% [36.2%, 50.0%] | 81.2% | 0.5 | 0.75 | 45 | 0 |"
+    assert _row(markdown, "ppo", "Evaluation") == "| ppo | 60.0% [53.0%, 66.5%] | 87.5% | 0.7 | 1.25 | — | 0.375 |"
+    assert _row(markdown, "base → sft", "Evaluation") == "| base → sft | +38.0 pts | 1.5e-20 | 2 / 78 | 200 |"
+    assert _row(markdown, "sft → ppo", "Evaluation") == "| sft → ppo | +17.0 pts | 0.0013 | 10 / 44 | 200 |"
+    assert "pairwise accuracy 90.0% on 200 held-out pairs, 80.0% on the 100 pairs of the same format" in markdown
+    assert "![Task accuracy by stage](report/eval_accuracy.png)" in markdown
+    _check_png(full_report.parent / REPORT_DIR / "eval_accuracy.png")
+
+
 def test_read_metrics_keeps_the_last_record_per_step(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "metrics.jsonl", FAKE_PRETRAIN_METRICS)
     records = read_metrics(tmp_path, by_step=True)
@@ -169,6 +215,7 @@ def test_missing_and_unfinished_stages_are_noted(tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / REPORT_DIR).iterdir()) == ["pretrain_loss.png", "sft_loss.png"]
     assert "`reward_model.png` (reward_model: not run)" in markdown
     assert "`ppo_reward_kl.png` (ppo: not run)" in markdown and "`ppo_before_after.png` (ppo: not run)" in markdown
+    assert _row(markdown, "eval") == "| eval | not run | — | — |" and "`eval_accuracy.png` (eval: not run)" in markdown
 
     # An empty run directory still gets a report that says so.
     empty = tmp_path / "empty-run"
@@ -214,6 +261,10 @@ def test_malformed_json_files_are_named(tmp_path: Path) -> None:
     run = make_fake_run(tmp_path)
     (run / "ppo" / "eval.json").write_text(json.dumps({"before": {"reward": "high"}, "after": {}}))
     with pytest.raises(ReportInputError, match=r"ppo/eval\.json: 'before' must be an object of numbers"):
+        write_report(run)
+    (run / "ppo" / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
+    (run / "eval" / "summary.json").write_text(json.dumps({"models": [{"n": 200}]}))
+    with pytest.raises(ReportInputError, match=r"eval/summary\.json: 'models' must be a list of objects"):
         write_report(run)
     (run / "data" / "data_report.json").write_text('{"documents":\n  {"in": 1,}\n}')
     with pytest.raises(ReportInputError, match=r"data/data_report\.json:2: malformed JSON"):

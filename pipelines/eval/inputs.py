@@ -1,0 +1,153 @@
+"""What the evaluation reads: the models to compare, held-out prompts and preference pairs, and the
+data stage's validation sequences. Every reader checks its input and names the file and line (or
+the command-line item) that is wrong, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from core.jsonl import BadRecord, read_jsonl
+
+# Default models of a run, in pipeline order: (name, folder under the run directory).
+STAGE_MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("grpo", "grpo"), ("dpo", "dpo"))
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model to evaluate: its name in the summary and its Hugging Face directory."""
+
+    name: str
+    path: Path
+
+
+def stage_models(run_dir: Path) -> list[Target]:
+    """Every stage model the run has written (``<run>/<stage>/model`` with a ``config.json``), in
+    pipeline order, named ``base``, ``sft``, ``ppo``, ``grpo``, ``dpo``."""
+    found = [Target(name, (run_dir / folder / "model").resolve()) for name, folder in STAGE_MODELS]
+    return [t for t in found if (t.path / "config.json").is_file()]
+
+
+def parse_models(items: list[str]) -> list[Target]:
+    """``--models name=path ...`` as targets, in the order given.
+
+    Raises:
+        ValueError: an item is not ``name=path``, its name is not ``[A-Za-z0-9._-]+``, or a name
+            repeats; the message quotes the item.
+    """
+    targets: list[Target] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--models: {item!r} is not name=path (e.g. sft=runs/quickstart/sft/model)")
+        if not _NAME.match(name):
+            raise ValueError(f"--models: {item!r}: the name may use only letters, digits, '.', '_' and '-'")
+        if any(t.name == name for t in targets):
+            raise ValueError(f"--models: {item!r}: the name {name!r} is given twice")
+        targets.append(Target(name, Path(path).resolve()))
+    if not targets:
+        raise ValueError("--models: give at least one name=path")
+    return targets
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One held-out prompt: as given (string or chat messages), its other fields, its source line."""
+
+    prompt: Any
+    fields: dict[str, Any]
+    where: str
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The prompt as chat messages (a string is one user turn), as PPO's prompts are."""
+        return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def read_prompts(path: Path) -> list[EvalPrompt]:
+    """The prompts of a JSONL file: ``{"prompt": str or chat messages, ...other fields}``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (naming it).
+        BadRecord: a line is not JSON or has no usable ``prompt`` (naming ``file:line``), or the
+            file has no prompt at all.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"eval prompts {path} not found")
+    prompts = []
+    for lineno, record in read_jsonl(path):
+        prompt = record.get("prompt")
+        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+            raise BadRecord(f"{path}:{lineno}: 'prompt' must be a non-empty string or a list of chat messages")
+        prompts.append(EvalPrompt(prompt, {k: v for k, v in record.items() if k != "prompt"}, f"{path}:{lineno}"))
+    if not prompts:
+        raise BadRecord(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_ids(tokenizer: Any, prompts: list[EvalPrompt]) -> list[list[int]]:
+    """Each prompt's token ids: the chat template with the assistant turn opened, as PPO samples."""
+    return [
+        list(tokenizer.apply_chat_template(q.messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        for q in prompts
+    ]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A held-out preference pair; ``same_format``: chosen and rejected share their surface form, so
+    only the content (e.g. the answer's correctness) separates them."""
+
+    prompt: Any
+    chosen: str
+    rejected: str
+    same_format: bool = False
+
+
+def read_preferences(path: Path) -> list[PreferencePair]:
+    """Preference pairs of a JSONL file: ``{"prompt", "chosen", "rejected", optional "same_format"}``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (naming it).
+        BadRecord: a record misses a key or has a wrong type (naming ``file:line``).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"eval preferences {path} not found")
+    pairs = []
+    for lineno, record in read_jsonl(path):
+        missing = {"prompt", "chosen", "rejected"} - set(record)
+        if missing:
+            raise BadRecord(f"{path}:{lineno}: missing {sorted(missing)}")
+        if not all(isinstance(record[k], str) for k in ("chosen", "rejected")):
+            raise BadRecord(f"{path}:{lineno}: 'chosen' and 'rejected' must be strings")
+        same = record.get("same_format", False)
+        if not isinstance(same, bool):
+            raise BadRecord(f"{path}:{lineno}: 'same_format' must be true or false, got {same!r}")
+        pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"], same))
+    return pairs
+
+
+def validation_sequences(run_dir: Path, count: int) -> np.ndarray | None:
+    """The first ``count`` rows of the data stage's validation shards, (N, seq_len) int64, in shard
+    order (deterministic); None when the run has no validation shards or ``count`` is 0."""
+    files = sorted((run_dir / "data" / "shards").glob("validation-*.parquet"))
+    if not files or count == 0:
+        return None
+    rows: list[np.ndarray] = []
+    have = 0
+    for f in files:
+        column = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
+        block = column.flatten().to_numpy().reshape(len(column), -1)  # fixed_size_list<int32>[seq_len]
+        rows.append(block[: count - have])
+        have += len(rows[-1])
+        if have >= count:
+            break
+    out = np.concatenate(rows).astype(np.int64)
+    return out if len(out) else None
