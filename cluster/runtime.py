@@ -14,6 +14,36 @@ from cluster.config import RayConfig
 # and Ray Data's per-operator progress bars are noise in a log.
 _WORKER_ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
+# Worker output (vLLM, DeepSpeed, Ray Data progress) on the driver's terminal: off by default, so a
+# stage shows its own progress bar and summary; `kiln --verbose` turns it on. Either way every
+# worker's output is in the Ray session's log directory (``ray_log_dir``).
+_VERBOSE = False
+
+
+def configure_output(verbose: bool) -> None:
+    """Show Ray workers' output and Ray Data's progress on the terminal (``--verbose``), or not."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    _apply_log_levels()
+
+
+def _apply_log_levels() -> None:
+    # Ray Data configures its loggers when it is imported, which may be after configure_output:
+    # init_ray applies the levels again.
+    level = logging.INFO if _VERBOSE else logging.WARNING
+    for name in ("ray.data", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(level)
+
+
+def ray_log_dir() -> str | None:
+    """This node's Ray session log directory (every worker's stdout and stderr), once Ray is up."""
+    if not ray.is_initialized():
+        return None
+    # Ray has no public accessor for it; a local session's logs are under its session directory.
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else None
+
+
 # Set by Ray's job supervisor in the environment of a submitted job's driver: the job's runtime
 # environment (working_dir, env_vars, ...) as JSON. ray.init() merges it with the one we pass.
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -39,6 +69,7 @@ def init_ray(cfg: RayConfig) -> None:
     names a cluster to join: inside a submitted job (``kiln submit``, ``ray job submit``, a KubeRay
     RayJob) Ray sets ``RAY_ADDRESS`` and the driver joins the job's cluster, whose size is fixed.
     """
+    _apply_log_levels()
     if ray.is_initialized():
         return
     joins = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
@@ -53,5 +84,5 @@ def init_ray(cfg: RayConfig) -> None:
         runtime_env={"env_vars": env_vars},
         include_dashboard=None,
         logging_level=logging.WARNING,
-        log_to_driver=True,
+        log_to_driver=_VERBOSE,
     )

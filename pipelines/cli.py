@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import RayConfig
-from cluster.runtime import init_ray
+from cluster.runtime import configure_output, init_ray, ray_log_dir
 from cluster.submit import SubmitError, job_env_vars, submit
 from core.config import ConfigError
 from core.jsonl import read_jsonl
@@ -64,6 +64,12 @@ def _ppo(cfg: KilnConfig, force: bool) -> None:
     ppo.run(cfg, force=force)
 
 
+def _grpo(cfg: KilnConfig, force: bool) -> None:
+    from pipelines.rlhf import ppo
+
+    ppo.run(cfg, force=force, stage="grpo")
+
+
 def _eval(cfg: KilnConfig, force: bool, models: list[str] | None = None) -> None:
     from pipelines.eval import stage as evaluation
 
@@ -78,6 +84,7 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "sft": _sft,
     "reward_model": _reward_model,
     "ppo": _ppo,
+    "grpo": _grpo,
     "eval": _eval,
 }
 
@@ -136,6 +143,19 @@ def _serve_target(target: Path, host: str | None = None, port: int | None = None
     serve_forever(app, cfg, first_prompt)
 
 
+def _link_ray_logs(cfg: KilnConfig) -> None:
+    """Point ``<run>/logs/ray`` at this Ray session's log directory (every worker's output)."""
+    logs = ray_log_dir()
+    if logs is None:
+        return
+    link = cfg.run.dir / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(logs).resolve(), target_is_directory=True)
+    print(f"kiln: Ray worker logs (vLLM, DeepSpeed, Ray Data) in {link}", file=sys.stderr)
+
+
 def _save_config(cfg: KilnConfig) -> None:
     atomic_write_text(cfg.run.dir / "config.yaml", dump_config(cfg))
 
@@ -158,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sft": "fine-tune on chat data, loss on response tokens only",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
         "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
+        "grpo": "a second RL run from the SFT model with GRPO (the grpo: section, written to <run>/grpo/)",
         "eval": "measure every stage's model on held-out prompts (accuracy with CIs, pass@k, reward, KL, perplexity)",
         "run": "every stage the config has, in order (finished stages are skipped), then the report",
         "report": "write <run>/report.md with PNG plots from what the stages wrote",
@@ -166,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path, help="YAML config file")
         p.add_argument("--force", action="store_true", help="redo finished stages")
+        p.add_argument("--verbose", action="store_true",
+                       help="show Ray workers' output (vLLM, DeepSpeed, Ray Data) here too (it is always in <run>/logs/ray)")
     sub.choices["eval"].add_argument(
         "--models", nargs="+", action="extend", metavar="NAME=PATH",
         help="evaluate these Hugging Face model directories, in this order, instead of the run's stage models",
@@ -212,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: {e}", file=sys.stderr)
         return 2
     _save_config(cfg)
+    configure_output(args.verbose)
     # DeepSpeed's accelerator follows the config (cuda when a section trains on GPUs), for this
     # process and, through init_ray's worker environment, for every Ray worker.
     os.environ.setdefault("DS_ACCELERATOR", job_env_vars(cfg)["DS_ACCELERATOR"])
@@ -221,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         action(cfg, args.force)
     except (ConfigError, FileNotFoundError, ValueError, StageConfigChanged) as e:
+        _link_ray_logs(cfg)
         # An error raised inside a Ray task arrives wrapped; the user needs the cause's message
         # (file and line), not the remote traceback.
         cause = getattr(e, "cause", None) or e
         print(f"kiln {args.command}: error: {cause}", file=sys.stderr)
         return 1
+    _link_ray_logs(cfg)
     if args.command == "run" and args.serve:
         _serve_target(args.config, first_prompt=_first_prompt(cfg))
     return 0

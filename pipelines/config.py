@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import RayConfig
 from core.config import ConfigError, Section, format_errors
@@ -61,8 +61,27 @@ class KilnConfig(Section):
     sft: SftConfig | None = None
     reward_model: RewardModelConfig | None = None
     ppo: PpoConfig | None = None
+    # A second RL run from the same SFT model with GRPO (the same schema as ppo; written to <run>/grpo/).
+    grpo: PpoConfig | None = None
     eval: EvalConfig | None = None
     serve: ServeConfig | None = None
+
+    @model_validator(mode="after")
+    def _grpo_is_grpo(self) -> "KilnConfig":
+        if self.grpo is not None and self.grpo.advantage != "grpo":
+            raise ValueError("grpo.advantage must be grpo (the grpo section is the GRPO run; PPO goes in ppo)")
+        return self
+
+    def stage_section(self, stage: str) -> tuple[Any, Path, str]:
+        """A stage's section, its absolute run-directory folder and its config digest.
+
+        Raises:
+            ValueError: the config has no section for ``stage``.
+        """
+        section = getattr(self, stage)
+        if section is None:
+            raise ValueError(f"config has no '{stage}' section")
+        return section, (self.run.dir / stage).resolve(), self.digest(stage)
 
     def digest(self, section: str) -> str:
         """A stable hash of one section, recorded with a finished stage to detect config drift."""

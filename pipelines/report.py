@@ -32,8 +32,9 @@ from core.metrics import read_metrics
 from core.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
 from pipelines.eval.table import COMPARISON_HEADER, comparison_cells, model_cells, model_header
 
-STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "eval")
-TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo")
+STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "grpo", "eval")
+TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo", "grpo")
+RL_STAGES = ("ppo", "grpo")  # the same controller; grpo is a second RL run from the SFT model
 REPORT_FILE = "report.md"
 REPORT_DIR = "report"
 
@@ -149,7 +150,8 @@ def load_run(run_dir: Path) -> dict[str, StageData]:
         stages[name].records = _step_records(run_dir / name)
     data = stages["data"]
     data.report = read_json(run_dir / "data" / "data_report.json") or (data.summary or None)
-    stages["ppo"].report = _read_eval(run_dir / "ppo" / "eval.json")
+    for name in RL_STAGES:
+        stages[name].report = _read_eval(run_dir / name / "eval.json")
     stages["eval"].report = _read_eval_summary(run_dir / "eval" / "summary.json")
     return stages
 
@@ -253,7 +255,7 @@ def _results(stage: StageData) -> str:
         return "—"
     if stage.name == "data":
         return _data_results(stage.report) if stage.report else "—"
-    if stage.name == "ppo":
+    if stage.name in RL_STAGES:
         return _ppo_results(stage) or "—"
     if stage.name == "eval":
         return _eval_results(stage.report) if stage.report else "—"
@@ -321,14 +323,14 @@ def _plot_reward_model(stage: StageData, out: Path) -> bool:
     return True
 
 
-def _plot_ppo(stage: StageData, out: Path) -> bool:
+def _plot_rl(stage: StageData, out: Path) -> bool:
     fig, (reward_ax, kl_ax) = _figure(2)
     drawn = _curves(reward_ax, stage, {"reward_mean": "rollouts", "eval_reward": "held-out"}, "mean reward")
     drawn |= _curves(kl_ax, stage, {"kl": "KL(policy ‖ reference)"}, "KL")
     if not drawn:
         return False
-    reward_ax.set_title("PPO reward")
-    kl_ax.set_title("PPO KL to the SFT model")
+    reward_ax.set_title(f"{stage.name.upper()} reward")
+    kl_ax.set_title(f"{stage.name.upper()} KL to the SFT model")
     fig.savefig(out, dpi=100)
     return True
 
@@ -390,10 +392,14 @@ def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot]
         ("ppo", Plot("ppo_reward_kl.png", "PPO reward and KL",
                      "PPO: mean rollout reward and held-out reward (left), KL of the policy from the SFT "
                      "model (right)."),
-         lambda out: _plot_ppo(ppo, out)),
+         lambda out: _plot_rl(ppo, out)),
         ("ppo", Plot("ppo_before_after.png", "Task metric before and after PPO",
                      f"Task metric before (SFT model) and after PPO{on_prompts}."),
          lambda out: _plot_before_after(ppo.report, out)),
+        ("grpo", Plot("grpo_reward_kl.png", "GRPO reward and KL",
+                      "GRPO: mean rollout reward and held-out reward (left), KL of the policy from the SFT "
+                      "model (right)."),
+         lambda out: _plot_rl(stages["grpo"], out)),
         ("eval", Plot("eval_accuracy.png", "Task accuracy by stage",
                       "Held-out task accuracy of every model (greedy decoding), with 95 % Wilson intervals."),
          lambda out: _plot_eval_accuracy(stages["eval"].report, out)),

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from actors.reward import RewardFunctionError, RewardScorer
+from pipelines.eval.stats import paired_mean_test
 from pipelines.quickstart.task import format_prompt, is_correct, parse_answer, reward
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo import (
@@ -131,15 +132,17 @@ def _weights(actors: Actors) -> dict[str, torch.Tensor]:
     return ray.get(refs[0][0])
 
 
-def _sampled_eval(actors: Actors, prompts: list[Prompt], p: PpoConfig, samples: int) -> dict[str, float]:
-    """Mean reward and accuracy over ``samples`` responses per prompt at temperature 1 (fixed seed)."""
+def _sampled_eval(actors: Actors, prompts: list[Prompt], p: PpoConfig, samples: int) -> dict[str, Any]:
+    """Mean reward and accuracy over ``samples`` responses per prompt at temperature 1 (fixed seed),
+    and each prompt's share of right answers (``per_prompt``, for a paired test)."""
     out = generate(actors, [q.ids for q in prompts], p.model_copy(update={"samples_per_prompt": samples}), seed=12345)
     fields = [q for q in prompts for _ in range(samples)]
     rewards = [reward(q.prompt, t, **q.fields) for q, t in zip(fields, out.texts)]
     correct = [is_correct(t, q.fields["answer"]) for q, t in zip(fields, out.texts)]
     answered = [parse_answer(t) is not None for t in out.texts]
     n = len(out.texts)
-    return {"reward": sum(rewards) / n, "accuracy": sum(correct) / n, "answered": sum(answered) / n}
+    per_prompt = [sum(correct[i : i + samples]) / samples for i in range(0, n, samples)]
+    return {"reward": sum(rewards) / n, "accuracy": sum(correct) / n, "answered": sum(answered) / n, "per_prompt": per_prompt}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +236,11 @@ def test_ppo_improves_reward_and_accuracy_on_held_out_prompts(ray_local: None, t
     rewards = [ppo_step(actors, prompts, p, state, pad)["reward_mean"] for _ in range(20)]
     after = _sampled_eval(actors, held_out, p, samples=16)
     _kill_all(actors)
-    print(f"held-out before {before} after {after}; training rewards {[round(r, 3) for r in rewards]}")
+    delta, p_value = paired_mean_test(before.pop("per_prompt"), after.pop("per_prompt"))
+    print(f"held-out before {before} after {after}; paired delta {delta:.3f} p={p_value:.2g}; "
+          f"training rewards {[round(r, 3) for r in rewards]}")
     assert after["reward"] > before["reward"] + 0.05, (before, after)
-    # Not reward hacking: the task's own metric (exact answers) improves too.
+    # Not reward hacking: the task's own metric (exact answers) improves too, beyond the noise of
+    # the held-out prompts (a paired test of each prompt's share of right answers, before vs after).
     assert after["accuracy"] > before["accuracy"] + 0.03, (before, after)
+    assert delta > 0 and p_value < 0.05, (delta, p_value)

@@ -18,7 +18,7 @@ from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, write_re
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "ppo_reward_kl.png", "ppo_before_after.png",
-            "eval_accuracy.png")
+            "grpo_reward_kl.png", "eval_accuracy.png")
 
 FAKE_DATA_REPORT = {
     "documents": {"in": 4700, "kept": 4100, "exact_duplicates": 200, "near_duplicates": 200, "filtered": 200,
@@ -94,7 +94,7 @@ def _mark(stage_dir: Path, stage: str, summary: dict[str, Any]) -> None:
     (stage_dir / "stage.json").write_text(json.dumps({"stage": stage, "config_digest": "fake", "summary": summary}))
 
 
-ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "eval")
+ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "grpo", "eval")
 
 
 def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
@@ -105,13 +105,15 @@ def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
         _mark(run / "data", "data", FAKE_DATA_REPORT)
         (run / "data" / "data_report.json").write_text(json.dumps(FAKE_DATA_REPORT))
     fakes = {"pretrain": (FAKE_PRETRAIN_METRICS, 107.4), "sft": (FAKE_SFT_METRICS, 51.5),
-             "reward_model": (FAKE_REWARD_MODEL_METRICS, 56.5), "ppo": (FAKE_PPO_METRICS, 3725.0)}
+             "reward_model": (FAKE_REWARD_MODEL_METRICS, 56.5), "ppo": (FAKE_PPO_METRICS, 3725.0),
+             "grpo": (FAKE_PPO_METRICS, 95.0)}
     for stage, (records, seconds) in fakes.items():
         if stage in stages:
             _write_jsonl(run / stage / "metrics.jsonl", records)
             _mark(run / stage, stage, {"seconds": seconds})
-    if "ppo" in stages:
-        (run / "ppo" / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
+    for stage in ("ppo", "grpo"):
+        if stage in stages:
+            (run / stage / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
     if "eval" in stages:
         _mark(run / "eval", "eval", {"seconds": 125.0})
         (run / "eval" / "summary.json").write_text(json.dumps(FAKE_EVAL_SUMMARY))
@@ -286,7 +288,7 @@ def test_failure_midway_keeps_the_previous_report(tmp_path: Path, monkeypatch: p
     def fail(*args: Any) -> bool:
         raise RuntimeError("fake plotting failure")
 
-    monkeypatch.setattr(report, "_plot_ppo", fail)
+    monkeypatch.setattr(report, "_plot_rl", fail)
     with pytest.raises(RuntimeError, match="fake plotting failure"):
         write_report(run)
     assert (run / REPORT_FILE).read_bytes() == markdown

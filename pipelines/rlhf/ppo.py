@@ -40,6 +40,7 @@ from cluster.dashboard import StageGauges
 from cluster.runtime import init_ray
 from core.jsonl import BadRecord, read_jsonl
 from core.metrics import MetricsSink, read_metrics
+from core.progress import StageProgress
 from core.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
@@ -342,11 +343,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         stage: the config section and run-directory folder: ``ppo``, or ``grpo`` for a second RL
             run from the same SFT model (same section schema).
     """
-    p: PpoConfig | None = getattr(cfg, stage)
-    if p is None:
-        raise ValueError(f"config has no '{stage}' section")
-    stage_dir = (cfg.run.dir / stage).resolve()
-    digest = cfg.digest(stage)
+    p, stage_dir, digest = cfg.stage_section(stage)
     # 0. Inputs are checked before any actor starts.
     policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
     reward_model = check_model_dir(Path(p.reward_model).resolve()) if p.reward_model else None
@@ -417,16 +414,23 @@ def _train(
             metrics.write({"step": 0, **{f"eval_{k}": v for k, v in state.eval_before.items()}})
             print(f"kiln {stage}: before training {state.eval_before}", flush=True)
 
-    # 2. The loop.
-    while state.step < p.max_steps:
-        record = ppo_step(actors, prompts, p, state, pad_id)
-        if eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps):
-            record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
-        metrics.write(record)
-        print(f"kiln {stage}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                                      if not k.startswith("time_") or k == "time_step_s"), flush=True)  # fmt: skip
-        if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
-            save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
+    # 2. The loop. The terminal gets a bar and a line per evaluation; every number of every step
+    #    is in metrics.jsonl, TensorBoard and the Ray dashboard.
+    with StageProgress(stage, p.max_steps, ("reward_mean", "kl", "eval_accuracy")) as bar:
+        bar.update({"step": state.step})
+        while state.step < p.max_steps:
+            record = ppo_step(actors, prompts, p, state, pad_id)
+            evaluated = eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps)
+            if evaluated:
+                record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
+            metrics.write(record)
+            bar.update(record)
+            if evaluated:
+                shown = ("step", "reward_mean", "kl", "eval_reward", "eval_accuracy", "time_step_s")
+                bar.bar.write(f"kiln {stage}: " + " ".join(
+                    f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in shown if k in record))
+            if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
+                save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
 
     # 3. Export the policy and measure it.
     with atomic_dir(stage_dir / "model") as tmp:

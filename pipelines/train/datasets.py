@@ -12,6 +12,7 @@ overlong pairs lose their *beginning* (left truncation), never the response's en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from core.jsonl import BadRecord
-from core.rundir import atomic_write_bytes
+from core.jsonl import BadRecord, read_jsonl
+from core.rundir import atomic_dir, atomic_write_bytes
 from pipelines.train.losses import IGNORE  # label of a token that carries no loss
 
 Overlong = Literal["truncate", "reject"]
@@ -198,3 +199,30 @@ def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(table), sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def write_dataset(
+    stage_dir: Path, data: Path, encode: Callable[[list[tuple[str, dict[str, Any]]]], tuple[dict[str, np.ndarray], EncodeStats]],
+    validation_fraction: float,
+) -> tuple[Path, EncodeStats, int]:
+    """Read a JSONL file, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
+
+    Args:
+        stage_dir: the stage's folder.
+        data: the JSONL records (each named ``file:line`` in errors).
+        encode: records -> (rows, stats), e.g. ``sft_rows`` or ``preference_rows`` with their settings.
+        validation_fraction: share of records held out.
+
+    Returns:
+        (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
+        part's stats, the number of held-out records).
+    """
+    records = [(f"{data}:{lineno}", record) for lineno, record in read_jsonl(data)]
+    train_records, val_records = split_validation(records, validation_fraction)
+    train_rows, stats = encode(train_records)
+    val_rows, _ = encode(val_records)
+    with atomic_dir(stage_dir / "dataset") as tmp:
+        write_rows(tmp / "train.parquet", train_rows)
+        if val_records and len(next(iter(val_rows.values()))):
+            write_rows(tmp / "validation.parquet", val_rows)
+    return stage_dir / "dataset", stats, len(val_records)

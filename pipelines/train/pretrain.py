@@ -20,11 +20,7 @@ STAGE = "pretrain"
 
 def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Pretrain (or resume, or skip if finished); returns the stage summary."""
-    if cfg.pretrain is None:
-        raise ValueError("config has no 'pretrain' section")
-    pcfg = cfg.pretrain
-    stage_dir = (cfg.run.dir / STAGE).resolve()
-    digest = cfg.digest(STAGE)
+    pcfg, stage_dir, digest = cfg.stage_section(STAGE)
     if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
         return done
 

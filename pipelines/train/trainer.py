@@ -22,10 +22,12 @@ from ray.train.torch import TorchTrainer
 from cluster.config import RayConfig
 from cluster.runtime import init_ray
 from core.metrics import read_metrics
+from core.progress import StageProgress
 from core.rundir import atomic_dir
+from pipelines.train.config import TrainConfig
 from pipelines.train.modeling import check_model_dir
 from pipelines.train.rows import RowStream
-from pipelines.train.worker import EXPORT_DIR, TrainJob, train_worker
+from pipelines.train.worker import EXPORT_DIR, Objective, TrainJob, train_worker
 
 
 class TrainingDiverged(ValueError):
@@ -96,7 +98,9 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    # The workers append to metrics.jsonl; the terminal shows one bar that follows it.
+    with StageProgress(job.stage, cfg.max_steps, ("loss", "val_loss", "accuracy"), stage_dir=stage_dir):
+        result = trainer.fit()
     seconds = time.perf_counter() - t0
     lines = read_metrics(stage_dir)
     last_event = next((m for m in reversed(lines) if "event" in m), {})
@@ -127,3 +131,22 @@ def summary(outcome: TrainOutcome) -> dict[str, Any]:
     if evals:
         out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
     return out
+
+
+def finetune_job(
+    stage: str, objective: Objective, train: TrainConfig, stage_dir: Path, init_from: Path, dataset: Path,
+    digest: str, storage_path: str | None,
+) -> TrainJob:
+    """The ``TrainJob`` of a stage that trains ``init_from`` (with its tokenizer) on a ``write_dataset`` folder."""
+    return TrainJob(
+        stage=stage,
+        objective=objective,
+        train=train,
+        stage_dir=str(stage_dir),
+        tokenizer_dir=str(init_from),
+        train_files=(str(dataset / "train.parquet"),),
+        validation_files=tuple(str(p) for p in [dataset / "validation.parquet"] if p.exists()),
+        init_from=str(init_from),
+        config_digest=digest,
+        storage_path=storage_path,
+    )
