@@ -175,3 +175,13 @@ def test_missing_input_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"data.input.paths\[0\]"):
         data.run(cfg)
     shutil.rmtree(tmp_path / "t", ignore_errors=True)
+
+
+def test_written_parquet_files_are_read_back_in_write_order(tmp_path: Path) -> None:
+    # Ray Data's names: <dataset uuid>_<write uuid>_<task index>-<block index>.parquet. Listing
+    # order follows the uuids; the stage must read in (task, block) order, block 10 after block 2.
+    names = ["d_w_000001-0", "d_w_000000-10", "d_w_000000-2", "d_w_000010-0", "d_w_000002-0"]
+    for name in names:
+        (tmp_path / f"{name}.parquet").touch()
+    order = [Path(p).stem for p in data._parquet_files(tmp_path)]
+    assert order == ["d_w_000000-2", "d_w_000000-10", "d_w_000001-0", "d_w_000002-0", "d_w_000010-0"]

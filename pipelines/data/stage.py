@@ -208,6 +208,22 @@ def _cached_tokenizer(path: str) -> Any:
 # --- driver helpers -----------------------------------------------------------------------------
 
 
+def _parquet_files(folder: Path) -> list[str]:
+    """The Parquet files one ``write_parquet`` wrote, in write order.
+
+    Ray Data names them ``<dataset uuid>_<write uuid>_<task index>-<block index>.parquet``. A
+    directory given to ``read_parquet`` is read in the file system's listing order, which follows
+    the random uuids: the document stream, hence the shards, changed between reruns of the same
+    input. Sorted by (task index, block index), the files come back in the order they were written.
+    """
+
+    def write_order(path: Path) -> tuple[int, int]:
+        task, _, block = path.stem.rpartition("_")[2].partition("-")
+        return int(task), int(block or 0)
+
+    return [str(p) for p in sorted(folder.glob("*.parquet"), key=write_order)]
+
+
 def _collect(ds: Dataset, columns: list[str]) -> dict[str, np.ndarray]:
     """Pull a (small) dataset's columns into the driver."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
@@ -298,7 +314,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
                                     "rows": rows})  # fmt: skip
             .write_parquet(str(scratch / "annotated"))
         )
-        annotated = str(scratch / "annotated")
+        annotated = _parquet_files(scratch / "annotated")
         seconds["read_filter_minhash"] = time.perf_counter() - t
 
         # 2. Group on content hashes and LSH band keys in one hash shuffle: exact duplicate pairs
@@ -342,7 +358,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         near_stats["components"] = int(np.unique(near_kept).size)
         seconds["near_dedup"] = time.perf_counter() - t
 
-        # 4. The documents table: every record, its status, and what it duplicates.
+        # 4. The documents table: every record, its status, and what it duplicates, sorted by id
+        #    (= file, line). The sort is what makes the stream below (tokenizer input, packing
+        #    order) a function of the input: Ray Data's preserve_order still let the blocks of the
+        #    first pass come back in another order now and then, and a rerun packed other shards.
         t = time.perf_counter()
         dropped = np.concatenate([exact_dropped, near_dropped])
         order = np.argsort(dropped)
@@ -354,10 +373,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             .map_batches(_mark_duplicates, batch_format="numpy",
                          fn_kwargs={"dropped": dropped[order], "dup_of": dup_of[order], "kind": kind[order],
                                     "files": [f.uri for f in files]})  # fmt: skip
+            .sort("id")
             .write_parquet(str(work / "documents"))
         )
         shutil.rmtree(scratch)
-        documents = ray.data.read_parquet(str(work / "documents"))
+        documents = ray.data.read_parquet(_parquet_files(work / "documents"))
         status_counts: Counter[str] = Counter()
         filter_counts: Counter[str] = Counter()
         # Rejected records are streamed to the file (inside the temporary data/ directory, so the
