@@ -51,9 +51,8 @@ What it measures, in this order, each baseline in the same run as the kiln figur
    ``micro_batch_per_worker`` 16; ``beta`` = ``kl_coef`` (0.05, so TRL computes reference log-probs
    like kiln), ``epsilon`` = ``clip_eps``, same learning rate, AdamW betas and grad clip, float32,
    no gradient checkpointing, ``loss_type="bnpo"`` (token mean per micro-batch, as kiln). TRL runs
-   in this process after kiln's actors are gone, with one torch thread as each kiln actor has (with
-   two, on a busy 2-core machine, one run took 47 s a round instead of 3.7 s; ``--threads`` sets
-   it). Its step time is the wall time of a whole generation round (4 optimizer steps, from the
+   in this process after kiln's actors are gone, with two torch threads: the two cores kiln's
+   actors share between them (``--threads`` sets it). Its step time is the wall time of a whole generation round (4 optimizer steps, from the
    end of the round before), the first round dropped as warm-up. Responses end at a stop token in
    both (a random model rarely draws one): the mean response lengths are printed next to the
    times. Goal: kiln <= 0.5x TRL's time.
@@ -476,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=32, help="vLLM's CPU attention has no kernel for 16")
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size (at most)")
     parser.add_argument("--threads", type=int, help="torch threads of the transformers and TRL baselines "
-                        "(default: generate with 1 and with all CPUs, the faster counts; TRL with 1)")  # fmt: skip
+                        "(default: generate with 1 and with all CPUs, the faster counts; TRL with 2, the cores "
+                        "kiln's actors share)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ppo_step.json"), help="JSON results")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 5)
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_trl:
             res["trl"] = {"status": "skipped", "reason": "--no-trl"}
         else:
-            res["trl"] = trl_step(model_dir, prompts_path, p, work, args.trl_rounds, args.threads or 1)
+            res["trl"] = trl_step(model_dir, prompts_path, p, work, args.trl_rounds, args.threads or 2)
     res["wall_s"] = time.perf_counter() - t0
     res["load_end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = table(res)

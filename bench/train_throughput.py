@@ -83,7 +83,11 @@ def make_data(work: Path, seq_len: int, rows: int) -> tuple[Path, Path]:
 
 
 def bare_loop(tok_dir: Path, shards: Path, train: TrainConfig, threads: int, steps: int) -> float:
-    """tokens/s of a single-process loop: the same model, batch, AdamW, clipping, accumulation."""
+    """tokens/s of a single-process loop: the same model, batch, AdamW, clipping, accumulation.
+
+    The same statistic as kiln's: tokens/s of each window of ``log_every_steps`` optimizer steps
+    (optimizer-step time only), the median of the windows after the first.
+    """
     import pyarrow.parquet as pq
 
     torch.set_num_threads(threads)
@@ -111,8 +115,10 @@ def bare_loop(tok_dir: Path, shards: Path, train: TrainConfig, threads: int, ste
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    warm = times[max(1, steps // 4) :]  # drop warm-up steps
-    return train.sequences_per_step * data.shape[1] * len(warm) / sum(warm)
+    per_window = train.log_every_steps
+    tokens = train.sequences_per_step * data.shape[1] * per_window
+    windows = [tokens / sum(times[i : i + per_window]) for i in range(0, steps - per_window + 1, per_window)]
+    return statistics.median(windows[1:] or windows)
 
 
 def kiln_run(work: Path, name: str, tok_dir: Path, shards: Path, section: dict[str, Any]) -> float:
@@ -171,6 +177,16 @@ def main() -> None:
         print(f"| {label:<42} | {tps:>9.0f} | {tps / bare:>6.2f}x | {tps * fpt / peak:>6.1%} |")
     print(f"\n2 workers / 1 worker: {kiln2 / kiln1:.2f}x   goal kiln 2x1 >= 0.9x bare: "
           f"{'met' if kiln2 >= 0.9 * bare else 'NOT met'}")  # fmt: skip
+    out = Path("runs/bench/train_throughput.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "statistic": "median tokens/s of the logging windows after the first (optimizer-step time only), for every peer",
+        "model_parameters": params, "flops_per_token": fpt, "seq_len": args.seq_len, "steps": args.steps,
+        "sequences_per_step": args.sequences_per_step, "zero_stage": args.zero_stage,
+        "matmul_peak_flops": {"1_thread": peak1, "2_threads": peak2},
+        "rows": [{"setup": label, "tokens_per_s": tps, "vs_bare": tps / bare, "mfu": tps * fpt / peak} for label, tps, peak in rows],
+    }, indent=2))  # fmt: skip
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
