@@ -161,3 +161,13 @@ def test_adaptive_kl_coefficient_moves_towards_target() -> None:
     assert adaptive_kl_coef(0.1, observed_kl=1.0, target_kl=0.5, samples=100, horizon=1000) == pytest.approx(0.1 * 1.02)
     assert adaptive_kl_coef(0.1, observed_kl=0.25, target_kl=0.5, samples=100, horizon=1000) == pytest.approx(0.1 * 0.98)
     assert adaptive_kl_coef(0.1, observed_kl=0.55, target_kl=0.5, samples=100, horizon=1000) == pytest.approx(0.1 * 1.01)
+
+
+def test_grpo_without_std_scaling_only_centres_each_group() -> None:
+    # An all-correct group whose scores differ only by a 0.1 length penalty: scaled by the std,
+    # that difference becomes a unit-size advantage; centred only, it stays 0.1-sized.
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 0.0, 0.0, 0.0])
+    centred = grpo_advantages(scores, group_size=4, scale=False)
+    torch.testing.assert_close(centred, torch.tensor([0.025, 0.025, 0.025, -0.075, 0.75, -0.25, -0.25, -0.25]))
+    scaled = grpo_advantages(scores, group_size=4)
+    assert scaled[3].abs() > 1.0 > centred[3].abs() * 10

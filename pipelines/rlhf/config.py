@@ -95,6 +95,9 @@ class PpoConfig(Section):
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
     # Whiten GAE advantages over the batch's response tokens.
     whiten_advantages: bool = True
+    # GRPO: divide each group's centred scores by the group's standard deviation (false: only
+    # subtract the group mean, as Dr. GRPO does).
+    grpo_scale_by_std: bool = True
     # Per-token KL penalty to the reference: coefficient, estimator (k1 or k3), and an optional
     # target KL per sample that adapts the coefficient (Ziegler et al.; null: fixed coefficient).
     kl_coef: float = Field(default=0.05, ge=0.0)

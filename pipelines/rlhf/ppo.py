@@ -242,7 +242,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
             advantages = masked_whiten(advantages, mask)
     else:
         # GRPO in the same loop: the KL penalty joins the sequence score before normalising.
-        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k, valid=scores.valid)  # (B,)
+        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k, valid=scores.valid,
+                              scale=p.grpo_scale_by_std)  # (B,)
         advantages = adv.unsqueeze(1) * mask
         returns = torch.zeros_like(mask)
     batch = batch.with_fields(response_mask=mask, advantages=advantages, returns=returns)

@@ -113,7 +113,7 @@ def gae(
 
 
 def grpo_advantages(
-    scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None, eps: float = 1e-6, scale: bool = True
 ) -> torch.Tensor:
     """GRPO: each sample's score normalised within the group of samples of its prompt.
 
@@ -125,6 +125,8 @@ def grpo_advantages(
             ``on_reward_error: skip``): they take no part in their group's mean and standard
             deviation and get advantage 0. None: all valid.
         eps: added to the std, so that a group of equal scores gets advantage 0, not NaN.
+        scale: divide by the group's std (GRPO). False: only subtract the group mean (Dr. GRPO),
+            so that tiny score differences within a group (a length penalty, a KL term) stay tiny.
 
     Returns:
         (B,) advantages ``(score - group mean) / (group std + eps)`` over the valid samples of
@@ -139,7 +141,7 @@ def grpo_advantages(
     mean = (groups * w).sum(1, keepdim=True) / count.clamp(min=1)
     # Unbiased (n - 1) std over the valid samples, as torch.std.
     var = (((groups - mean) ** 2) * w).sum(1, keepdim=True) / (count - 1).clamp(min=1)
-    adv = (groups - mean) / (var.sqrt() + eps) * w
+    adv = ((groups - mean) / (var.sqrt() + eps) if scale else groups - mean) * w
     return torch.where(count > 1, adv, torch.zeros_like(adv)).view(-1)
 
 
