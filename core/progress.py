@@ -63,6 +63,10 @@ class StageProgress:
         if shown:
             self.bar.set_postfix(shown, refresh=False)
 
+    def write(self, line: str) -> None:
+        """Print a line above the bar (or plainly, without a terminal)."""
+        self.bar.write(line)
+
     def _read_new(self) -> None:
         if self.path is None or not self.path.exists():
             return

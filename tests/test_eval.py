@@ -22,11 +22,12 @@ from core.config import ConfigError
 from core.rundir import StageConfigChanged
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
-from pipelines.eval.inputs import EvalPrompt, parse_models
+from pipelines.eval.inputs import parse_models
 from pipelines.eval.scoring import grade
 from pipelines.eval.stats import mean_interval, wilson_interval
 from pipelines.eval.summary import ModelScores, comparison_pairs, model_entry, pairwise_entry
 from pipelines.eval.table import format_table
+from pipelines.rlhf.prompts import PromptRecord
 from pipelines.train.datasets import write_rows
 
 LETTERS = "eaotin s"
@@ -269,7 +270,7 @@ def test_comparison_pairs_and_pairwise_accuracy() -> None:
 
 
 def test_metric_must_grade_right_or_wrong() -> None:
-    prompt = EvalPrompt("What is 1 + 1?", {"letter": "e"}, "p.jsonl:7")
+    prompt = PromptRecord("What is 1 + 1?", {"letter": "e"}, "p.jsonl:7")
     assert grade(has_letter, "test_eval:has_letter", prompt, "yes") is True
     assert grade(lambda p, r, letter: 0, "m:f", prompt, "no") is False
     with pytest.raises(ValueError, match=r"metric function m:f returned 0\.5 on p\.jsonl:7"):

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pipelines.eval.inputs import EvalPrompt
+from pipelines.rlhf.prompts import PromptRecord
 
 
-def grade(metric: Callable[..., Any], spec: str, prompt: EvalPrompt, response: str) -> bool:
+def grade(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response: str) -> bool:
     """The metric function's verdict on one response: right (True) or wrong.
 
     Raises:
@@ -37,7 +37,7 @@ def grade(metric: Callable[..., Any], spec: str, prompt: EvalPrompt, response: s
     raise ValueError(f"metric function {spec} returned {value!r} on {prompt.where}; it must return a bool (or 0/1)")
 
 
-def reward(fn: Callable[..., Any], spec: str, prompt: EvalPrompt, response: str) -> float:
+def reward(fn: Callable[..., Any], spec: str, prompt: PromptRecord, response: str) -> float:
     """The reward function's value for one response.
 
     Raises:

@@ -50,12 +50,9 @@ from pipelines.eval.config import EvalConfig
 from pipelines.eval.generation import EvalGenerator, Responses, engine_key
 from pipelines.eval.inputs import (
     STAGE_MODELS,
-    EvalPrompt,
     Target,
     parse_models,
-    prompt_ids,
     read_preferences,
-    read_prompts,
     stage_models,
     validation_sequences,
 )
@@ -63,6 +60,7 @@ from pipelines.eval.scoring import grade, load_causal_lm, perplexity, response_l
 from pipelines.eval.summary import ModelScores, comparison, comparison_pairs, model_entry, pairwise_entry
 from pipelines.eval.table import format_table
 from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.prompts import PromptRecord, prompt_ids, read_prompts
 from pipelines.train.modeling import check_model_dir
 
 STAGE = "eval"
@@ -208,7 +206,7 @@ class Context:
 
     e: EvalConfig
     inputs: Inputs
-    prompts: list[EvalPrompt]
+    prompts: list[PromptRecord]
     metric: Callable[..., Any] | None
     reward_fn: Callable[..., Any] | None
     scorer: Any  # the RewardScorer actor, or None

@@ -38,7 +38,6 @@ from actors.rollout import RolloutGenerator
 from actors.trainable import mean_records
 from cluster.dashboard import StageGauges
 from cluster.runtime import init_ray
-from core.jsonl import BadRecord, read_jsonl
 from core.metrics import MetricsSink, read_metrics
 from core.progress import StageProgress
 from core.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished, prepare_stage
@@ -54,6 +53,7 @@ from pipelines.rlhf.ppo_math import (
     masked_whiten,
     token_rewards,
 )
+from pipelines.rlhf.prompts import prompt_ids, read_prompts
 from pipelines.train.modeling import check_model_dir
 
 STAGE = "ppo"
@@ -82,20 +82,13 @@ def load_prompts(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Prom
         (prompts, skipped count).
 
     Raises:
+        FileNotFoundError: the file does not exist.
         BadRecord: a line is not JSON or has no usable ``prompt`` (naming file:line).
     """
-    prompts, skipped = [], 0
-    for lineno, record in read_jsonl(path):
-        prompt = record.get("prompt")
-        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
-            raise BadRecord(f"{path}:{lineno}: 'prompt' must be a non-empty string or a list of chat messages")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-        if len(ids) > max_tokens:
-            skipped += 1
-            continue
-        prompts.append(Prompt(prompt, list(ids), {k: v for k, v in record.items() if k != "prompt"}))
-    return prompts, skipped
+    records = read_prompts(path)
+    ids = prompt_ids(tokenizer, records)
+    kept = [Prompt(r.prompt, i, r.fields) for r, i in zip(records, ids) if len(i) <= max_tokens]
+    return kept, len(records) - len(kept)
 
 
 def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
@@ -428,7 +421,7 @@ def _train(
             bar.update(record)
             if evaluated:
                 shown = ("step", "reward_mean", "kl", "eval_reward", "eval_accuracy", "time_step_s")
-                bar.bar.write(f"kiln {stage}: " + " ".join(
+                bar.write(f"kiln {stage}: " + " ".join(
                     f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in shown if k in record))
             if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
                 save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
