@@ -6,9 +6,11 @@ directory (without ``.venv``, ``runs`` and other local state), the job's workers
 environment variables (``cluster.runtime.worker_env``), the job id is printed and the job's logs
 are followed until it ends. The exit status is 0 only if the job SUCCEEDED.
 
-Everything that can be checked here is checked before anything is submitted: the config parses,
-it lies inside the working directory (the job reads it from there), and a multi-node cluster has
-shared storage for checkpoints (``run.storage_path``).
+Everything that can be checked here is checked before anything is submitted: the address is
+https, or plain http only to this machine (or with ``--insecure``), since the token and the
+project travel in it; the config parses, it lies inside the working directory (the job reads it
+from there), and a multi-node cluster has shared storage for checkpoints (``run.storage_path``).
+Secret-looking files in the working directory (``.env``, keys, tokens) are never uploaded.
 
 Token authentication (Ray >= 2.52; on by default for clusters Ray 2.60 starts): the token is read
 the way Ray reads it, first found wins: ``RAY_AUTH_TOKEN``, the file named by
@@ -37,9 +39,34 @@ if TYPE_CHECKING:
 # The repository root: the default working directory uploaded with the job.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Never uploaded (gitignore syntax, relative to the working directory): local environment, run
-# outputs and caches. Ray caps a working directory at a few hundred MiB, and none of these
-# belong on the cluster (the nodes have their own environment; outputs go to run.root there).
+# Never uploaded, wherever they sit in the working directory (gitignore syntax): files that hold
+# secrets. The job needs none of them (its environment comes from env_vars), and what is uploaded
+# is stored in the cluster's GCS, readable by every job on it.
+SECRET_EXCLUDES = [
+    ".env",
+    ".env.*",
+    "*.env",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*auth_token*",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".ssh/",
+    ".aws/",
+    ".kube/",
+]
+
+# Never uploaded either: local environment, run outputs and caches. Ray caps a working directory
+# at a few hundred MiB, and none of these belong on the cluster (the nodes have their own
+# environment; outputs go to run.root there). Ray honours a .gitignore too, but a working
+# directory need not have one (or may be run with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1).
 WORKING_DIR_EXCLUDES = [
     ".venv/",
     "runs/",
@@ -47,9 +74,13 @@ WORKING_DIR_EXCLUDES = [
     "__pycache__/",
     "*.egg-info/",
     ".pytest_cache/",
+    ".hypothesis/",
+    ".ruff_cache/",
+    ".mypy_cache/",
     "build/",
     "/.whl/",
     "/.gl/",
+    *SECRET_EXCLUDES,
 ]
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -68,6 +99,22 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_transport(address: str, insecure: bool) -> None:
+    """Refuse to send the cluster's token and the project in clear text to another machine.
+
+    Raises:
+        SubmitError: ``address`` is plain ``http://`` to a host that is not loopback, and
+            ``insecure`` (``--insecure``) is False.
+    """
+    if urlparse(address).scheme == "http" and not is_loopback(address) and not insecure:
+        raise SubmitError(
+            f"--address {address} is plain http to another machine: the Ray token and the uploaded project "
+            f"would cross the network unencrypted. Use an https:// address (a TLS proxy in front of the "
+            f"dashboard), or a tunnel to the head (`ray dashboard CLUSTER.yaml`, or `ssh -L 8265:localhost:8265 "
+            f"HEAD`) and --address http://127.0.0.1:8265; or pass --insecure on a network you trust."
+        )
 
 
 def _storage_refusal(where: str) -> SubmitError:
@@ -129,6 +176,12 @@ def job_env_vars(cfg: KilnConfig) -> dict[str, str]:
     if "DS_ACCELERATOR" not in os.environ and _trains_on_gpu(cfg.model_dump()):
         env["DS_ACCELERATOR"] = "cuda"
     return env
+
+
+def job_runtime_env(cfg: KilnConfig, working_dir: Path) -> dict[str, Any]:
+    """The job's runtime environment: ``working_dir`` uploaded without ``WORKING_DIR_EXCLUDES``
+    (nor what its .gitignore files ignore), and kiln's environment variables."""
+    return {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES, "env_vars": job_env_vars(cfg)}
 
 
 def _relative_config(config_path: Path, working_dir: Path) -> str:
@@ -198,6 +251,7 @@ def submit(
     *,
     working_dir: str | Path | None = None,
     follow: bool = True,
+    insecure: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     """Submit ``kiln run CONFIG`` to the cluster whose dashboard is at ``address``.
@@ -207,6 +261,7 @@ def submit(
         address: the Ray dashboard, ``http://HOST:8265``.
         working_dir: uploaded as the job's working directory (default: the kiln project).
         follow: print the job's logs until it ends; otherwise return once it is submitted.
+        insecure: allow a plain ``http://`` address to another machine (the token travels unencrypted).
         out: where the job id, the logs and the final status are written.
 
     Returns:
@@ -219,6 +274,7 @@ def submit(
     """
     if urlparse(address).scheme not in ("http", "https"):
         raise SubmitError(f"--address {address!r}: expected the Ray dashboard's URL, http://HOST:8265")
+    check_transport(address, insecure)
     config_path = Path(config_path)
     cfg = load_config(config_path)
     check_storage(cfg, address)
@@ -230,11 +286,10 @@ def submit(
     if cfg.run.storage_path is None and (n := _alive_nodes(address, token)) > 1:
         raise _storage_refusal(f"the cluster at {address} has {n} nodes")
 
-    runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": WORKING_DIR_EXCLUDES, "env_vars": job_env_vars(cfg)}
     try:
         job_id = client.submit_job(
             entrypoint=f"kiln run {shlex.quote(rel_config)}",
-            runtime_env=runtime_env,
+            runtime_env=job_runtime_env(cfg, wd),
             submission_id=f"kiln-{cfg.run.name}-{uuid.uuid4().hex[:8]}",
             metadata={"kiln_config": rel_config, "kiln_run": cfg.run.name},
         )

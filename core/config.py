@@ -5,12 +5,16 @@ Every section of ``kiln``'s one config tree is a :class:`Section`: unknown keys 
 are rejected with the key's full path, values are never silently rewritten. Each stage family
 defines its own sections next to its code (``pipelines/data/config.py``, ``serving/config.py``,
 ...); ``pipelines/config.py`` is the root that imports them all. Nothing here imports the project.
+
+Secrets (an API key, a token) are never written at rest or echoed: :func:`redacted_dump` is the
+config as saved into a run directory, and :func:`format_errors` never shows a secret's value.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,12 +29,97 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def format_errors(error: ValidationError, source: str) -> str:
+# What a secret's value is replaced with wherever the config is written or shown.
+REDACTED = "***"
+
+
+class SecretMark:
+    """The annotation that makes a string field a :data:`Secret`."""
+
+
+# A config string that must never be written at rest or printed: ``api_key: Secret | None = None``.
+Secret = Annotated[str, SecretMark()]
+
+# Fields named like a secret are treated as one even without the ``Secret`` type (a safety net
+# for a field whose author forgot it): ``api_key``, ``token``, ``password``, ``secret`` and the
+# names ending in ``_<one of those>``. ``api_key_env`` (a variable's name) and ``max_tokens`` are not.
+_SECRET_NAME = re.compile(r"(^|_)(api_key|token|password|passwd|secret|credentials?)$")
+
+
+def _marked(annotation: Any) -> bool:
+    return any(isinstance(a, SecretMark) or _marked(a) for a in get_args(annotation))
+
+
+def is_secret(name: str, field: Any) -> bool:
+    """Whether the field ``name`` (a pydantic ``FieldInfo``) holds a secret: typed :data:`Secret`
+    (also inside ``Secret | None``), or named like one."""
+    marked = any(isinstance(m, SecretMark) for m in field.metadata) or _marked(field.annotation)
+    return marked or bool(_SECRET_NAME.search(name))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds (``X`` of ``X | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a)) is not None), None)
+
+
+def redacted_dump(config: BaseModel) -> dict[str, Any]:
+    """``config.model_dump(mode="json")`` with every set secret replaced by ``REDACTED``: the form
+    in which a config is written to disk or shown."""
+    dumped = config.model_dump(mode="json")
+    _redact(config, dumped)
+    return dumped
+
+
+def _redact(model: BaseModel, dumped: dict[str, Any]) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None:
+            continue
+        if is_secret(name, field):
+            dumped[name] = REDACTED
+        elif isinstance(value, BaseModel):
+            _redact(value, dumped[name])
+        elif isinstance(value, (list, tuple)):
+            for item, out in zip(value, dumped[name]):
+                if isinstance(item, BaseModel):
+                    _redact(item, out)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    _redact(item, dumped[name][key])
+
+
+def _shows_secret(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> bool:
+    """Whether an error at ``loc`` (a key path from ``model``) is at or inside a secret field."""
+    for part in loc:
+        if not isinstance(part, str):
+            continue  # a list index
+        field = model.model_fields.get(part) if model is not None else None
+        if _SECRET_NAME.search(part) or (field is not None and is_secret(part, field)):
+            return True
+        model = _model_in(field.annotation) if field is not None else None
+    return False
+
+
+def format_errors(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """A validation error as one line per problem: the key's path, the problem, the value given.
+
+    The value is left out where it could be a secret: a :func:`is_secret` field (found from
+    ``model``, the validated class, or by name), an unknown key (a misspelt ``api_kee`` is still a
+    key), and a whole mapping.
+    """
     lines = [f"{source}: invalid config ({error.error_count()} problem(s))"]
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
         got = item.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        if isinstance(got, dict) or item["type"] == "extra_forbidden":
+            shown = ""
+        elif _shows_secret(model, item["loc"]):
+            shown = f" (got {REDACTED})"
+        else:
+            shown = f" (got {got!r})"
         lines.append(f"  {path}: {item['msg']}{shown}")
     return "\n".join(lines)
 

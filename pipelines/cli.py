@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cluster.config import RayConfig
 from cluster.runtime import configure_output, init_ray, ray_log_dir
 from cluster.submit import SubmitError, job_env_vars, submit
-from core.config import ConfigError
+from core.config import ConfigError, format_errors
 from core.jsonl import read_jsonl
 from core.rundir import StageConfigChanged, atomic_write_text
 from pipelines.config import KilnConfig, dump_config, load_config
@@ -136,8 +138,12 @@ def _serve_target(target: Path, host: str | None = None, port: int | None = None
     ray_cfg, cfg = resolve_serve_target(target)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     if overrides:
-        # Re-validate: an override is held to the same rules as the config file.
-        cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
+        # Re-validate: an override is held to the same rules as the config file (and its
+        # errors, like the file's, never show the API key).
+        try:
+            cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
+        except ValidationError as e:
+            raise ConfigError(format_errors(e, "kiln serve --host/--port", ServeConfig)) from None
     app = build_app(cfg)  # validates the model directory before anything starts
     init_ray(ray_cfg)
     serve_forever(app, cfg, first_prompt)
@@ -200,9 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (overrides serve.port; default 8000)")
     p = sub.add_parser("submit", help="run `kiln run CONFIG` as a Ray job on a running cluster and follow its logs")
     p.add_argument("config", type=Path, help="YAML config file, inside the working directory")
-    p.add_argument("--address", required=True, help="the cluster's Ray dashboard, http://HEAD:8265")
+    p.add_argument("--address", required=True,
+                   help="the cluster's Ray dashboard: https://HEAD:8265, or http:// through a tunnel to 127.0.0.1")
     p.add_argument("--working-dir", type=Path, help="directory uploaded as the job's working directory (default: the kiln project)")
     p.add_argument("--no-follow", action="store_true", help="return once the job is submitted")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plain http:// address to another machine (the Ray token travels unencrypted)")
     return parser
 
 
@@ -217,7 +226,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     try:
-        return submit(args.config, args.address, working_dir=args.working_dir, follow=not args.no_follow)
+        return submit(args.config, args.address, working_dir=args.working_dir, follow=not args.no_follow,
+                      insecure=args.insecure)
     except (ConfigError, SubmitError) as e:
         print(f"kiln submit: error: {e}", file=sys.stderr)
         return 2

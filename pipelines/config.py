@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import RayConfig
-from core.config import ConfigError, Section, format_errors
+from core.config import ConfigError, Section, format_errors, redacted_dump
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
@@ -100,7 +100,7 @@ def parse_config(data: Any, source: str = "<config>") -> KilnConfig:
     try:
         return KilnConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, KilnConfig)) from None
 
 
 def load_config(path: str | Path) -> KilnConfig:
@@ -117,10 +117,16 @@ def load_config(path: str | Path) -> KilnConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        # The problem and its position, not yaml's whole message: that quotes the offending line,
+        # which may hold a secret.
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = ": ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+        raise ConfigError(f"{path}{where}: not valid YAML: {what or type(e).__name__}") from None
     return parse_config(data, str(path))
 
 
 def dump_config(config: KilnConfig) -> str:
-    """The config as YAML, every default made explicit (saved into the run directory)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, every default made explicit and every secret (``serve.api_key``)
+    replaced by ``***``: what is saved into the run directory."""
+    return yaml.safe_dump(redacted_dump(config), sort_keys=False)

@@ -237,11 +237,12 @@ def test_remote_address_without_storage_path_is_refused_before_submitting(
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_connection)
     config = _tiny_config(tmp_path, "remote")
     wd = _working_dir(tmp_path, config)
-    # 192.0.2.0/24 is reserved for documentation: nothing answers there.
-    argv = ["submit", str(wd / "config.yaml"), "--address", "http://192.0.2.10:8265", "--working-dir", str(wd)]
+    # 192.0.2.0/24 is reserved for documentation: nothing answers there. https: plain http to
+    # another machine is refused first (tests/test_secrets.py).
+    argv = ["submit", str(wd / "config.yaml"), "--address", "https://192.0.2.10:8265", "--working-dir", str(wd)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "http://192.0.2.10:8265 is a remote cluster, and run.storage_path is not set" in err
+    assert "https://192.0.2.10:8265 is a remote cluster, and run.storage_path is not set" in err
 
     # With shared storage the check passes, and only then does kiln try to connect.
     config["run"]["storage_path"] = "s3://bucket/kiln"

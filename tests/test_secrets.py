@@ -1,0 +1,195 @@
+"""Secrets are never written at rest, printed, sent in clear text or uploaded (issue 11).
+
+The API key in the saved config and in error messages; ``kiln submit``'s transport and what it
+uploads of the real project directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.config import REDACTED, ConfigError, Secret, Section, format_errors, redacted_dump
+from pipelines.cli import main
+from pipelines.config import dump_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-kiln-0123456789abcdef"
+
+
+def _config(tmp_path: Path, **serve: Any) -> dict[str, Any]:
+    return {"run": {"name": "secret", "root": str(tmp_path / "runs")}, "serve": {"model": "m", **serve}}
+
+
+def test_saved_config_redacts_the_api_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, api_key=KEY)))
+    assert load_config(path).serve.api_key == KEY  # the process itself still has the key
+
+    # The run directory's copy, written by the CLI as every command starts.
+    assert main(["report", str(path)]) == 0
+    saved = (tmp_path / "runs" / "secret" / "config.yaml").read_text()
+    assert KEY not in saved
+    assert yaml.safe_load(saved)["serve"]["api_key"] == REDACTED
+    # Everything else is saved as before, defaults explicit.
+    assert yaml.safe_load(saved)["serve"]["port"] == 8000 and yaml.safe_load(saved)["run"]["name"] == "secret"
+    # No key, nothing to redact: null stays null.
+    assert yaml.safe_load(dump_config(parse_config(_config(tmp_path))))["serve"]["api_key"] is None
+
+
+@pytest.mark.parametrize(
+    ("serve", "problem"),
+    [
+        ({"api_key": KEY[:5]}, r"serve\.api_key: String should have at least 8 characters \(got \*\*\*\)"),
+        ({"api_key": 12345678901}, r"serve\.api_key: Input should be a valid string \(got \*\*\*\)"),
+        ({"api_kee": KEY}, r"serve\.api_kee: Extra inputs are not permitted$"),  # a misspelt key is still a key
+        ({"api_key": KEY, "max_queued_requests": 0}, r"serve: Value error, max_queued_requests"),  # whole section
+    ],
+)
+def test_config_errors_never_echo_the_api_key(tmp_path: Path, serve: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_config(tmp_path, **serve), "c.yaml")
+    assert re.search(problem, str(e.value), re.M), str(e.value)
+    assert KEY[:5] not in str(e.value) and "12345678901" not in str(e.value)
+    # Other values are still shown: they are how a user finds the mistake.
+    with pytest.raises(ConfigError, match=r"serve\.port: Input should be less than or equal to 65535 \(got 70000\)"):
+        parse_config(_config(tmp_path, api_key=KEY, port=70000), "c.yaml")
+
+
+def test_yaml_errors_name_the_position_not_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  name: x\nserve:\n  api_key: {KEY}: oops\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:4:\d+: not valid YAML: mapping values are not allowed here") as e:
+        load_config(path)
+    assert KEY not in str(e.value)
+
+
+def test_serve_override_errors_never_echo_the_api_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, api_key=KEY)))
+    assert main(["serve", str(path), "--port", "70000"]) == 1
+    err = capsys.readouterr().err
+    assert "kiln serve --host/--port: invalid config" in err and "port" in err and KEY not in err
+
+
+class _Webhook(Section):
+    url: str
+    # Named like anything, marked by its type.
+    signing: Secret | None = None
+    nested: list[_Inner] = []
+
+
+class _Inner(Section):
+    password: str = "hunter22"  # by name
+
+
+_Webhook.model_rebuild()
+
+
+def test_secret_marker_and_names_are_redacted_everywhere_in_the_tree() -> None:
+    from pydantic import ValidationError
+
+    hook = _Webhook(url="https://x", signing="s3cr3t-value", nested=[_Inner()])
+    assert hook.signing == "s3cr3t-value"  # a plain str to the code that uses it
+    assert redacted_dump(hook) == {"url": "https://x", "signing": REDACTED, "nested": [{"password": REDACTED}]}
+    with pytest.raises(ValidationError) as e:
+        _Webhook(url=1, signing=42, nested=[{"password": 7}])
+    message = format_errors(e.value, "hook.yaml", _Webhook)
+    assert "url: Input should be a valid string (got 1)" in message
+    assert "signing: Input should be a valid string (got ***)" in message and "42" not in message
+    assert "nested.0.password: Input should be a valid string (got ***)" in message
+
+
+# --- kiln submit -------------------------------------------------------------------------------
+
+
+def test_plain_http_to_another_machine_is_refused_unless_insecure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray.job_submission
+
+    def contacted(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("kiln submit contacted the cluster")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", contacted)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token-that-must-not-travel-in-clear")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    config = {"run": {"name": "t", "root": "/shared/runs", "storage_path": "/shared/ckpt"}}
+    (wd / "c.yaml").write_text(yaml.safe_dump(config))
+    argv = ["submit", str(wd / "c.yaml"), "--working-dir", str(wd), "--address"]
+
+    assert main([*argv, "http://192.0.2.10:8265"]) == 2
+    err = capsys.readouterr().err
+    assert "http://192.0.2.10:8265 is plain http to another machine" in err and "--insecure" in err
+    assert "https://" in err and "ssh -L" in err
+    # A host name is another machine too, until proven otherwise.
+    assert main([*argv, "http://head.example.com:8265"]) == 2
+    assert "plain http to another machine" in capsys.readouterr().err
+    # https, loopback (a tunnel) and --insecure go on to contact the cluster.
+    for address, extra in (("https://192.0.2.10:8265", []), ("http://127.0.0.1:8265", []), ("http://[::1]:8265", []),
+                           ("http://localhost:8265", []), ("http://192.0.2.10:8265", ["--insecure"])):  # fmt: skip
+        with pytest.raises(AssertionError, match="contacted the cluster"):
+            main([*argv, address, *extra])
+
+
+def _uploaded(working_dir: Path, scratch: Path) -> set[str]:
+    """The files ``kiln submit`` uploads from ``working_dir``: its runtime env, packaged by Ray's
+    own code as the job SDK runs it (Ray's default excludes, kiln's, and .gitignore files)."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    from cluster.submit import job_runtime_env
+
+    names: set[str] = set()
+
+    def upload(path: str, excludes: list[str] | None = None, is_file: bool = False) -> None:
+        package = scratch / f"package-{len(names)}.zip"
+        create_package(path, package, include_gitignore=True, excludes=excludes)
+        names.update(n for n in zipfile.ZipFile(package).namelist() if not n.endswith("/"))
+
+    cfg = parse_config({"run": {"name": "t"}})
+    upload_working_dir_if_needed(job_runtime_env(cfg, working_dir), include_gitignore=True, upload_fn=upload)
+    return names
+
+
+_SECRET_LOOKING = re.compile(r"(^|/)(\.env(\..*)?|[^/]*\.(env|pem|key|p12|pfx)|id_(rsa|dsa|ecdsa|ed25519)[^/]*|[^/]*auth_token[^/]*|"
+                             r"\.netrc|\.git-credentials|\.pypirc)$|(^|/)\.(ssh|aws|kube)/")  # fmt: skip
+_LOCAL_STATE = re.compile(r"^(\.venv|runs|\.git|\.pytest_cache|\.hypothesis|\.ruff_cache|build)/|(^|/)__pycache__/|\.egg-info/")
+
+
+def test_default_upload_of_the_project_is_its_sources_and_nothing_secret(tmp_path: Path) -> None:
+    uploaded = _uploaded(ROOT, tmp_path)
+    assert not [n for n in uploaded if _LOCAL_STATE.search(n)], sorted(n for n in uploaded if _LOCAL_STATE.search(n))[:20]
+    assert not [n for n in uploaded if _SECRET_LOOKING.search(n)]
+    # Every tracked source the job may need goes (the stages, the configs, the packaging).
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert {"pipelines/cli.py", "core/config.py", "configs/quickstart.yaml", "pyproject.toml"} <= uploaded
+    missing = {f for f in tracked if (ROOT / f).is_file()} - uploaded
+    assert not {f for f in missing if not _SECRET_LOOKING.search(f)}, sorted(missing)[:20]
+
+
+def test_secret_files_in_the_working_dir_are_never_uploaded(tmp_path: Path) -> None:
+    # The real project's sources, then secrets planted where people leave them; no .gitignore
+    # (a working directory need not have one), and local state next to them.
+    wd = tmp_path / "project"
+    shutil.copytree(ROOT, wd, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__", "*.egg-info",
+                                                             ".pytest_cache", ".hypothesis", ".ruff_cache"))  # fmt: skip
+    (wd / ".gitignore").unlink()
+    planted = [".env", ".env.production", "configs/prod.env", "server.pem", "cluster/tls.key", "id_rsa", "id_rsa.pub",
+               "id_ed25519", ".ray/auth_token", "configs/auth_token", "cluster/kuberay/auth_token.txt", ".ssh/config",
+               ".aws/credentials", ".kube/config", ".netrc", ".git-credentials", "deploy/client.p12",
+               ".venv/bin/python", "runs/old/config.yaml", ".git/config", "pipelines/__pycache__/cli.cpython-311.pyc"]  # fmt: skip
+    for name in planted:
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("secret\n")
+    uploaded = _uploaded(wd, tmp_path)
+    assert not set(planted) & uploaded, sorted(set(planted) & uploaded)
+    assert {"pipelines/cli.py", "configs/quickstart.yaml", "cluster/kuberay/rayjob.yaml"} <= uploaded
