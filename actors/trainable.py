@@ -18,6 +18,7 @@ import ray
 import torch
 
 from actors.experience import Batch, split
+from core.checkpoint import load_deepspeed_checkpoint
 from pipelines.rlhf.config import OptimizedModelConfig, PpoConfig
 from pipelines.train.engine import deepspeed_config, param_groups
 
@@ -152,7 +153,8 @@ class DeepSpeedRank:
                                     client_state={"optimizer_steps": self.optimizer_steps})
 
     def load(self, directory: str) -> None:
-        """Restore what :meth:`save` wrote."""
-        _, client = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-        self.optimizer_steps = int((client or {}).get("optimizer_steps", 0))
+        """Restore what :meth:`save` wrote (read with ``torch.load(weights_only=True)``: a
+        checkpoint cannot run code here)."""
+        client = load_deepspeed_checkpoint(self.engine, directory, CHECKPOINT_TAG)
+        self.optimizer_steps = int(client.get("optimizer_steps", 0))
 

@@ -193,3 +193,117 @@ def test_secret_files_in_the_working_dir_are_never_uploaded(tmp_path: Path) -> N
     uploaded = _uploaded(wd, tmp_path)
     assert not set(planted) & uploaded, sorted(set(planted) & uploaded)
     assert {"pipelines/cli.py", "configs/quickstart.yaml", "cluster/kuberay/rayjob.yaml"} <= uploaded
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+# Runs in a process of its own: DeepSpeed's engine needs a torch.distributed group (one rank, gloo).
+_CHECKPOINT_SCRIPT = r"""
+import json, os, pickle, socket, sys
+from pathlib import Path
+
+import deepspeed, torch
+
+from core.checkpoint import load_deepspeed_checkpoint
+from core.config import DeepSpeedSettings
+from pipelines.train.engine import deepspeed_config, param_groups
+
+out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed(dist_backend="gloo")
+
+
+def engine(stage, seed):
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    cfg = DeepSpeedSettings(num_workers=1, zero_stage=stage, micro_batch_per_worker=2)
+    e, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1),
+                                 config=deepspeed_config(cfg, 2, 1, 1), dist_init_required=False)
+    return e
+
+
+def weights(e):
+    with deepspeed.zero.GatheredParameters(list(e.module.parameters())):
+        return [p.detach().clone() for p in e.module.parameters()]
+
+
+result = {}
+for stage in (2, 3):
+    trained = engine(stage, seed=0)
+    trained.backward(trained(torch.randn(2, 8)).sum())
+    trained.step()
+    trained.save_checkpoint(str(out / f"z{stage}"), tag="state", save_latest=False, client_state={"optimizer_steps": 7})
+    fresh = engine(stage, seed=1)
+    client = load_deepspeed_checkpoint(fresh, out / f"z{stage}", "state")
+    same = all(torch.equal(a, b) for a, b in zip(weights(trained), weights(fresh)))
+    result[f"zero{stage}"] = {"optimizer_steps": client.get("optimizer_steps"), "same_weights": same,
+                              "same_optimizer_step": fresh.global_steps == trained.global_steps}
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.makedirs, (str(marker),))
+
+
+# Someone with write access to the storage replaces an optimizer partition with a pickle that runs code.
+optim = next((out / "z2" / "state").glob("*optim_states.pt"))
+torch.save({"optimizer_state_dict": Payload()}, optim)
+try:
+    load_deepspeed_checkpoint(engine(2, seed=1), out / "z2", "state")
+    result["tampered"] = "loaded"
+except pickle.UnpicklingError as e:
+    result["tampered"] = "refused: " + str(e).splitlines()[0]
+result["ran_after_safe_load"] = marker.exists()
+if sys.argv[3:] == ["control"]:  # DeepSpeed's own load runs the payload: the file above is a real threat
+    try:
+        engine(2, seed=1).load_checkpoint(str(out / "z2"), tag="state")
+    except Exception:
+        pass
+    result["ran_after_deepspeed_load"] = marker.exists()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_checkpoints_load_weights_only_and_a_planted_pickle_never_runs(tmp_path: Path) -> None:
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _CHECKPOINT_SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "pwned"),
+                           "control"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(line.removeprefix("RESULT "))
+    # What kiln saves loads back whole under weights_only=True: weights, optimizer, client state.
+    for stage in ("zero2", "zero3"):
+        assert result[stage] == {"optimizer_steps": 7, "same_weights": True, "same_optimizer_step": True}
+    # A planted pickle is refused before anything in it runs; DeepSpeed's own load would have run it.
+    assert result["tampered"].startswith("refused: Weights only load failed"), result["tampered"]
+    assert result["ran_after_safe_load"] is False
+    assert result["ran_after_deepspeed_load"] is True
+
+
+def test_random_states_round_trip_through_json() -> None:
+    import json
+    import random
+
+    import numpy as np
+    import torch
+
+    from core.checkpoint import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random(), np.random.rand(), torch.rand(1)  # somewhere mid-stream
+    saved = json.loads(json.dumps(rng_state()))
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(saved)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from cluster.dashboard import StageGauges
+from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
 from pipelines.train.config import ModelConfig, TrainConfig
 from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups
@@ -83,16 +84,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def _forward(engine: Any, objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -152,13 +143,14 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
 
     Ray Train merges every rank's directory into one checkpoint folder in storage: the DeepSpeed
     files (rank 0's model states, each rank's optimizer partition), per-rank RNG states, rank 0's
-    ``trainer_state.json``, and on the final step the consolidated HF export.
+    ``trainer_state.json``, and on the final step the consolidated HF export. Nothing in it is a
+    pickle that a load must trust (``core.checkpoint``): RNG states are JSON.
     """
     with tempfile.TemporaryDirectory(prefix=f"kiln-ckpt-{rank}-") as tmp:
         root = Path(tmp)
         (root / "ds").mkdir()
         engine.save_checkpoint(str(root / "ds"), tag=CHECKPOINT_TAG, save_latest=False)
-        torch.save(_rng_state(), root / f"rng-rank{rank}.pt")
+        (root / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
         state = full_state_dict(engine, rank) if export else None
         if rank == 0:
             (root / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": job.config_digest}))
@@ -207,8 +199,8 @@ def train_worker(config: dict[str, Any]) -> None:
             saved = json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
             if saved["config_digest"] != job.config_digest:
                 raise RuntimeError(f"{job.stage}: latest checkpoint was written under another config; rerun with --force")
-            engine.load_checkpoint(str(Path(ckpt_dir) / "ds"), tag=CHECKPOINT_TAG)
-            _set_rng_state(torch.load(Path(ckpt_dir) / f"rng-rank{rank}.pt", weights_only=False))
+            load_deepspeed_checkpoint(engine, Path(ckpt_dir) / "ds", CHECKPOINT_TAG)
+            set_rng_state(json.loads((Path(ckpt_dir) / f"rng-rank{rank}.json").read_text()))
             step = saved["step"]
     else:
         _seed_all(cfg.seed + rank)
