@@ -1,0 +1,94 @@
+"""Faults a run must survive without losing anything (issue 11).
+
+A torn last line in ``metrics.jsonl``; a kill between the two renames of an atomic output; a
+reward function that never returns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from core.jsonl import BadRecord, read_jsonl
+from core.metrics import METRICS_FILE, MetricsSink, read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- a torn last line in metrics.jsonl ------------------------------------------------------------
+
+# A PPO run: steps 1-3, a crash after the checkpoint at step 2 while step 4's record was being
+# written (disk full, a kill): its line is cut short.
+_BEFORE_CRASH = [
+    {"event": "start", "step": 0},
+    {"step": 1, "reward_mean": 0.1, "kl": 0.01, "time_step_s": 1.0, "time_sync_s": 0.1},
+    {"step": 2, "reward_mean": 0.2, "kl": 0.02, "time_step_s": 1.0, "time_sync_s": 0.1},
+    {"step": 3, "reward_mean": 0.3, "kl": 0.03, "time_step_s": 1.0, "time_sync_s": 0.1},
+]
+_TORN = '{"step": 4, "reward_mean": 0.4, "kl": 0.0'
+
+
+def _torn_run(stage_dir: Path) -> Path:
+    stage_dir.mkdir(parents=True)
+    path = stage_dir / METRICS_FILE
+    path.write_text("".join(json.dumps(r) + "\n" for r in _BEFORE_CRASH) + _TORN)
+    return path
+
+
+def test_a_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    path = _torn_run(tmp_path / "ppo")
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:5: skipped a record cut short by a crash"):
+        steps = read_metrics(tmp_path / "ppo", by_step=True)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    with pytest.warns(UserWarning, match="cut short"):
+        assert len(read_metrics(tmp_path / "ppo")) == 4
+    # A record written whole but without its newline (the crash came just before it) is kept.
+    path.write_text("".join(json.dumps(r) + "\n" for r in _BEFORE_CRASH) + '{"step": 4, "reward_mean": 0.4}')
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo", by_step=True)] == [1, 2, 3, 4]
+
+
+def test_a_broken_line_that_is_not_the_torn_tail_is_still_an_error(tmp_path: Path) -> None:
+    path = _torn_run(tmp_path / "ppo")
+    lines = path.read_text().splitlines(keepends=True)
+    # In the middle: another writer's mistake, not a crash.
+    path.write_text("".join(lines[:2] + ['{"step": 9, "reward_mean": \n'] + lines[2:4]))
+    with pytest.raises(BadRecord, match=r"metrics\.jsonl:3: malformed JSON"):
+        read_metrics(tmp_path / "ppo", by_step=True)
+    # Last, but ended with its newline: written whole, so it is wrong, not torn.
+    path.write_text("".join(lines[:4]) + '{"step": 4, "reward_mean": \n')
+    with pytest.raises(BadRecord, match=r"metrics\.jsonl:5: malformed JSON"):
+        read_metrics(tmp_path / "ppo")
+    # An input file's broken last line is an error too: its last record may matter.
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b')
+    with pytest.raises(BadRecord, match=r"prompts\.jsonl:2: malformed JSON"):
+        list(read_jsonl(tmp_path / "prompts.jsonl"))
+
+
+def test_a_resumed_run_appends_after_a_torn_line_and_counts_each_step_once(tmp_path: Path) -> None:
+    stage_dir = tmp_path / "ppo"
+    path = _torn_run(stage_dir)
+    # The rerun resumes from the step-2 checkpoint: step 3 again, then 4 and 5.
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:5: dropped a record cut short by a crash"):
+        sink = MetricsSink(stage_dir, enabled=True)
+    sink.write({"event": "resume", "step": 2})
+    for step in (3, 4, 5):
+        sink.write({"step": step, "reward_mean": step / 10 + 0.05, "kl": 0.01, "time_step_s": 2.0, "time_sync_s": 0.2})
+    # Every line is whole again: even the strict reader reads the file.
+    assert [n for n, _ in read_jsonl(path)] == list(range(1, 9))
+    steps = read_metrics(stage_dir, by_step=True)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert steps[2]["reward_mean"] == pytest.approx(0.35)  # the resumed step's record, not the first one
+    # The PPO summary's step-time mean (pipelines/rlhf/ppo.py) is over five steps, not six.
+    assert sum(r["time_step_s"] for r in steps) / len(steps) == pytest.approx((1 + 1 + 2 + 2 + 2) / 5)
+
+
+def test_the_report_renders_a_run_whose_metrics_end_in_a_torn_line(tmp_path: Path) -> None:
+    from pipelines.report import REPORT_FILE, write_report
+
+    run = tmp_path / "run"
+    _torn_run(run / "ppo")
+    with pytest.warns(UserWarning, match="cut short"):
+        write_report(run)
+    row = next(line for line in (run / REPORT_FILE).read_text().splitlines() if line.startswith("| ppo |"))
+    assert "3 steps" in row and "not finished" in row, row
