@@ -3,6 +3,11 @@
 Layout (DESIGN.md): ``<root>/<name>/`` holds ``config.yaml`` and one folder per stage
 (``data/``, ``tokenizer/``, ``pretrain/``, ...). A stage is finished when its folder holds
 ``stage.json``, written last and atomically; rerunning a finished stage is a no-op unless forced.
+
+An atomic output is built under a temporary name beside its final one: ``.<name>.tmp-<tag>``
+while it is written, ``.<name>.new-<tag>`` once it is whole, ``.<name>.old-<tag>`` for the output
+it replaces until the new one is in place. Whatever a crash leaves, :func:`recover_interrupted`
+finds a whole output again: nothing is lost between the renames.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -46,38 +52,90 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# A temporary of an atomic output: ".<final name>.<tmp|new|old>-<8 hex digits>".
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?P<kind>tmp|new|old)-[0-9a-f]{8}$")
+
+
+def _temporary(final: Path, kind: str, tag: str) -> Path:
+    return final.with_name(f".{final.name}.{kind}-{tag}")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Build a directory under a temporary name; rename it to ``final`` only on success.
+    """Build a directory under a temporary name; put it in place as ``final`` only on success.
 
     An existing ``final`` is replaced. On an exception the partial directory is removed and
-    ``final`` is left as it was.
+    ``final`` is left as it was. A crash (a kill, a power cut) at any point leaves ``final`` whole
+    or lets :func:`recover_interrupted` make it whole again: the finished directory is first
+    renamed ``.new-`` (the mark that it is complete), the old one is moved aside and removed only
+    once the new one is in place. An earlier attempt's leftovers are recovered first.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _recover(final)
+    tag = uuid.uuid4().hex[:8]
+    tmp = _temporary(final, "tmp", tag)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    new = _temporary(final, "new", tag)
+    os.replace(tmp, new)  # the commit point: from here on a crash rolls forward to the new output
+    _install(new, final, tag)
+
+
+def _install(new: Path, final: Path, tag: str) -> None:
+    """Put the whole directory ``new`` in place as ``final``; the old ``final`` goes last."""
+    old = _temporary(final, "old", tag)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale_temporaries(folder: Path) -> None:
-    """Remove temporaries left by a crashed earlier attempt (``.name.tmp-*``, ``.name.old-*``)."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _recover(final: Path, temporaries: list[Path] | None = None) -> None:
+    """Finish or undo an atomic output of ``final`` that a crash interrupted.
+
+    A whole new output (``.new-``) is put in place: the crash came after it was complete.
+    Otherwise a missing ``final`` gets the output that was moved aside (``.old-``) back. Partial
+    outputs (``.tmp-``, also :func:`atomic_write_bytes`'s files) and the rest are removed.
+    """
+    if temporaries is None:
+        temporaries = [c for c in final.parent.iterdir() if (m := _TEMPORARY.match(c.name)) and m["final"] == final.name]
+    kinds = {path: _TEMPORARY.match(path.name)["kind"] for path in temporaries}
+    new = [path for path, kind in kinds.items() if kind == "new"]
+    old = [path for path, kind in kinds.items() if kind == "old"]
+    kept = None
+    if new:
+        kept = max(new, key=lambda path: path.stat().st_mtime)
+        _install(kept, final, uuid.uuid4().hex[:8])
+    elif old and not final.exists():
+        kept = max(old, key=lambda path: path.stat().st_mtime)
+        os.replace(kept, final)
+    for path in temporaries:
+        if path != kept:
+            _remove(path)
+
+
+def recover_interrupted(folder: Path) -> None:
+    """Recover every atomic output in ``folder`` that a crashed earlier attempt left half-replaced
+    (see :func:`atomic_dir`); call it where a stage starts, before it looks at its outputs."""
     if not folder.is_dir():
         return
+    leftovers: dict[str, list[Path]] = {}
     for child in folder.iterdir():
-        if child.name.startswith(".") and (".tmp-" in child.name or ".old-" in child.name):
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        if m := _TEMPORARY.match(child.name):
+            leftovers.setdefault(m["final"], []).append(child)
+    for name, temporaries in leftovers.items():
+        _recover(folder / name, temporaries)
 
 
 def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:

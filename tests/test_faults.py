@@ -7,12 +7,17 @@ reward function that never returns.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from core.jsonl import BadRecord, read_jsonl
 from core.metrics import METRICS_FILE, MetricsSink, read_metrics
+from core.rundir import atomic_dir, recover_interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,3 +97,95 @@ def test_the_report_renders_a_run_whose_metrics_end_in_a_torn_line(tmp_path: Pat
         write_report(run)
     row = next(line for line in (run / REPORT_FILE).read_text().splitlines() if line.startswith("| ppo |"))
     assert "3 steps" in row and "not finished" in row, row
+
+
+# --- a kill between the renames of an atomic output -------------------------------------------------
+
+# A process that replaces <final> (100 files of "v1") with a new version and is killed with SIGKILL
+# (no cleanup, no finally) at one point: inside the body, or just before the nth rename, or just
+# before the replaced output is deleted.
+_KILLED_WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+
+import core.rundir as rundir
+
+final, point = Path(sys.argv[1]), sys.argv[2]
+renames = 0
+real_replace, real_rmtree = os.replace, rundir.shutil.rmtree
+
+
+def replace(src, dst):
+    global renames
+    renames += 1
+    if point == f"rename{renames}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+
+def rmtree(path, *args, **kwargs):
+    if point == "delete-old" and ".old-" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rmtree(path, *args, **kwargs)
+
+
+rundir.os.replace, rundir.shutil.rmtree = replace, rmtree
+with rundir.atomic_dir(final) as tmp:
+    for i in range(100):
+        (tmp / f"part-{i:03d}").write_text(f"v2 {i}")
+        if point == "body" and i == 50:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _write_version(final: Path, version: str) -> None:
+    with atomic_dir(final) as tmp:
+        for i in range(100):
+            (tmp / f"part-{i:03d}").write_text(f"{version} {i}")
+
+
+def _version(final: Path) -> str:
+    """The one version every file of ``final`` holds ("mixed" if not whole)."""
+    texts = [p.read_text() for p in sorted(final.iterdir())]
+    versions = {t.split()[0] for t in texts}
+    whole = len(texts) == 100 and len(versions) == 1
+    return versions.pop() if whole else f"mixed {sorted(versions)} in {len(texts)} files"
+
+
+# The renames: 1 the finished new output to ".new-" (its mark of completeness), 2 the old output
+# aside, 3 the new output in place. A kill after 1 rolls forward, before it the old output stays.
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [("body", "v1"), ("rename1", "v1"), ("rename2", "v2"), ("rename3", "v2"), ("delete-old", "v2")],
+)
+def test_a_kill_at_any_point_of_an_atomic_replace_loses_nothing(tmp_path: Path, point: str, expected: str) -> None:
+    final = tmp_path / "model"
+    _write_version(final, "v1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(final), point], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    if point == "rename3":
+        assert not final.exists()  # the window: the old output moved aside, the new one not yet in place
+    # The next start: the stage recovers its folder first (the data stage, PPO's checkpoints), or
+    # writes the same output again (atomic_dir recovers it before it starts), and fails.
+    if point in ("rename2", "rename3"):
+        with pytest.raises(RuntimeError, match="next attempt fails"), atomic_dir(final):
+            raise RuntimeError("next attempt fails")
+    else:
+        recover_interrupted(tmp_path)
+    assert _version(final) == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporaries left behind
+
+
+def test_an_output_moved_aside_with_nothing_in_its_place_is_put_back(tmp_path: Path) -> None:
+    # What a crash between the renames of an earlier kiln left: the old output moved aside and a
+    # partial new one, with no mark that it is whole.
+    _write_version(tmp_path / "model", "v1")
+    os.replace(tmp_path / "model", tmp_path / ".model.old-0123abcd")
+    (tmp_path / ".model.tmp-89abcdef").mkdir()
+    (tmp_path / ".model.tmp-89abcdef" / "part-000").write_text("v2 0")
+    (tmp_path / ".config.yaml.tmp-00ff00ff").write_text("half a fi")  # an atomic file write's partial
+    recover_interrupted(tmp_path)
+    assert _version(tmp_path / "model") == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

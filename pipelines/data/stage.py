@@ -33,9 +33,9 @@ from cluster.runtime import init_ray
 from core.rundir import (
     atomic_dir,
     atomic_write_json,
-    clean_stale_temporaries,
     finished_summary,
     mark_finished,
+    recover_interrupted,
 )
 from pipelines.config import KilnConfig
 from pipelines.data.config import DataConfig, DedupConfig, FilterConfig, InputConfig
@@ -293,7 +293,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic shards and tokenizer input
     partitions = dcfg.shuffle_partitions or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    clean_stale_temporaries(run_dir)
+    recover_interrupted(run_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     print(f"kiln data: {len(files)} file(s), MinHash {num_bands} bands x {rows} rows, "

@@ -40,7 +40,7 @@ from cluster.dashboard import StageGauges
 from cluster.runtime import init_ray
 from core.metrics import MetricsSink, read_metrics
 from core.progress import StageProgress
-from core.rundir import atomic_dir, atomic_write_json, clean_stale_temporaries, mark_finished, prepare_stage
+from core.rundir import atomic_dir, atomic_write_json, mark_finished, prepare_stage, recover_interrupted
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.rlhf.config import PpoConfig
@@ -311,7 +311,7 @@ def save_checkpoint(actors: Actors, state: State, root: Path, keep: int) -> Path
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    clean_stale_temporaries(root)
+    recover_interrupted(root)
     found = sorted(root.glob("step-*"))
     return found[-1] if found else None
 
