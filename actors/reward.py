@@ -1,12 +1,20 @@
-"""Reward: a reward model from ``kiln reward-model`` and/or a Python function, weighted and summed."""
+"""Reward: a reward model from ``kiln reward-model`` and/or a Python function, weighted and summed.
+
+The function is the user's code, run in this actor's process on the cluster. Each call has
+``ppo.reward_timeout_s`` to return: one that hangs is an error like one that raises. Python cannot
+stop a thread, so a call that timed out is abandoned, not stopped: it keeps its thread (a daemon)
+until it returns or the actor ends, and the next call starts on a thread of its own.
+"""
 
 from __future__ import annotations
 
 import importlib
 import math
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import torch
@@ -14,9 +22,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipelines.rlhf.config import PpoConfig
 
+T = TypeVar("T")
+
 
 class RewardFunctionError(RuntimeError):
-    """A reward function raised or returned a non-finite value; names the function and sample."""
+    """A reward function raised, returned a non-finite value or timed out; names the function and sample."""
+
+
+class CallTimeout(TimeoutError):
+    """A call of user code gave no result within its time limit (not a TimeoutError of its own)."""
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -33,6 +47,76 @@ def load_function(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"{spec!r} is not callable")
     return fn
+
+
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """``fn()`` on a thread of its own, waited for at most ``timeout_s`` seconds.
+
+    Raises:
+        CallTimeout: no result in time. The call is abandoned: its (daemon) thread runs on until
+            ``fn`` returns or the process ends.
+        Exception: what ``fn`` raised.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, name="kiln-reward-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise CallTimeout(f"no result after {timeout_s:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def function_rewards(
+    fn: Callable[..., Any], spec: str, prompts: list[Any], responses: list[str], fields: list[dict[str, Any]],
+    timeout_s: float, skip_errors: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reward function's value on each of N samples, each call given ``timeout_s`` seconds.
+
+    Args:
+        fn: called as ``fn(prompt, response, **fields)``, returning a finite number.
+        spec: its ``module:function`` name, for messages.
+        prompts / responses / fields: the samples.
+        timeout_s: ``ppo.reward_timeout_s``.
+        skip_errors: ``on_reward_error: skip``: a failed sample is marked invalid, not raised.
+
+    Returns:
+        (N,) values (0 where invalid) and (N,) validity.
+
+    Raises:
+        RewardFunctionError: a call raised, returned a non-finite value or timed out, and errors
+            are not skipped; it names the function, the sample and what went wrong.
+    """
+    values = torch.zeros(len(responses))
+    valid = torch.ones(len(responses), dtype=torch.bool)
+    for i, (prompt, response, extra) in enumerate(zip(prompts, responses, fields)):
+        try:
+            value = float(call_with_timeout(lambda: fn(prompt, response, **extra), timeout_s))  # noqa: B023 - called at once
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value}")
+        except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
+            timed_out = isinstance(e, CallTimeout)
+            what = f"{'timed out' if timed_out else 'failed'} on sample {i}"
+            cause = f"{e} (ppo.reward_timeout_s); the call was abandoned" if timed_out else f"{type(e).__name__}: {e}"
+            if not skip_errors:
+                raise RewardFunctionError(
+                    f"reward function {spec} {what} (prompt={prompt!r}, response={response!r}): {cause}"
+                ) from None
+            if timed_out:  # a thread left running deserves a line in the log
+                print(f"kiln: reward function {spec} {what}: {cause}; sample skipped", file=sys.stderr, flush=True)
+            valid[i] = False
+            continue
+        values[i] = value
+    return values, valid
 
 
 @dataclass
@@ -57,7 +141,8 @@ class RewardScorer:
     """Scores (prompt, response) pairs: ``score`` is its one verb.
 
     Args:
-        ppo: the ``ppo:`` section (weights, the reward function, ``on_reward_error``, ``reward.threads``).
+        ppo: the ``ppo:`` section (weights, the reward function, ``on_reward_error``,
+            ``reward_timeout_s``, ``reward.threads``).
         model_dir: the reward model's directory (resolved by the controller), or None.
     """
 
@@ -72,6 +157,7 @@ class RewardScorer:
         self.function = load_function(ppo.reward_function) if ppo.reward_function else None
         self.function_weight = ppo.reward_function_weight
         self.skip_errors = ppo.on_reward_error == "skip"
+        self.timeout_s = ppo.reward_timeout_s
 
     def score(self, prompts: list[Any], responses: list[str], fields: list[dict[str, Any]]) -> Scores:
         """Rewards of N samples.
@@ -82,27 +168,14 @@ class RewardScorer:
             fields: each sample's other prompt-file fields, passed to the function as keywords.
 
         Raises:
-            RewardFunctionError: the function failed on a sample and errors are not skipped.
+            RewardFunctionError: the function failed (or timed out) on a sample and errors are not skipped.
         """
         n = len(responses)
         model = self._model_scores(prompts, responses) if self.model is not None else torch.zeros(n)
-        function = torch.zeros(n)
-        valid = torch.ones(n, dtype=torch.bool)
+        function, valid = torch.zeros(n), torch.ones(n, dtype=torch.bool)
         if self.function is not None:
-            for i, (prompt, response, extra) in enumerate(zip(prompts, responses, fields)):
-                try:
-                    value = float(self.function(prompt, response, **extra))
-                    if not math.isfinite(value):
-                        raise ValueError(f"returned {value}")
-                except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-                    if not self.skip_errors:
-                        raise RewardFunctionError(
-                            f"reward function {self.function_spec} failed on sample {i} "
-                            f"(prompt={prompt!r}, response={response!r}): {type(e).__name__}: {e}"
-                        ) from None
-                    valid[i] = False
-                    continue
-                function[i] = value
+            function, valid = function_rewards(self.function, self.function_spec, prompts, responses, fields,
+                                               self.timeout_s, self.skip_errors)  # fmt: skip
         total = (self.model_weight * model + self.function_weight * function) * valid
         return Scores(total=total, model=model, function=function, valid=valid)
 

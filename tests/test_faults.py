@@ -11,7 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,3 +193,86 @@ def test_an_output_moved_aside_with_nothing_in_its_place_is_put_back(tmp_path: P
     recover_interrupted(tmp_path)
     assert _version(tmp_path / "model") == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# --- a reward function that never returns --------------------------------------------------------
+
+_RELEASE = threading.Event()  # set at the end of each test: the abandoned calls then return
+
+
+@pytest.fixture
+def hanging_reward() -> Iterator[Callable[..., float]]:
+    def reward(prompt: str, response: str, **fields: Any) -> float:
+        if response == "hang":
+            _RELEASE.wait()  # a network call that never answers, a deadlock, an endless loop
+        if response == "own timeout":
+            raise TimeoutError("the grading service timed out")  # the function's own error, not a hang
+        return float(len(response))
+
+    _RELEASE.clear()
+    yield reward
+    _RELEASE.set()
+
+
+def test_a_hung_reward_call_stops_the_run_naming_function_sample_and_timeout(hanging_reward: Callable[..., float]) -> None:
+    from actors.reward import RewardFunctionError, function_rewards
+
+    t0 = time.monotonic()
+    with pytest.raises(RewardFunctionError) as e:
+        function_rewards(hanging_reward, "tasks:grade", ["p0", "p1"], ["ok", "hang"], [{}, {"answer": 2}], 0.3, False)
+    assert time.monotonic() - t0 < 5
+    assert str(e.value) == (
+        "reward function tasks:grade timed out on sample 1 (prompt='p1', response='hang'): no result after 0.3 s "
+        "(ppo.reward_timeout_s); the call was abandoned"
+    )
+    # A TimeoutError of the function's own is a failure like any other, not a hang.
+    with pytest.raises(RewardFunctionError, match=r"failed on sample 0 .*: TimeoutError: the grading service timed out"):
+        function_rewards(hanging_reward, "tasks:grade", ["p0"], ["own timeout"], [{}], 0.3, False)
+
+
+def test_a_hung_reward_call_is_skipped_and_counted_and_later_calls_go_on(
+    hanging_reward: Callable[..., float], capfd: pytest.CaptureFixture[str]
+) -> None:
+    from actors.reward import function_rewards
+
+    t0 = time.monotonic()
+    values, valid = function_rewards(hanging_reward, "tasks:grade", ["p"] * 4, ["ok", "hang", "three", "hang"],
+                                     [{}] * 4, 0.3, True)  # fmt: skip
+    assert time.monotonic() - t0 < 5  # two timeouts of 0.3 s, not forever
+    assert valid.tolist() == [True, False, True, False]  # masked out of the update
+    assert values.tolist() == [2.0, 0.0, 5.0, 0.0]
+    assert int((~valid).sum()) == 2  # what PPO logs as skipped_samples
+    assert capfd.readouterr().err.count("timed out on sample") == 2  # each abandoned call leaves a line in the log
+
+
+def test_reward_timeout_reaches_the_reward_actor(ray_local: None, tmp_path: Path) -> None:
+    import ray
+
+    from actors.reward import RewardFunctionError, RewardScorer
+    from pipelines.rlhf.config import PpoConfig
+
+    # An importable module:function, as a user's reward is; the actor's workers find it on PYTHONPATH.
+    (tmp_path / "hanging_task.py").write_text(
+        "import threading\n\n\ndef reward(prompt, response, **fields):\n"
+        "    if response == 'hang':\n        threading.Event().wait()\n    return 1.0\n"
+    )
+    env = {"runtime_env": {"env_vars": {"PYTHONPATH": str(tmp_path)}}}
+    p = PpoConfig(prompts="unused.jsonl", reward_function="hanging_task:reward", reward_timeout_s=0.5)
+    assert PpoConfig(prompts="unused.jsonl", reward_function="m:f").reward_timeout_s == 60.0
+    stopping = RewardScorer.options(**env).remote(p, None)
+    skipping = RewardScorer.options(**env).remote(p.model_copy(update={"on_reward_error": "skip"}), None)
+    try:
+        with pytest.raises(RewardFunctionError, match=r"hanging_task:reward timed out on sample 1 .*after 0\.5 s"):
+            try:
+                ray.get(stopping.score.remote(["q", "q"], ["a", "hang"], [{}, {}]), timeout=60)
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None
+        scores = ray.get(skipping.score.remote(["q", "q"], ["a", "hang"], [{}, {}]), timeout=60)
+        assert scores.valid.tolist() == [True, False] and scores.total.tolist() == [1.0, 0.0]
+        # The abandoned call does not hold the actor: the next batch is scored at once.
+        t0 = time.monotonic()
+        assert ray.get(skipping.score.remote(["q"], ["b"], [{}]), timeout=60).total.tolist() == [1.0]
+        assert time.monotonic() - t0 < 5
+    finally:
+        ray.kill(stopping)
+        ray.kill(skipping)

@@ -74,6 +74,10 @@ class PpoConfig(Section):
     # A reward function that raises: stop the run (naming function and sample) or skip the
     # sample (its reward becomes 0 and it is masked out of the update; counted).
     on_reward_error: Literal["stop", "skip"] = "stop"
+    # Seconds one call of the reward function may take; a longer one is a reward error like any
+    # other (on_reward_error). A hung call cannot be stopped: it is abandoned, and its thread runs
+    # on in the reward actor until it returns or the run ends.
+    reward_timeout_s: float = Field(default=60.0, gt=0.0)
     # The task metric for evaluation, "module:function"(prompt, response, **fields) -> bool or a
     # score in [0, 1]; its mean is reported as accuracy (null: none).
     metric_function: str | None = None
