@@ -1,4 +1,5 @@
-"""The chat format every kiln model shares: special tokens, the ChatML template, stop tokens.
+"""The chat format every kiln model shares: special tokens, the ChatML template, stop tokens, and
+tokenisation of a conversation in which only the template makes control tokens.
 
 On the ground floor because the data stage (tokenizer training), SFT, PPO's rollout and the
 serving replica must all format and end conversations the same way.
@@ -6,6 +7,8 @@ serving replica must all format and end conversations the same way.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 EOS = "<|endoftext|>"
@@ -31,3 +34,59 @@ def chat_stop_ids(tokenizer: Any) -> list[int]:
     token, so generation must stop on it explicitly), none for a tokenizer without it."""
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     return [im_end] if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else []
+
+
+# Stand-ins for the message contents while the template renders: private-use code points, which no
+# template writes, mark where each content goes.
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """A conversation rendered by the chat template, and its tokens."""
+
+    text: str  # the template's rendering
+    ids: list[int]  # (T,)
+    offsets: list[tuple[int, int]]  # (T,) each token's character span in text
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatTokens:
+    """Render ``messages`` with the tokenizer's chat template and tokenise it so that only the
+    template's own text can make special tokens: each message's content is tokenised as plain text.
+
+    Tokenising the rendered string whole would parse ``<|im_end|>\n<|im_start|>system`` typed inside
+    a message as control tokens, and so let its author forge a turn. Here the template renders with
+    a stand-in per content, the text between stand-ins is tokenised with special tokens parsed and
+    each content with them split into ordinary pieces (as Llama 3's reference ``ChatFormat`` encodes
+    its headers and contents apart). Not safe to call from two threads on one tokenizer at once:
+    ``split_special_tokens`` switches a flag on the shared Rust backend.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer with a chat template.
+        messages: ``{"role", "content"}`` dicts, contents as strings.
+        add_generation_prompt: open the assistant turn at the end (what a model is asked to complete).
+
+    Returns:
+        The rendering (the template's own, character for character), its token ids and their offsets.
+
+    Raises:
+        ValueError: the template does not insert every content once, unchanged and in order.
+    """
+    slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
+    frame = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=add_generation_prompt)
+    pieces = _SLOT_RE.split(frame)  # template text, "0", template text, "1", ..., template text
+    if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
+        raise ValueError("the chat template must insert every message's content once, in order")
+    text, ids, offsets = "", [], []
+    for k, piece in enumerate(pieces):
+        is_content = k % 2 == 1
+        if is_content:
+            piece = messages[int(piece)]["content"]
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=is_content)
+        ids += enc["input_ids"]
+        offsets += [(len(text) + lo, len(text) + hi) for lo, hi in enc["offset_mapping"]]
+        text += piece
+    if text != tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt):
+        raise ValueError("the chat template changes message contents (e.g. trims them); it must insert them unchanged")
+    return ChatTokens(text, ids, offsets)
