@@ -6,6 +6,11 @@ Server-Sent Events), ``/v1/models`` and ``/healthz``. Ray Serve routes requests 
 in-flight and queued requests (overload is refused with 503 at the proxy, never queued forever),
 and scales replicas; a client that disconnects cancels its request, which aborts the generation.
 
+Every request is bounded: its body by ``max_request_bytes`` (413 as soon as it is passed), its
+reading, tokenisation and generation together by ``request_timeout_s`` (408). Every error answer
+has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: client mistakes are 4xx,
+anything else a 500 that names the request id and no internals (the traceback goes to the log).
+
 Usage:
     Python:      ``serve.run(build_app({"model": "runs/x/sft/model"}))``
     CLI:         ``kiln serve runs/x/sft/model``  (or a kiln config with a ``serve:`` section)
@@ -16,22 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError, TemplateSyntaxError
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from core.chat import chat_stop_ids
-from serving.auth import check_bearer, key_digest, resolve_api_key
+from core.chat import chat_stop_ids, tokenize_chat
+from serving.auth import check_bearer, check_exposure, key_digest, resolve_api_key
 from serving.config import ServeConfig
 from serving.schemas import (
     APIError,
@@ -47,9 +57,18 @@ if TYPE_CHECKING:
 
 # No /docs or /openapi.json: the API is OpenAI's, documented there, and a smaller surface.
 api = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
+# Serve sends a replica's "ray.serve" records to its log file.
+logger = logging.getLogger("ray.serve")
 
 _LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 _TOKENS_PER_S_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """FastAPI's own answers (unknown path 404, wrong method 405) in OpenAI's error shape."""
+    body = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code="not_found" if e.status_code == 404 else None).body()
+    return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
 
 @dataclass
@@ -64,6 +83,7 @@ class _Job:
     # Top log-probabilities per token; None: no logprobs in the answer.
     logprobs: int | None
     include_usage: bool
+    stream: bool
 
 
 # Everything the route methods use is defined above the class: serve.ingress pickles the FastAPI
@@ -81,6 +101,50 @@ def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
         return schema.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is over ``limit`` bytes: a declared
+    Content-Length over it before any byte is read, a chunked body at the chunk that passes it."""
+    too_large = APIError(413, f"the request body is over {limit} bytes (serve.max_request_bytes)",
+                         code="request_too_large")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _api_error(e: Exception, request_id: str) -> APIError:
+    """The answer to an exception raised while serving a request.
+
+    Mistakes in the request (vLLM's validation, a chat template that refuses the messages) are
+    400s with their message; anything else is a 500 that names the request id and nothing of the
+    server's internals, and its traceback goes to the replica's log.
+    """
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError  # see LLMServer.__init__
+
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, TimeoutError):
+        return APIError(408, "the request timed out (serve.request_timeout_s)", type="timeout")
+    if isinstance(e, VLLMValidationError):
+        return APIError(400, str(e), param=e.parameter, code="invalid_value")
+    if isinstance(e, VLLMClientError):
+        return APIError(400, str(e))
+    if isinstance(e, GracefulHTTPError):  # the engine's own admission control: overload, not a bug
+        return APIError(int(e.http_status), e.message, type="server_error" if e.http_status >= 500 else
+                        "invalid_request_error")  # fmt: skip
+    if isinstance(e, TemplateError) and not isinstance(e, TemplateSyntaxError):
+        # raise_exception() in a chat template: the template's own words about the messages.
+        return APIError(400, f"the chat template refused these messages: {e}", param="messages")
+    logger.error("request %s failed", request_id, exc_info=e)
+    return APIError(500, f"internal error in request {request_id}; the server log has the details",
+                    type="server_error")  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -111,9 +175,13 @@ class LLMServer:
         )
         self.max_model_len: int = self.engine.model_config.max_model_len
         # Our own tokenizer: prompts are tokenised here so context limits are checked (and
-        # answered 400) before the engine sees the request.
+        # answered 400) before the engine sees the request. Parsing and tokenising run on one
+        # thread of their own: off the event loop (a 1 MiB prompt takes a while, and /healthz and
+        # the streams must not wait for it) and one at a time (tokenize_chat switches a flag on
+        # the tokenizer, which two threads must not do at once).
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.chat_stop_ids = chat_stop_ids(self.tokenizer)
+        self.prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-prepare")
 
         tags = ("route", "status")
         self.m_requests = metrics.Counter("kiln_serve_requests", "HTTP requests answered.", tag_keys=tags)
@@ -133,11 +201,13 @@ class LLMServer:
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
-        """200 while the engine is alive (no auth: load balancers and probes call it)."""
+        """200 while the engine is alive (no auth: load balancers and probes call it, so the
+        reason for a 503 goes to the log, not to whoever asks)."""
         try:
             await self.engine.check_health()
         except Exception as e:  # noqa: BLE001 - any failure means unhealthy
-            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+            logger.error("health check failed", exc_info=e)
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ok", "unfinished_requests": self.engine.get_num_unfinished_requests()})
 
     @api.get("/v1/models")
@@ -171,37 +241,51 @@ class LLMServer:
     async def _answer(self, request: Request, schema: type[SamplingFields]) -> Response:
         started = time.perf_counter()
         route = "chat" if schema is ChatCompletionRequest else "completions"
+        request_id = f"{'chatcmpl' if schema is ChatCompletionRequest else 'cmpl'}-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        # One deadline for reading, tokenising and generating (a stream's too: see _stream).
+        deadline = loop.time() + self.cfg.request_timeout_s
         try:
             # Authenticate before reading the body: an anonymous caller learns nothing else.
             check_bearer(request.headers.get("authorization"), self.key_sha256)
-            req = _parse(await request.body(), schema)
-            job = self._prepare(req)
-            if req.stream:
-                return StreamingResponse(
-                    self._stream(job, route, started),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
-            body = await self._complete(job)
-        except APIError as e:
-            self._observe(route, e.status, started, 0)
-            return JSONResponse(e.body(), status_code=e.status)
+            async with asyncio.timeout_at(deadline):
+                raw = await _read_body(request, self.cfg.max_request_bytes)
+                job = await loop.run_in_executor(self.prepare_thread, self._prepare, raw, schema, request_id)
+                outputs = self._generate(job)
+                if job.stream:
+                    # The first output before the 200: the engine's own checks of the request run
+                    # when it is added, and their 400 must come as a status, not inside a stream.
+                    first = await anext(outputs)
+                    return StreamingResponse(
+                        self._stream(job, first, outputs, deadline, route, started),
+                        media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    )
+                body = await self._complete(job, outputs)
+        except ClientDisconnect:
+            self._observe(route, 499, started, 0)  # nobody left to answer
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
+            err = _api_error(e, request_id)
+            self._observe(route, err.status, started, 0)
+            return JSONResponse(err.body(), status_code=err.status)
         self._observe(route, 200, started, body["usage"]["completion_tokens"])
         return JSONResponse(body)
 
-    def _prepare(self, req: SamplingFields) -> _Job:
-        """Tokenise the prompt, check it against the context and build the sampling parameters."""
+    def _prepare(self, raw: bytes, schema: type[SamplingFields], request_id: str) -> _Job:
+        """Parse the body, tokenise the prompt, check it against the context and build the
+        sampling parameters (on the prepare thread)."""
         from vllm import SamplingParams  # vLLM only in the replica (see __init__)
         from vllm.sampling_params import RequestOutputKind
 
+        req = _parse(raw, schema)
         if req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
         if isinstance(req, ChatCompletionRequest):
             chat, prompt_param, max_tokens = True, "messages", req.max_new_tokens
             messages = [{"role": m.role, "content": m.text} for m in req.messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The template already holds every special token the model needs.
-            prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            # Contents as plain text: "<|im_start|>" typed in a message cannot open a turn.
+            prompt_ids = tokenize_chat(self.tokenizer, messages, add_generation_prompt=True).ids
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             stop_ids = self.chat_stop_ids
         else:
@@ -245,31 +329,21 @@ class LLMServer:
             # Streams get each new piece once; whole answers only the final state.
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
-        prefix = "chatcmpl" if chat else "cmpl"
-        return _Job(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_ids, params, logprobs, req.include_usage)
+        return _Job(chat, request_id, int(time.time()), prompt_ids, params, logprobs, req.include_usage, req.stream)
 
-    def _generate(self, job: _Job) -> AsyncIterator[Any]:
+    def _generate(self, job: _Job) -> AsyncGenerator[Any, None]:
         from vllm.inputs.engine import tokens_input  # see __init__
 
         # Already tokenised: the engine skips its own rendering step.
         return self.engine.generate(tokens_input(job.prompt_ids), job.params, job.request_id)
 
-    async def _complete(self, job: _Job) -> dict[str, Any]:
-        """Run one request to the end; the engine aborts it if the timeout cancels us."""
-        from vllm.exceptions import VLLMClientError, VLLMServerError  # see __init__
-
+    async def _complete(self, job: _Job, outputs: AsyncIterator[Any]) -> dict[str, Any]:
+        """Run one request to the end (under the caller's deadline: a timeout that cancels us
+        makes the engine abort the request)."""
         finals: dict[int, CompletionOutput] = {}
-        try:
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for out in self._generate(job):
-                    for o in out.outputs:
-                        finals[o.index] = o
-        except TimeoutError:
-            raise APIError(408, f"request timed out after {self.cfg.request_timeout_s} s", type="timeout") from None
-        except VLLMClientError as e:
-            raise APIError(400, str(e)) from None
-        except VLLMServerError as e:
-            raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        async for out in outputs:
+            for o in out.outputs:
+                finals[o.index] = o
         choices = [self._choice(finals[i], job, offset=0) for i in sorted(finals)]
         completion_tokens = sum(len(o.token_ids) for o in finals.values())
         return {
@@ -281,10 +355,13 @@ class LLMServer:
             "usage": _usage(len(job.prompt_ids), completion_tokens),
         }
 
-    async def _stream(self, job: _Job, route: str, started: float) -> AsyncIterator[str]:
-        """Server-Sent Events: one chunk per engine step, then usage (if asked) and ``[DONE]``."""
-        from vllm.exceptions import VLLMClientError, VLLMServerError  # see __init__
+    async def _stream(
+        self, job: _Job, first: Any, outputs: AsyncGenerator[Any, None], deadline: float, route: str, started: float
+    ) -> AsyncIterator[str]:
+        """Server-Sent Events: one chunk per engine step, then usage (if asked) and ``[DONE]``.
 
+        The 200 is sent by now, so an error travels as the last event, as in OpenAI's API.
+        """
         head = {
             "id": job.request_id,
             "object": "chat.completion.chunk" if job.chat else "text_completion",
@@ -295,37 +372,35 @@ class LLMServer:
         # Characters streamed so far per choice (completions' logprobs.text_offset continues).
         offsets = [0] * job.params.n
         try:
-            async with asyncio.timeout(self.cfg.request_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 if job.chat:
                     # OpenAI opens each chat choice with the role and empty content.
                     roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(job.params.n)]
                     yield _sse({**head, "choices": roles})
-                async for out in self._generate(job):
+                out = first
+                while out is not None:
                     choices = []
                     for o in out.outputs:
                         completion_tokens += len(o.token_ids)
                         choices.append(self._choice(o, job, offsets[o.index], delta=True))
                         offsets[o.index] += len(o.text)
                     yield _sse({**head, "choices": choices})
+                    out = await anext(outputs, None)
             if job.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(len(job.prompt_ids), completion_tokens)})
-        except TimeoutError:
-            status = 408
-            err = APIError(408, f"request timed out after {self.cfg.request_timeout_s} s", type="timeout")
-            yield _sse(err.body())
-        except VLLMClientError as e:
-            status = 400
-            yield _sse(APIError(400, str(e)).body())
-        except VLLMServerError as e:
-            # Headers (200) are already sent: the error travels as the last event, as in OpenAI's API.
-            status = 500
-            yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
         except asyncio.CancelledError:
-            # The client went away: vLLM's generate() has aborted the request on the way out.
+            # The client went away: vLLM's generate() aborts the request when it is closed below.
             status = 499
             raise
+        except Exception as e:  # noqa: BLE001 - answered as the stream's last event
+            err = _api_error(e, job.request_id)
+            status = err.status
+            yield _sse(err.body())
         finally:
+            # Closing the engine's generator aborts the request if it is still running; shielded
+            # so that a cancelled stream (the client left) still gets that far.
+            await asyncio.shield(outputs.aclose())
             self._observe(route, status, started, completion_tokens)
         yield "data: [DONE]\n\n"
 
@@ -400,7 +475,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         The application, for ``serve.run`` or a Serve config file.
 
     Raises:
-        ValueError: the arguments do not validate or the model directory is missing.
+        ValueError: the arguments do not validate, the model directory is missing, the API key
+            variable is set but empty, or ``host`` is not loopback and there is no key (unless
+            ``allow_unauthenticated``); all before anything of Ray Serve starts.
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     if cfg.model is None:
@@ -409,6 +486,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"serve.model: {model_dir} is not a Hugging Face model directory (no config.json)")
     key = resolve_api_key(cfg.api_key, cfg.api_key_env)
+    check_exposure(cfg.host, key, cfg.allow_unauthenticated, cfg.api_key_env)
     scaling: dict[str, Any] = (
         {"autoscaling_config": cfg.autoscaling.model_dump()}
         if cfg.autoscaling is not None

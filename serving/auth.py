@@ -2,16 +2,22 @@
 
 Replicas never hold the key itself, only its SHA-256 digest: the digest is what travels through
 Ray Serve's stored deployment arguments, so the plaintext key never lands in the cluster's state.
-Comparing digests with :func:`hmac.compare_digest` keeps the check constant-time.
+Comparing digests with :func:`hmac.compare_digest` keeps the check constant-time. A key variable
+that is set but empty is an error, and so is serving beyond loopback without a key, unless the
+config says ``allow_unauthenticated: true``: neither switches authentication off silently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 
 from serving.schemas import APIError
+
+# The shortest key accepted, from the environment as from serve.api_key.
+MIN_KEY_CHARS = 8
 
 
 def key_digest(key: str) -> str:
@@ -20,8 +26,47 @@ def key_digest(key: str) -> str:
 
 
 def resolve_api_key(api_key: str | None, api_key_env: str) -> str | None:
-    """The configured key: the environment variable wins over the config value; None: no auth."""
-    return os.environ.get(api_key_env) or api_key
+    """The configured key: the environment variable wins over the config value; None: no auth.
+
+    Raises:
+        ValueError: the variable is set but empty or shorter than 8 characters (an empty
+            ``KILN_API_KEY=`` means a key was meant, so it must not switch authentication off).
+    """
+    env = os.environ.get(api_key_env)
+    if env is None:
+        return api_key
+    if len(env.strip()) < MIN_KEY_CHARS:
+        what = "empty" if not env.strip() else f"shorter than {MIN_KEY_CHARS} characters"
+        raise ValueError(
+            f"the environment variable {api_key_env} is set but {what}: put the API key in it, or unset it "
+            f"(then serve.api_key, if any, is the key)"
+        )
+    return env
+
+
+def is_loopback(host: str) -> bool:
+    """True for an interface only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, key: str | None, allow_unauthenticated: bool, api_key_env: str) -> None:
+    """Refuse to serve beyond this machine without an API key, unless the config says so.
+
+    Raises:
+        ValueError: ``host`` is not a loopback interface, there is no key and
+            ``allow_unauthenticated`` is false; the message names the three ways out.
+    """
+    if key is None and not allow_unauthenticated and not is_loopback(host):
+        raise ValueError(
+            f"serve.host is {host}, reachable from other machines, and there is no API key: anyone who reaches "
+            f"the port could use the model. Set one in the environment variable {api_key_env} (or serve.api_key), "
+            f"bind to 127.0.0.1, or set serve.allow_unauthenticated: true to serve without a key on purpose"
+        )
 
 
 def check_bearer(authorization: str | None, expected_digest: str | None) -> None:

@@ -33,14 +33,17 @@ class ServeConfig(Section):
     model: str | None = None
     # Name clients pass as "model"; null: the model directory's name.
     model_name: str | None = None
-    # Interface the HTTP proxy binds to; 127.0.0.1 keeps the endpoint local to this machine.
+    # Interface the HTTP proxy binds to; 127.0.0.1 keeps the endpoint local to this machine. Any
+    # other interface needs an API key (or allow_unauthenticated), or the app refuses to start.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     # Environment variable holding the API key; when it (or api_key) is set, requests need
-    # "Authorization: Bearer <key>".
+    # "Authorization: Bearer <key>". Set but empty is an error, not "no key".
     api_key_env: str = "KILN_API_KEY"
     # The API key itself (prefer api_key_env: a config file is easy to leak).
     api_key: str | None = Field(default=None, min_length=8)
+    # Serve on a non-loopback host without an API key, on purpose (e.g. behind an authenticating proxy).
+    allow_unauthenticated: bool = False
     # Fixed replica count; ignored when autoscaling is set.
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
@@ -48,8 +51,11 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(default=64, ge=1)
     # Requests waiting for a replica beyond that; more are refused at once with 503 (-1: no limit).
     max_queued_requests: int = Field(default=64, ge=-1)
-    # Seconds a request may run before it is aborted and answered 408.
+    # Seconds a request may run (reading its body, tokenising, generating) before it is aborted
+    # and answered 408.
     request_timeout_s: float = Field(default=120.0, gt=0.0)
+    # Largest request body in bytes; a larger one is answered 413 as soon as that many have arrived.
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
     # Ray resources of each replica (the vLLM engine process runs beside it).
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)

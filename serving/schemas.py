@@ -51,6 +51,10 @@ def validation_error(e: ValidationError) -> APIError:
     param = ".".join(str(p) for p in first["loc"] if _is_field(p)) or None
     if first["type"] == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
+    if first["type"] == "value_error" and not first["loc"]:
+        # A whole-request rule (a model validator): its message starts with the field it names.
+        message = str(first["ctx"]["error"])
+        return APIError(400, message, param=message.partition(":")[0] or None, code="invalid_value")
     message = f"{param}: {first['msg']}" if param else first["msg"]
     return APIError(400, message, param=param, code="invalid_value")
 
@@ -75,7 +79,8 @@ class SamplingFields(_Request):
     # vLLM extension: 0 or -1 switch it off.
     top_k: int = Field(default=0, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # A non-negative int64: the engine's generators take no more, and vLLM reads -1 as "no seed".
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -88,6 +93,8 @@ class SamplingFields(_Request):
     def _stop_list(self) -> "SamplingFields":
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop: at most 4 stop sequences")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
     @property
