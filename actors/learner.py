@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from actors.experience import Batch, response_logits
 from actors.trainable import DeepSpeedRank
 from pipelines.rlhf.config import PpoConfig
-from pipelines.rlhf.ppo_math import entropy_from_logits, masked_mean, policy_loss, token_logprobs
+from pipelines.rlhf.ppo_math import entropy_from_logits, kl_loss, masked_mean, policy_loss, token_logprobs
 from pipelines.train.engine import full_state_dict
 from pipelines.train.modeling import build_model, save_hf_model
 
@@ -59,8 +59,13 @@ class PolicyLearner(DeepSpeedRank):
         self.engine.train()
         return torch.cat(out), entropy
 
-    def update(self, batch: Batch, step: int, epochs: int) -> dict[str, float]:
-        """PPO epochs over the batch (needs ``old_logprobs`` and ``advantages``); mean metrics."""
+    def update(self, batch: Batch, step: int, epochs: int, kl_coef: float = 0.0) -> dict[str, float]:
+        """PPO epochs over the batch (needs ``old_logprobs`` and ``advantages``); mean metrics.
+
+        Args:
+            kl_coef: weight of the KL-to-reference loss term (``kl_penalty: loss``; needs
+                ``ref_logprobs``); 0 when the penalty is in the reward instead.
+        """
 
         def loss_fn(micro: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
             logits = self._logits(micro)
@@ -68,7 +73,12 @@ class PolicyLearner(DeepSpeedRank):
             loss, clip_fraction, approx_kl = policy_loss(
                 logp, micro.old_logprobs, micro.advantages, micro.response_mask, self.clip_eps
             )
-            return loss, {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+            parts = {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+            if kl_coef:
+                kl = kl_loss(logp, micro.ref_logprobs, micro.response_mask)
+                loss = loss + kl_coef * kl
+                parts["kl_loss"] = kl.item()
+            return loss, parts
 
         return self._train_epochs(batch, step, epochs, loss_fn)
 

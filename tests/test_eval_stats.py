@@ -21,6 +21,7 @@ from pipelines.eval.stats import (
     mean_interval,
     paired_mean_test,
     pass_at_k,
+    welch_test,
     wilson_interval,
 )
 
@@ -258,3 +259,18 @@ def test_paired_mean_test_identical_and_degenerate() -> None:
 def test_paired_mean_test_length_mismatch_names_both_lengths() -> None:
     with pytest.raises(ValueError, match=r"2.*3"):
         paired_mean_test([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_welch_test_matches_the_formula_by_hand() -> None:
+    a, b = [0.50, 0.55, 0.45, 0.50, 0.52], [0.60, 0.70, 0.80, 0.75, 0.80]
+    ma, mb = sum(a) / 5, sum(b) / 5
+    va = sum((x - ma) ** 2 for x in a) / 4
+    vb = sum((x - mb) ** 2 for x in b) / 4
+    se2 = va / 5 + vb / 5
+    t = (mb - ma) / math.sqrt(se2)
+    df = se2**2 / ((va / 5) ** 2 / 4 + (vb / 5) ** 2 / 4)
+    delta, p = welch_test(a, b)
+    assert delta == pytest.approx(mb - ma)
+    assert p == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert math.isnan(welch_test([1.0], [2.0, 3.0])[1])
+    assert math.isnan(welch_test([1.0, 1.0], [1.0, 1.0])[1])

@@ -13,6 +13,7 @@ from pipelines.rlhf.ppo_math import (
     gae,
     grpo_advantages,
     kl_estimate,
+    kl_loss,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -171,3 +172,19 @@ def test_grpo_without_std_scaling_only_centres_each_group() -> None:
     torch.testing.assert_close(centred, torch.tensor([0.025, 0.025, 0.025, -0.075, 0.75, -0.25, -0.25, -0.25]))
     scaled = grpo_advantages(scores, group_size=4)
     assert scaled[3].abs() > 1.0 > centred[3].abs() * 10
+
+
+def test_kl_loss_is_k3_of_the_current_policy_and_pulls_it_back() -> None:
+    # Hand computation: delta = ref - logp; k3 = e^delta - delta - 1, averaged over real tokens.
+    logp = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    expected = ((math.exp(-0.5) + 0.5 - 1) + (math.exp(1.0) - 1.0 - 1)) / 2
+    loss = kl_loss(logp, ref, mask)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/dlogp of e^(ref-logp) - (ref-logp) - 1 is 1 - e^(ref-logp): a gradient step moves logp to ref.
+    assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, rel=1e-6)
+    assert logp.grad[0, 1].item() == pytest.approx((1 - math.exp(1.0)) / 2, rel=1e-6)
+    assert logp.grad[0, 2].item() == 0.0
+    assert kl_loss(ref, ref, mask).item() == 0.0

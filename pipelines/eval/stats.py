@@ -161,3 +161,20 @@ def paired_mean_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, flo
     if np.all(d == d[0]):
         return mean, 0.0
     return mean, float(stats.ttest_rel(b, a).pvalue)
+
+
+def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Welch's t-test of two independent samples (unequal variances), e.g. a run's first and last
+    steps' rewards.
+
+    Returns:
+        ``(mean of b - mean of a, two-sided p-value)``; p is nan with fewer than two values on a side
+        or no spread at all.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.size == 0 or y.size == 0:
+        return math.nan, math.nan
+    delta = float(y.mean() - x.mean())
+    if x.size < 2 or y.size < 2 or (x.std() == 0.0 and y.std() == 0.0):
+        return delta, math.nan
+    return delta, float(stats.ttest_ind(y, x, equal_var=False).pvalue)

@@ -108,6 +108,11 @@ class PpoConfig(Section):
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = Field(default=None, gt=0.0)
     kl_horizon: int = Field(default=10000, ge=1)
+    # Where the KL penalty acts: reward (subtracted from the reward, as InstructGPT's PPO) or loss
+    # (kl_coef x the k3 estimate of KL(pi_theta || ref) added to the policy loss, as the GRPO paper
+    # and TRL do; the reward is then the task's alone). With grpo, a KL term inside the reward is
+    # normalised with it: in a group whose samples score alike, the KL noise becomes the advantage.
+    kl_penalty: Literal["reward", "loss"] = "reward"
     # PPO ratio clip, value clip (null: none) and score clip to [-reward_clip, reward_clip].
     clip_eps: float = Field(default=0.2, gt=0.0)
     value_clip: float | None = Field(default=0.2, gt=0.0)

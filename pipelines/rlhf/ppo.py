@@ -43,6 +43,7 @@ from core.progress import StageProgress
 from core.rundir import atomic_dir, atomic_write_json, mark_finished, prepare_stage, recover_interrupted
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
+from pipelines.eval.stats import mean_interval, welch_test
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo_math import (
     adaptive_kl_coef,
@@ -228,14 +229,16 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     seq_scores = scores.total.clamp(-p.reward_clip, p.reward_clip) if p.reward_clip else scores.total
     kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask  # (B, A)
     kl_per_sample = kl.sum(1)  # (B,)
+    # The KL penalty is either part of the reward, or a loss term the learner adds (kl_penalty).
+    reward_kl_coef = state.kl_coef if p.kl_penalty == "reward" else 0.0
     if p.advantage == "gae":
-        rewards = token_rewards(seq_scores, kl, mask, state.kl_coef)
+        rewards = token_rewards(seq_scores, kl, mask, reward_kl_coef)
         advantages, returns = gae(rewards, batch.values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
     else:
-        # GRPO in the same loop: the KL penalty joins the sequence score before normalising.
-        adv = grpo_advantages(seq_scores - state.kl_coef * kl_per_sample, k, valid=scores.valid,
+        # GRPO in the same loop: a reward-side KL penalty joins the sequence score before normalising.
+        adv = grpo_advantages(seq_scores - reward_kl_coef * kl_per_sample, k, valid=scores.valid,
                               scale=p.grpo_scale_by_std)  # (B,)
         advantages = adv.unsqueeze(1) * mask
         returns = torch.zeros_like(mask)
@@ -245,7 +248,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
 
     # 5. learn: policy ∥ critic
     batch_ref = ray.put(batch)
-    learn_refs = actors.learner.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs))
+    loss_kl_coef = state.kl_coef if p.kl_penalty == "loss" else 0.0
+    learn_refs = actors.learner.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs, loss_kl_coef))
     critic_refs = actors.critic.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs)) if actors.critic else []
     learned = mean_records(ray.get(learn_refs))
     valued = mean_records(ray.get(critic_refs)) if critic_refs else {}
@@ -381,14 +385,28 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "prompts_skipped": skipped,
         "eval_before": after["before"],
         "eval_after": after["after"],
-        "first_reward": steps[0]["reward_mean"] if steps else None,
-        "final_reward": steps[-1]["reward_mean"] if steps else None,
+        **reward_trend([m["reward_mean"] for m in steps]),
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
     mark_finished(stage_dir, stage, digest, summary)
     print(f"kiln {stage}: done {summary}", flush=True)
     return summary
+
+
+def reward_trend(rewards: list[float], window: int = 5) -> dict[str, Any]:
+    """The rollout reward of the first and of the last ``window`` steps (each a mean of step means,
+    with a 95 % t interval) and Welch's test that they differ: did training raise the reward?"""
+    first, last = rewards[:window], rewards[-window:]
+    delta, p_value = welch_test(first, last)
+    return {
+        "reward_first_steps": {"steps": len(first), "mean": sum(first) / len(first) if first else None,
+                               "ci95": list(mean_interval(first)) if first else None},
+        "reward_last_steps": {"steps": len(last), "mean": sum(last) / len(last) if last else None,
+                              "ci95": list(mean_interval(last)) if last else None},
+        "reward_gain": delta,
+        "reward_gain_p": p_value,
+    }
 
 
 def _train(

@@ -63,6 +63,22 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
     return torch.expm1(-log_ratio) + log_ratio
 
 
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The KL penalty as a loss term: the mean over response tokens of the k3 estimate of
+    KL(pi_theta || ref), ``exp(ref - logp) - (ref - logp) - 1`` (GRPO, Shao et al. 2024).
+
+    Differentiable in ``logp`` (the current policy's log-probs of the sampled tokens); never
+    negative; 0 where the policy equals the reference.
+
+    Args:
+        logp: (B, A) log pi_theta(a_t), with gradients.
+        ref_logp: (B, A) log pi_ref(a_t).
+        mask: (B, A) response mask.
+    """
+    delta = ref_logp - logp
+    return masked_mean(torch.expm1(delta) - delta, mask)
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: ``-kl_coef * kl`` everywhere, plus the sequence score on the last token.
 
