@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_serving import ENGINE, MODEL, _free_port, serve_model_dir  # noqa: F401 - serve_model_dir: fixture
@@ -206,6 +207,10 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
         build_app(base)
     monkeypatch.setenv("KILN_TEST_DOORS_KEY", "a-key-of-length")
     build_app({**base, "host": "0.0.0.0"})
+
+    # The Serve YAML's builder sees only its args: they must name the interface the proxy binds.
+    serve_yaml = yaml.safe_load((Path(__file__).parents[1] / "serving" / "serve_config.yaml").read_text())
+    assert serve_yaml["applications"][0]["args"]["host"] == serve_yaml["http_options"]["host"]
 
     # `kiln serve --host 0.0.0.0` says so and exits before Ray (and so Serve) starts.
     monkeypatch.delenv("KILN_API_KEY", raising=False)
