@@ -165,8 +165,11 @@ def system(ray_local: None, task: dict[str, Any], tmp_path_factory: pytest.TempP
     resumed_state = restore(actors, latest_checkpoint(ckpt_root))
     resumed_step = resumed_state.step
     replayed = ppo_step(actors, prompts, p, resumed_state, pad)
+    # One more step with the KL penalty as a loss term in the learner instead of in the reward.
+    kl_as_loss = ppo_step(actors, prompts, p.model_copy(update={"kl_penalty": "loss", "kl_coef": 0.5}), resumed_state, pad)
     out = {"p": p, "records": records, "before": before, "after": after, "restarted_version": restarted_version,
            "version": actors.version, "continued": continued, "replayed": replayed, "resumed_step": resumed_step,
+           "kl_as_loss": kl_as_loss,
            "checkpoints": sorted(x.name for x in ckpt_root.iterdir())}  # fmt: skip
     _kill_all(actors)
     return out
@@ -204,6 +207,14 @@ def test_resume_from_checkpoint_continues_the_step_count_and_replays_exactly(sys
     for key in ("reward_mean", "response_length", "kl"):
         assert replayed[key] == pytest.approx(continued[key], abs=1e-5), key
     assert replayed["policy_loss"] == pytest.approx(continued["policy_loss"], abs=1e-4)
+
+
+def test_kl_penalty_as_a_loss_term_reaches_the_learner(system: dict[str, Any]) -> None:
+    # After six updates the policy has left the reference: the learner's k3 term is positive.
+    r = system["kl_as_loss"]
+    assert r["step"] == 6 and math.isfinite(r["policy_loss"])
+    assert r["kl_loss"] > 0 and math.isfinite(r["kl_loss"])
+    assert "kl_loss" not in system["replayed"]  # kl_penalty: reward adds no loss term
 
 
 def test_reward_function_errors_name_the_function_and_sample(ray_local: None) -> None:
