@@ -273,6 +273,13 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
             assert guess is None
         chosen, rejected = (reward(row["prompt"], row[k], a + b) for k in ("chosen", "rejected"))
         assert chosen > rejected
+    # A wrong tens digit is as often too high as too low, on sums with a carry too: "the larger
+    # sum wins" is no shortcut for the reward model.
+    for carry in (True, False):
+        tens = [parse_answer(r["rejected"]) - sum(_pair(r["prompt"])) for r in same
+                if has_carry(*_pair(r["prompt"])) == carry
+                and (parse_answer(r["rejected"]) - sum(_pair(r["prompt"]))) % 10 == 0]  # fmt: skip
+        assert len(tens) > 15 and 0.25 <= sum(d > 0 for d in tens) / len(tens) <= 0.75, (carry, tens)
 
     for name in ("ppo_prompts.jsonl", "eval_prompts.jsonl"):
         for row in _read_jsonl(out / name):

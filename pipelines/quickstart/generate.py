@@ -319,10 +319,12 @@ def teacher_answer(rng: random.Random, a: int, b: int, carry_error: float) -> st
 
 
 def _wrong_value(rng: random.Random, a: int, b: int) -> int:
-    # Half the wrong sums drop the carry (or miss the tens digit by one), the rest are off by 1..9.
+    # Half the wrong sums miss the tens digit by one, the rest the units digit by 1..9. A tens miss
+    # is as often too high as too low, with or without a carry (a dropped carry, an extra one):
+    # with only dropped carries, "the larger tens digit wins" is a shortcut a reward model learns
+    # instead of the carry (90 % right on dropped carries, 42 % on an extra ten), and RL on it
+    # learnt to add ten where it should not (README, The quickstart task).
     if rng.random() < 0.5:
-        if has_carry(a, b):
-            return a + b - 10
         return a + b + (rng.choice((-10, 10)) if a + b >= 10 else 10)
     offset = rng.randint(1, 9) * rng.choice((-1, 1))
     return a + b + (offset if a + b + offset >= 0 else -offset)
