@@ -125,6 +125,11 @@ class PpoConfig(Section):
     eval_every_steps: int = Field(default=10, ge=1)
     checkpoint_every_steps: int = Field(default=10, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
+    # Dead actors the run survives (any role: a learner or critic rank, the reference, the reward
+    # scorer, a rollout actor past rollout.max_restarts): each time the controller kills the other
+    # actors, starts them all again and resumes from the latest checkpoint (the steps since are
+    # replayed exactly). One more ends the run; 0: the first ends it.
+    max_failures: int = Field(default=3, ge=0)
     seed: int = 0
     learner: OptimizedModelConfig = OptimizedModelConfig()
     critic: CriticConfig = CriticConfig(learning_rate=5.0e-5)

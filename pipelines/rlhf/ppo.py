@@ -14,13 +14,17 @@ Read top to bottom. Each step:
 
 Actors live in ``actors/``, one file per role. The controller owns the algorithm; actors own
 compute. Every step is a function of (seed, step): a resumed run repeats nothing and skips nothing.
+That is also how the run survives a dead actor (any role, up to ``ppo.max_failures`` times): the
+controller kills the others, starts them all again and resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,10 @@ STAGE = "ppo"
 
 class NonFiniteStep(FloatingPointError):
     """NaN or inf in rewards or advantages: the step stopped before it reached the weights."""
+
+
+class ActorFailure(RuntimeError):
+    """An actor died once more than ``ppo.max_failures`` allows."""
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -118,9 +126,16 @@ class Actors:
     weights: ray.ObjectRef | None = None
     version: int = 0
 
+    def roles(self) -> dict[str, Any]:
+        """Every actor handle by its role, e.g. ``learner rank 1`` (to name one that died)."""
+        named = {"rollout": self.rollout, "reward scorer": self.reward, "reference": self.reference}
+        named |= {f"learner rank {i}": r for i, r in enumerate(self.learner.ranks)}
+        named |= {f"critic rank {i}": r for i, r in enumerate(self.critic.ranks)} if self.critic else {}
+        return named
+
     def all(self) -> list[Any]:
         """Every actor handle, e.g. to kill them all."""
-        return [self.rollout, self.reward, self.reference, *self.learner.ranks, *(self.critic.ranks if self.critic else [])]
+        return list(self.roles().values())
 
 
 def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path) -> Actors:
@@ -329,6 +344,32 @@ def restore(actors: Actors, checkpoint: Path) -> State:
     return State(step=saved["step"], kl_coef=saved["kl_coef"], eval_before=saved["eval_before"])
 
 
+# --- surviving a dead actor ------------------------------------------------------------------
+
+
+def dead_role(actors: Actors, error: Exception, timeout_s: float = 30.0) -> str | None:
+    """The role of the actor whose death caused ``error`` (``learner rank 1``), or None if none died.
+
+    A dead actor shows as Ray's actor error where the controller calls it, but a dead learner or
+    critic rank can also show first as a task error of a peer whose collective lost it. So every
+    actor is asked whether it is alive; an error with no dead actor behind it is the code's own.
+    """
+    if not isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
+        return None
+    pings = {actor.__ray_ready__.remote(): role for role, actor in actors.roles().items()}
+    deadline = time.monotonic() + timeout_s
+    while pings:  # a rank stuck in a collective does not answer: wait for the others only
+        ready, _ = ray.wait(list(pings), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+        if not ready:
+            break
+        role = pings.pop(ready[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError:
+            return role
+    return "an actor" if isinstance(error, ray.exceptions.RayActorError) else None
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -367,16 +408,12 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
           f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
 
-    # 1. Actors; resume from the latest checkpoint, or measure the starting policy. The actors are
-    #    torn down however the run ends: a failed run must not leave them holding the cluster.
+    # 1. Actors; resume from the latest checkpoint, or measure the starting policy. ``_train``
+    #    starts the actors (again after one dies) and tears them down however the run ends.
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    actors = start_actors(p, policy, reward_model, critic_init)
-    try:
-        after = _train(actors, p, stage_dir, prompts, eval_prompts, metric, tokenizer.pad_token_id, stage)
-    finally:
-        for actor in actors.all():
-            ray.kill(actor)
+    start = functools.partial(start_actors, p, policy, reward_model, critic_init)
+    after = _train(start, p, stage_dir, prompts, eval_prompts, metric, tokenizer.pad_token_id, stage)
     steps = [m for m in read_metrics(stage_dir, by_step=True) if "reward_mean" in m]
     summary = {
         "model": str(stage_dir / "model"),
@@ -385,6 +422,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "prompts_skipped": skipped,
         "eval_before": after["before"],
         "eval_after": after["after"],
+        "recoveries": after["recoveries"],
         **reward_trend([m["reward_mean"] for m in steps]),
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
@@ -410,43 +448,81 @@ def reward_trend(rewards: list[float], window: int = 5) -> dict[str, Any]:
 
 
 def _train(
-    actors: Actors, p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt], metric: Any,
-    pad_id: int, stage: str,
-) -> dict[str, dict[str, float]]:
-    """Resume or start, run the loop to ``max_steps``, export the policy; the held-out figures before and after."""
+    start: Callable[[], Actors], p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt],
+    metric: Any, pad_id: int, stage: str, fault: Callable[[Actors, int], None] | None = None,
+) -> dict[str, Any]:
+    """Start the actors, resume or start, run the loop to ``max_steps``, export the policy.
+
+    The actors are torn down however the run ends: a failed run must not leave them holding the
+    cluster. A dead actor costs the steps since the latest checkpoint, up to ``p.max_failures`` times.
+
+    Args:
+        start: creates every actor (``start_actors`` with the run's models).
+        fault: tests only: called as ``fault(actors, step)`` before each step, e.g. to kill one.
+
+    Returns:
+        The held-out figures before and after training, and the number of recoveries.
+    """
     metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(stage).record)
     checkpoints = stage_dir / "checkpoints"
-    if (ckpt := latest_checkpoint(checkpoints)) is not None:
-        state = restore(actors, ckpt)
-        print(f"kiln {stage}: resumed from {ckpt.name}", flush=True)
-    else:
-        state = State(kl_coef=p.kl_coef)
-        if eval_prompts:
-            state.eval_before = evaluate(actors, eval_prompts, p, metric)
-            metrics.write({"step": 0, **{f"eval_{k}": v for k, v in state.eval_before.items()}})
-            print(f"kiln {stage}: before training {state.eval_before}", flush=True)
+    actors = start()
+    try:
+        if (ckpt := latest_checkpoint(checkpoints)) is not None:
+            state = restore(actors, ckpt)
+            print(f"kiln {stage}: resumed from {ckpt.name}", flush=True)
+        else:
+            state = State(kl_coef=p.kl_coef)
+            if eval_prompts:
+                state.eval_before = evaluate(actors, eval_prompts, p, metric)
+                metrics.write({"step": 0, **{f"eval_{k}": v for k, v in state.eval_before.items()}})
+                print(f"kiln {stage}: before training {state.eval_before}", flush=True)
 
-    # 2. The loop. The terminal gets a bar and a line per evaluation; every number of every step
-    #    is in metrics.jsonl, TensorBoard and the Ray dashboard.
-    with StageProgress(stage, p.max_steps, ("reward_mean", "kl", "eval_accuracy")) as bar:
-        bar.update({"step": state.step})
-        while state.step < p.max_steps:
-            record = ppo_step(actors, prompts, p, state, pad_id)
-            evaluated = eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps)
-            if evaluated:
-                record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
-            metrics.write(record)
-            bar.update(record)
-            if evaluated:
-                shown = ("step", "reward_mean", "kl", "eval_reward", "eval_accuracy", "time_step_s")
-                bar.write(f"kiln {stage}: " + " ".join(
-                    f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in shown if k in record))
-            if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
-                save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
+        # 2. The loop. The terminal gets a bar and a line per evaluation; every number of every step
+        #    is in metrics.jsonl, TensorBoard and the Ray dashboard.
+        recoveries = 0
+        with StageProgress(stage, p.max_steps, ("reward_mean", "kl", "eval_accuracy")) as bar:
+            bar.update({"step": state.step})
+            while state.step < p.max_steps:
+                try:
+                    if fault is not None:
+                        fault(actors, state.step)
+                    record = ppo_step(actors, prompts, p, state, pad_id)
+                    evaluated = eval_prompts and (state.step % p.eval_every_steps == 0 or state.step == p.max_steps)
+                    if evaluated:
+                        record.update({f"eval_{k}": v for k, v in evaluate(actors, eval_prompts, p, metric).items()})
+                    metrics.write({**record, "recoveries": recoveries})
+                    bar.update(record)
+                    if evaluated:
+                        shown = ("step", "reward_mean", "kl", "eval_reward", "eval_accuracy", "time_step_s")
+                        bar.write(f"kiln {stage}: " + " ".join(
+                            f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in shown if k in record))
+                    if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
+                        save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+                    # A dead actor: kill the rest, start them all again, resume from the latest
+                    # checkpoint (or the start). Steps are functions of (seed, step): the replay is exact.
+                    if (role := dead_role(actors, error)) is None:
+                        raise
+                    failed, recoveries = state.step + 1, recoveries + 1
+                    if recoveries > p.max_failures:
+                        raise ActorFailure(f"{stage}: the {role} died during step {failed}, failure {recoveries} of "
+                                           f"at most {p.max_failures} (ppo.max_failures)") from error  # fmt: skip
+                    for actor in actors.all():
+                        ray.kill(actor)
+                    actors = start()
+                    ckpt = latest_checkpoint(checkpoints)
+                    state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
+                    metrics.write({"event": "recovery", "role": role, "failed_step": failed, "resumed_step": state.step,
+                                   "recoveries": recoveries, "error": f"{type(error).__name__}: {error}"[:2000]})  # fmt: skip
+                    bar.write(f"kiln {stage}: the {role} died during step {failed}; actors rebuilt, resumed from "
+                              f"{ckpt.name if ckpt else 'the start'} (recovery {recoveries} of {p.max_failures})")  # fmt: skip
 
-    # 3. Export the policy and measure it.
-    with atomic_dir(stage_dir / "model") as tmp:
-        actors.learner.get(lambda r: r.export.remote(str(tmp)))
-    after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
+        # 3. Export the policy and measure it.
+        with atomic_dir(stage_dir / "model") as tmp:
+            actors.learner.get(lambda r: r.export.remote(str(tmp)))
+        after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
+    finally:
+        for actor in actors.all():
+            ray.kill(actor)
     atomic_write_json(stage_dir / "eval.json", {"before": state.eval_before, "after": after})
-    return {"before": state.eval_before, "after": after}
+    return {"before": state.eval_before, "after": after, "recoveries": recoveries}
