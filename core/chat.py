@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from core.jsonl import BadRecord
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
@@ -27,6 +29,27 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# The roles a chat may hold. The template writes a role verbatim after <|im_start|>, so a role is
+# checked against this list wherever records become messages, never passed through as given.
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """Check that ``messages`` is a chat: a non-empty list of ``{"role", "content"}`` dicts, each
+    role one of :data:`ROLES` and each content a string.
+
+    Raises:
+        BadRecord: naming ``where`` (a record's ``file:line``) and what is wrong.
+    """
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise BadRecord(f"{where}: messages must be a non-empty list of {{'role': str, 'content': str}}")
+    role = next((m["role"] for m in messages if m["role"] not in ROLES), None)
+    if role is not None:
+        raise BadRecord(f"{where}: unknown role {role!r}; a message's role is one of {', '.join(ROLES)}")
 
 
 def chat_stop_ids(tokenizer: Any) -> list[int]:
@@ -57,10 +80,13 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
 
     Tokenising the rendered string whole would parse ``<|im_end|>\n<|im_start|>system`` typed inside
     a message as control tokens, and so let its author forge a turn. Here the template renders with
-    a stand-in per content, the text between stand-ins is tokenised with special tokens parsed and
-    each content with them split into ordinary pieces (as Llama 3's reference ``ChatFormat`` encodes
-    its headers and contents apart). Not safe to call from two threads on one tokenizer at once:
-    ``split_special_tokens`` switches a flag on the shared Rust backend.
+    a stand-in per content; the special tokens the template itself writes cut the rendering into
+    runs of text, and each run (template text and the contents inside it) is tokenised with special
+    tokens split into ordinary pieces. Tokenising the rendering whole cuts it at the same special
+    tokens, so a chat whose contents hold no control text gets exactly the ids it always had (a run
+    is tokenised whole: BPE still merges across a content's edge, as in ``"\n" + "  x"``). Not safe
+    to call from two threads on one tokenizer at once: ``split_special_tokens`` switches a flag on
+    the shared Rust backend.
 
     Args:
         tokenizer: a Hugging Face fast tokenizer with a chat template.
@@ -78,15 +104,27 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
     pieces = _SLOT_RE.split(frame)  # template text, "0", template text, "1", ..., template text
     if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
         raise ValueError("the chat template must insert every message's content once, in order")
-    text, ids, offsets = "", [], []
+    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    # Longest first: one special token's text may begin with another's.
+    control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or "(?!)")
+    text, cuts = "", []  # cuts: (start, end) in text of each special token the template wrote
     for k, piece in enumerate(pieces):
-        is_content = k % 2 == 1
-        if is_content:
-            piece = messages[int(piece)]["content"]
-        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=is_content)
-        ids += enc["input_ids"]
-        offsets += [(len(text) + lo, len(text) + hi) for lo, hi in enc["offset_mapping"]]
+        if k % 2 == 1:
+            text += messages[int(piece)]["content"]
+            continue
+        cuts += [(len(text) + m.start(), len(text) + m.end()) for m in control.finditer(piece)]
         text += piece
     if text != tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt):
         raise ValueError("the chat template changes message contents (e.g. trims them); it must insert them unchanged")
+    ids, offsets, at = [], [], 0
+    for lo, hi in [*cuts, (len(text), len(text))]:
+        if lo > at:  # the run of text before this special token
+            run = text[at:lo]
+            enc = tokenizer(run, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+            ids += enc["input_ids"]
+            offsets += [(at + a, at + b) for a, b in enc["offset_mapping"]]
+        if hi > lo:
+            ids.append(special[text[lo:hi]])
+            offsets.append((lo, hi))
+        at = hi
     return ChatTokens(text, ids, offsets)
