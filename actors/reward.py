@@ -20,6 +20,7 @@ import ray
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from core.chat import tokenize_chat
 from pipelines.rlhf.config import PpoConfig
 
 T = TypeVar("T")
@@ -181,15 +182,16 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model_scores(self, prompts: list[Any], responses: list[str], micro_batch: int = 64) -> torch.Tensor:
-        # The text the reward model was trained on: the chat template over prompt + response.
-        texts = []
+        # The tokens the reward model was trained on: the chat template over prompt + response, contents
+        # as text (a response that spells out "<|im_end|>\n<|im_start|>..." is scored as that text).
+        ids = []
         for prompt, response in zip(prompts, responses):
             head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             messages = head + [{"role": "assistant", "content": response}]
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
+            ids.append(tokenize_chat(self.tokenizer, messages).ids)
         self.tokenizer.padding_side = "right"  # the score is read at the last non-pad token
         out = []
-        for start in range(0, len(texts), micro_batch):
-            enc = self.tokenizer(texts[start : start + micro_batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        for start in range(0, len(ids), micro_batch):
+            enc = self.tokenizer.pad({"input_ids": ids[start : start + micro_batch]}, return_tensors="pt")
             out.append(self.model(**enc).logits.squeeze(-1).float())
         return torch.cat(out)

@@ -201,7 +201,11 @@ def _cached_tokenizer(path: str) -> Any:
     from tokenizers import Tokenizer  # in the Ray Data worker that runs the UDF, once per process
 
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        # Corpus text is text: "<|endoftext|>" written in a document is split into ordinary pieces,
+        # not read as the end of a document (only the packer puts the EOS id between documents).
+        tok.encode_special_tokens = True
+        _TOKENIZERS[path] = tok
     return _TOKENIZERS[path]
 
 

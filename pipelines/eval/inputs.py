@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from core.chat import check_messages
 from core.jsonl import BadRecord, read_jsonl
 
 # Default models of a run, in pipeline order: (name, folder under the run directory).
@@ -73,7 +74,8 @@ def read_preferences(path: Path) -> list[PreferencePair]:
 
     Raises:
         FileNotFoundError: the file does not exist (naming it).
-        BadRecord: a record misses a key or has a wrong type (naming ``file:line``).
+        BadRecord: a record misses a key, has a wrong type or a chat prompt with an unknown role
+            (naming ``file:line``).
     """
     if not path.is_file():
         raise FileNotFoundError(f"eval preferences {path} not found")
@@ -84,6 +86,8 @@ def read_preferences(path: Path) -> list[PreferencePair]:
             raise BadRecord(f"{path}:{lineno}: missing {sorted(missing)}")
         if not all(isinstance(record[k], str) for k in ("chosen", "rejected")):
             raise BadRecord(f"{path}:{lineno}: 'chosen' and 'rejected' must be strings")
+        if not isinstance(record["prompt"], str):
+            check_messages(record["prompt"], f"{path}:{lineno}")
         same = record.get("same_format", False)
         if not isinstance(same, bool):
             raise BadRecord(f"{path}:{lineno}: 'same_format' must be true or false, got {same!r}")

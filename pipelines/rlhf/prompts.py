@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.chat import check_messages, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 
 
@@ -30,8 +31,8 @@ def read_prompts(path: Path) -> list[PromptRecord]:
 
     Raises:
         FileNotFoundError: the file does not exist (naming it).
-        BadRecord: a line is not JSON or has no usable ``prompt`` (naming ``file:line``), or the
-            file has no prompt at all.
+        BadRecord: a line is not JSON or has no usable ``prompt`` (naming ``file:line``): not a
+            non-empty string nor chat messages with known roles; or the file has no prompt at all.
     """
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found")
@@ -40,6 +41,8 @@ def read_prompts(path: Path) -> list[PromptRecord]:
         prompt = record.get("prompt")
         if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
             raise BadRecord(f"{path}:{lineno}: 'prompt' must be a non-empty string or a list of chat messages")
+        if isinstance(prompt, list):
+            check_messages(prompt, f"{path}:{lineno}")
         prompts.append(PromptRecord(prompt, {k: v for k, v in record.items() if k != "prompt"}, f"{path}:{lineno}"))
     if not prompts:
         raise BadRecord(f"{path}: no prompts")
@@ -47,8 +50,6 @@ def read_prompts(path: Path) -> list[PromptRecord]:
 
 
 def prompt_ids(tokenizer: Any, prompts: list[PromptRecord]) -> list[list[int]]:
-    """Each prompt's token ids: the chat template with the assistant turn opened (what is sampled)."""
-    return [
-        list(tokenizer.apply_chat_template(q.messages, tokenize=True, add_generation_prompt=True, return_dict=False))
-        for q in prompts
-    ]
+    """Each prompt's token ids: the chat template with the assistant turn opened (what is sampled),
+    contents tokenised as text (``<|im_start|>`` typed in a prompt cannot open a turn)."""
+    return [tokenize_chat(tokenizer, q.messages, add_generation_prompt=True).ids for q in prompts]

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from core.chat import check_messages, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 from core.rundir import atomic_dir, atomic_write_bytes
 from pipelines.train.losses import IGNORE  # label of a token that carries no loss
@@ -50,18 +51,10 @@ def to_messages(record: dict[str, Any], where: str) -> list[Message]:
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     else:
         raise BadRecord(f"{where}: needs 'messages' or 'prompt' and 'response' (got keys {sorted(record)})")
-    _check_messages(messages, where)
+    check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant message to learn from")
     return messages
-
-
-def _check_messages(messages: Any, where: str) -> None:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )
-    if not ok:
-        raise BadRecord(f"{where}: messages must be a non-empty list of {{'role': str, 'content': str}}")
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool = False) -> str:
@@ -71,6 +64,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[list[int], list[int]]:
     """Token ids of the chat-template rendering, and labels that keep only assistant tokens.
 
+    Contents are tokenised as text (``tokenize_chat``): ``<|im_end|>`` typed in a message is not
+    a control token, so a record cannot forge a turn.
+
     The rendering of ``messages[:i]`` with a generation prompt is a prefix of the rendering of
     ``messages[:i+1]`` (ChatML and every incremental template), so assistant message i spans the
     characters between the two; its trailing whitespace is not trained. Tokens are matched to
@@ -79,7 +75,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> 
     Returns:
         (ids, labels), equal length; ``labels[t]`` is ``ids[t]`` or ``IGNORE``.
     """
-    text = _render(tokenizer, messages)
+    chat = tokenize_chat(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -87,10 +83,9 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> 
         start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
         end = len(_render(tokenizer, messages[: i + 1]).rstrip())
         spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    ids = chat.ids
     labels = [IGNORE] * len(ids)
-    for t, (lo, hi) in enumerate(enc["offset_mapping"]):
+    for t, (lo, hi) in enumerate(chat.offsets):
         if hi > lo and any(s <= lo and hi <= e for s, e in spans):
             labels[t] = ids[t]
     return ids, labels
@@ -148,7 +143,7 @@ def _conversation(prompt: Any, response: Any, where: str) -> list[Message]:
     head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     tail = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
     messages = list(head) + list(tail)
-    _check_messages(messages, where)
+    check_messages(messages, where)
     return messages
 
 
@@ -172,7 +167,7 @@ def preference_rows(
             raise BadRecord(f"{where}: missing {sorted(missing)}")
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
-            ids = tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            ids = tokenize_chat(tokenizer, messages).ids
             ids, cut = _fit(ids, seq_len, overlong, where, keep="tail")
             stats.truncated += cut
             stats.tokens += len(ids)
