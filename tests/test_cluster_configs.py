@@ -294,6 +294,32 @@ def test_rayservice_serves_kilns_app_on_the_rayjobs_model() -> None:
     assert args.num_cpus <= float(worker["resources"]["limits"]["cpu"])
 
 
+def test_rayservice_builder_checks_the_exposed_host_and_passes_on_the_secrets_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.app import build_app
+
+    spec = _manifests()["RayService"]["spec"]
+    serve_cfg = yaml.safe_load(spec["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    # The builder sees only its args: they must name the interface the proxy binds, or its
+    # "no API key on an exposed host" check runs against the default loopback host and passes.
+    assert app["args"].get("host") == serve_cfg["http_options"]["host"] == "0.0.0.0"
+    args = ServeConfig.model_validate(app["args"])
+    assert not args.allow_unauthenticated and args.api_key is None  # the key comes from the environment only
+    (tmp_path / "config.json").write_text("{}")  # stands in for the model on the shared volume
+    built = {**app["args"], "model": str(tmp_path)}
+    monkeypatch.delenv(args.api_key_env, raising=False)
+    with pytest.raises(ValueError, match="no API key"):
+        build_app(built)  # a pod without the key: refused, not served openly
+    monkeypatch.setenv(args.api_key_env, "a-key-from-the-secret")
+    build_app(built)
+    # Every pod (the builder runs as a Ray task on any of them) has the variable, from the Secret.
+    for c in _containers(spec["rayClusterConfig"]):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env[args.api_key_env]["valueFrom"]["secretKeyRef"]["name"] == "kiln-api-key", c["name"]
+
+
 def test_submit_subcommand_matches_the_docs_in_the_manifests() -> None:
     # raycluster.yaml tells users to run `kiln submit CONFIG --address http://127.0.0.1:8265`.
     text = (KUBERAY / "raycluster.yaml").read_text()
