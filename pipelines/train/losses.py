@@ -1,8 +1,9 @@
-"""The math of training, as pure functions on tensors: losses, pairwise accuracy, LR schedule."""
+"""The math of training, as pure functions on tensors: losses, pairwise accuracy, DPO, LR schedule."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,74 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 def pairwise_correct(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """(B,) 1.0 where the preferred response scores strictly higher, else 0.0 (ties are wrong)."""
     return (chosen > rejected).float()
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's summed log-probability of its labelled tokens (the response).
+
+    Position t predicts ``labels[:, t + 1]`` (as in ``lm_loss_sum``); ``IGNORE`` targets (prompt,
+    padding) add nothing.
+
+    Args:
+        logits: (B, T, V) float.
+        labels: (B, T) int, token ids or IGNORE.
+
+    Returns:
+        (B,) float32: sum over t of log p(labels[t + 1] | tokens ..t).
+    """
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+    target = labels[:, 1:].long()  # (B, T-1)
+    mask = target != IGNORE
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * mask).sum(-1)
+
+
+DpoLoss = Literal["sigmoid", "ipo", "cdpo"]
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss: DpoLoss = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair direct preference optimisation losses and implicit rewards.
+
+    With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) (summed response
+    log-probs, chosen w, rejected l):
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023): −log σ(β h);
+    - ``cdpo`` (conservative DPO: the label is wrong with probability ε = ``label_smoothing``):
+      −(1 − ε) log σ(β h) − ε log σ(−β h);
+    - ``ipo`` (Azar et al. 2023, on summed log-probs as in the paper): (h − 1 / (2β))².
+
+    The implicit rewards are β (log π − log π_ref) of each response, for every variant.
+
+    Args:
+        policy_chosen, policy_rejected: (B,) summed log-probs under the policy being trained.
+        ref_chosen, ref_rejected: (B,) the same under the frozen reference.
+        beta: β > 0, the strength of the pull towards the reference.
+        loss: ``sigmoid``, ``ipo`` or ``cdpo``.
+        label_smoothing: ε for ``cdpo``; ignored by the others.
+
+    Returns:
+        (loss (B,), chosen reward (B,), rejected reward (B,)), float32.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()  # (B,) log π/π_ref of y_w
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss == "cdpo":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r} (sigmoid, ipo or cdpo)")
+    return losses, beta * chosen_ratio, beta * rejected_ratio
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
