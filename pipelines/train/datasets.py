@@ -8,6 +8,10 @@ itself: position t predicts ``labels[t + 1]``.
 Preference rows: ``chosen_ids`` (L,) and ``rejected_ids`` (L,), each the chat rendering of
 prompt + one response, right-padded with PAD. A reward model scores the last non-pad token, so
 overlong pairs lose their *beginning* (left truncation), never the response's end.
+
+DPO rows: the preference rows plus ``chosen_labels`` / ``rejected_labels`` (L,), SFT-style masks
+that keep only the response's tokens (the log-probs DPO compares are summed over them); the DPO
+stage adds the reference's summed log-probs as float columns.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_from: int = 0
+) -> tuple[list[int], list[int]]:
     """Token ids of the chat-template rendering, and labels that keep only assistant tokens.
 
     Contents are tokenised as text (``tokenize_chat``): ``<|im_end|>`` typed in a message is not
@@ -72,13 +78,17 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> 
     characters between the two; its trailing whitespace is not trained. Tokens are matched to
     spans by their character offsets, so the masking is right whatever the BPE merges.
 
+    Args:
+        train_from: assistant messages before this index are context, not labelled (a preference
+            pair's prompt may hold earlier assistant turns; only the response is compared).
+
     Returns:
         (ids, labels), equal length; ``labels[t]`` is ``ids[t]`` or ``IGNORE``.
     """
     chat = tokenize_chat(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < train_from:
             continue
         start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
         end = len(_render(tokenizer, messages[: i + 1]).rstrip())
@@ -177,6 +187,65 @@ def preference_rows(
     return out, stats
 
 
+def _is_empty(response: Any) -> bool:
+    if isinstance(response, str):
+        return not response.strip()
+    if isinstance(response, list):
+        return all(not (isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"].strip()) for m in response)
+    return False  # a wrong type is named by _check_messages
+
+
+def dpo_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[tuple[str, dict[str, Any]]],
+    seq_len: int,
+    overlong: Overlong,
+) -> tuple[dict[str, np.ndarray], EncodeStats]:
+    """Encode preference records into DPO rows: each side's ids and a response-only label mask.
+
+    The mask comes from the chat template as SFT's does (``encode_chat``): the response's content
+    and its end-of-turn token, nothing of the prompt. Overlong sequences lose their beginning
+    (the response's end is kept) or, with ``overlong: reject``, fail naming the record.
+
+    Raises:
+        BadRecord: naming ``file:line``: a key is missing, a response is empty or has no assistant
+            message, chosen and rejected are identical (the pair prefers nothing), or a sequence
+            is longer than ``seq_len`` under ``overlong: reject``.
+
+    Returns:
+        ({"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels": (N, seq_len) int32}, stats);
+        ``stats.trained_tokens`` counts response tokens, ``stats.truncated`` cut sequences.
+    """
+    stats = EncodeStats()
+    out = {f"{side}_{kind}": np.full((len(records), seq_len), tokenizer.pad_token_id if kind == "ids" else IGNORE,
+                                     dtype=np.int32)
+           for side in ("chosen", "rejected") for kind in ("ids", "labels")}  # fmt: skip
+    for i, (where, record) in enumerate(records):
+        missing = {"prompt", "chosen", "rejected"} - set(record)
+        if missing:
+            raise BadRecord(f"{where}: missing {sorted(missing)}")
+        if record["chosen"] == record["rejected"]:
+            raise BadRecord(f"{where}: chosen and rejected are identical (the pair prefers nothing)")
+        for side in ("chosen", "rejected"):
+            if _is_empty(record[side]):
+                raise BadRecord(f"{where}: {side} is empty")
+            messages = _conversation(record["prompt"], record[side], where)
+            prompt_messages = 1 if isinstance(record["prompt"], str) else len(record["prompt"])
+            ids, labels = encode_chat(tokenizer, messages, train_from=prompt_messages)
+            kept, cut = _fit(ids, seq_len, overlong, f"{where}: {side}", keep="tail")
+            labels = labels[len(labels) - len(kept) :]
+            if all(label == IGNORE for label in labels):
+                raise BadRecord(f"{where}: {side} has no assistant message to compare")
+            stats.truncated += cut
+            stats.tokens += len(kept)
+            stats.trained_tokens += sum(label != IGNORE for label in labels)
+            out[f"{side}_ids"][i, : len(kept)] = kept
+            out[f"{side}_labels"][i, : len(kept)] = labels
+        stats.records += 1
+    stats.rows = len(records)
+    return out, stats
+
+
 def split_validation(items: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
     """(train, validation): every k-th item (k = round(1 / fraction)) is held out."""
     if fraction <= 0:
@@ -186,9 +255,13 @@ def split_validation(items: list[Any], fraction: float) -> tuple[list[Any], list
 
 
 def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
-    """Write equal-length (N, L) int32 arrays as one Parquet file of fixed-size-list columns."""
+    """Write columns of N rows as one Parquet file: (N, L) int arrays as fixed-size lists of
+    int32, (N,) float arrays (DPO's reference log-probs) as float64."""
     table = {}
     for name, arr in columns.items():
+        if arr.ndim == 1:
+            table[name] = pa.array(np.asarray(arr, dtype=np.float64), type=pa.float64())
+            continue
         flat = pa.array(np.ascontiguousarray(arr, dtype=np.int32).reshape(-1), type=pa.int32())
         table[name] = pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
     sink = pa.BufferOutputStream()
@@ -198,7 +271,7 @@ def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
 
 def write_dataset(
     stage_dir: Path, data: Path, encode: Callable[[list[tuple[str, dict[str, Any]]]], tuple[dict[str, np.ndarray], EncodeStats]],
-    validation_fraction: float,
+    validation_fraction: float, add_columns: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[Path, EncodeStats, int]:
     """Read a JSONL file, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
 
@@ -207,6 +280,8 @@ def write_dataset(
         data: the JSONL records (each named ``file:line`` in errors).
         encode: records -> (rows, stats), e.g. ``sft_rows`` or ``preference_rows`` with their settings.
         validation_fraction: share of records held out.
+        add_columns: rows -> more columns of the same rows, computed once every record of both
+            parts has encoded (DPO's reference log-probs: no model runs on a file with a bad record).
 
     Returns:
         (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
@@ -216,6 +291,9 @@ def write_dataset(
     train_records, val_records = split_validation(records, validation_fraction)
     train_rows, stats = encode(train_records)
     val_rows, _ = encode(val_records)
+    if add_columns is not None:
+        train_rows = {**train_rows, **add_columns(train_rows)}
+        val_rows = {**val_rows, **add_columns(val_rows)}
     with atomic_dir(stage_dir / "dataset") as tmp:
         write_rows(tmp / "train.parquet", train_rows)
         if val_records and len(next(iter(val_rows.values()))):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.train.config import TrainConfig
@@ -53,7 +54,8 @@ class RowStream:
         return self._cache[key]
 
     def rows(self, epoch: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at ``positions`` (within ``epoch``) as {column: (len(positions), L) int64}."""
+        """The rows at ``positions`` (within ``epoch``) as {column: (len(positions), L) int64}; a
+        scalar float column (DPO's reference log-probs) as (len(positions),) float64."""
         order = self._file_order(epoch)
         ends = np.cumsum(self.counts[order])
         slot = np.searchsorted(ends, positions, side="right")
@@ -63,12 +65,14 @@ class RowStream:
             row = int(p - (ends[s] - self.counts[order[s]]))
             for c in self.columns:
                 out[c].append(file_rows[c][row])
-        return {c: np.stack(v).astype(np.int64) for c, v in out.items()}
+        return {c: np.stack(v).astype(np.int64 if v[0].ndim else np.float64) for c, v in out.items()}
 
 
 def _fixed_rows(column: Any) -> np.ndarray:
-    """A fixed_size_list<int32>[L] column as an (N, L) array."""
+    """A fixed_size_list<int32>[L] column as an (N, L) array; a scalar column as (N,)."""
     col = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        return col.to_numpy()
     return col.flatten().to_numpy().reshape(len(col), -1)
 
 
