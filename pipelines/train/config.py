@@ -1,5 +1,5 @@
 """The training sections: the model's sizes, the shared trainer settings, and ``pretrain:``,
-``sft:`` and ``reward_model:``.
+``sft:``, ``reward_model:`` and ``dpo:``.
 """
 
 from __future__ import annotations
@@ -120,3 +120,36 @@ class RewardModelConfig(TrainConfig):
     seq_len: int = Field(default=256, ge=8)
     overlong: Literal["truncate", "reject"] = "truncate"
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+
+
+class DpoConfig(TrainConfig):
+    """``kiln dpo``: direct preference optimisation of the SFT policy on preference pairs.
+
+    The frozen reference is the starting model; its summed response log-probs are computed once,
+    before training, and stored with the dataset. ``sequences_per_step`` and
+    ``micro_batch_per_worker`` count pairs (each pair is two sequences in one forward pass).
+    """
+
+    # JSONL of {"prompt", "chosen", "rejected"} records (strings, or chat message lists).
+    data: str
+    # Policy and reference to start from (null: <run>/sft/model).
+    init_from: str | None = None
+    # Tokens per sequence (prompt + one response).
+    seq_len: int = Field(default=256, ge=8)
+    # Longer sequences: truncated from the left (the response's end is kept; counted) or rejected.
+    overlong: Literal["truncate", "reject"] = "truncate"
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    # sigmoid (DPO), ipo (Azar et al.) or cdpo (conservative DPO: label_smoothing > 0).
+    loss: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"
+    # Strength of the pull towards the reference (DPO's beta; IPO's tau).
+    beta: float = Field(default=0.1, gt=0.0)
+    # cdpo only: the assumed probability that a pair's preference label is wrong.
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _smoothing_is_cdpo(self) -> "DpoConfig":
+        if self.loss == "cdpo" and self.label_smoothing == 0.0:
+            raise ValueError("loss cdpo needs label_smoothing > 0 (with 0 it is the sigmoid loss)")
+        if self.loss != "cdpo" and self.label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing applies to loss cdpo only (loss is {self.loss})")
+        return self

@@ -1,4 +1,4 @@
-"""The Ray Train worker loop behind pretrain, SFT and reward model (DeepSpeed ZeRO).
+"""The Ray Train worker loop behind pretrain, SFT, reward model and DPO (DeepSpeed ZeRO).
 
 Each worker (``train_worker``) reads top to bottom:
 
@@ -9,7 +9,9 @@ Each worker (``train_worker``) reads top to bottom:
      inside the final checkpoint.
 
 Objectives: ``lm`` (next-token loss on ``labels``, or on ``input_ids`` when the shards have no
-labels: pretraining) and ``reward`` (Bradley–Terry on ``chosen_ids``/``rejected_ids``).
+labels: pretraining), ``reward`` (Bradley–Terry on ``chosen_ids``/``rejected_ids``) and ``dpo``
+(a DPO loss on the policy's summed response log-probs against the reference's, which the rows
+carry: the reference model itself is never loaded here).
 """
 
 from __future__ import annotations
@@ -33,13 +35,26 @@ from transformers import AutoTokenizer
 from cluster.dashboard import StageGauges
 from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
-from pipelines.train.config import ModelConfig, TrainConfig
+from pipelines.train.config import DpoConfig, ModelConfig, TrainConfig
 from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups
-from pipelines.train.losses import bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
+from pipelines.train.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    lm_loss_sum,
+    lr_multiplier,
+    pairwise_correct,
+    sequence_logps,
+)
 from pipelines.train.modeling import build_model, save_hf_model
 from pipelines.train.rows import RowStream, step_positions
 
-Objective = Literal["lm", "reward"]
+Objective = Literal["lm", "reward", "dpo"]
+# The row columns each objective reads (a pretraining shard has no labels: RowStream skips them).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "lm": ("input_ids", "labels"),
+    "reward": ("chosen_ids", "rejected_ids"),
+    "dpo": ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen_logp", "ref_rejected_logp"),
+}
 CHECKPOINT_TAG = "state"  # DeepSpeed tag inside every checkpoint: ds/state/...
 EXPORT_DIR = "hf"  # the final checkpoint's consolidated Hugging Face model
 
@@ -49,9 +64,9 @@ class TrainJob:
     """Everything a training worker needs; built by a stage driver, pickled to the workers.
 
     Attributes:
-        stage: the run-directory folder (``pretrain``, ``sft``, ``reward_model``).
-        objective: ``lm`` or ``reward``.
-        train: the stage's training section.
+        stage: the run-directory folder (``pretrain``, ``sft``, ``reward_model``, ``dpo``).
+        objective: ``lm``, ``reward`` or ``dpo``.
+        train: the stage's training section (a ``DpoConfig`` for ``dpo``: beta, loss).
         stage_dir: absolute ``runs/<name>/<stage>``; rank 0 appends ``metrics.jsonl`` there
             (on a multi-node cluster it must be on shared storage, like the checkpoints).
         tokenizer_dir: tokenizer saved with the exported model.
@@ -77,7 +92,7 @@ class TrainJob:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return ("chosen_ids", "rejected_ids") if self.objective == "reward" else ("input_ids", "labels")
+        return COLUMNS[self.objective]
 
 
 def _seed_all(seed: int) -> None:
@@ -86,56 +101,91 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _forward(engine: Any, objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """One micro batch → (loss to backpropagate, loss sum, count, tokens processed).
+def _forward(engine: Any, job: TrainJob, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+    """One micro batch → (loss to backpropagate, sums to accumulate, tokens processed).
 
-    ``lm``: the summed token loss and the number of target tokens. ``reward``: the summed pair
-    loss and the number of correctly ordered pairs (the pair count is the batch size).
+    The sums (added over micro batches and ranks, then turned into metrics by ``_metrics``):
+    ``loss`` summed over ``count`` units (target tokens for ``lm``, pairs otherwise), ``correct``
+    pairs (``reward``, ``dpo``: the chosen response scores strictly higher), and for ``dpo`` the
+    summed implicit rewards ``chosen_reward`` and ``rejected_reward``.
     """
-    if objective == "lm":
+    if job.objective == "lm":
         ids = batch["input_ids"]  # (B, T)
         labels = batch.get("labels", ids)  # pretraining: every token is a target
         logits = engine(input_ids=ids).logits  # (B, T, V)
         loss_sum, count = lm_loss_sum(logits, labels)
-        return loss_sum / count.clamp(min=1), loss_sum.detach(), count.float(), ids.numel()
-    both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T)
-    scores = engine(input_ids=both).logits.squeeze(-1)  # (2B,)
-    chosen, rejected = scores.chunk(2)
-    loss = bradley_terry_loss(chosen, rejected)
-    return loss, loss.detach() * len(chosen), pairwise_correct(chosen, rejected).sum(), both.numel()
+        return loss_sum / count.clamp(min=1), {"loss": loss_sum.item(), "count": count.item()}, ids.numel()
+    both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
+    pairs = len(batch["chosen_ids"])
+    if job.objective == "reward":
+        scores = engine(input_ids=both).logits.squeeze(-1)  # (2B,)
+        chosen, rejected = scores.chunk(2)
+        loss = bradley_terry_loss(chosen, rejected)
+        return loss, {"loss": loss.item() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum().item()}, both.numel()
+    cfg = job.train
+    assert isinstance(cfg, DpoConfig)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T): response tokens only
+    policy_chosen, policy_rejected = sequence_logps(engine(input_ids=both).logits, labels).chunk(2)  # (B,) each
+    losses, chosen_reward, rejected_reward = dpo_loss(
+        policy_chosen, policy_rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"],
+        cfg.beta, cfg.loss, cfg.label_smoothing,
+    )  # fmt: skip
+    sums = {
+        "loss": losses.sum().item(),
+        "count": pairs,
+        "correct": pairwise_correct(chosen_reward, rejected_reward).sum().item(),
+        "chosen_reward": chosen_reward.sum().item(),
+        "rejected_reward": rejected_reward.sum().item(),
+    }
+    return losses.mean(), sums, both.numel()
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> dict[str, float]:
+    """Summed values → the metric line's figures (``val_``-prefixed for the held-out split)."""
+    count = max(sums["count"], 1.0)
+    out = {"loss": sums["loss"] / count}
+    if objective == "lm" and held_out:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    if "correct" in sums:
+        out["accuracy"] = sums["correct"] / count  # reward model: pairwise; DPO: implicit reward
+    if "chosen_reward" in sums:
+        out["chosen_reward"] = sums["chosen_reward"] / count
+        out["rejected_reward"] = sums["rejected_reward"] / count
+        out["margin"] = out["chosen_reward"] - out["rejected_reward"]
+    return {f"val_{k}" if held_out else k: v for k, v in out.items()}
+
+
+def _add(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+    return {k: total.get(k, 0.0) + v for k, v in sums.items()}
+
+
+def _all_sum(sums: dict[str, float]) -> dict[str, float]:
+    """Every rank's sums added up (every rank has the same keys)."""
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(keys, t.tolist()))
 
 
 def _evaluate(engine: Any, job: TrainJob, stream: RowStream, rank: int, device: torch.device) -> dict[str, float]:
-    """Held-out loss (and perplexity or pairwise accuracy) on the first rows of the validation files."""
+    """Held-out figures (``val_loss``, and perplexity, pairwise accuracy or DPO's rewards) on the
+    first rows of the validation files."""
     cfg = job.train
     per_batch = cfg.micro_batch_per_worker * cfg.num_workers
     batches = min(cfg.eval_batches, stream.total // per_batch)
     if batches == 0:
         return {}
-    num = den = correct = 0.0
+    sums: dict[str, float] = {}
     engine.eval()
     with torch.no_grad():
         for b in range(batches):
             start = (b * cfg.num_workers + rank) * cfg.micro_batch_per_worker
             rows = stream.rows(0, np.arange(start, start + cfg.micro_batch_per_worker))
             batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
-            _, n, d, _ = _forward(engine, job.objective, batch)
-            if job.objective == "lm":
-                num, den = num + n.item(), den + d.item()
-            else:
-                num, den, correct = num + n.item(), den + len(rows["chosen_ids"]), correct + d.item()
+            sums = _add(sums, _forward(engine, job, batch)[1])
     engine.train()
-    num, den, correct = _all_sum([num, den, correct])
-    if job.objective == "lm":
-        return {"val_loss": num / den, "val_perplexity": math.exp(min(num / den, 50.0))}
-    return {"val_loss": num / den, "val_accuracy": correct / den}
+    return _metrics(_all_sum(sums), job.objective, held_out=True)
 
 
 def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: dict[str, Any], export: bool) -> None:
@@ -180,7 +230,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # 1. Model and engine. Same seed on every rank: ZeRO-3 partitions each rank's own copy.
     _seed_all(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    model = build_model("lm" if job.objective == "lm" else "reward", tokenizer, arch=job.arch, path=job.init_from)
+    model = build_model("reward" if job.objective == "reward" else "lm", tokenizer, arch=job.arch, path=job.init_from)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -211,49 +261,44 @@ def train_worker(config: dict[str, Any]) -> None:
     epoch_rows = train.total // cfg.sequences_per_step * cfg.sequences_per_step
 
     # 3. The loop. One optimizer step = grad_accum_steps micro batches on every rank.
-    window = {"num": 0.0, "den": 0.0, "extra": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    window: dict[str, float] = {}  # sums since the last metric line
+    timing = {"tokens": 0, "seconds": 0.0}
     while step < cfg.max_steps:
         lr = cfg.learning_rate * lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        num = den = 0.0
+        sums: dict[str, float] = {}
         tokens = 0
         for micro in range(cfg.grad_accum_steps):
             epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
             batch = {k: torch.from_numpy(v).to(device) for k, v in train.rows(epoch, positions).items()}
-            loss, n, d, t = _forward(engine, job.objective, batch)
+            loss, micro_sums, t = _forward(engine, job, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            num, den, tokens = num + n.item(), den + d.item(), tokens + t
+            sums, tokens = _add(sums, micro_sums), tokens + t
         grad_norm = engine.get_global_grad_norm()
-        num, den = _all_sum([num, den])  # note: a sync point, once per optimizer step
-        window["seconds"] += time.perf_counter() - t0
+        sums = _all_sum(sums)  # note: a sync point, once per optimizer step
+        timing["seconds"] += time.perf_counter() - t0
         step += 1
-        denominator = den if job.objective == "lm" else cfg.sequences_per_step
-        if not math.isfinite(num):
-            metrics.write({"event": "non_finite_loss", "step": step, "loss": str(num / max(denominator, 1))})
+        if not math.isfinite(sums["loss"]):
+            metrics.write({"event": "non_finite_loss", "step": step, "loss": str(sums["loss"] / max(sums["count"], 1))})
             return  # every rank sees the same all-reduced value, so all stop here together
-        window["num"] += num
-        window["den"] += denominator
-        window["extra"] += den
-        window["tokens"] += tokens * cfg.num_workers
-        window["steps"] += 1
+        window = _add(window, sums)
+        timing["tokens"] += tokens * cfg.num_workers
 
         record: dict[str, Any] = {}
         if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
             record = {
                 "step": step,
-                "loss": window["num"] / window["den"],
+                **_metrics(window, job.objective, held_out=False),
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": window["tokens"] / window["seconds"],
+                "tokens_per_s": timing["tokens"] / timing["seconds"],
                 "samples_seen": step * cfg.sequences_per_step,
                 "epoch": step * cfg.sequences_per_step / max(epoch_rows, 1),
             }
-            if job.objective == "reward":
-                record["accuracy"] = window["extra"] / window["den"]
-            window = dict.fromkeys(window, 0)
+            window, timing = {}, {"tokens": 0, "seconds": 0.0}
         if step % cfg.eval_every_steps == 0 or step == cfg.max_steps:
             record = {"step": step, **record, **_evaluate(engine, job, valid, rank, device)}
         if record:
