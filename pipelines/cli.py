@@ -60,6 +60,12 @@ def _reward_model(cfg: KilnConfig, force: bool) -> None:
     reward_model.run(cfg, force=force)
 
 
+def _dpo(cfg: KilnConfig, force: bool) -> None:
+    from pipelines.train import dpo
+
+    dpo.run(cfg, force=force)
+
+
 def _ppo(cfg: KilnConfig, force: bool) -> None:
     from pipelines.rlhf import ppo
 
@@ -85,6 +91,7 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "pretrain": _pretrain,
     "sft": _sft,
     "reward_model": _reward_model,
+    "dpo": _dpo,
     "ppo": _ppo,
     "grpo": _grpo,
     "eval": _eval,
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain": "pretrain a base model on the packed shards (Ray Train + DeepSpeed)",
         "sft": "fine-tune on chat data, loss on response tokens only",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
+        "dpo": "direct preference optimisation of the SFT model on preference pairs (sigmoid, IPO or cDPO loss)",
         "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
         "grpo": "a second RL run from the SFT model with GRPO (the grpo: section, written to <run>/grpo/)",
         "eval": "measure every stage's model on held-out prompts (accuracy with CIs, pass@k, reward, KL, perplexity)",

@@ -23,7 +23,7 @@ from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
 from pipelines.rlhf.config import PpoConfig
-from pipelines.train.config import PretrainConfig, RewardModelConfig, SftConfig
+from pipelines.train.config import DpoConfig, PretrainConfig, RewardModelConfig, SftConfig
 from serving.config import ServeConfig
 
 __all__ = ["ConfigError", "KilnConfig", "RunConfig", "dump_config", "load_config", "parse_config"]
@@ -60,6 +60,8 @@ class KilnConfig(Section):
     pretrain: PretrainConfig | None = None
     sft: SftConfig | None = None
     reward_model: RewardModelConfig | None = None
+    # Direct preference optimisation of the SFT model on the reward model's pairs (written to <run>/dpo/).
+    dpo: DpoConfig | None = None
     ppo: PpoConfig | None = None
     # A second RL run from the same SFT model with GRPO (the same schema as ppo; written to <run>/grpo/).
     grpo: PpoConfig | None = None

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "pipelines.train.pretrain": DRIVERS,
     "pipelines.train.sft": DRIVERS,
     "pipelines.train.reward_model": DRIVERS,
+    "pipelines.train.dpo": DRIVERS,
     "pipelines.rlhf.ppo": DRIVERS,
     "pipelines.quickstart.generate": DRIVERS,
     "pipelines.eval.stage": DRIVERS,
