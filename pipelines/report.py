@@ -4,7 +4,7 @@ Reads what the stages left in the run directory, every input optional (a stage t
 noted as not run):
 
 - ``data/data_report.json`` (or the summary in ``data/stage.json``): document and token counts;
-- ``<stage>/metrics.jsonl`` for ``pretrain``, ``sft``, ``reward_model``, ``ppo``: one JSON object a
+- ``<stage>/metrics.jsonl`` for ``pretrain``, ``sft``, ``reward_model``, ``dpo``, ``ppo``: one JSON object a
   line with ``step``; lifecycle lines (with an ``event`` key) are left out, and a resumed run's
   repeated steps keep their last record;
 - ``<stage>/stage.json``: the stage finished, with its summary (``seconds`` gives the duration);
@@ -32,8 +32,8 @@ from core.metrics import read_metrics
 from core.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
 from pipelines.eval.table import COMPARISON_HEADER, comparison_cells, model_cells, model_header
 
-STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "grpo", "eval")
-TRAINED_STAGES = ("pretrain", "sft", "reward_model", "ppo", "grpo")
+STAGES = ("data", "pretrain", "sft", "reward_model", "dpo", "ppo", "grpo", "eval")
+TRAINED_STAGES = ("pretrain", "sft", "reward_model", "dpo", "ppo", "grpo")
 RL_STAGES = ("ppo", "grpo")  # the same controller; grpo is a second RL run from the SFT model
 REPORT_FILE = "report.md"
 REPORT_DIR = "report"
@@ -323,6 +323,20 @@ def _plot_reward_model(stage: StageData, out: Path) -> bool:
     return True
 
 
+def _plot_dpo(stage: StageData, out: Path) -> bool:
+    fig, (loss_ax, reward_ax) = _figure(2)
+    drawn = _curves(loss_ax, stage, {"loss": "training", "val_loss": "held-out", "accuracy": "accuracy (training)",
+                                     "val_accuracy": "accuracy (held-out)"}, "loss / implicit-reward accuracy")
+    drawn |= _curves(reward_ax, stage, {"chosen_reward": "chosen", "rejected_reward": "rejected",
+                                        "val_margin": "margin (held-out)"}, "implicit reward β log π/π_ref")
+    if not drawn:
+        return False
+    loss_ax.set_title("DPO loss and implicit-reward accuracy")
+    reward_ax.set_title("DPO implicit rewards (training) and held-out margin")
+    fig.savefig(out, dpi=100)
+    return True
+
+
 def _plot_rl(stage: StageData, out: Path) -> bool:
     fig, (reward_ax, kl_ax) = _figure(2)
     drawn = _curves(reward_ax, stage, {"reward_mean": "rollouts", "eval_reward": "held-out"}, "mean reward")
@@ -389,6 +403,10 @@ def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot]
                               "Reward model: Bradley–Terry loss (left) and pairwise accuracy (right), "
                               "training and held-out."),
          lambda out: _plot_reward_model(stages["reward_model"], out)),
+        ("dpo", Plot("dpo.png", "DPO loss, accuracy and rewards",
+                     "DPO: loss and implicit-reward accuracy (left), implicit rewards of the chosen and rejected "
+                     "responses and the held-out margin (right)."),
+         lambda out: _plot_dpo(stages["dpo"], out)),
         ("ppo", Plot("ppo_reward_kl.png", "PPO reward and KL",
                      "PPO: mean rollout reward and held-out reward (left), KL of the policy from the SFT "
                      "model (right)."),

@@ -17,8 +17,8 @@ from core.metrics import read_metrics
 from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "ppo_reward_kl.png", "ppo_before_after.png",
-            "grpo_reward_kl.png", "eval_accuracy.png")
+ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "dpo.png", "ppo_reward_kl.png",
+            "ppo_before_after.png", "grpo_reward_kl.png", "eval_accuracy.png")
 
 FAKE_DATA_REPORT = {
     "documents": {"in": 4700, "kept": 4100, "exact_duplicates": 200, "near_duplicates": 200, "filtered": 200,
@@ -49,6 +49,13 @@ FAKE_SFT_METRICS = [
 FAKE_REWARD_MODEL_METRICS = [
     {"step": 10, "loss": 0.625, "accuracy": 0.575, "tokens_per_s": 12000.0},
     {"step": 20, "loss": 0.5, "accuracy": 0.66, "tokens_per_s": 12836.3, "val_loss": 0.53, "val_accuracy": 0.635},
+]
+FAKE_DPO_METRICS = [
+    {"step": 10, "loss": 0.625, "accuracy": 0.5, "chosen_reward": 0.25, "rejected_reward": -0.5, "margin": 0.75,
+     "tokens_per_s": 9000.0},
+    {"step": 20, "loss": 0.375, "accuracy": 0.875, "chosen_reward": 0.0, "rejected_reward": -2.0, "margin": 2.0,
+     "tokens_per_s": 9500.0, "val_loss": 0.4375, "val_accuracy": 0.8125, "val_chosen_reward": -0.25,
+     "val_rejected_reward": -2.0, "val_margin": 1.75},
 ]
 FAKE_PPO_METRICS = [
     {"step": s, "reward_mean": r, "kl": k, "policy_loss": -0.01, "value_loss": 0.2, "clip_fraction": 0.1,
@@ -94,7 +101,7 @@ def _mark(stage_dir: Path, stage: str, summary: dict[str, Any]) -> None:
     (stage_dir / "stage.json").write_text(json.dumps({"stage": stage, "config_digest": "fake", "summary": summary}))
 
 
-ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "ppo", "grpo", "eval")
+ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "dpo", "ppo", "grpo", "eval")
 
 
 def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
@@ -105,7 +112,8 @@ def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
         _mark(run / "data", "data", FAKE_DATA_REPORT)
         (run / "data" / "data_report.json").write_text(json.dumps(FAKE_DATA_REPORT))
     fakes = {"pretrain": (FAKE_PRETRAIN_METRICS, 107.4), "sft": (FAKE_SFT_METRICS, 51.5),
-             "reward_model": (FAKE_REWARD_MODEL_METRICS, 56.5), "ppo": (FAKE_PPO_METRICS, 3725.0),
+             "reward_model": (FAKE_REWARD_MODEL_METRICS, 56.5), "dpo": (FAKE_DPO_METRICS, 80.0),
+             "ppo": (FAKE_PPO_METRICS, 3725.0),
              "grpo": (FAKE_PPO_METRICS, 95.0)}
     for stage, (records, seconds) in fakes.items():
         if stage in stages:
@@ -174,6 +182,10 @@ def test_table_has_the_final_numbers(full_report: Path) -> None:
     assert _row(markdown, "reward_model") == (
         "| reward_model | finished | 56.5 s | 20 steps, loss 0.625 → 0.5, val loss 0.53, val accuracy 63.5%, "
         "12,836 tokens/s |"
+    )
+    assert _row(markdown, "dpo") == (
+        "| dpo | finished | 1 min 20 s | 20 steps, loss 0.625 → 0.375, val loss 0.4375, val accuracy 81.2%, "
+        "9,500 tokens/s |"
     )
     assert _row(markdown, "ppo") == (
         "| ppo | finished | 1 h 2 min | 3 steps, reward 0.1 → 0.6, KL 0.05, held-out reward 0.2 → 0.7, "
