@@ -469,8 +469,9 @@ def test_fuzz_http_api(doors: Doors, path: str, body: bytes, headers: dict[str, 
 
 
 def test_server_survives_the_fuzz(http: httpx.Client) -> None:
+    # Sampled (the default temperature), so the model may end its answer after one token.
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 2
     assert http.get("/healthz").json() == {"status": "ok", "unfinished_requests": 0}
 
 
