@@ -130,6 +130,9 @@ class PpoConfig(Section):
     # actors, starts them all again and resumes from the latest checkpoint (the steps since are
     # replayed exactly). One more ends the run; 0: the first ends it.
     max_failures: int = Field(default=3, ge=0)
+    # How Ray places the actors: DEFAULT (the local node first, then others as it fills) or
+    # SPREAD (over the cluster's nodes, e.g. to use every machine's CPUs).
+    scheduling_strategy: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
     seed: int = 0
     learner: OptimizedModelConfig = OptimizedModelConfig()
     critic: CriticConfig = CriticConfig(learning_rate=5.0e-5)

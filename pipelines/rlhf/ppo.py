@@ -137,22 +137,30 @@ class Actors:
         """Every actor handle, e.g. to kill them all."""
         return list(self.roles().values())
 
+    def nodes(self) -> dict[str, str]:
+        """The Ray node id each actor runs on, by role."""
+        where = [a.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()) for a in self.all()]
+        return dict(zip(self.roles(), ray.get(where)))
+
 
 def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path) -> Actors:
     """Create every role's actor(s) from the ``ppo:`` section, with the resources it gives them."""
     # In-process engine: weights reach its worker as tensors. Per-reload INFO lines are noise.
     env = {"VLLM_LOGGING_LEVEL": "WARNING", **p.rollout.engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
+    where = {"scheduling_strategy": p.scheduling_strategy}
     rollout = RolloutGenerator.options(
         num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env}, **where,
     ).remote(str(policy), p)
-    reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus).remote(
+    reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus, **where).remote(
         p, str(reward_model) if reward_model else None
     )
-    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus).remote(str(policy), p)
+    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus, **where).remote(
+        str(policy), p
+    )
 
     def options(m: Any) -> dict[str, Any]:
-        return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0}
+        return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0, **where}
 
     learner = RankGroup(PolicyLearner, p.learner.num_workers, options(p.learner), p, str(policy))
     critic = RankGroup(Critic, p.critic.num_workers, options(p.critic), p, str(critic_init)) if p.advantage == "gae" else None
@@ -423,6 +431,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "eval_before": after["before"],
         "eval_after": after["after"],
         "recoveries": after["recoveries"],
+        "nodes": actor_nodes(read_metrics(stage_dir)),
         **reward_trend([m["reward_mean"] for m in steps]),
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
@@ -430,6 +439,16 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     mark_finished(stage_dir, stage, digest, summary)
     print(f"kiln {stage}: done {summary}", flush=True)
     return summary
+
+
+def actor_nodes(lines: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The Ray node ids each role's actor ran on, over every start of the actors (``actors`` events)."""
+    nodes: dict[str, list[str]] = {}
+    for line in lines:
+        for role, node in line.get("nodes", {}).items() if line.get("event") == "actors" else ():
+            if node not in nodes.setdefault(role, []):
+                nodes[role].append(node)
+    return nodes
 
 
 def reward_trend(rewards: list[float], window: int = 5) -> dict[str, Any]:
@@ -466,6 +485,7 @@ def _train(
     metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(stage).record)
     checkpoints = stage_dir / "checkpoints"
     actors = start()
+    metrics.write({"event": "actors", "nodes": actors.nodes(), "time": time.time()})
     try:
         if (ckpt := latest_checkpoint(checkpoints)) is not None:
             state = restore(actors, ckpt)
@@ -510,6 +530,7 @@ def _train(
                     for actor in actors.all():
                         ray.kill(actor)
                     actors = start()
+                    metrics.write({"event": "actors", "nodes": actors.nodes(), "time": time.time()})
                     ckpt = latest_checkpoint(checkpoints)
                     state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
                     metrics.write({"event": "recovery", "role": role, "failed_step": failed, "resumed_step": state.step,

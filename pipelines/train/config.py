@@ -62,6 +62,9 @@ class TrainConfig(DeepSpeedSettings):
     keep_checkpoints: int = Field(default=2, ge=1)
     # Worker failures Ray Train recovers from (restarting from the latest checkpoint); -1: no limit.
     max_failures: int = Field(default=3, ge=-1)
+    # Where Ray Train places the workers' placement group bundles: PACK fills one node first,
+    # SPREAD puts them on different nodes where it can (STRICT_*: must, or wait for nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     seed: int = 0
 
     @property

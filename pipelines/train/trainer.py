@@ -90,6 +90,7 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="train",
@@ -130,6 +131,10 @@ def summary(outcome: TrainOutcome) -> dict[str, Any]:
         out["tokens_per_s"] = steps[-1]["tokens_per_s"]
     if evals:
         out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
+    # Every (re)start of the workers: the Ray nodes they ran on, and how often they resumed.
+    starts = [m for m in outcome.metrics if m.get("event") in ("start", "resume")]
+    out["nodes"] = list(dict.fromkeys(node for m in starts for node in m.get("nodes", ())))
+    out["resumes"] = sum(m["event"] == "resume" for m in starts)
     return out
 
 

@@ -254,7 +254,11 @@ def train_worker(config: dict[str, Any]) -> None:
             step = saved["step"]
     else:
         _seed_all(cfg.seed + rank)
-    metrics.write({"event": "resume" if step else "start", "step": step, "time": time.time(), "pid": os.getpid()})
+    # Where every rank runs (Ray node ids, rank order): the stage summary reports the nodes used.
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    metrics.write({"event": "resume" if step else "start", "step": step, "time": time.time(), "pid": os.getpid(),
+                   "nodes": nodes})  # fmt: skip
 
     train = RowStream(job.train_files, job.columns, cfg.seed, shuffle=True)
     valid = RowStream(job.validation_files, job.columns, cfg.seed, shuffle=False)
