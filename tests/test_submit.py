@@ -9,41 +9,22 @@ not stopped with ``ray stop``, which kills every Ray process on the machine.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
+from cluster_helpers import auth, client_env, kiln_cli, start_node, stop_node, tiny_config, wait_for_head, working_dir
 
 from pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# Ports `ray start --head` would otherwise take at fixed defaults (6379, 8265, 10001, 52365, ...).
-_PORT_FLAGS = (
-    "port",
-    "dashboard-port",
-    "ray-client-server-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "metrics-export-port",
-    "runtime-env-agent-port",
-    "node-manager-port",
-    "object-manager-port",
-)
 
 
 @dataclass
@@ -53,130 +34,28 @@ class Head:
     temp_dir: Path
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _stop(proc: subprocess.Popen[bytes], temp_dir: Path) -> None:
-    """Stop the head by process id: SIGTERM to `ray start --block` shuts its node down; what is
-    left after a few seconds (of the processes it had, or any naming its unique temp dir) is
-    killed by pid. A raylet may take half a minute to drain gracefully, and this cluster's state
-    is thrown away anyway."""
-    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    tagged = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or [])]
-    victims = [*tree, *tagged]
-    if proc.poll() is None:
-        victims.append(psutil.Process(proc.pid))
-    for p in victims:
-        try:
-            p.kill()  # psutil checks the process is still the one it saw (no pid reuse)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=10)
-    psutil.wait_procs(victims, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     """A 2-CPU Ray head node with the dashboard and token authentication, on loopback."""
-    from ray.job_submission import JobSubmissionClient
-
     # Short path: Ray's Unix sockets live under it (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="kiln-ray-", dir="/tmp"))
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"--{flag}={port}" for flag, port in ports.items())]  # fmt: skip
-    log = (temp_dir / "head.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    node = start_node(temp_dir, token, num_cpus=2)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                JobSubmissionClient(address, headers=_auth(token))
-                break
-            except ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not start: {(temp_dir / 'head.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
-        yield Head(address, token, temp_dir)
+        wait_for_head(node, token)
+        yield Head(node.dashboard, token, temp_dir)
     finally:
-        _stop(proc, temp_dir)
-        log.close()
+        stop_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _working_dir(tmp_path: Path, config: dict[str, Any]) -> Path:
-    """A job working directory holding just the config: the job imports kiln from this venv, as
-    on a cluster whose image has kiln installed (and keeps numba's compiled-kernel cache, which a
-    fresh copy of the sources would rebuild for most of a minute)."""
-    wd = tmp_path / "wd"
-    wd.mkdir()
-    (wd / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return wd
-
-
-def _tiny_config(tmp_path: Path, name: str) -> dict[str, Any]:
-    """generate + data at a tiny size, the data section copied from the quickstart. ``ray.address``
-    stays null as in the quickstart: inside the job, kiln must join the job's cluster."""
-    quickstart = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    runs = tmp_path / "runs"
-    corpus = runs / name / "corpus"
-    data = quickstart["data"]
-    data["input"]["paths"] = [str(corpus / "pretrain")]
-    data["tokenizer"]["vocab_size"] = 512
-    data["pack"].update(seq_len=64, sequences_per_shard=256)
-    data.update(batch_size=64, shuffle_partitions=2)
-    # Near duplicates are still found and dropped; only their exact-Jaccard check (one more
-    # distributed shuffle, ~10 s here) is skipped.
-    data["dedup"]["verify_candidates"] = False
-    return {
-        "run": {"name": name, "root": str(runs)},
-        "ray": quickstart["ray"],
-        "generate": {"out_dir": str(corpus), "num_documents": 100, "exact_duplicates": 5, "near_duplicates": 6,
-                     "junk_documents": 5, "sft_examples": 10, "preference_pairs": 10, "ppo_prompts": 10,
-                     "eval_prompts": 10},  # fmt: skip
-        "data": data,
-    }
-
-
-def _kiln(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    # A process of its own, as a user runs it: the token comes from its environment only.
-    return subprocess.run([str(BIN / "kiln"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _client_env(**extra: str) -> dict[str, str]:
-    # This process's RAY_* settings (an embedded cluster's auth mode, say) are not the user's.
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **extra}
 
 
 @pytest.mark.slow
 def test_submit_runs_kiln_as_a_job_and_follows_it(head: Head, tmp_path: Path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    wd = _working_dir(tmp_path, _tiny_config(tmp_path, "tiny"))
-    done = _kiln(["submit", str(wd / "config.yaml"), "--address", head.address, "--working-dir", str(wd)],
-                 _client_env(RAY_AUTH_TOKEN=head.token), timeout=240)  # fmt: skip
+    wd = working_dir(tmp_path, tiny_config(tmp_path, "tiny"))
+    done = kiln_cli(["submit", str(wd / "config.yaml"), "--address", head.address, "--working-dir", str(wd)],
+                 client_env(RAY_AUTH_TOKEN=head.token), timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     first = done.stdout.splitlines()[0]
     assert first.startswith("kiln submit: job kiln-tiny-"), done.stdout[:2000]
@@ -186,7 +65,7 @@ def test_submit_runs_kiln_as_a_job_and_follows_it(head: Head, tmp_path: Path) ->
     assert done.stdout.rstrip().endswith(f"job {job_id} SUCCEEDED")
 
     # The same through the job API: status, logs, the runtime environment kiln gave the job.
-    client = JobSubmissionClient(head.address, headers=_auth(head.token))
+    client = JobSubmissionClient(head.address, headers=auth(head.token))
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     logs = client.get_job_logs(job_id)
     assert "kiln run: " in logs and "kiln data: summary" in logs
@@ -202,26 +81,26 @@ def test_submit_runs_kiln_as_a_job_and_follows_it(head: Head, tmp_path: Path) ->
 
 
 def test_failed_job_exits_nonzero(head: Head, tmp_path: Path) -> None:
-    config = _tiny_config(tmp_path, "broken")
+    config = tiny_config(tmp_path, "broken")
     del config["generate"]  # the data stage then finds no corpus: the job fails on the cluster
-    wd = _working_dir(tmp_path, config)
-    done = _kiln(["submit", str(wd / "config.yaml"), "--address", head.address, "--working-dir", str(wd)],
-                 _client_env(RAY_AUTH_TOKEN=head.token), timeout=180)  # fmt: skip
+    wd = working_dir(tmp_path, config)
+    done = kiln_cli(["submit", str(wd / "config.yaml"), "--address", head.address, "--working-dir", str(wd)],
+                 client_env(RAY_AUTH_TOKEN=head.token), timeout=180)  # fmt: skip
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no corpus files match" in done.stdout
     assert " FAILED" in done.stdout.splitlines()[-1]
 
 
 def test_missing_or_wrong_token_is_refused_with_instructions(head: Head, tmp_path: Path) -> None:
-    wd = _working_dir(tmp_path, _tiny_config(tmp_path, "tiny"))
+    wd = working_dir(tmp_path, tiny_config(tmp_path, "tiny"))
     args = ["submit", str(wd / "config.yaml"), "--address", head.address, "--working-dir", str(wd)]
     token_file = tmp_path / "token"
     token_file.write_text("not-the-token\n")
     for env, problem in (
-        (_client_env(RAY_AUTH_MODE="disabled"), "needs a token and none was sent"),
-        (_client_env(RAY_AUTH_TOKEN_PATH=str(token_file)), "rejected the token"),
+        (client_env(RAY_AUTH_MODE="disabled"), "needs a token and none was sent"),
+        (client_env(RAY_AUTH_TOKEN_PATH=str(token_file)), "rejected the token"),
     ):
-        done = _kiln(args, env, timeout=60)
+        done = kiln_cli(args, env, timeout=60)
         assert done.returncode == 2, done.stdout + done.stderr
         assert problem in done.stderr and "RAY_AUTH_TOKEN" in done.stderr, done.stderr
 
@@ -235,8 +114,8 @@ def test_remote_address_without_storage_path_is_refused_before_submitting(
         raise AssertionError("kiln submit contacted the cluster")
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_connection)
-    config = _tiny_config(tmp_path, "remote")
-    wd = _working_dir(tmp_path, config)
+    config = tiny_config(tmp_path, "remote")
+    wd = working_dir(tmp_path, config)
     # 192.0.2.0/24 is reserved for documentation: nothing answers there. https: plain http to
     # another machine is refused first (tests/test_secrets.py).
     argv = ["submit", str(wd / "config.yaml"), "--address", "https://192.0.2.10:8265", "--working-dir", str(wd)]
@@ -252,7 +131,7 @@ def test_remote_address_without_storage_path_is_refused_before_submitting(
 
 
 def test_config_outside_the_working_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    wd = _working_dir(tmp_path, _tiny_config(tmp_path, "outside"))
+    wd = working_dir(tmp_path, tiny_config(tmp_path, "outside"))
     outside = tmp_path / "elsewhere.yaml"
     shutil.copy(wd / "config.yaml", outside)
     assert main(["submit", str(outside), "--address", "http://127.0.0.1:1", "--working-dir", str(wd)]) == 2
@@ -260,9 +139,9 @@ def test_config_outside_the_working_dir_is_refused(tmp_path: Path, capsys: pytes
 
 
 def test_invalid_config_is_reported_before_submitting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _tiny_config(tmp_path, "bad")
+    config = tiny_config(tmp_path, "bad")
     config["data"]["dedup"]["treshold"] = 0.5
-    wd = _working_dir(tmp_path, config)
+    wd = working_dir(tmp_path, config)
     assert main(["submit", str(wd / "config.yaml"), "--address", "http://127.0.0.1:1", "--working-dir", str(wd)]) == 2
     assert "data.dedup.treshold: Extra inputs are not permitted" in capsys.readouterr().err
 
