@@ -303,50 +303,48 @@ def _curves(ax: Any, stage: StageData, keys: dict[str, str], ylabel: str) -> boo
 
 
 def _plot_loss(stage: StageData, title: str, out: Path) -> bool:
-    fig, (ax,) = _figure()
-    if not _curves(ax, stage, {"loss": "training", "val_loss": "held-out"}, "loss"):
-        return False
-    ax.set_title(title)
-    fig.savefig(out, dpi=100)
-    return True
+    return _plot_panels(stage, out, [({"loss": "training", "val_loss": "held-out"}, "loss", title)])
+
+
+# One panel of a figure: the curves (metric key: legend label), the y label, the title.
+Panel = tuple[dict[str, str], str, str]
+
+
+def _plot_panels(stage: StageData, out: Path, panels: list[Panel]) -> bool:
+    """Side-by-side panels of ``stage``'s metrics against the step; False when none has data."""
+    fig, axes = _figure(len(panels))
+    drawn = False
+    for ax, (keys, ylabel, title) in zip(axes, panels):
+        if _curves(ax, stage, keys, ylabel):
+            ax.set_title(title)
+            drawn = True
+    if drawn:
+        fig.savefig(out, dpi=100)
+    return drawn
 
 
 def _plot_reward_model(stage: StageData, out: Path) -> bool:
-    fig, (loss_ax, acc_ax) = _figure(2)
-    drawn = _curves(loss_ax, stage, {"loss": "training", "val_loss": "held-out"}, "Bradley–Terry loss")
-    drawn |= _curves(acc_ax, stage, {"accuracy": "training", "val_accuracy": "held-out"}, "pairwise accuracy")
-    if not drawn:
-        return False
-    loss_ax.set_title("Reward model loss")
-    acc_ax.set_title("Reward model accuracy (chosen scored above rejected)")
-    fig.savefig(out, dpi=100)
-    return True
+    return _plot_panels(stage, out, [
+        ({"loss": "training", "val_loss": "held-out"}, "Bradley–Terry loss", "Reward model loss"),
+        ({"accuracy": "training", "val_accuracy": "held-out"}, "pairwise accuracy",
+         "Reward model accuracy (chosen scored above rejected)"),
+    ])  # fmt: skip
 
 
 def _plot_dpo(stage: StageData, out: Path) -> bool:
-    fig, (loss_ax, reward_ax) = _figure(2)
-    drawn = _curves(loss_ax, stage, {"loss": "training", "val_loss": "held-out", "accuracy": "accuracy (training)",
-                                     "val_accuracy": "accuracy (held-out)"}, "loss / implicit-reward accuracy")
-    drawn |= _curves(reward_ax, stage, {"chosen_reward": "chosen", "rejected_reward": "rejected",
-                                        "val_margin": "margin (held-out)"}, "implicit reward β log π/π_ref")
-    if not drawn:
-        return False
-    loss_ax.set_title("DPO loss and implicit-reward accuracy")
-    reward_ax.set_title("DPO implicit rewards (training) and held-out margin")
-    fig.savefig(out, dpi=100)
-    return True
+    return _plot_panels(stage, out, [
+        ({"loss": "training", "val_loss": "held-out", "accuracy": "accuracy (training)",
+          "val_accuracy": "accuracy (held-out)"}, "loss / implicit-reward accuracy", "DPO loss and implicit-reward accuracy"),
+        ({"chosen_reward": "chosen", "rejected_reward": "rejected", "val_margin": "margin (held-out)"},
+         "implicit reward β log π/π_ref", "DPO implicit rewards (training) and held-out margin"),
+    ])  # fmt: skip
 
 
 def _plot_rl(stage: StageData, out: Path) -> bool:
-    fig, (reward_ax, kl_ax) = _figure(2)
-    drawn = _curves(reward_ax, stage, {"reward_mean": "rollouts", "eval_reward": "held-out"}, "mean reward")
-    drawn |= _curves(kl_ax, stage, {"kl": "KL(policy ‖ reference)"}, "KL")
-    if not drawn:
-        return False
-    reward_ax.set_title(f"{stage.name.upper()} reward")
-    kl_ax.set_title(f"{stage.name.upper()} KL to the SFT model")
-    fig.savefig(out, dpi=100)
-    return True
+    return _plot_panels(stage, out, [
+        ({"reward_mean": "rollouts", "eval_reward": "held-out"}, "mean reward", f"{stage.name.upper()} reward"),
+        ({"kl": "KL(policy ‖ reference)"}, "KL", f"{stage.name.upper()} KL to the SFT model"),
+    ])  # fmt: skip
 
 
 def _plot_before_after(evaluation: dict[str, Any] | None, out: Path) -> bool:
