@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.config import DeepSpeedSettings, EngineConfig, Section
+from pipelines.train.config import LoraSettings
 
 
 class OptimizedModelConfig(DeepSpeedSettings):
@@ -24,6 +25,25 @@ class OptimizedModelConfig(DeepSpeedSettings):
     learning_rate: float = Field(default=1.0e-5, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+
+
+class LearnerConfig(OptimizedModelConfig):
+    """The policy.
+
+    With ``lora`` the learner trains an adapter only; the reference log-probs are the learner's
+    own with the adapter switched off (no reference actor, no second copy of the weights), and
+    each sync sends the rollout engine the adapter alone, as a vLLM LoRA adapter.
+    """
+
+    # Train a LoRA adapter instead of every weight (null: full fine-tuning).
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _no_lora_dropout(self) -> "LearnerConfig":
+        # The old log-probs are taken without dropout; with it, PPO's ratio would not start at 1.
+        if self.lora is not None and self.lora.dropout:
+            raise ValueError(f"lora.dropout must be 0 for the PPO learner (got {self.lora.dropout})")
+        return self
 
 
 class CriticConfig(OptimizedModelConfig):
@@ -134,7 +154,7 @@ class PpoConfig(Section):
     # SPREAD (over the cluster's nodes, e.g. to use every machine's CPUs).
     scheduling_strategy: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
     seed: int = 0
-    learner: OptimizedModelConfig = OptimizedModelConfig()
+    learner: LearnerConfig = LearnerConfig()
     critic: CriticConfig = CriticConfig(learning_rate=5.0e-5)
     rollout: RolloutConfig = RolloutConfig()
     reference: HelperActorConfig = HelperActorConfig()

@@ -38,6 +38,27 @@ class ModelConfig(Section):
         return self
 
 
+class LoraSettings(Section):
+    """A LoRA adapter (``peft``): only the low-rank matrices A (r x in) and B (out x r) train; the
+    base weights stay frozen. The update to a target weight W is (alpha / rank) * B @ A.
+
+    Used by ``sft.lora``, ``dpo.lora`` and ``ppo.learner.lora`` (null there: full fine-tuning).
+    """
+
+    # Rank r of each adapter (vLLM serves ranks up to 512).
+    rank: int = Field(default=8, ge=1, le=512)
+    # Scale: the adapter's output is multiplied by alpha / rank.
+    alpha: float = Field(default=16.0, gt=0.0)
+    # Dropout on the adapter's input while training (PPO's learner needs 0).
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Names of the linear modules that get an adapter, matched as peft does: the whole module
+    # path or its last parts (``q_proj`` matches every layer's ``self_attn.q_proj``). An entry
+    # matching no linear module fails before any worker starts, naming those that exist.
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+
+
 class TrainConfig(DeepSpeedSettings):
     """The training machinery shared by pretrain, SFT and reward model (Ray Train + DeepSpeed).
 
@@ -110,6 +131,9 @@ class SftConfig(TrainConfig):
     packing: bool = False
     # Share of records held out for validation (every k-th record, deterministic).
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
+    # Train a LoRA adapter instead of every weight (null: full fine-tuning). The export holds the
+    # merged model in model/ (as without LoRA) and the adapter alone in model/adapter/.
+    lora: LoraSettings | None = None
 
 
 class RewardModelConfig(TrainConfig):
@@ -148,6 +172,9 @@ class DpoConfig(TrainConfig):
     beta: float = Field(default=0.1, gt=0.0)
     # cdpo only: the assumed probability that a pair's preference label is wrong.
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    # Train a LoRA adapter instead of every weight (null: full fine-tuning); as sft.lora. The
+    # reference stays the starting model (its stored log-probs do not change).
+    lora: LoraSettings | None = None
 
     @model_validator(mode="after")
     def _smoothing_is_cdpo(self) -> "DpoConfig":

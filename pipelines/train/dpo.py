@@ -26,7 +26,7 @@ from pipelines.data.tokenizer import load_tokenizer
 from pipelines.train.config import DpoConfig
 from pipelines.train.datasets import dpo_rows, write_dataset
 from pipelines.train.losses import sequence_logps
-from pipelines.train.modeling import build_model, check_model_dir
+from pipelines.train.modeling import build_model, check_lora_targets, check_model_dir
 from pipelines.train.trainer import finetune_job, fit, summary
 
 STAGE = "dpo"
@@ -82,6 +82,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train the DPO policy (or resume, or skip if finished); returns the stage summary."""
     dcfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(dcfg.init_from or cfg.run.dir / "sft" / "model").resolve())
+    if dcfg.lora is not None:
+        check_lora_targets(dcfg.lora, init_from, f"{STAGE}.lora.target_modules")
     data = Path(dcfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"preference data {data} not found")

@@ -4,6 +4,10 @@ Every model kiln writes is a plain Hugging Face directory (``config.json``, ``mo
 tokenizer files), so ``transformers`` and vLLM load it unchanged. The reward model is a
 ``LlamaForSequenceClassification`` with ``num_labels=1``: its score is read at the last non-pad
 token, which is why every model here carries the tokenizer's ``pad_token_id`` in its config.
+
+LoRA (``peft``): ``apply_lora`` wraps a model so that only adapters train. Its export is the
+merged model (base + (alpha / rank) B @ A, a plain HF directory like any other, so eval, PPO and
+serving need nothing new) with the adapter alone in PEFT format in ``adapter/`` beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     LlamaConfig,
@@ -22,10 +28,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipelines.train.config import ModelConfig
+from pipelines.train.config import LoraSettings, ModelConfig
 
 Head = Literal["lm", "reward"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+ADAPTER_DIR = "adapter"  # an exported LoRA model's adapter, in PEFT format, inside the model directory
+_PEFT_PREFIX = "base_model.model."  # a PeftModel's state-dict keys are the HF model's behind this
 
 
 def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -96,8 +104,14 @@ def save_hf_model(
 
     ``state_dict`` holds full (gathered) tensors: under ZeRO-3 the module's own parameters are
     empty placeholders, so its state must come from the gather, not from ``model.state_dict()``.
+    A LoRA model (``PeftModel``) is written merged, with its adapter in ``out_dir/adapter``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        config = model.peft_config["default"]
+        save_adapter(adapter_state_dict(model, state_dict), config, out_dir / ADAPTER_DIR)
+        state_dict = merged_state_dict(state_dict, config.lora_alpha / config.r)
+        model = model.get_base_model()
     model.config.architectures = [type(model).__name__]
     model.config.use_cache = True  # switched off for training; generation wants it
     model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
@@ -105,3 +119,82 @@ def save_hf_model(
         src = Path(tokenizer_dir) / name
         if src.is_file():
             shutil.copy2(src, out_dir / name)
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+
+
+def peft_config(lora: LoraSettings) -> LoraConfig:
+    """The ``peft`` config of ``lora`` (plain LoRA: no bias, no rank-stabilised scaling)."""
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+    """``model`` with LoRA adapters on its target modules; every base weight frozen (B starts at 0,
+    so the wrapped model computes what ``model`` did)."""
+    return get_peft_model(model, peft_config(lora))
+
+
+def unmatched_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """The ``targets`` that match none of ``module_names`` as ``peft`` matches them: the whole
+    name, or its last dotted parts (``self_attn.q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
+
+
+def check_lora_targets(lora: LoraSettings, model_dir: str | Path, key: str) -> None:
+    """Fail before any worker starts if a ``target_modules`` entry matches no linear module of the
+    model in ``model_dir``. Cheap: the model is built on the meta device from its ``config.json``.
+
+    Args:
+        key: the entry's key path for the message, e.g. ``sft.lora.target_modules``.
+
+    Raises:
+        ValueError: naming each unmatched entry and the linear modules that exist.
+    """
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    linear = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = unmatched_targets(list(lora.target_modules), linear)
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(f"{key}: {missing} match no linear module of the model in {model_dir}; "
+                         f"its linear modules are {names}")  # fmt: skip
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scaling: float, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """A LoRA ``PeftModel``'s full state dict → the plain model's, each adapter folded into its
+    weight: W + scaling * B @ A (``scaling`` = alpha / rank; B: (out, r), A: (r, in)).
+
+    Keys lose the PEFT prefix and ``.base_layer``; the adapter tensors themselves are dropped.
+    """
+    merged = {}
+    for key, value in state.items():
+        name = key.removeprefix(_PEFT_PREFIX)
+        if ".lora_" in name:
+            continue
+        module, base, param = name.partition(".base_layer.")
+        if base:
+            if param == "weight":
+                a = state[f"{_PEFT_PREFIX}{module}.lora_A.{adapter}.weight"]
+                b = state[f"{_PEFT_PREFIX}{module}.lora_B.{adapter}.weight"]
+                value = value + scaling * (b @ a)
+            name = f"{module}.{param}"
+        merged[name] = value
+    return merged
+
+
+def adapter_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors of ``state`` (a full or adapter-only state dict of ``model``) in PEFT's
+    file naming (``...q_proj.lora_A.weight``: the adapter name removed), as vLLM and peft load them."""
+    return get_peft_model_state_dict(model, state_dict=state)
+
+
+def save_adapter(adapter: dict[str, torch.Tensor], config: LoraConfig, out_dir: Path) -> None:
+    """Write an adapter in PEFT format: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out_dir / "adapter_model.safetensors"))

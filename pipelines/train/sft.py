@@ -14,7 +14,7 @@ from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.train.datasets import sft_rows, write_dataset
-from pipelines.train.modeling import check_model_dir
+from pipelines.train.modeling import check_lora_targets, check_model_dir
 from pipelines.train.trainer import finetune_job, fit, summary
 
 STAGE = "sft"
@@ -24,6 +24,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Fine-tune (or resume, or skip if finished); returns the stage summary."""
     scfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(scfg.init_from or cfg.run.dir / "pretrain" / "model").resolve())
+    if scfg.lora is not None:
+        check_lora_targets(scfg.lora, init_from, f"{STAGE}.lora.target_modules")
     data = Path(scfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"SFT data {data} not found")
