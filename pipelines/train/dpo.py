@@ -11,6 +11,7 @@ held-out loss, implicit-reward accuracy and margin; mark the stage finished.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
           f"reference log-probs stored in {dataset}", flush=True)  # fmt: skip
 
     job = finetune_job(STAGE, "dpo", dcfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = replace(job, lora=dcfg.lora)  # an adapter only, or every weight (null)
     outcome = fit(job, cfg.ray)
 
     report = {**summary(outcome), "pairs": stats.records, "truncated": stats.truncated, "held_out_pairs": held_out,

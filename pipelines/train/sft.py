@@ -7,6 +7,7 @@ Parquet under ``<run>/sft/dataset/``, train them on the shared machinery, mark t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
           f"{held_out} held out", flush=True)  # fmt: skip
 
     job = finetune_job(STAGE, "lm", scfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = replace(job, lora=scfg.lora)  # an adapter only, or every weight (null)
     outcome = fit(job, cfg.ray)
 
     report = {**summary(outcome), "examples": stats.records, "truncated": stats.truncated}

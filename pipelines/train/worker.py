@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 from cluster.dashboard import StageGauges
 from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
-from pipelines.train.config import DpoConfig, ModelConfig, TrainConfig
+from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, TrainConfig
 from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups
 from pipelines.train.losses import (
     bradley_terry_loss,
@@ -45,7 +45,7 @@ from pipelines.train.losses import (
     pairwise_correct,
     sequence_logps,
 )
-from pipelines.train.modeling import build_model, save_hf_model
+from pipelines.train.modeling import apply_lora, build_model, save_hf_model
 from pipelines.train.rows import RowStream, step_positions
 
 Objective = Literal["lm", "reward", "dpo"]
@@ -76,6 +76,7 @@ class TrainJob:
         config_digest: the stage config's digest, to refuse resuming under another config.
         storage_path: Ray Train storage for the checkpoints (``RunConfig.stage_storage``: a
             shared path or object-store URI); None keeps them in ``<stage_dir>/ray``.
+        lora: train a LoRA adapter only (``sft.lora`` / ``dpo.lora``); None trains every weight.
     """
 
     stage: str
@@ -89,6 +90,7 @@ class TrainJob:
     init_from: str | None = None
     config_digest: str = ""
     storage_path: str | None = None
+    lora: LoraSettings | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -234,6 +236,10 @@ def train_worker(config: dict[str, Any]) -> None:
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if job.lora is not None:
+        # Base weights frozen: only the adapters reach the optimizer (param_groups keeps trainable
+        # parameters). The HF export is the merged model, with the adapter beside it.
+        model = apply_lora(model, job.lora)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.weight_decay),
