@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import ray
 
@@ -25,6 +26,12 @@ def configure_output(verbose: bool) -> None:
     global _VERBOSE
     _VERBOSE = verbose
     _apply_log_levels()
+    if not verbose:
+        # Hugging Face's own bars ("Loading weights" each time eval loads a model): read from the
+        # environment when huggingface_hub is imported; a user's explicit setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _apply_log_levels() -> None:
