@@ -178,8 +178,7 @@ def rollout_vllm(model_dir: Path, prompt_ids: list[list[int]], p: Any, max_model
         once(10_000)  # warm-up
         times = [once(20_000 * (r + 1)) for r in range(repeats)]
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        llm.llm_engine.engine_core.shutdown()  # the engine's memory goes with ``llm`` on return
         os.environ.clear()
         os.environ.update(environ)
     tokens = len(prompts) * n
