@@ -2,9 +2,12 @@
 
 Each replica owns one vLLM ``AsyncLLM`` engine (its engine-core process runs beside the replica
 actor) and a FastAPI ingress with ``/v1/completions``, ``/v1/chat/completions`` (both streaming as
-Server-Sent Events), ``/v1/models`` and ``/healthz``. Ray Serve routes requests to replicas, bounds
-in-flight and queued requests (overload is refused with 503 at the proxy, never queued forever),
-and scales replicas; a client that disconnects cancels its request, which aborts the generation.
+Server-Sent Events), ``/v1/models``, ``/tokenize``, ``/detokenize`` and ``/healthz``. Ray Serve
+routes requests to replicas and scales them; each replica bounds its in-flight and waiting requests
+itself (``serving.admission``: overload is refused with an OpenAI-shaped 503, never queued
+forever); a client that disconnects cancels its request, which aborts the generation. The engine's
+own metrics (queue, KV cache, time to first token, ...) go to Ray's Prometheus endpoint as
+``vllm_*`` beside kiln's ``kiln_serve_*``.
 
 Every request is bounded: its body by ``max_request_bytes`` (413 as soon as it is passed), its
 reading, tokenisation and generation together by ``request_timeout_s`` (408). Every error answer
@@ -20,11 +23,10 @@ Usage:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from core.chat import chat_stop_ids, tokenize_chat
+from serving.admission import Admission, Ticket, serve_limits
 from serving.auth import check_bearer, check_exposure, key_digest, resolve_api_key
 from serving.config import ServeConfig
+from serving.openai_format import chat_logprobs, completion_logprobs, sse, structured_outputs_args, usage
 from serving.schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
+    TokenizeRequest,
     validation_error,
 )
 
@@ -78,21 +84,23 @@ class _Job:
     chat: bool
     request_id: str
     created: int
-    prompt_ids: list[int]
+    # Token ids of each prompt (one for chat; completions may bring several).
+    prompts: list[list[int]]
     params: SamplingParams
     # Top log-probabilities per token; None: no logprobs in the answer.
     logprobs: int | None
     include_usage: bool
     stream: bool
+    # Completions' echo: each prompt's text, prepended to its choices' text; None: no echo.
+    echo_texts: list[str] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 # Everything the route methods use is defined above the class: serve.ingress pickles the FastAPI
 # app (and with it the methods, by value) when the decorator runs, before the rest of the module.
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    # One Server-Sent Event, exactly as the OpenAI API frames them.
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
@@ -147,12 +155,15 @@ def _api_error(e: Exception, request_id: str) -> APIError:
                     type="server_error")  # fmt: skip
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+async def _holding(ticket: Ticket, outputs: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """The engine's outputs, giving the admission ticket back when they end or are closed (a
+    stream the client left before it began is closed by the event loop's async-generator hook)."""
+    try:
+        async for out in outputs:
+            yield out
+    finally:
+        ticket.release()
+        await outputs.aclose()
 
 
 @serve.deployment
@@ -165,23 +176,30 @@ class LLMServer:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.cfg = cfg
         self.model_name = model_name
         self.key_sha256 = api_key_sha256
         self.created = int(time.time())
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=model_dir, served_model_name=model_name, **cfg.engine.vllm_args())
+            AsyncEngineArgs(model=model_dir, served_model_name=model_name, **cfg.engine.vllm_args()),
+            # The engine's own metrics as Ray metrics: Ray's Prometheus endpoint exports them.
+            stat_loggers=[RayPrometheusStatLogger],
         )
         self.max_model_len: int = self.engine.model_config.max_model_len
+        # Token ids up to the larger of the tokenizer's and the model's vocabulary are valid.
+        self.vocab_size: int = self.engine.model_config.get_vocab_size()
         # Our own tokenizer: prompts are tokenised here so context limits are checked (and
         # answered 400) before the engine sees the request. Parsing and tokenising run on one
         # thread of their own: off the event loop (a 1 MiB prompt takes a while, and /healthz and
         # the streams must not wait for it) and one at a time (tokenize_chat switches a flag on
         # the tokenizer, which two threads must not do at once).
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.vocab_size = max(self.vocab_size, len(self.tokenizer))
         self.chat_stop_ids = chat_stop_ids(self.tokenizer)
         self.prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-prepare")
+        self.admission = Admission(cfg.max_ongoing_requests, cfg.max_queued_requests)
 
         tags = ("route", "status")
         self.m_requests = metrics.Counter("kiln_serve_requests", "HTTP requests answered.", tag_keys=tags)
@@ -236,6 +254,16 @@ class LLMServer:
         """OpenAI chat completions with the tokenizer's chat template, optionally streamed."""
         return await self._answer(request, ChatCompletionRequest)
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: a prompt's (or chat messages') token ids, as generation sees them."""
+        return await self._tokenizer_route(request, self._tokenize)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's ``/detokenize``: token ids back to text."""
+        return await self._tokenizer_route(request, self._detokenize)
+
     # ---- request handling ---------------------------------------------------------------------
 
     async def _answer(self, request: Request, schema: type[SamplingFields]) -> Response:
@@ -243,19 +271,24 @@ class LLMServer:
         route = "chat" if schema is ChatCompletionRequest else "completions"
         request_id = f"{'chatcmpl' if schema is ChatCompletionRequest else 'cmpl'}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        # One deadline for reading, tokenising and generating (a stream's too: see _stream).
+        # One deadline for waiting, reading, tokenising and generating (a stream's too: see _stream).
         deadline = loop.time() + self.cfg.request_timeout_s
+        ticket: Ticket | None = None
+        streaming = False
         try:
             # Authenticate before reading the body: an anonymous caller learns nothing else.
             check_bearer(request.headers.get("authorization"), self.key_sha256)
+            ticket = self.admission.admit()  # 503 at once when the replica is full
             async with asyncio.timeout_at(deadline):
                 raw = await _read_body(request, self.cfg.max_request_bytes)
                 job = await loop.run_in_executor(self.prepare_thread, self._prepare, raw, schema, request_id)
-                outputs = self._generate(job)
+                await ticket.start()
+                outputs = _holding(ticket, self._generate(job))
                 if job.stream:
                     # The first output before the 200: the engine's own checks of the request run
                     # when it is added, and their 400 must come as a status, not inside a stream.
                     first = await anext(outputs)
+                    streaming = True
                     return StreamingResponse(
                         self._stream(job, first, outputs, deadline, route, started),
                         media_type="text/event-stream",
@@ -269,37 +302,43 @@ class LLMServer:
             err = _api_error(e, request_id)
             self._observe(route, err.status, started, 0)
             return JSONResponse(err.body(), status_code=err.status)
+        finally:
+            if ticket is not None and not streaming:
+                ticket.release()  # a stream gives it back when its outputs end (_holding)
         self._observe(route, 200, started, body["usage"]["completion_tokens"])
         return JSONResponse(body)
 
     def _prepare(self, raw: bytes, schema: type[SamplingFields], request_id: str) -> _Job:
-        """Parse the body, tokenise the prompt, check it against the context and build the
+        """Parse the body, tokenise the prompts, check them against the context and build the
         sampling parameters (on the prepare thread)."""
         from vllm import SamplingParams  # vLLM only in the replica (see __init__)
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         req = _parse(raw, schema)
-        if req.model != self.model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+        self._check_model(req.model)
+        echo_texts = None
         if isinstance(req, ChatCompletionRequest):
             chat, prompt_param, max_tokens = True, "messages", req.max_new_tokens
             messages = [{"role": m.role, "content": m.text} for m in req.messages]
             # Contents as plain text: "<|im_start|>" typed in a message cannot open a turn.
-            prompt_ids = tokenize_chat(self.tokenizer, messages, add_generation_prompt=True).ids
+            prompts = [tokenize_chat(self.tokenizer, messages, add_generation_prompt=True).ids]
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
-            stop_ids = self.chat_stop_ids
+            stop_ids = [*self.chat_stop_ids, *(req.stop_token_ids or [])]
         else:
             assert isinstance(req, CompletionRequest)
             chat, prompt_param, max_tokens = False, "prompt", req.max_tokens
-            prompt_ids = self.tokenizer.encode(req.prompt_text)
-            logprobs, stop_ids = req.logprobs, []
+            prompts = [self.tokenizer.encode(p) if isinstance(p, str) else self._known_ids(p) for p in req.prompts]
+            if req.echo:
+                echo_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts]
+            logprobs, stop_ids = req.logprobs, req.stop_token_ids or []
 
-        room = self.max_model_len - len(prompt_ids)
+        longest = max(len(p) for p in prompts)
+        room = self.max_model_len - longest
         if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_ids)} tokens, leaving no room for a completion.",
+                f"{longest} tokens, leaving no room for a completion.",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -307,14 +346,16 @@ class LLMServer:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens; you requested "
-                f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to generate).",
+                f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} to generate).",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
         if logprobs is not None and logprobs > self.cfg.engine.max_logprobs:
             raise APIError(400, f"at most {self.cfg.engine.max_logprobs} logprobs", param="logprobs")
+        structured = structured_outputs_args(req.response_format)
         params = SamplingParams(
             n=req.n,
+            # Several prompts of different lengths: each gets the room its own prompt leaves.
             max_tokens=room if max_tokens is None else max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -324,35 +365,61 @@ class LLMServer:
             stop_token_ids=stop_ids,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            # Echo with logprobs: the prompt tokens' log-probabilities too, as vLLM's server gives them.
+            prompt_logprobs=logprobs if echo_texts is not None else None,
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
             # Streams get each new piece once; whole answers only the final state.
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
-        return _Job(chat, request_id, int(time.time()), prompt_ids, params, logprobs, req.include_usage, req.stream)
+        return _Job(chat, request_id, int(time.time()), prompts, params, logprobs, req.include_usage, req.stream,
+                    echo_texts)  # fmt: skip
 
-    def _generate(self, job: _Job) -> AsyncGenerator[Any, None]:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+    def _known_ids(self, ids: list[int]) -> list[int]:
+        """Token ids given by the client, each checked against the vocabulary (400 if not in it)."""
+        if ids and max(ids) >= self.vocab_size:
+            raise APIError(400, f"Token id {max(ids)} is out of vocabulary", param="prompt", code="invalid_value")
+        return ids
+
+    def _generate(self, job: _Job) -> AsyncGenerator[tuple[int, Any], None]:
+        """The engine's outputs of every prompt, as ``(prompt index, RequestOutput)``, interleaved."""
         from vllm.inputs.engine import tokens_input  # see __init__
+        from vllm.utils.async_utils import merge_async_iterators
 
-        # Already tokenised: the engine skips its own rendering step.
-        return self.engine.generate(tokens_input(job.prompt_ids), job.params, job.request_id)
+        if len(job.prompts) == 1:
+            ids = [job.request_id]
+        else:
+            ids = [f"{job.request_id}-{i}" for i in range(len(job.prompts))]
+        # Already tokenised: the engine skips its own rendering step. Closing the merged iterator
+        # closes (and so aborts) every prompt's request.
+        return merge_async_iterators(*(
+            self.engine.generate(tokens_input(prompt), job.params.clone(), request_id)
+            for prompt, request_id in zip(job.prompts, ids)
+        ))  # fmt: skip
 
-    async def _complete(self, job: _Job, outputs: AsyncIterator[Any]) -> dict[str, Any]:
+    async def _complete(self, job: _Job, outputs: AsyncIterator[tuple[int, Any]]) -> dict[str, Any]:
         """Run one request to the end (under the caller's deadline: a timeout that cancels us
         makes the engine abort the request)."""
-        finals: dict[int, CompletionOutput] = {}
-        async for out in outputs:
+        finals: dict[int, tuple[CompletionOutput, Any]] = {}
+        async for i, out in outputs:
             for o in out.outputs:
-                finals[o.index] = o
-        choices = [self._choice(finals[i], job, offset=0) for i in sorted(finals)]
-        completion_tokens = sum(len(o.token_ids) for o in finals.values())
+                finals[i * job.params.n + o.index] = (o, out.prompt_logprobs)
+        choices = [self._choice(job, index, o, prompt_lp, offset=0) for index, (o, prompt_lp) in sorted(finals.items())]
+        completion_tokens = sum(len(o.token_ids) for o, _ in finals.values())
         return {
             "id": job.request_id,
             "object": "chat.completion" if job.chat else "text_completion",
             "created": job.created,
             "model": self.model_name,
             "choices": choices,
-            "usage": _usage(len(job.prompt_ids), completion_tokens),
+            "usage": usage(job.prompt_tokens, completion_tokens),
         }
 
     async def _stream(
@@ -369,26 +436,33 @@ class LLMServer:
             "model": self.model_name,
         }
         completion_tokens, status = 0, 200
-        # Characters streamed so far per choice (completions' logprobs.text_offset continues).
-        offsets = [0] * job.params.n
+        # Characters streamed so far per choice (completions' logprobs.text_offset continues);
+        # a choice's first chunk carries its echoed prompt.
+        offsets = [0] * (len(job.prompts) * job.params.n)
+        begun = [False] * len(offsets)
         try:
             async with asyncio.timeout_at(deadline):
                 if job.chat:
                     # OpenAI opens each chat choice with the role and empty content.
                     roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(job.params.n)]
-                    yield _sse({**head, "choices": roles})
-                out = first
-                while out is not None:
+                    yield sse({**head, "choices": roles})
+                item = first
+                while item is not None:
+                    i, out = item
                     choices = []
                     for o in out.outputs:
+                        index = i * job.params.n + o.index
                         completion_tokens += len(o.token_ids)
-                        choices.append(self._choice(o, job, offsets[o.index], delta=True))
-                        offsets[o.index] += len(o.text)
-                    yield _sse({**head, "choices": choices})
-                    out = await anext(outputs, None)
+                        choice = self._choice(job, index, o, out.prompt_logprobs, offsets[index], delta=True,
+                                              echo=not begun[index])  # fmt: skip
+                        begun[index] = True
+                        offsets[index] += len(choice["text"]) if not job.chat else 0
+                        choices.append(choice)
+                    yield sse({**head, "choices": choices})
+                    item = await anext(outputs, None)
             if job.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(len(job.prompt_ids), completion_tokens)})
+                yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})
         except asyncio.CancelledError:
             # The client went away: vLLM's generate() aborts the request when it is closed below.
             status = 499
@@ -396,7 +470,7 @@ class LLMServer:
         except Exception as e:  # noqa: BLE001 - answered as the stream's last event
             err = _api_error(e, job.request_id)
             status = err.status
-            yield _sse(err.body())
+            yield sse(err.body())
         finally:
             # Closing the engine's generator aborts the request if it is still running; shielded
             # so that a cancelled stream (the client left) still gets that far.
@@ -406,53 +480,65 @@ class LLMServer:
 
     # ---- response pieces ----------------------------------------------------------------------
 
-    def _choice(self, o: CompletionOutput, job: _Job, offset: int, delta: bool = False) -> dict[str, Any]:
-        """One entry of ``choices`` (a chunk's when ``delta``)."""
+    def _choice(self, job: _Job, index: int, o: CompletionOutput, prompt_logprobs: Any, offset: int,
+                delta: bool = False, echo: bool = True) -> dict[str, Any]:  # fmt: skip
+        """One entry of ``choices`` (a chunk's when ``delta``; ``echo``: this piece is the first
+        of its choice, which carries the echoed prompt)."""
         finish = o.finish_reason
         if job.chat:
-            lp = {"content": self._chat_logprobs(o, job.logprobs)} if job.logprobs is not None else None
+            lp = ({"content": chat_logprobs(o.token_ids, o.logprobs or [], job.logprobs, self._token_text)}
+                  if job.logprobs is not None else None)  # fmt: skip
             if delta:
-                return {"index": o.index, "delta": {"content": o.text} if o.text or not finish else {},
+                return {"index": index, "delta": {"content": o.text} if o.text or not finish else {},
                         "logprobs": lp, "finish_reason": finish}
-            return {"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
+            return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
                     "finish_reason": finish}
-        lp = self._completion_logprobs(o, job.logprobs, offset) if job.logprobs is not None else None
-        return {"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": finish,
-                "stop_reason": o.stop_reason}
+        text, token_ids, positions = o.text, list(o.token_ids), list(o.logprobs or [])
+        if job.echo_texts is not None and echo:
+            prompt = job.prompts[index // job.params.n]
+            text = job.echo_texts[index // job.params.n] + text
+            token_ids, positions = prompt + token_ids, [*(prompt_logprobs or [None] * len(prompt)), *positions]
+        lp = (completion_logprobs(token_ids, positions, job.logprobs, offset, self._token_text)
+              if job.logprobs is not None else None)  # fmt: skip
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": o.stop_reason}
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
-        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
 
-    def _completion_logprobs(self, o: CompletionOutput, k: int, offset: int) -> dict[str, Any]:
-        """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
-        tokens, token_logprobs, top, text_offset = [], [], [], []
-        for token_id, position in zip(o.token_ids, o.logprobs or []):
-            chosen = position[token_id]
-            text = self._token_text(token_id, chosen)
-            tokens.append(text)
-            token_logprobs.append(chosen.logprob)
-            top.append({self._token_text(t, lp): lp.logprob for t, lp in position.items() if (lp.rank or 0) <= k})
-            text_offset.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+    # ---- /tokenize, /detokenize ---------------------------------------------------------------
 
-    def _chat_logprobs(self, o: CompletionOutput, k: int) -> list[dict[str, Any]]:
-        """The chat format: one entry per token with its top alternatives."""
-        content = []
-        for token_id, position in zip(o.token_ids, o.logprobs or []):
-            chosen = position[token_id]
-            text = self._token_text(token_id, chosen)
-            alternatives = sorted((lp.rank or 0, t, lp) for t, lp in position.items() if (lp.rank or 0) <= k)
-            content.append({
-                "token": text,
-                "logprob": chosen.logprob,
-                "bytes": list(text.encode()),
-                "top_logprobs": [
-                    {"token": (s := self._token_text(t, lp)), "logprob": lp.logprob, "bytes": list(s.encode())}
-                    for _, t, lp in alternatives
-                ][:k],
-            })
-        return content
+    async def _tokenizer_route(self, request: Request, work: Callable[[bytes], dict[str, Any]]) -> Response:
+        """Authenticate, read the body and run ``work(raw)`` on the prepare thread."""
+        try:
+            check_bearer(request.headers.get("authorization"), self.key_sha256)
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                raw = await _read_body(request, self.cfg.max_request_bytes)
+                body = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, work, raw)
+        except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
+            err = _api_error(e, f"tokenize-{uuid.uuid4().hex}")
+            return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(body)
+
+    def _tokenize(self, raw: bytes) -> dict[str, Any]:
+        req = _parse(raw, TokenizeRequest)
+        self._check_model(req.model)
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            ids = tokenize_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt).ids
+        else:
+            ids = self.tokenizer.encode(req.prompt)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def _detokenize(self, raw: bytes) -> dict[str, Any]:
+        req = _parse(raw, DetokenizeRequest)
+        self._check_model(req.model)
+        if req.tokens and max(req.tokens) >= self.vocab_size:
+            raise APIError(400, f"Token id {max(req.tokens)} is out of vocabulary", param="tokens",
+                           code="invalid_value")  # fmt: skip
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def _observe(self, route: str, status: int, started: float, tokens: int) -> None:
         elapsed = time.perf_counter() - started
@@ -493,9 +579,11 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         else {"num_replicas": cfg.num_replicas}
     )
     env = {"TOKENIZERS_PARALLELISM": "false", **cfg.engine.vllm_env()}
+    # The replica refuses overload itself (in OpenAI's shape); Serve's limits are looser.
+    max_ongoing, max_queued = serve_limits(cfg.max_ongoing_requests, cfg.max_queued_requests)
     return LLMServer.options(
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "runtime_env": {"env_vars": env}},
         # vLLM start-up (weights, KV cache, warm-up) outlasts Serve's default health-check timeout.
         health_check_timeout_s=60,

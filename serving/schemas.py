@@ -8,7 +8,7 @@ built in ``serving.app`` (they are on the hot path of every streamed token).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -68,6 +68,34 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# A token id (the engine checks it against the vocabulary).
+TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class JsonSchema(_Request):
+    """``response_format.json_schema``: the schema the answer must match."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute: stored as schema_.
+    schema_: dict[str, Any] = Field(alias="schema")
+    # OpenAI's flag; the grammar is always enforced here.
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """``response_format``: plain text, any JSON object, or JSON matching a schema (guided decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
 class SamplingFields(_Request):
     """Sampling parameters shared by completions and chat completions."""
 
@@ -86,6 +114,13 @@ class SamplingFields(_Request):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # vLLM extension: keep generating past the EOS token (benchmarks use it for fixed lengths).
     ignore_eos: bool = False
+    # vLLM extensions: stop at any of these tokens (the token is generated, not shown) ...
+    stop_token_ids: list[TokenId] | None = None
+    # ... divide (> 1) or multiply (< 1) the logits of tokens already in the prompt or answer ...
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    # ... and generate at least this many tokens before EOS or a stop may end the answer.
+    min_tokens: int = Field(default=0, ge=0)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -106,28 +141,44 @@ class SamplingFields(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+# Most prompts one completions request may carry (each is its own engine request, times n).
+MAX_PROMPTS = 256
+
+
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
-    # One prompt per request (a list of one string is accepted, as clients sometimes send it).
-    prompt: str | list[str]
+    # One prompt (a string, or a list of token ids) or several (a list of either): one choice per
+    # prompt and n, in order, as vLLM's server answers.
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     # OpenAI's default for completions; null: up to the end of the context.
     max_tokens: int | None = Field(default=16, ge=1)
     # Top log-probabilities per generated token (OpenAI allows 0-5; the engine caps it).
     logprobs: int | None = Field(default=None, ge=0)
+    # Prepend the prompt to each answer (with logprobs: the prompt tokens' log-probabilities too).
     echo: bool = False
+    # Fill-in-the-middle; refused, as vLLM's server refuses it for models without FIM rendering.
+    suffix: str | None = None
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: send one prompt per request")
-        if self.echo:
-            raise ValueError("echo: not supported")
+    def _prompts(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        if isinstance(self.prompt, list) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request")
+        if self.suffix is not None:
+            raise ValueError("suffix: echo is unsupported with suffix" if self.echo else
+                             "suffix: only supported for models with FIM completion rendering")  # fmt: skip
         return self
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class TextPart(_Request):
@@ -159,3 +210,28 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (vLLM's server's): a prompt, or chat messages through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    # Chat only: end with the assistant's opening, as a chat completion's prompt does.
+    add_generation_prompt: bool = True
+    # Also return each token's string (the tokenizer's own pieces).
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]

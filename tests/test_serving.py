@@ -252,6 +252,194 @@ def test_32_concurrent_requests(http: httpx.Client, server: Server) -> None:
             assert _sse_events(r.text.splitlines())[-1] == "[DONE]"
 
 
+# ---- the API of vLLM's server (issue 12) -----------------------------------------------------------
+
+
+def test_several_prompts_echo_and_suffix(http: httpx.Client) -> None:
+    prompts = ["What is 1 + 1?", "The quick brown fox"]
+    singles = [_complete(http, p, max_tokens=6, temperature=0)["choices"][0]["text"] for p in prompts]
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": prompts[1]}).json()["tokens"]
+    # A list of strings, a list of token-id lists, and a single token-id list (one prompt).
+    for prompt, expected in ((prompts, singles), ([http.post("/tokenize", json={"prompt": prompts[0]}).json()["tokens"],
+                                                   ids], singles), (ids, singles[1:])):
+        body = _complete(http, prompt, max_tokens=6, temperature=0)
+        assert [c["index"] for c in body["choices"]] == list(range(len(expected)))
+        assert [c["text"] for c in body["choices"]] == expected
+        assert body["usage"]["completion_tokens"] == 6 * len(expected)
+    # n > 1 (sampled: vLLM refuses n > 1 with greedy): choice i * n + j is prompt i's j-th sample.
+    sampled = {"max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 2}
+    alone = [[c["text"] for c in _complete(http, p, **sampled)["choices"]] for p in prompts]
+    both = _complete(http, prompts, **sampled)["choices"]
+    assert [c["index"] for c in both] == [0, 1, 2, 3] and [c["text"] for c in both] == alone[0] + alone[1]
+    streamed: dict[int, str] = {}
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": prompts, "max_tokens": 6,
+                                                     "temperature": 0, "stream": True}) as r:
+        for payload in _sse_events(list(r.iter_lines()))[:-1]:
+            for c in json.loads(payload)["choices"]:
+                streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert [streamed[0], streamed[1]] == singles
+
+    # echo: the prompt before the answer; with logprobs, the prompt tokens' too (the first has none).
+    echo = _complete(http, prompts[1], max_tokens=6, temperature=0, echo=True, logprobs=1)["choices"][0]
+    assert echo["text"] == prompts[1] + singles[1]
+    lp = echo["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 6 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    # (A token that is part of a UTF-8 sequence shows as "", the whole text as U+FFFD.)
+    assert "".join(lp["tokens"]) == echo["text"].replace("\ufffd", "") and lp["text_offset"][0] == 0
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": prompts[1], "max_tokens": 6,
+                                                     "temperature": 0, "echo": True, "stream": True}) as r:
+        text = "".join(json.loads(p)["choices"][0]["text"] for p in _sse_events(list(r.iter_lines()))[:-1])
+    # (A stream holds back an incomplete UTF-8 sequence that the whole answer shows as U+FFFD.)
+    assert text == (prompts[1] + singles[1]).replace("\ufffd", "")
+
+    for body, param in (({"suffix": "end"}, "suffix"), ({"prompt": []}, "prompt"), ({"prompt": [[1], "x"]}, "prompt"),
+                        ({"prompt": [10**6]}, "prompt")):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_tokenize_detokenize_and_request_id(http: httpx.Client) -> None:
+    t = http.post("/tokenize", json={"model": MODEL, "prompt": "hello world", "return_token_strs": True}).json()
+    assert t["count"] == len(t["tokens"]) == len(t["token_strs"]) > 0 and t["max_model_len"] == CONTEXT
+    assert http.post("/detokenize", json={"model": MODEL, "tokens": t["tokens"]}).json() == {"prompt": "hello world"}
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 3 and chat["token_strs"] is None
+    for path, body in (("/tokenize", {}), ("/tokenize", {"prompt": "x", "messages": []}),
+                       ("/detokenize", {"tokens": [-1]}), ("/detokenize", {"tokens": [10**6]}),
+                       ("/detokenize", {"tokens": "1 2"})):
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert http.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}).status_code == 404
+
+    # X-Request-Id: the client's comes back (once); without one, the server names one.
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                  headers={"X-Request-Id": "my-id-42"})
+    assert r.headers.get_list("x-request-id") == ["my-id-42"]
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert len(r.headers.get_list("x-request-id")) == 1 and r.headers["x-request-id"]
+
+
+def test_more_sampling_parameters(http: httpx.Client) -> None:
+    prompt = "What is 7 + 8?"
+    greedy = _complete(http, prompt, max_tokens=12, temperature=0)["choices"][0]
+    # stop_token_ids: the greedy answer's first token (found through its text) ends it at once.
+    first = _complete(http, prompt, max_tokens=1, temperature=0)["choices"][0]["text"]
+    first_ids = http.post("/tokenize", json={"prompt": first}).json()["tokens"]
+    assert len(first_ids) == 1, first
+    stopped = _complete(http, prompt, max_tokens=12, temperature=0, stop_token_ids=first_ids)
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["stop_reason"] == first_ids[0]
+    assert stopped["usage"]["completion_tokens"] == 1
+    # min_tokens: no stop before that many tokens.
+    short = _complete(http, prompt, max_tokens=30, temperature=0, min_tokens=30, stop_token_ids=first_ids)
+    assert short["usage"]["completion_tokens"] == 30
+    # repetition_penalty changes the greedy answer of a tiny random model (it repeats itself a lot).
+    penalised = _complete(http, prompt, max_tokens=12, temperature=0, repetition_penalty=2.0)["choices"][0]["text"]
+    assert penalised != greedy["text"]
+    for bad in ({"repetition_penalty": 0}, {"min_tokens": -1}, {"stop_token_ids": [-1]}, {"min_tokens": 20}):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5, **bad})
+        assert r.status_code == 400, (bad, r.text)
+
+
+def test_structured_output(http: httpx.Client) -> None:
+    import jsonschema
+
+    # Short by construction: enums and a boolean (a random model may wander for long in a free string).
+    schema = {"type": "object", "properties": {"name": {"enum": ["ann", "bob"]}, "ok": {"type": "boolean"}},
+              "required": ["name", "ok"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Give me a person as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    answer = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 200,
+                                                     "temperature": 0, "response_format": fmt}).json()
+    # A random model may spend max_tokens on the whitespace JSON allows; the parity test checks that
+    # vLLM's own server gives the identical constrained answer. A finished answer matches the schema.
+    content = answer["choices"][0]["message"]["content"]
+    assert content.lstrip().startswith("{"), content
+    if answer["choices"][0]["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(content), schema)
+    # json_object: any object, so a random model may not close it within max_tokens; if it does, it parses.
+    choice = _complete(http, "A JSON object:", max_tokens=200, temperature=0,
+                       response_format={"type": "json_object"})["choices"][0]
+    assert choice["text"].lstrip().startswith("{")
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(choice["text"]), dict)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_chat_features(server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "You add."}, {"role": "user", "content": "1 + 1"},
+                {"role": "assistant", "content": "2"}, {"role": "user", "content": "and 2 + 2?"}]
+    # n > 1 needs sampling (vLLM refuses it with greedy); the seed makes the stream comparable.
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=5,
+                                           n=2, logprobs=True, top_logprobs=3)
+    assert [c.index for c in whole.choices] == [0, 1]
+    content = whole.choices[0].logprobs.content
+    assert sum(len(c.logprobs.content) for c in whole.choices) == whole.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[-1].logprob for c in content)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=5,
+                                            n=2, stream=True, stream_options={"include_usage": True}, logprobs=True)
+    texts, logprob_counts = ["", ""], [0, 0]
+    chunks = list(stream)
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            logprob_counts[c.index] += len(c.logprobs.content) if c.logprobs else 0
+    assert texts == [c.message.content for c in whole.choices]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == sum(logprob_counts)
+
+
+def test_engine_metrics_exported_to_prometheus(http: httpx.Client) -> None:
+    import ray
+
+    _complete(http, "metrics", max_tokens=3)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("vllm_num_requests_waiting", "vllm_kv_cache_usage_perc", "vllm_time_to_first_token_seconds_bucket",
+              "vllm_inter_token_latency_seconds_bucket")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    assert [w for w in wanted if w not in text] == []
+
+
+def test_admission_limits() -> None:
+    from serving.admission import Admission, serve_limits
+    from serving.schemas import APIError
+
+    assert serve_limits(4, 2) == (12, 24) and serve_limits(4, -1) == (4, -1)
+
+    async def main() -> None:
+        admission = Admission(running=1, waiting=1)
+        first, second = admission.admit(), admission.admit()
+        with pytest.raises(APIError) as refused:
+            admission.admit()
+        assert refused.value.status == 503 and refused.value.body()["error"]["code"] == "overloaded"
+        await first.start()
+        waiter = asyncio.create_task(second.start())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # the one slot is taken
+        first.release()
+        first.release()  # twice is harmless
+        await asyncio.wait_for(waiter, 1)
+        third = admission.admit()  # room again
+        timed_out = asyncio.create_task(third.start())
+        await asyncio.sleep(0.01)
+        timed_out.cancel()  # a timeout while waiting gives nothing back twice
+        third.release()
+        second.release()
+        assert admission.admitted == 0
+        assert [admission.admit() for _ in range(2)]
+
+    asyncio.run(main())
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
@@ -349,6 +537,9 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
     assert first[0] == 408 and first[2]["error"]["type"] == "timeout", first
     refused = [elapsed for status, elapsed, _ in rest if status == 503]
     assert len(refused) >= 3 and max(refused) < 2.0, rest
+    # Refused by the replica, in OpenAI's shape (Serve's own proxy refusal would be plain text).
+    assert all(body is not None and body["error"]["code"] == "overloaded" for status, _, body in rest
+               if status == 503), rest
     assert all(status in (408, 503) for status, _, _ in rest), rest
     ok = httpx.post(f"{server.url}/secure/v1/completions", json={**body, "max_tokens": 2, "n": 1}, headers=headers,
                     timeout=60)
@@ -411,7 +602,8 @@ def test_build_app_options(serve_model_dir: Path, tmp_path: Path) -> None:
                      "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0},
                      "max_ongoing_requests": 7, "max_queued_requests": 5})
     deployment = app._bound_deployment
-    assert deployment.max_ongoing_requests == 7 and deployment.max_queued_requests == 5
+    # The replica admits 7 + 5 itself; Serve lets twice that through, so the replica does the refusing.
+    assert deployment.max_ongoing_requests == 24 and deployment.max_queued_requests == 48
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     # Only the key's digest reaches the replica's (stored) arguments.
     assert KEY not in repr(deployment.init_args) and key_digest(KEY) in deployment.init_args

@@ -1,0 +1,69 @@
+"""kiln's own admission control inside a replica, so that overload is refused in OpenAI's shape.
+
+Ray Serve's proxy refuses requests beyond a deployment's ``max_ongoing_requests`` +
+``max_queued_requests`` itself, with a plain-text 503 that no supported hook can reshape (its only
+body hook is an undocumented environment variable read by the proxy process). So the replica keeps
+the limits: ``running`` requests at work in the engine, ``waiting`` more waiting for a slot, and
+the rest refused at once with an OpenAI error body. ``build_app`` gives Serve looser limits (see
+``serve_limits``) so that the replica, not the proxy, is the one that says no.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from serving.schemas import APIError
+
+
+def serve_limits(running: int, waiting: int) -> tuple[int, int]:
+    """Serve's ``(max_ongoing_requests, max_queued_requests)`` around a replica that admits
+    ``running`` + ``waiting`` requests itself (``waiting`` -1: no limit).
+
+    Serve lets twice kiln's limit through to each replica: the extra ones are answered 503 by the
+    replica in microseconds. Serve's own queue, which counts every request of a burst still being
+    assigned, is four times kiln's limit: the backstop for a flood (its 503 is plain text). With no
+    limit, Serve queues as before.
+    """
+    if waiting < 0:
+        return running, -1
+    return 2 * (running + waiting), 4 * (running + waiting)
+
+
+class Admission:
+    """At most ``running`` admitted requests at work at once, ``waiting`` more queued for a slot
+    (-1: no limit), any beyond that refused with 503. One per replica, used on its event loop."""
+
+    def __init__(self, running: int, waiting: int) -> None:
+        self._slots = asyncio.Semaphore(running)
+        self._limit = None if waiting < 0 else running + waiting
+        self.admitted = 0
+
+    def admit(self) -> Ticket:
+        """A ticket for one more request, or a 503 when ``running`` + ``waiting`` are taken."""
+        if self._limit is not None and self.admitted >= self._limit:
+            raise APIError(503, f"the server is overloaded ({self._limit} requests admitted); retry later",
+                           type="server_error", code="overloaded")  # fmt: skip
+        self.admitted += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted request: ``await start()`` waits for a running slot; ``release()`` (any number
+    of times, started or not) gives back what it holds."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._running = False
+        self._released = False
+
+    async def start(self) -> None:
+        await self._admission._slots.acquire()
+        self._running = True
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._admission.admitted -= 1
+        if self._running:
+            self._admission._slots.release()
