@@ -285,13 +285,14 @@ def test_several_prompts_echo_and_suffix(http: httpx.Client) -> None:
     lp = echo["logprobs"]
     assert len(lp["tokens"]) == len(ids) + 6 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
-    # (A token that is part of a UTF-8 sequence shows as "", the whole text as U+FFFD.)
-    assert "".join(lp["tokens"]) == echo["text"].replace("\ufffd", "") and lp["text_offset"][0] == 0
+    # (A token that is part of a UTF-8 sequence may show as "" or U+FFFD, in the text as U+FFFD.)
+    assert "".join(lp["tokens"]).replace("\ufffd", "") == echo["text"].replace("\ufffd", "")
+    assert lp["text_offset"][0] == 0
     with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": prompts[1], "max_tokens": 6,
                                                      "temperature": 0, "echo": True, "stream": True}) as r:
         text = "".join(json.loads(p)["choices"][0]["text"] for p in _sse_events(list(r.iter_lines()))[:-1])
-    # (A stream holds back an incomplete UTF-8 sequence that the whole answer shows as U+FFFD.)
-    assert text == (prompts[1] + singles[1]).replace("\ufffd", "")
+    # (An incomplete UTF-8 sequence may show as U+FFFD in one and be held back in the other.)
+    assert text.replace("\ufffd", "") == (prompts[1] + singles[1]).replace("\ufffd", "")
 
     for body, param in (({"suffix": "end"}, "suffix"), ({"prompt": []}, "prompt"), ({"prompt": [[1], "x"]}, "prompt"),
                         ({"prompt": [10**6]}, "prompt")):
