@@ -1,4 +1,8 @@
-"""Reference policy: the frozen starting policy, for the per-token KL penalty."""
+"""Reference policy: the frozen starting policy, for the per-token KL penalty.
+
+Not started when the learner trains a LoRA adapter (``ppo.learner.lora``): the reference is then
+the learner's own base model with the adapter switched off (``PolicyLearner.reference_logprobs``).
+"""
 
 from __future__ import annotations
 

@@ -3,11 +3,21 @@
 The engine runs inside this actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the
 controller in the actor's runtime environment): new weights then reach vLLM's worker as plain
 tensors, with no second serialisation between the engine's processes.
+
+With ``ppo.learner.lora`` the engine keeps the starting weights and serves the policy as a vLLM
+LoRA adapter: each sync brings the adapter's tensors only. The installed vLLM loads an adapter
+from a directory only (``LoRARequest.lora_path``), so the actor writes them in PEFT format to a
+private directory (in ``/dev/shm`` where it exists: memory, not disk) and registers them under a
+new adapter id per version (vLLM caches adapters by id); the previous version is removed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -16,6 +26,15 @@ from transformers import AutoTokenizer
 from actors.experience import Samples
 from core.chat import chat_stop_ids
 from pipelines.rlhf.config import PpoConfig
+from pipelines.train.modeling import peft_config, save_adapter
+
+# Ranks a vLLM engine accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
+    return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
 @ray.remote
@@ -36,16 +55,24 @@ class RolloutGenerator:
         from vllm import LLM
 
         engine = ppo.rollout.engine
+        self.lora = ppo.learner.lora
+        lora_args: dict[str, Any] = {}
+        if self.lora is not None:
+            lora_args = {"enable_lora": True, "max_lora_rank": vllm_lora_rank(self.lora.rank), "max_loras": 1}
         self.llm = LLM(
             model=model_dir,
             **{**engine.vllm_args(), "max_model_len": engine.max_model_len or ppo.max_prompt_tokens + ppo.max_response_tokens},
             # Log-probs after temperature: the distribution the tokens were sampled from, which
             # is what the learner's ratio pi_theta / pi_old must be taken against.
             logprobs_mode="processed_logprobs",
+            **lora_args,
         )
         self.stop_ids = chat_stop_ids(AutoTokenizer.from_pretrained(model_dir))
         self.sampling = ppo
         self.version = 0
+        self.adapter: Any = None  # LoRA: the vLLM LoRARequest of the loaded version (None: the starting weights)
+        shm = Path("/dev/shm")
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="kiln-adapter-", dir=shm if shm.is_dir() else None))
         # Every in-place reload warns that the rotary embedding (which has no weights) loaded
         # none; log-probs match the learner's after a reload, so the line is noise.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -82,7 +109,7 @@ class RolloutGenerator:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.adapter)
         response_ids, logprobs, texts = [], [], []
         for out in outputs:
             completion = out.outputs[0]
@@ -99,11 +126,27 @@ class RolloutGenerator:
         )
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Load a full policy state dict (Hugging Face names) into the engine, in place.
+        """Load a full policy state dict (Hugging Face names) into the engine, in place; with LoRA,
+        the adapter's tensors (PEFT names) as the engine's one adapter.
 
         The prefix cache is dropped: its KV entries were computed with the old weights.
         """
-        pairs = list(state.items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
+        if self.lora is None:
+            pairs = list(state.items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
+        else:
+            self._load_adapter(state, version)
         self.llm.reset_prefix_cache()
         self.version = version
+
+    def _load_adapter(self, adapter: dict[str, torch.Tensor], version: int) -> None:
+        from vllm.lora.request import LoRARequest  # see __init__
+
+        path = self.adapter_root / f"v{version}"
+        save_adapter(adapter, peft_config(self.lora), path)
+        request = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=str(path))
+        self.llm.llm_engine.add_lora(request)  # loads it now: a bad adapter fails the sync, not a later step
+        if self.adapter is not None and self.adapter.lora_int_id != version:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
+        self.adapter = request

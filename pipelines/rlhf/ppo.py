@@ -59,7 +59,7 @@ from pipelines.rlhf.ppo_math import (
     token_rewards,
 )
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
-from pipelines.train.modeling import check_model_dir
+from pipelines.train.modeling import check_lora_targets, check_model_dir
 
 STAGE = "ppo"
 
@@ -119,7 +119,7 @@ def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
 class Actors:
     rollout: Any
     reward: Any
-    reference: Any
+    reference: Any  # None with LoRA: the learner ranks answer for it (adapter switched off)
     learner: RankGroup
     critic: RankGroup | None
     # The latest published weights, kept so that a restarted rollout actor can be re-sent them.
@@ -128,7 +128,8 @@ class Actors:
 
     def roles(self) -> dict[str, Any]:
         """Every actor handle by its role, e.g. ``learner rank 1`` (to name one that died)."""
-        named = {"rollout": self.rollout, "reward scorer": self.reward, "reference": self.reference}
+        named = {"rollout": self.rollout, "reward scorer": self.reward}
+        named |= {"reference": self.reference} if self.reference is not None else {}
         named |= {f"learner rank {i}": r for i, r in enumerate(self.learner.ranks)}
         named |= {f"critic rank {i}": r for i, r in enumerate(self.critic.ranks)} if self.critic else {}
         return named
@@ -155,9 +156,10 @@ def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_i
     reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus, **where).remote(
         p, str(reward_model) if reward_model else None
     )
-    reference = ReferencePolicy.options(num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus, **where).remote(
-        str(policy), p
-    )
+    # With LoRA the reference is the learner's own base model (adapter off): no second copy.
+    reference = None if p.learner.lora else ReferencePolicy.options(
+        num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus, **where
+    ).remote(str(policy), p)
 
     def options(m: Any) -> dict[str, Any]:
         return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0, **where}
@@ -234,7 +236,10 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     scores_ref = actors.reward.score.remote(
         [q.prompt for q in chosen for _ in range(k)], samples.texts, [q.fields for q in chosen for _ in range(k)]
     )
-    ref_ref = actors.reference.logprobs.remote(batch_ref)
+    if actors.reference is not None:
+        ref_refs = [actors.reference.logprobs.remote(batch_ref)]
+    else:  # LoRA: each learner rank's share, with its adapter switched off
+        ref_refs = actors.learner.call(lambda r: r.reference_logprobs.remote(batch_ref))
     old_refs = actors.learner.call(lambda r: r.logprobs.remote(batch_ref))
     value_refs = actors.critic.call(lambda r: r.values.remote(batch_ref)) if actors.critic else []
     scores: Scores = ray.get(scores_ref)
@@ -242,7 +247,7 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     old_logprobs = torch.cat([lp for lp, _ in old_parts])  # (B, A)
     entropy = sum(e for _, e in old_parts) / batch.size
     values = torch.cat(ray.get(value_refs)) if value_refs else torch.zeros_like(old_logprobs)  # (B, A)
-    batch = batch.with_fields(old_logprobs=old_logprobs, ref_logprobs=ray.get(ref_ref), values=values)
+    batch = batch.with_fields(old_logprobs=old_logprobs, ref_logprobs=torch.cat(ray.get(ref_refs)), values=values)
     t_score = time.perf_counter()
 
     # 4. advantages
@@ -393,6 +398,8 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     p, stage_dir, digest = cfg.stage_section(stage)
     # 0. Inputs are checked before any actor starts.
     policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
+    if p.learner.lora is not None:
+        check_lora_targets(p.learner.lora, policy, f"{stage}.learner.lora.target_modules")
     reward_model = check_model_dir(Path(p.reward_model).resolve()) if p.reward_model else None
     critic_init = check_model_dir(Path(p.critic.init_from).resolve()) if p.critic.init_from else (reward_model or policy)
     if p.reward_function:

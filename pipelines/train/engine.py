@@ -59,3 +59,15 @@ def full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
         if rank == 0:
             return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
     return None
+
+
+def trainable_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+    """Only the trainable parameters (a LoRA model's adapters), complete, on rank 0 (None
+    elsewhere); a collective call. Under ZeRO-3 only these are gathered, not the frozen base."""
+    import deepspeed  # see full_state_dict
+
+    params = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        if rank == 0:
+            return {name: p.detach().to("cpu", torch.float32).clone() for name, p in params.items()}
+    return None
