@@ -199,6 +199,52 @@ def test_lora_sft_trains_only_the_adapter_and_survives_a_restart(ray_local: None
     assert json.loads((model_dir / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.slow
+def test_lora_dpo_under_zero3_keeps_the_stored_reference(ray_local: None, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``kiln dpo`` with LoRA on 2 ZeRO-3 workers: the reference's stored log-probs are the starting
+    model's, the loss starts at log 2 (B = 0: the policy is the reference) and falls, and the
+    export is the merged model with the adapter beside it."""
+    import pyarrow.parquet as pq
+    from peft import PeftModel
+    from test_dpo import _direct_logps
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate as generate_corpus
+    from pipelines.train import dpo
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(GenerateConfig(out_dir=str(corpus), seed=5, num_documents=100, exact_duplicates=0, near_duplicates=0,
+                                   junk_documents=0, sft_examples=10, preference_pairs=600, ppo_prompts=10, eval_prompts=10))  # fmt: skip
+    lines = [line for line in (corpus / "preferences.jsonl").read_text().splitlines() if not json.loads(line)["same_format"]]
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    section = {"data": str(tmp_path / "prefs.jsonl"), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
+               "validation_fraction": 0.2, "num_workers": 2, "cpus_per_worker": 1.0, "zero_stage": 3,
+               "sequences_per_step": 16, "micro_batch_per_worker": 4, "max_steps": 10, "learning_rate": 1.0e-2,
+               "warmup_steps": 1, "beta": 0.1, "log_every_steps": 5, "eval_every_steps": 10, "eval_batches": 2,
+               "checkpoint_every_steps": 10, "max_failures": 0}  # fmt: skip
+    cfg = parse_config({"run": {"name": "dpo", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2}, "dpo": section})
+    t0 = time.perf_counter()
+    summary = dpo.run(cfg)
+    print(f"lora dpo: {time.perf_counter() - t0:.1f} s, {summary}")
+    stage_dir = cfg.run.dir / "dpo"
+
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    table = pq.read_table(stage_dir / "dataset" / "train.parquet").slice(0, 6).to_pydict()
+    ids, labels = np.array(table["chosen_ids"]), np.array(table["chosen_labels"])
+    assert table["ref_chosen_logp"] == pytest.approx(_direct_logps(start, ids, labels), abs=1e-4)
+    steps = [m for m in read_metrics(stage_dir) if "loss" in m and "event" not in m]
+    assert [m["step"] for m in steps] == [5, 10] and steps[1]["loss"] < steps[0]["loss"] < 0.7, steps
+    assert steps[1]["margin"] > 0 and summary["val_accuracy"] > 0.5, summary
+
+    model_dir = stage_dir / "model"
+    probe = torch.from_numpy(ids[:2]).long()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)(input_ids=probe).logits
+        adapted = PeftModel.from_pretrained(start, str(model_dir / ADAPTER_DIR))(input_ids=probe).logits
+    assert torch.allclose(merged, adapted, atol=1e-4)
+
+
 # --- LoRA PPO -------------------------------------------------------------------------------------
 
 
