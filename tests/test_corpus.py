@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from pipelines.data.corpus import REJECTED, BadRecordError, CorpusNotFound, list
 def _read_all(path: Path, policy: str = "skip", **kw: object) -> list[dict]:
     cfg = InputConfig(paths=[str(path)], **kw)
     rows = []
-    for f in list_corpus_files(cfg):
+    for f in list_corpus_files(cfg).files:
         for batch in read_file(f, cfg, policy, batch_size=2):
             rows += [dict(zip(batch, vals)) for vals in zip(*batch.values())]
     return rows
@@ -80,10 +81,27 @@ def test_gzip_parquet_and_text_formats(tmp_path: Path) -> None:
     assert [r["text"] for r in by_line] == ["line one", "line two"]
 
 
-def test_parquet_without_the_text_column_fails_with_columns_named(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
-    with pytest.raises(BadRecordError, match=r"no column 'text' \(columns: \['body'\]\)"):
-        _read_all(tmp_path / "t.parquet")
+def test_parquet_without_a_string_text_column_is_a_bad_record_under_either_policy(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "missing.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "ok.parquet")
+    rows = _read_all(tmp_path)
+    bad = {r["source"]: r["reason"] for r in rows if r["status"] == REJECTED}
+    assert [r["text"] for r in rows if r["status"] == ""] == ["fine"]
+    assert bad == {
+        f"{tmp_path / 'missing.parquet'}:0": "no column 'text' (columns: ['body']); set data.input.text_field "
+        "(2 rows not read)",
+        f"{tmp_path / 'numbers.parquet'}:0": "column 'text' is int64, expected a string (3 rows not read)",
+    }
+    with pytest.raises(BadRecordError, match=r"missing\.parquet: no column 'text' \(columns: \['body'\]\)"):
+        _read_all(tmp_path / "missing.parquet", policy="fail")
+    with pytest.raises(BadRecordError, match=r"numbers\.parquet: column 'text' is int64, expected a string"):
+        _read_all(tmp_path / "numbers.parquet", policy="fail")
+
+
+def test_dictionary_encoded_parquet_text_is_read(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": pa.array(["a", "b", "a"]).dictionary_encode()}), tmp_path / "d.parquet")
+    assert [r["text"] for r in _read_all(tmp_path)] == ["a", "b", "a"]
 
 
 def test_unreadable_file_is_one_rejected_record_or_an_error(tmp_path: Path) -> None:
@@ -99,7 +117,92 @@ def test_paths_that_match_nothing_name_the_config_key(tmp_path: Path) -> None:
     with pytest.raises(CorpusNotFound, match=r"data.input.paths\[1\]: no corpus files match"):
         list_corpus_files(InputConfig(paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "*.parquet")]))
     (tmp_path / "notes.md").write_text("x")
-    with pytest.raises(CorpusNotFound, match="cannot tell the format"):
+    with pytest.raises(CorpusNotFound, match=r"paths\[0\]: cannot tell the format of '.*notes\.md'.*data.input.format"):
         list_corpus_files(InputConfig(paths=[str(tmp_path / "notes.md")]))
+    with pytest.raises(CorpusNotFound, match=r"1 file\(s\), none of a known extension .*notes\.md.*data.input.format"):
+        list_corpus_files(InputConfig(paths=[str(tmp_path / "*.md")]))
     globbed = list_corpus_files(InputConfig(paths=[str(tmp_path / "*.jsonl")]))
-    assert [Path(f.uri).name for f in globbed] == ["a.jsonl"]
+    assert [Path(f.uri).name for f in globbed.files] == ["a.jsonl"]
+
+
+def test_directory_files_of_unknown_extension_are_listed_not_dropped(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "README.md").write_text("# about this corpus")
+    (tmp_path / "sub" / "b.jsonl.bz2").write_bytes(b"BZh9")
+    (tmp_path / "sub" / "_SUCCESS").write_bytes(b"")
+    corpus = list_corpus_files(InputConfig(paths=[str(tmp_path)]))
+    assert [Path(f.uri).name for f in corpus.files] == ["a.jsonl"]
+    assert corpus.unknown == [str(tmp_path / "README.md"), str(tmp_path / "sub" / "_SUCCESS"),
+                              str(tmp_path / "sub" / "b.jsonl.bz2")]  # fmt: skip
+    forced = list_corpus_files(InputConfig(paths=[str(tmp_path)], format="jsonl"))
+    assert len(forced.files) == 4 and forced.unknown == []
+
+
+def _zstd(path: Path, data: bytes) -> None:
+    with pa.CompressedOutputStream(str(path), "zstd") as out:
+        out.write(data)
+    assert path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # a real zstd frame
+
+
+def test_zstd_compressed_jsonl_and_text(tmp_path: Path) -> None:
+    _zstd(tmp_path / "a.jsonl.zst", b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(3)))
+    _zstd(tmp_path / "b.ndjson.zstd", b'{"text": "long suffix"}\n{"text": \n')
+    _zstd(tmp_path / "c.txt.zst", "zstd text \u00e9\n".encode())
+    (tmp_path / "d.jsonl.zst").write_bytes(b"not zstd at all")
+    rows = _read_all(tmp_path)
+    assert [r["text"] for r in rows if r["status"] == ""] == ["doc 0", "doc 1", "doc 2", "long suffix",
+                                                              "zstd text \u00e9\n"]  # fmt: skip
+    bad = {Path(r["source"]).name: r["reason"] for r in rows if r["status"] == REJECTED}
+    assert bad.keys() == {"b.ndjson.zstd:2", "d.jsonl.zst:0"}
+    assert "malformed JSON" in bad["b.ndjson.zstd:2"] and "cannot read file" in bad["d.jsonl.zst:0"]
+
+
+def test_deeply_nested_json_is_a_rejected_record_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "before"}\n' + "[" * 100_000 + "]" * 100_000 + "\n"
+                    + '{"text": {"a": ' * 50_000 + "1" + "}" * 50_000 + "\n" + '{"text": "after"}\n')  # fmt: skip
+    rows = _read_all(path)
+    assert [r["text"] for r in rows if r["status"] == ""] == ["before", "after"]
+    bad = {r["source"]: r["reason"] for r in rows if r["status"] == REJECTED}
+    assert bad == {f"{path}:2": "JSON nested too deeply to parse", f"{path}:3": "JSON nested too deeply to parse"}
+    with pytest.raises(BadRecordError, match=rf"{path}:2: JSON nested too deeply"):
+        _read_all(path, policy="fail")
+
+
+def _peak_bytes_while_reading(path: Path, **kw: object) -> tuple[list[dict], int]:
+    tracemalloc.start()
+    try:
+        rows = _read_all(path, **kw)
+        return rows, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_oversize_documents_are_rejected_without_being_read_whole(tmp_path: Path) -> None:
+    limit = 1000
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"word " * (8 << 20))  # 40 MB
+    rows, peak = _peak_bytes_while_reading(huge, max_document_bytes=limit)
+    assert [(Path(r["source"]).name, r["status"], r["reason"]) for r in rows] == [
+        ("huge.txt:1", REJECTED, "larger than data.input.max_document_bytes (1,000 bytes)")
+    ]
+    assert len(rows[0]["text"]) <= 2000 and peak < 8 << 20, peak
+
+    lines = tmp_path / "lines.jsonl"
+    lines.write_bytes(b'{"text": "short"}\n{"text": "' + b"x" * (30 << 20) + b'"}\n'
+                      + b'{"text": "' + b"y" * (limit - 12) + b'"}\n{"text": "last"}')  # fmt: skip
+    rows, peak = _peak_bytes_while_reading(lines, max_document_bytes=limit)
+    assert [(Path(r["source"]).name, r["status"]) for r in rows] == [
+        ("lines.jsonl:1", ""), ("lines.jsonl:2", REJECTED), ("lines.jsonl:3", ""), ("lines.jsonl:4", "")]
+    assert rows[2]["text"] == "y" * (limit - 12) and rows[3]["text"] == "last"  # a line of exactly the limit
+    assert peak < 8 << 20, peak
+    with pytest.raises(BadRecordError, match=rf"{lines}:2: larger than data.input.max_document_bytes"):
+        _read_all(lines, policy="fail", max_document_bytes=limit)
+
+    by_line = _read_all(huge, text_unit="line", max_document_bytes=limit)
+    assert [r["status"] for r in by_line] == [REJECTED]
+    pq.write_table(pa.table({"text": ["ok", "z" * (limit + 1), None]}), tmp_path / "t.parquet")
+    parquet = _read_all(tmp_path / "t.parquet", max_document_bytes=limit)
+    assert [(r["status"], r["reason"][:11]) for r in parquet] == [("", ""), (REJECTED, "larger than"),
+                                                                  (REJECTED, "'text' is n")]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,21 @@ import pytest
 
 from pipelines.config import KilnConfig, parse_config
 from pipelines.data import stage as data
+from pipelines.data import storage
 from pipelines.data.corpus import BadRecordError
 from pipelines.data.tokenizer import load_tokenizer
+from pipelines.eval.inputs import validation_sequences
 from pipelines.quickstart.config import GenerateConfig
 from pipelines.quickstart.generate import generate
+from pipelines.train.rows import RowStream
 
 BAD_LINES = b'{"text": "fine but short"}\n{"text": broken\n{"no_text": 1}\n{"text": "\xff\xfe"}\n'
 
 
-def _config(root: Path, corpus: Path, **data_overrides: Any) -> KilnConfig:
+def _config(root: Path, corpus: Path, run: dict[str, Any] | None = None, **data_overrides: Any) -> KilnConfig:
     return parse_config(
         {
-            "run": {"name": "t", "root": str(root)},
+            "run": {"name": "t", "root": str(root), **(run or {})},
             "ray": {"num_cpus": 2},
             "data": {
                 "input": {"paths": [str(corpus / "pretrain"), str(corpus / "extra")]},
@@ -46,6 +50,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             eval_prompts=10))  # fmt: skip
     (out / "extra").mkdir()
     (out / "extra" / "bad.jsonl").write_bytes(BAD_LINES)
+    (out / "extra" / "NOTES.md").write_text("# not a corpus file: reported, not read\n")
     return out
 
 
@@ -183,5 +188,78 @@ def test_written_parquet_files_are_read_back_in_write_order(tmp_path: Path) -> N
     names = ["d_w_000001-0", "d_w_000000-10", "d_w_000000-2", "d_w_000010-0", "d_w_000002-0"]
     for name in names:
         (tmp_path / f"{name}.parquet").touch()
-    order = [Path(p).stem for p in data._parquet_files(tmp_path)]
+    order = [Path(p).stem for p in data._parquet_files(str(tmp_path))]
     assert order == ["d_w_000000-2", "d_w_000000-10", "d_w_000001-0", "d_w_000002-0", "d_w_000010-0"]
+
+
+def test_files_of_unknown_extension_are_counted_and_named(first_run: tuple, corpus: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    cfg, report = first_run
+    assert report["unread_files"] == {"count": 1, "names": [str(corpus / "extra" / "NOTES.md")]}
+    marker = json.loads((cfg.run.dir / "data" / "stage.json").read_text())
+    assert marker["summary"]["unread_files"]["count"] == 1
+    data._print_summary(report)
+    assert "files not read               1  (unknown extension)" in capsys.readouterr().out
+
+
+def test_tokenizer_is_installed_with_data_and_a_crash_pairs_neither_with_the_other(
+    first_run: tuple, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, report = first_run
+    run_dir = cfg.run.dir
+    assert (run_dir / "tokenizer").is_symlink() and (run_dir / "tokenizer").resolve() == run_dir / "data/tokenizer"
+    tokenizer_before = (run_dir / "tokenizer/tokenizer.json").read_bytes()
+    shards_before = {f.name: pq.read_table(f) for f in (run_dir / "data/shards").iterdir()}
+    # Another vocabulary, so a tokenizer written early would differ; the crash comes after the
+    # tokenizer is trained, while the shards are packed.
+    other = _config(run_dir.parent, corpus, tokenizer={"vocab_size": 700})
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated crash between the tokenizer and the shards")
+
+    with monkeypatch.context() as m:
+        m.setattr(data.ShardWriter, "add", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            data.run(other, force=True)
+    assert (run_dir / "tokenizer/tokenizer.json").read_bytes() == tokenizer_before
+    assert {f.name: pq.read_table(f) for f in (run_dir / "data/shards").iterdir()} == shards_before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_an_older_runs_tokenizer_directory_becomes_the_link(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+    data._link_tokenizer(tmp_path)
+    assert os.readlink(tmp_path / "tokenizer") == "data/tokenizer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+    data._link_tokenizer(tmp_path)  # already a link: nothing to do
+    assert os.readlink(tmp_path / "tokenizer") == "data/tokenizer"
+
+
+def test_outputs_to_object_storage(first_run: tuple, corpus: Path, tmp_path: Path) -> None:
+    """run.storage_path as a file:// URI: shards and the documents table go there (a folder per
+    attempt, named in data/'s report), and what reads shards (pretrain, eval, RowStream) finds them."""
+    base_cfg, base_report = first_run
+    cfg = _config(tmp_path / "runs", corpus, run={"storage_path": f"file://{tmp_path}/store"})
+    versions = tmp_path / "store" / "t" / "data"
+    (versions / "0badcafe" / "shards").mkdir(parents=True)  # an earlier attempt that crashed
+    report = data.run(cfg)
+    (attempt,) = [p.name for p in versions.iterdir()]  # the crashed attempt is deleted
+    assert report["outputs"] == {"shards": f"file://{versions}/{attempt}/shards",
+                                 "documents": f"file://{versions}/{attempt}/documents"}  # fmt: skip
+    assert sorted(p.name for p in (cfg.run.dir / "data").iterdir()) == [
+        "data_report.json", "rejected", "stage.json", "tokenizer"]  # fmt: skip
+    assert sorted(p.name for p in (versions / attempt).iterdir()) == ["documents", "shards"]
+    assert report["documents"] == base_report["documents"]
+
+    location = storage.shards_location(cfg.run.dir)
+    assert location == report["outputs"]["shards"]
+    train = storage.shard_files(location, "train")
+    assert [Path(f).name for f in train] == sorted(f.name for f in (base_cfg.run.dir / "data/shards").glob("train-*"))
+    for f in train:  # the same shards as the local run's
+        assert pq.read_table(f).equals(pq.read_table(base_cfg.run.dir / "data/shards" / Path(f).name))
+    uris = tuple(f"file://{f}" for f in train)
+    stream = RowStream(uris, ("input_ids",), seed=0, shuffle=True)
+    assert stream.total == report["sequences"]["train"]
+    assert stream.rows(0, np.arange(3))["input_ids"].shape == (3, 64)
+    assert validation_sequences(cfg.run.dir, 5).shape == (5, 64)

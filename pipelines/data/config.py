@@ -15,12 +15,18 @@ class InputConfig(Section):
 
     # Files, directories or globs; local paths or URIs pyarrow's filesystems accept (s3://, gs://).
     paths: list[str] = Field(min_length=1)
-    # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); .gz is read transparently.
+    # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); .gz, .zst and .zstd are
+    # decompressed as they are read. Files of another extension in a directory or glob are left
+    # unread, counted and named in the report; a file named on its own must have a known one.
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     # Field (JSONL) or column (Parquet) holding the document text.
     text_field: str = "text"
     # Plain text: one document per file, or one per non-empty line.
     text_unit: Literal["file", "line"] = "file"
+    # Largest record, in bytes as stored (a JSONL line, a text line or file, a Parquet value); a
+    # larger one is rejected and never read whole into memory. 8 MiB is ~15x what the default
+    # max_words filter keeps (100k words of English, ~0.6 MB) and bounds a reader's memory.
+    max_document_bytes: int = Field(default=8 << 20, ge=1)
 
 
 class FilterConfig(Section):
@@ -94,8 +100,9 @@ class DataConfig(Section):
     """The data stage: stream, clean, deduplicate, tokenise, pack."""
 
     input: InputConfig
-    # Bad records (malformed JSON, missing text field, undecodable bytes): skip them (counted,
-    # written to data/rejected/ with the reason) or fail with the file and line.
+    # Bad records (malformed or too deeply nested JSON, missing text field or Parquet column,
+    # undecodable bytes, over max_document_bytes): skip them (counted, written to data/rejected/
+    # with the reason) or fail with the file and line.
     bad_records: Literal["skip", "fail"] = "skip"
     filters: FilterConfig = FilterConfig()
     dedup: DedupConfig = DedupConfig()

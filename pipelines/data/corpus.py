@@ -1,9 +1,11 @@
 """Find corpus files and stream their records, with bad input named by file and line.
 
 Files are resolved through pyarrow's filesystems, so local paths and object-store URIs (``s3://``,
-``gs://``, ...) work alike. Reading is a generator of small batches: a file of any size is read
-with bounded memory. Every record gets a deterministic id ``file_index << 32 | record_number``
-that also orders documents by (file, position), and a human-readable ``source`` (``path:line``).
+``gs://``, ...) work alike; ``.gz`` and ``.zst`` files are decompressed as they stream. Reading is
+a generator of small batches, and no record is read past ``data.input.max_document_bytes``: a
+file of any size, or a line of any length, is read with bounded memory. Every record gets a
+deterministic id ``file_index << 32 | record_number`` that also orders documents by (file,
+position), and a human-readable ``source`` (``path:line``).
 """
 
 from __future__ import annotations
@@ -11,23 +13,25 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.data.config import InputConfig
+from pipelines.data.storage import display, resolve
 
 Format = Literal["jsonl", "parquet", "text"]
 REJECTED = "rejected"
 _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text",
 }  # fmt: skip
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _RAW_KEEP = 2000  # characters of a rejected record kept for the user to inspect
 _MAX_RECORDS_PER_FILE = 1 << 32
 
@@ -49,35 +53,50 @@ class CorpusFile:
     format: Format
 
 
+def _compression(path: str) -> tuple[str, str | None]:
+    """(the name without its compression suffix, the pyarrow codec or None)."""
+    for suffix, codec in _COMPRESSION.items():
+        if path.endswith(suffix):
+            return path[: -len(suffix)], codec
+    return path, None
+
+
 def _format_of(path: str, configured: str) -> Format | None:
     if configured != "auto":
         return configured  # type: ignore[return-value]
-    name = path[:-3] if path.endswith(".gz") else path
+    name = _compression(path)[0]
     for ext, fmt in _EXTENSIONS.items():
         if name.endswith(ext):
             return fmt
     return None
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+_KNOWN = f"{', '.join(_EXTENSIONS)}, each optionally {' or '.join(_COMPRESSION)}"
 
 
-def _display(uri: str, fs: pafs.FileSystem, path: str) -> str:
-    return path if isinstance(fs, pafs.LocalFileSystem) else f"{uri.split('://', 1)[0]}://{path}"
+@dataclass(frozen=True)
+class Corpus:
+    """The files to read, and those a directory or glob holds that are left unread because
+    their extension names no known format (``format: auto``), to be reported."""
+
+    files: list[CorpusFile]
+    unknown: list[str]
 
 
-def list_corpus_files(cfg: InputConfig) -> list[CorpusFile]:
+def list_corpus_files(cfg: InputConfig) -> Corpus:
     """Every file the configured paths name: files, directories (recursively) or globs.
 
+    With ``format: auto`` a file named on its own must have a known extension; a directory's or a
+    glob's files of another extension are left out and listed in ``Corpus.unknown``.
+
     Raises:
-        CorpusNotFound: a path matches no readable file (the message names the config key).
+        CorpusNotFound: a path matches no readable file, or names one file of an unknown
+            extension (the message names the config key).
     """
     found: list[tuple[str, Format]] = []
+    unknown: list[str] = []
     for i, entry in enumerate(cfg.paths):
-        fs, path = _resolve(entry)
+        fs, path = resolve(entry)
         glob_at = min((path.find(c) for c in "*?[" if c in path), default=-1)
         if glob_at >= 0:
             base = path[: path.rfind("/", 0, glob_at) + 1] or "/"
@@ -86,26 +105,30 @@ def list_corpus_files(cfg: InputConfig) -> list[CorpusFile]:
         else:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.Directory:
-                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                matches = [f.path for f in infos if f.is_file and _format_of(f.path, cfg.format)]
+                matches = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
             elif info.type == pafs.FileType.File:
+                if _format_of(path, cfg.format) is None:
+                    raise CorpusNotFound(
+                        f"data.input.paths[{i}]: cannot tell the format of {display(entry, fs, path)!r} from its "
+                        f"extension (known: {_KNOWN}); set data.input.format"
+                    )
                 matches = [path]
             else:
                 matches = []
-        files = []
-        for m in sorted(matches):
-            fmt = _format_of(m, cfg.format)
-            if fmt is None:
-                raise CorpusNotFound(
-                    f"data.input.paths[{i}]: cannot tell the format of {m!r} from its extension; "
-                    "set data.input.format"
-                )
-            files.append((_display(entry, fs, m), fmt))
+        files = [(display(entry, fs, m), fmt) for m in sorted(matches) if (fmt := _format_of(m, cfg.format))]
+        skipped = [display(entry, fs, m) for m in sorted(matches) if _format_of(m, cfg.format) is None]
+        if not files and skipped:
+            raise CorpusNotFound(
+                f"data.input.paths[{i}]: {entry!r} holds {len(skipped)} file(s), none of a known extension "
+                f"(known: {_KNOWN}), e.g. {skipped[0]!r}; set data.input.format to read them"
+            )
         if not files:
             raise CorpusNotFound(f"data.input.paths[{i}]: no corpus files match {entry!r}")
         found.extend(files)
+        unknown.extend(skipped)
     unique = sorted(set(found))
-    return [CorpusFile(index=i, uri=uri, format=fmt) for i, (uri, fmt) in enumerate(unique)]
+    return Corpus([CorpusFile(index=i, uri=uri, format=fmt) for i, (uri, fmt) in enumerate(unique)],
+                  sorted(set(unknown)))  # fmt: skip
 
 
 class _Batcher:
@@ -143,16 +166,23 @@ class _Batcher:
         return batch
 
 
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+
+
 def _parse_json_line(raw: bytes, field: str) -> tuple[str | None, str]:
     """(text, "") for a good line, (None, reason) for a bad one."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+        return None, _not_utf8(raw, e)
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as e:
         return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        # json's decoder recurses once per nested array/object: ~1,000 levels exhaust the stack.
+        return None, "JSON nested too deeply to parse"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     if field not in obj:
@@ -163,40 +193,82 @@ def _parse_json_line(raw: bytes, field: str) -> tuple[str | None, str]:
     return value, ""
 
 
+def _too_large(limit: int) -> str:
+    return f"larger than data.input.max_document_bytes ({limit:,} bytes)"
+
+
+def _lines(stream: io.BufferedReader, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(line, too_long) for each line. No more than ``limit + 1`` bytes of a line are held: a longer
+    line is returned cut there, and the rest of it is read past in bounded chunks."""
+    while line := stream.readline(limit + 1):
+        too_long = len(line) > limit and not line.endswith(b"\n")
+        while too_long and (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+        yield line, too_long
+
+
+def _is_text(column_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or pa.types.is_string_view(
+        column_type
+    )
+
+
+def _parquet_records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | None, str, bytes]]:
+    """Rows of a Parquet file's text column; a file without a string text column is one bad
+    record (row 0) whose reason names the column and the rows left unread."""
+    fs, path = resolve(file.uri)
+    limit = cfg.max_document_bytes
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f)
+        schema, rows = reader.schema_arrow, reader.metadata.num_rows
+        if cfg.text_field not in schema.names:
+            reason = f"no column {cfg.text_field!r} (columns: {schema.names}); set data.input.text_field"
+            yield 0, None, f"{reason} ({rows:,} rows not read)", b""
+            return
+        column_type = schema.field(cfg.text_field).type
+        if not _is_text(column_type):
+            reason = f"column {cfg.text_field!r} is {column_type}, expected a string"
+            yield 0, None, f"{reason} ({rows:,} rows not read)", b""
+            return
+        row = 0
+        for batch in reader.iter_batches(batch_size=1024, columns=[cfg.text_field]):
+            column = batch.column(0)
+            sizes = pc.fill_null(pc.binary_length(pc.cast(column, pa.large_string())), 0).to_numpy()
+            for value, size in zip(column.to_pylist(), sizes):
+                row += 1
+                if value is None:
+                    yield row, None, f"{cfg.text_field!r} is null", b""
+                elif size > limit:
+                    yield row, None, _too_large(limit), value[:_RAW_KEEP].encode()
+                else:
+                    yield row, value, "", b""
+
+
 def _records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | None, str, bytes]]:
     """(record number, text or None, reason if bad, raw bytes) for every record of one file."""
-    fs, path = _resolve(file.uri)
     if file.format == "parquet":
-        with fs.open_input_file(path) as f:
-            reader = pq.ParquetFile(f)
-            if cfg.text_field not in reader.schema_arrow.names:
-                raise BadRecordError(
-                    f"{file.uri}: no column {cfg.text_field!r} (columns: {reader.schema_arrow.names})"
-                )
-            column_type = reader.schema_arrow.field(cfg.text_field).type
-            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-                raise BadRecordError(
-                    f"{file.uri}: column {cfg.text_field!r} is {column_type}, expected a string"
-                )
-            row = 0
-            for batch in reader.iter_batches(batch_size=1024, columns=[cfg.text_field]):
-                for value in batch.column(0).to_pylist():
-                    row += 1
-                    if value is None:
-                        yield row, None, f"{cfg.text_field!r} is null", b""
-                    else:
-                        yield row, value, "", b""
+        yield from _parquet_records(file, cfg)
         return
-    with fs.open_input_stream(path, compression="detect") as raw_stream:
+    fs, path = resolve(file.uri)
+    limit = cfg.max_document_bytes
+    with fs.open_input_stream(path, compression=_compression(path)[1]) as raw_stream:
         stream = io.BufferedReader(raw_stream)  # type: ignore[arg-type]
         if file.format == "text" and cfg.text_unit == "file":
-            raw = stream.read()
+            raw = stream.read(limit + 1)  # never the whole of a huge file
+            if len(raw) > limit:
+                yield 1, None, _too_large(limit), raw[:_RAW_KEEP]
+                return
             try:
                 yield 1, raw.decode("utf-8"), "", raw
             except UnicodeDecodeError as e:
-                yield 1, None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})", raw
+                yield 1, None, _not_utf8(raw, e), raw
             return
-        for number, raw in enumerate(stream, start=1):
+        for number, (raw, too_long) in enumerate(_lines(stream, limit), start=1):
+            if too_long:
+                yield number, None, _too_large(limit), raw[:_RAW_KEEP]
+                continue
             if not raw.strip():
                 continue
             if file.format == "jsonl":
@@ -205,7 +277,7 @@ def _records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | No
                 try:
                     text, reason = raw.decode("utf-8").rstrip("\n"), ""
                 except UnicodeDecodeError as e:
-                    text, reason = None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+                    text, reason = None, _not_utf8(raw, e)
             yield number, text, reason, raw
 
 
@@ -214,24 +286,26 @@ def read_file(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream one file as column batches: id, source, text, status ("" or "rejected"), reason.
 
+    A record the file as a whole makes bad (unreadable, no text column) is record 0 of the file.
+
     Raises:
         BadRecordError: with ``bad_records == "fail"``, at the first bad record, naming the
-            file and line (or row); with either policy, for a file that cannot be read at all.
+            file and line (or row).
     """
     out = _Batcher(file, batch_size)
     try:
         for number, text, reason, raw in _records(file, cfg):
             if text is None:
                 if bad_records == "fail":
-                    raise BadRecordError(f"{file.uri}:{number}: {reason}")
-                kept = raw.decode("utf-8", errors="replace")[:_RAW_KEEP]
+                    raise BadRecordError(f"{file.uri}{f':{number}' if number else ''}: {reason}")
+                kept = raw[: 4 * _RAW_KEEP].decode("utf-8", errors="replace")[:_RAW_KEEP]
                 out.add(number, kept, REJECTED, reason)
             else:
                 out.add(number, text)
             if out.full():
                 yield out.take()
     except (OSError, pa.ArrowInvalid, EOFError) as e:
-        # Unreadable as a whole (corrupt gzip, not Parquet, ...): one rejected record for it.
+        # Unreadable as a whole (corrupt gzip or zstd, not Parquet, ...): one rejected record for it.
         if bad_records == "fail":
             raise BadRecordError(f"{file.uri}: cannot read file: {e}") from e
         out.add(0, "", REJECTED, f"cannot read file: {e}")

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.rundir import atomic_write_bytes
+from pipelines.data.storage import resolve
 
 
 class Packer:
@@ -44,11 +46,12 @@ class ShardWriter:
     """Writes (N, seq_len) blocks into Parquet shards of ``rows_per_shard`` sequences.
 
     Schema: one column ``input_ids``, fixed-size list<int32>[seq_len]. Each shard is written
-    atomically, named ``{prefix}-{index:05d}.parquet``.
+    atomically, named ``{prefix}-{index:05d}.parquet``, into a folder or an object-store URI.
     """
 
-    def __init__(self, out_dir: Path, prefix: str, seq_len: int, rows_per_shard: int) -> None:
-        self.out_dir, self.prefix = out_dir, prefix
+    def __init__(self, out_dir: Path | str, prefix: str, seq_len: int, rows_per_shard: int) -> None:
+        self.fs, self.out_dir = resolve(str(out_dir))
+        self.prefix = prefix
         self.seq_len, self.rows_per_shard = seq_len, rows_per_shard
         self._rows: list[np.ndarray] = []
         self._buffered = 0
@@ -76,6 +79,11 @@ class ShardWriter:
         table = pa.table({"input_ids": column})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        atomic_write_bytes(self.out_dir / f"{self.prefix}-{self.shards:05d}.parquet", sink.getvalue().to_pybytes())
+        name = f"{self.out_dir}/{self.prefix}-{self.shards:05d}.parquet"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            atomic_write_bytes(Path(name), sink.getvalue().to_pybytes())
+        else:  # an object store's put is atomic
+            with self.fs.open_output_stream(name) as out:
+                out.write(sink.getvalue())
         self.shards += 1
         self.sequences += len(rows)

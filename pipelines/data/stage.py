@@ -11,15 +11,20 @@ Read top to bottom:
   7. data_report.json and the stage marker.
 The corpus itself never sits in one process: only duplicate pairs do.
 Everything is built inside a temporary directory renamed into place at the end, so a crash
-leaves the previous output (or none) and a rerun gives the same result.
+leaves the previous output (or none) and a rerun gives the same result. The tokenizer is built in
+there too (``data/tokenizer``; ``<run>/tokenizer`` is a link to it), so one rename installs the
+shards and their tokenizer together. With ``run.storage_path`` the shards and the documents table
+go to object storage instead (``pipelines/data/storage.py``), named by the report in ``data/``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -38,8 +43,9 @@ from core.rundir import (
     recover_interrupted,
 )
 from pipelines.config import KilnConfig
+from pipelines.data import storage
 from pipelines.data.config import DataConfig, DedupConfig, FilterConfig, InputConfig
-from pipelines.data.corpus import REJECTED, CorpusFile, list_corpus_files, read_file
+from pipelines.data.corpus import REJECTED, Corpus, CorpusFile, list_corpus_files, read_file
 from pipelines.data.filters import first_failure
 from pipelines.data.minhash import (
     MinHasher,
@@ -186,8 +192,8 @@ def _mark_duplicates(
             "reason": batch["reason"], "dup_of": of, "dup_of_source": of_source}  # fmt: skip
 
 
-def _tokenize(batch: dict[str, np.ndarray], tokenizer_dir: str) -> dict[str, np.ndarray]:
-    tok = _cached_tokenizer(tokenizer_dir)
+def _tokenize(batch: dict[str, np.ndarray], tokenizer_json: str) -> dict[str, np.ndarray]:
+    tok = _cached_tokenizer(tokenizer_json)
     ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(list(batch["text"]), add_special_tokens=False)]
     out = np.empty(len(ids), dtype=object)
     out[:] = ids
@@ -197,23 +203,26 @@ def _tokenize(batch: dict[str, np.ndarray], tokenizer_dir: str) -> dict[str, np.
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _cached_tokenizer(path: str) -> Any:
+def _cached_tokenizer(tokenizer_json: str) -> Any:
+    """The tokenizer from its JSON, which travels with the task: a worker on another node cannot
+    read the driver's (temporary) tokenizer directory."""
     from tokenizers import Tokenizer  # in the Ray Data worker that runs the UDF, once per process
 
-    if path not in _TOKENIZERS:
-        tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
+    if key not in _TOKENIZERS:
+        tok = Tokenizer.from_str(tokenizer_json)
         # Corpus text is text: "<|endoftext|>" written in a document is split into ordinary pieces,
         # not read as the end of a document (only the packer puts the EOS id between documents).
         tok.encode_special_tokens = True
-        _TOKENIZERS[path] = tok
-    return _TOKENIZERS[path]
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
 
 
 # --- driver helpers -----------------------------------------------------------------------------
 
 
-def _parquet_files(folder: Path) -> list[str]:
-    """The Parquet files one ``write_parquet`` wrote, in write order.
+def _parquet_files(folder: str) -> list[str]:
+    """The Parquet files one ``write_parquet`` wrote (into a folder: a path or a URI), in write order.
 
     Ray Data names them ``<dataset uuid>_<write uuid>_<task index>-<block index>.parquet``. A
     directory given to ``read_parquet`` is read in the file system's listing order, which follows
@@ -221,11 +230,11 @@ def _parquet_files(folder: Path) -> list[str]:
     input. Sorted by (task index, block index), the files come back in the order they were written.
     """
 
-    def write_order(path: Path) -> tuple[int, int]:
-        task, _, block = path.stem.rpartition("_")[2].partition("-")
+    def write_order(path: str) -> tuple[int, int]:
+        task, _, block = path.removesuffix(".parquet").rpartition("_")[2].partition("-")
         return int(task), int(block or 0)
 
-    return [str(p) for p in sorted(folder.glob("*.parquet"), key=write_order)]
+    return sorted(storage.files_in(folder, ".parquet"), key=write_order)
 
 
 def _collect(ds: Dataset, columns: list[str]) -> dict[str, np.ndarray]:
@@ -255,10 +264,39 @@ def _in_validation(ids: np.ndarray, fraction: float) -> np.ndarray:
     return (mix64(ids.astype(np.uint64)) % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
 
 
+def _warn_unknown(corpus: Corpus) -> None:
+    if corpus.unknown:
+        shown = ", ".join(corpus.unknown[:5]) + (", ..." if len(corpus.unknown) > 5 else "")
+        print(f"kiln data: warning: {len(corpus.unknown)} file(s) not read, of an unknown extension "
+              f"(set data.input.format to read them): {shown}", flush=True)  # fmt: skip
+
+
+def _link_tokenizer(run_dir: Path) -> None:
+    """Make ``<run>/tokenizer`` a relative link to ``data/tokenizer``, once: a link into the folder
+    that is renamed into place always finds the tokenizer of whatever data/ is there. An older
+    run's real tokenizer directory is removed (until the new data/ is in place the link finds no
+    tokenizer, never one that does not belong to data/)."""
+    link, target = run_dir / "tokenizer", os.path.join("data", "tokenizer")
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    # Temporaries that a crash leaves are removed by recover_interrupted.
+    tmp, gone = (run_dir / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    tmp.symlink_to(target)
+    if link.is_symlink() or link.exists():
+        os.replace(link, gone)
+    os.replace(tmp, link)
+    if gone.is_dir() and not gone.is_symlink():
+        shutil.rmtree(gone)
+    else:
+        gone.unlink(missing_ok=True)
+
+
 def _print_summary(report: dict[str, Any]) -> None:
     d, t = report["documents"], report["tokens"]
+    unknown = report["unread_files"]
     lines = [
         "kiln data: summary",
+        *([f"  files not read      {unknown['count']:>10,}  (unknown extension)"] if unknown["count"] else []),
         f"  documents in        {d['in']:>10,}",
         f"  rejected (bad)      {d['rejected']:>10,}",
         *(f"  filter {k:<13}{v:>10,}" for k, v in report["filtered"].items()),
@@ -268,6 +306,7 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"  tokens out          {t['packed']:>10,}  ({report['sequences']['train']:,} train + "
         f"{report['sequences']['validation']:,} val sequences of {report['seq_len']})",
         f"  time                {report['seconds']['total']:>10.1f} s",
+        *([f"  shards              {report['outputs']['shards']}"] if report["outputs"] else []),
     ]
     print("\n".join(lines), flush=True)
 
@@ -287,7 +326,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         return done
 
     # Everything that can be checked without a cluster fails here, before any work starts.
-    files = list_corpus_files(dcfg.input)
+    corpus = list_corpus_files(dcfg.input)
+    files = corpus.files
+    _warn_unknown(corpus)
     if dcfg.tokenizer.path is not None:
         load_tokenizer(dcfg.tokenizer.path)
     num_bands, rows = _bands(dcfg.dedup)
@@ -303,8 +344,12 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     print(f"kiln data: {len(files)} file(s), MinHash {num_bands} bands x {rows} rows, "
           f"{dcfg.dedup.ngram}-gram shingles", flush=True)  # fmt: skip
 
+    # Object storage: this attempt's own folder, committed by the rename of data/ (which names it).
+    versions = cfg.run.stage_storage(STAGE)
+    attempt = uuid.uuid4().hex[:8]
     with atomic_dir(out_dir) as work:
-        scratch = work / "_scratch"
+        out = str(work) if versions is None else storage.join(versions, attempt)
+        scratch = storage.join(out, "_scratch")
 
         # 1. Read, normalise, filter, hash, sign: one streaming pass written to scratch.
         t = time.perf_counter()
@@ -316,9 +361,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             .map_batches(_annotate, batch_size=dcfg.batch_size, batch_format="numpy",
                          fn_kwargs={"filters": dcfg.filters, "hasher": hasher, "num_bands": num_bands,
                                     "rows": rows})  # fmt: skip
-            .write_parquet(str(scratch / "annotated"))
+            .write_parquet(storage.join(scratch, "annotated"))
         )
-        annotated = _parquet_files(scratch / "annotated")
+        annotated = _parquet_files(storage.join(scratch, "annotated"))
         seconds["read_filter_minhash"] = time.perf_counter() - t
 
         # 2. Group on content hashes and LSH band keys in one hash shuffle: exact duplicate pairs
@@ -378,10 +423,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
                          fn_kwargs={"dropped": dropped[order], "dup_of": dup_of[order], "kind": kind[order],
                                     "files": [f.uri for f in files]})  # fmt: skip
             .sort("id")
-            .write_parquet(str(work / "documents"))
+            .write_parquet(storage.join(out, "documents"))
         )
-        shutil.rmtree(scratch)
-        documents = ray.data.read_parquet(_parquet_files(work / "documents"))
+        storage.remove(scratch)
+        documents = ray.data.read_parquet(_parquet_files(storage.join(out, "documents")))
         status_counts: Counter[str] = Counter()
         filter_counts: Counter[str] = Counter()
         # Rejected records are streamed to the file (inside the temporary data/ directory, so the
@@ -402,24 +447,25 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         kept = documents.select_columns(["id", "text", "status"]).map_batches(_kept, batch_format="numpy")
         if dcfg.tokenizer.path is not None:
-            copy_hf_tokenizer(Path(dcfg.tokenizer.path), tok_dir)
+            copy_hf_tokenizer(Path(dcfg.tokenizer.path), work / "tokenizer")
         else:
             limit = dcfg.tokenizer.max_training_documents
             source = kept.limit(limit) if limit else kept
             texts = (text for b in source.iter_batches(batch_size=1024, batch_format="numpy") for text in b["text"])
-            save_hf_tokenizer(train_bpe(texts, dcfg.tokenizer, length=status_counts[KEPT]), tok_dir)
-        tokenizer = load_tokenizer(tok_dir)
+            save_hf_tokenizer(train_bpe(texts, dcfg.tokenizer, length=status_counts[KEPT]), work / "tokenizer")
+        tokenizer = load_tokenizer(work / "tokenizer")
+        tokenizer_json = (work / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
         seconds["tokenizer"] = time.perf_counter() - t
 
         # 6. Tokenise in parallel, pack in stream order into train / validation shards.
         t = time.perf_counter()
         seq_len = dcfg.pack.seq_len
-        shard_dir = work / "shards"
+        shard_dir = storage.join(out, "shards")
         packers = {s: Packer(seq_len, tokenizer.eos_token_id) for s in ("train", "validation")}
         writers = {s: ShardWriter(shard_dir, s, seq_len, dcfg.pack.sequences_per_shard) for s in packers}
         tokens_in = 0
         for batch in kept.map_batches(_tokenize, batch_size=dcfg.batch_size, batch_format="numpy",
-                                      fn_kwargs={"tokenizer_dir": str(tok_dir)}).iter_batches(
+                                      fn_kwargs={"tokenizer_json": tokenizer_json}).iter_batches(
                 batch_size=None, batch_format="numpy"):  # fmt: skip
             val = _in_validation(batch["id"], dcfg.pack.validation_fraction)
             docs = list(batch["input_ids"])
@@ -434,6 +480,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         # 7. Report and marker, inside the directory that is renamed into place.
         report = {
             "inputs": [f.uri for f in files],
+            # Files of a directory or glob left unread (unknown extension): the first 100 named.
+            "unread_files": {"count": len(corpus.unknown), "names": corpus.unknown[:100]},
+            # Object storage: where the shards and the documents table are (null: in data/).
+            "outputs": None if versions is None else {"shards": shard_dir, "documents": storage.join(out, "documents")},
             "documents": {
                 "in": sum(status_counts.values()),
                 "rejected": status_counts[REJECTED],
@@ -455,7 +505,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             "shards": {s: w.shards for s, w in writers.items()},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
-        atomic_write_json(work / "data_report.json", report)
+        atomic_write_json(work / storage.REPORT, report)
         mark_finished(work, STAGE, digest, report)
+        _link_tokenizer(run_dir)
+    if versions is not None:
+        storage.remove_other_versions(versions, keep=attempt)  # only once data/ names this attempt
     _print_summary(report)
     return report

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from core.chat import check_messages
 from core.jsonl import BadRecord, read_jsonl
+from pipelines.data.storage import shard_files, shards_location
 
 # Default models of a run, in pipeline order: (name, folder under the run directory).
 STAGE_MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("grpo", "grpo"), ("dpo", "dpo"))
@@ -98,7 +99,7 @@ def read_preferences(path: Path) -> list[PreferencePair]:
 def validation_sequences(run_dir: Path, count: int) -> np.ndarray | None:
     """The first ``count`` rows of the data stage's validation shards, (N, seq_len) int64, in shard
     order (deterministic); None when the run has no validation shards or ``count`` is 0."""
-    files = sorted((run_dir / "data" / "shards").glob("validation-*.parquet"))
+    files = shard_files(shards_location(run_dir), "validation")  # a folder, or object storage
     if not files or count == 0:
         return None
     rows: list[np.ndarray] = []

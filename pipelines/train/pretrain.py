@@ -12,6 +12,7 @@ from typing import Any
 
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
+from pipelines.data.storage import shard_files, shards_location
 from pipelines.train.trainer import fit, summary
 from pipelines.train.worker import TrainJob
 
@@ -24,8 +25,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
         return done
 
-    shards = Path(pcfg.shards or cfg.run.dir / "data" / "shards").resolve()
-    train_files = sorted(shards.glob("train-*.parquet"))
+    # A folder or an object-store URI (the data stage's report names it when run.storage_path is set).
+    shards = pcfg.shards or shards_location(cfg.run.dir)
+    train_files = shard_files(shards, "train")
     if not train_files:
         raise FileNotFoundError(f"no training shards (train-*.parquet) in {shards}; run `kiln data` first")
     tokenizer_dir = Path(pcfg.tokenizer or pcfg.model.path or cfg.run.dir / "tokenizer").resolve()
@@ -36,7 +38,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         stage_dir=str(stage_dir),
         tokenizer_dir=str(tokenizer_dir),
         train_files=tuple(map(str, train_files)),
-        validation_files=tuple(map(str, sorted(shards.glob("validation-*.parquet")))),
+        validation_files=tuple(shard_files(shards, "validation")),
         arch=pcfg.model if pcfg.model.path is None else None,
         init_from=str(Path(pcfg.model.path).resolve()) if pcfg.model.path else None,
         config_digest=digest,

@@ -1,0 +1,78 @@
+"""Where the data stage's outputs live, local or in object storage, and how later stages find them.
+
+Paths and URIs both go through pyarrow's filesystems: a plain path or ``file://`` URI is the local
+file system (what a shared mount looks like), ``s3://``, ``gs://`` ... an object store. A local
+location is handed on as a plain path, a remote one as a URI, so readers (``pyarrow.parquet``,
+Ray Data) take either.
+
+Without ``run.storage_path`` the shards and the documents table are folders of ``<run>/data/``
+and move into place with it. With it they are written to ``<storage_path>/<run name>/data/<tag>/``,
+a fresh ``tag`` per attempt (an object store has no atomic rename of a folder); the attempt
+commits when the local ``data/`` holding its ``data_report.json`` (which names the location) is
+renamed into place, and older tags are deleted only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+REPORT = "data_report.json"
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The file system and the path in it of a local path or a URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def display(uri: str, fs: pafs.FileSystem, path: str) -> str:
+    """A path in ``fs`` as users and readers see it: plain when local, else with ``uri``'s scheme."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{uri.split('://', 1)[0]}://{path}"
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def files_in(location: str, suffix: str = "") -> list[str]:
+    """The files directly in a folder (path or URI) whose name ends with ``suffix``, by name;
+    [] when the folder does not exist."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(display(location, fs, f.path) for f in infos if f.is_file and f.base_name.endswith(suffix))
+
+
+def remove(location: str) -> None:
+    """Delete a folder (path or URI) and everything in it, if it exists."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def remove_other_versions(versions: str, keep: str) -> None:
+    """Delete every ``versions/<tag>`` folder but ``keep`` (attempts that crashed, or were replaced)."""
+    fs, path = resolve(versions)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name != keep:
+            fs.delete_dir(info.path)
+
+
+def shards_location(run_dir: Path) -> str:
+    """Where the data stage of the run in ``run_dir`` put its shards: the location its report
+    names (object storage), else ``<run>/data/shards``."""
+    report = run_dir / "data" / REPORT
+    if report.is_file():
+        outputs = json.loads(report.read_text()).get("outputs")
+        if outputs:
+            return str(outputs["shards"])
+    return str(run_dir / "data" / "shards")
+
+
+def shard_files(location: str, split: str) -> list[str]:
+    """The ``<split>-NNNNN.parquet`` shards in a folder (path or URI), in shard order."""
+    return [f for f in files_in(location, ".parquet") if f.rsplit("/", 1)[-1].startswith(f"{split}-")]

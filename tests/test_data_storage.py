@@ -1,0 +1,50 @@
+"""Where the data stage's shards are found: in data/, or at the location its report names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.data import storage
+from pipelines.data.packing import ShardWriter
+
+
+def _shards(folder: str) -> None:
+    for split, n in (("train", 3), ("validation", 1)):
+        writer = ShardWriter(folder, split, seq_len=4, rows_per_shard=2)
+        writer.add(np.arange(n * 2 * 4, dtype=np.int32).reshape(-1, 4))
+        writer.close()
+
+
+def test_shards_in_data_without_a_storage_report(tmp_path: Path) -> None:
+    _shards(str(tmp_path / "data" / "shards"))
+    location = storage.shards_location(tmp_path)
+    assert location == str(tmp_path / "data" / "shards")
+    assert [Path(f).name for f in storage.shard_files(location, "train")] == [
+        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]  # fmt: skip
+    assert [Path(f).name for f in storage.shard_files(location, "validation")] == ["validation-00000.parquet"]
+    assert storage.shard_files(str(tmp_path / "nowhere"), "train") == []
+
+
+def test_shards_at_the_uri_the_report_names(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/store/run/data/abcd1234/shards"
+    _shards(uri)  # ShardWriter writes through pyarrow's file systems
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / storage.REPORT).write_text(json.dumps({"outputs": {"shards": uri, "documents": "x"}}))
+    assert storage.shards_location(tmp_path) == uri
+    files = storage.shard_files(uri, "train")
+    assert files == [f"{tmp_path}/store/run/data/abcd1234/shards/train-0000{i}.parquet" for i in range(3)]
+    assert pq.read_table(files[0])["input_ids"].to_pylist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_other_attempts_are_removed(tmp_path: Path) -> None:
+    versions = tmp_path / "versions"
+    for tag in ("aaaa0000", "bbbb1111", "cccc2222"):
+        (versions / tag / "shards").mkdir(parents=True)
+    (versions / "cccc2222" / "shards" / "x.parquet").write_bytes(b"x")
+    storage.remove_other_versions(f"file://{versions}", keep="cccc2222")
+    assert [p.name for p in versions.iterdir()] == ["cccc2222"]
+    storage.remove_other_versions(str(tmp_path / "absent"), keep="x")  # nothing there: nothing to do
