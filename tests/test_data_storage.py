@@ -48,3 +48,11 @@ def test_other_attempts_are_removed(tmp_path: Path) -> None:
     storage.remove_other_versions(f"file://{versions}", keep="cccc2222")
     assert [p.name for p in versions.iterdir()] == ["cccc2222"]
     storage.remove_other_versions(str(tmp_path / "absent"), keep="x")  # nothing there: nothing to do
+
+
+def test_is_file_takes_paths_and_uris(tmp_path: Path) -> None:
+    # The trainer checks its shards with it before any worker starts: URIs (s3://, file://) too.
+    uri = f"file://{tmp_path}/store/shards"
+    _shards(uri)
+    assert storage.is_file(f"{uri}/train-00000.parquet") and storage.is_file(f"{tmp_path}/store/shards/train-00000.parquet")
+    assert not storage.is_file(f"{uri}/train-00009.parquet") and not storage.is_file(f"{uri}")

@@ -35,6 +35,12 @@ def display(uri: str, fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else f"{uri.split('://', 1)[0]}://{path}"
 
 
+def is_file(uri: str) -> bool:
+    """Whether a local path or a URI names an existing file."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts])
 

@@ -24,6 +24,7 @@ from cluster.runtime import init_ray
 from core.metrics import read_metrics
 from core.progress import StageProgress
 from core.rundir import atomic_dir
+from pipelines.data import storage
 from pipelines.train.config import TrainConfig
 from pipelines.train.modeling import check_model_dir
 from pipelines.train.rows import RowStream
@@ -55,7 +56,7 @@ def check_inputs(job: TrainJob) -> None:
     if not (Path(job.tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer directory {job.tokenizer_dir} not found (no tokenizer.json)")
     for f in job.train_files + job.validation_files:
-        if not Path(f).is_file():
+        if not storage.is_file(f):  # a path, or a URI under run.storage_path
             raise FileNotFoundError(f"training data {f} not found")
     stream = RowStream(job.train_files, job.columns, 0, shuffle=False)
     if stream.total < job.train.sequences_per_step:
