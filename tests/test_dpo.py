@@ -24,7 +24,7 @@ from core.config import ConfigError
 from core.jsonl import BadRecord
 from core.metrics import read_metrics
 from pipelines.config import load_config, parse_config
-from pipelines.train.datasets import dpo_rows, write_rows
+from pipelines.train.datasets import dpo_rows, write_dataset, write_rows
 from pipelines.train.losses import IGNORE, dpo_loss, sequence_logps
 from pipelines.train.rows import RowStream
 
@@ -154,6 +154,26 @@ def test_float_columns_round_trip_through_parquet(tmp_path: Path) -> None:
     rows = stream.rows(0, np.array([2, 0]))
     assert rows["chosen_ids"].dtype == np.int64 and rows["chosen_ids"].tolist() == [ids[2].tolist(), ids[0].tolist()]
     assert rows["ref_chosen_logp"].dtype == np.float64 and rows["ref_chosen_logp"].tolist() == [-1e-9, -1.25]
+
+
+def test_max_records_reads_only_the_first_pairs(tok, tmp_path: Path) -> None:  # noqa: ANN001
+    """``dpo.max_pairs``: the dataset (and so the reference pass) covers the first N records; a bad
+    record after them is never read."""
+    data = tmp_path / "prefs.jsonl"
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}.", "rejected": f"{i + 2}."} for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in pairs) + "\n{not json\n")
+    scored: list[int] = []
+
+    def reference(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scored.append(len(rows["chosen_ids"]))
+        return {"ref_chosen_logp": np.zeros(len(rows["chosen_ids"])), "ref_rejected_logp": np.zeros(len(rows["chosen_ids"]))}
+
+    folder, stats, held_out = write_dataset(tmp_path / "dpo", data, lambda r: dpo_rows(tok, r, 64, "truncate"), 0.25,
+                                            add_columns=reference, max_records=4)  # fmt: skip
+    assert stats.records + held_out == 4 and sum(scored) == 4
+    assert pq.read_table(folder / "train.parquet").num_rows == stats.records
+    with pytest.raises(BadRecord, match=rf"{data}:7"):
+        write_dataset(tmp_path / "all", data, lambda r: dpo_rows(tok, r, 64, "truncate"), 0.25)
 
 
 # --- config ---------------------------------------------------------------------------------------

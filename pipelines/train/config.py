@@ -161,6 +161,9 @@ class DpoConfig(TrainConfig):
     data: str
     # Policy and reference to start from (null: <run>/sft/model).
     init_from: str | None = None
+    # Use only the first max_pairs records of data (null: all): the reference's log-probs are
+    # computed for every pair used, so a run of a few steps need not pay for a large file.
+    max_pairs: int | None = Field(default=None, ge=1)
     # Tokens per sequence (prompt + one response).
     seq_len: int = Field(default=256, ge=8)
     # Longer sequences: truncated from the left (the response's end is kept; counted) or rejected.

@@ -16,6 +16,7 @@ stage adds the reference's summed log-probs as float columns.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,7 @@ def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
 def write_dataset(
     stage_dir: Path, data: Path, encode: Callable[[list[tuple[str, dict[str, Any]]]], tuple[dict[str, np.ndarray], EncodeStats]],
     validation_fraction: float, add_columns: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    max_records: int | None = None,
 ) -> tuple[Path, EncodeStats, int]:
     """Read a JSONL file, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
 
@@ -282,12 +284,13 @@ def write_dataset(
         validation_fraction: share of records held out.
         add_columns: rows -> more columns of the same rows, computed once every record of both
             parts has encoded (DPO's reference log-probs: no model runs on a file with a bad record).
+        max_records: read only the first this many records (None: all); the rest are not read.
 
     Returns:
         (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
         part's stats, the number of held-out records).
     """
-    records = [(f"{data}:{lineno}", record) for lineno, record in read_jsonl(data)]
+    records = [(f"{data}:{lineno}", record) for lineno, record in itertools.islice(read_jsonl(data), max_records)]
     train_records, val_records = split_validation(records, validation_fraction)
     train_rows, stats = encode(train_records)
     val_rows, _ = encode(val_records)

@@ -97,6 +97,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     dataset, stats, held_out = write_dataset(
         stage_dir, data, lambda records: dpo_rows(tokenizer, records, dcfg.seq_len, dcfg.overlong),
         dcfg.validation_fraction, add_columns=lambda rows: reference_logps(init_from, rows, cfg.ray, dcfg),
+        max_records=dcfg.max_pairs,
     )
     print(f"kiln dpo: {stats.records} pairs ({stats.truncated} sequences truncated, "
           f"{stats.trained_tokens}/{stats.tokens} tokens are responses), {held_out} held out; "
