@@ -394,19 +394,29 @@ def test_chat_features(server: Server) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == sum(logprob_counts)
 
 
-def test_engine_metrics_exported_to_prometheus(http: httpx.Client) -> None:
+def _scrape(wanted: tuple[str, ...], timeout: float = 90.0) -> str:
+    """This node's Prometheus text once it has every ``wanted`` series (or at the timeout).
+
+    Ray's metrics agent exports each replica's series on an interval, so one app's series can
+    appear before another's: poll until everything asserted is there.
+    """
     import ray
 
-    _complete(http, "metrics", max_tokens=3)
     port = ray._private.worker.global_worker.node.metrics_export_port
-    wanted = ("vllm_num_requests_waiting", "vllm_kv_cache_usage_perc", "vllm_time_to_first_token_seconds_bucket",
-              "vllm_inter_token_latency_seconds_bucket")
-    deadline, text = time.monotonic() + 90, ""
+    deadline, text = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         if all(w in text for w in wanted):
             break
         time.sleep(2)
+    return text
+
+
+def test_engine_metrics_exported_to_prometheus(http: httpx.Client) -> None:
+    _complete(http, "metrics", max_tokens=3)
+    wanted = ("vllm_num_requests_waiting", "vllm_kv_cache_usage_perc", "vllm_time_to_first_token_seconds_bucket",
+              "vllm_inter_token_latency_seconds_bucket")
+    text = _scrape(wanted)
     assert [w for w in wanted if w not in text] == []
 
 
@@ -551,20 +561,10 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
 
 
 def test_metrics_exported_to_prometheus(http: httpx.Client) -> None:
-    import ray
-
     _complete(http, "metrics", max_tokens=3)
-    port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ("kiln_serve_requests", "kiln_serve_request_latency_s_bucket", "kiln_serve_generated_tokens",
               "kiln_serve_tokens_per_s_bucket", 'status="200"', 'status="400"')
-    deadline, text = time.monotonic() + 90, ""
-    # Ray's metrics agent exports each replica's series on an interval, so one app's series can
-    # appear before another's: poll until everything asserted below is there.
-    while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(w in text for w in wanted):
-            break
-        time.sleep(2)
+    text = _scrape(wanted)
     for w in wanted:
         assert w in text, w
 
