@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
 
 from cluster.runtime import worker_env
-from pipelines.config import KilnConfig, load_config
+from pipelines.config import KilnConfig, config_files, load_config
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -280,6 +280,8 @@ def submit(
     check_storage(cfg, address)
     wd = Path(working_dir).resolve() if working_dir is not None else PROJECT_ROOT
     rel_config = _relative_config(config_path, wd)
+    for extended in config_files(config_path)[1:]:
+        _relative_config(extended, wd)  # the job reads the files a config extends too
     token = auth_token()
     client = _client(address, token)
     # A loopback address can still reach a multi-node cluster (a port-forward to its head).

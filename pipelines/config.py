@@ -26,7 +26,7 @@ from pipelines.rlhf.config import PpoConfig
 from pipelines.train.config import DpoConfig, PretrainConfig, RewardModelConfig, SftConfig
 from serving.config import ServeConfig
 
-__all__ = ["ConfigError", "KilnConfig", "RunConfig", "dump_config", "load_config", "parse_config"]
+__all__ = ["ConfigError", "KilnConfig", "RunConfig", "config_files", "dump_config", "load_config", "parse_config"]
 
 
 class RunConfig(Section):
@@ -108,10 +108,45 @@ def parse_config(data: Any, source: str = "<config>") -> KilnConfig:
 def load_config(path: str | Path) -> KilnConfig:
     """Read and validate a YAML config file.
 
+    A file may start from another: ``extends: quickstart.yaml`` (a path relative to the file) reads
+    that file first and lays this one over it, mapping by mapping; any other value (a list, a
+    number, ``null`` to drop a section) replaces the one it extends. Chains are allowed, cycles not.
+
     Raises:
-        ConfigError: the file is missing, is not YAML, or does not match the tree.
+        ConfigError: a file is missing, is not YAML, or the result does not match the tree.
     """
     path = Path(path)
+    files = config_files(path)
+    data = _read_yaml(files[-1])
+    for child in reversed(files[:-1]):
+        data = _overlay(data, _read_yaml(child))
+    if isinstance(data, dict):
+        data.pop("extends", None)
+    source = str(path) if len(files) == 1 else f"{path} (extends {', '.join(str(f) for f in files[1:])})"
+    return parse_config(data, source)
+
+
+def config_files(path: str | Path) -> list[Path]:
+    """The config file and, in order, every file it extends (``extends:``), each read once.
+
+    Raises:
+        ConfigError: a file is unreadable or not YAML, ``extends`` is not a path, or the chain loops.
+    """
+    files = [Path(path)]
+    while True:
+        data = _read_yaml(files[-1])
+        parent = data.get("extends") if isinstance(data, dict) else None
+        if parent is None:
+            return files
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{files[-1]}: extends must be the path of another config file, got {parent!r}")
+        nxt = files[-1].parent / parent
+        if nxt.resolve() in {f.resolve() for f in files}:
+            raise ConfigError(f"{files[-1]}: extends {parent} makes a loop: {' -> '.join(str(f) for f in [*files, nxt])}")
+        files.append(nxt)
+
+
+def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -125,7 +160,19 @@ def load_config(path: str | Path) -> KilnConfig:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         what = ": ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
         raise ConfigError(f"{path}{where}: not valid YAML: {what or type(e).__name__}") from None
-    return parse_config(data, str(path))
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _overlay(base: Any, top: Any) -> Any:
+    """``top`` laid over ``base``: mappings merge key by key (recursively), anything else replaces."""
+    if not isinstance(base, dict) or not isinstance(top, dict):
+        return top
+    merged = {**base}
+    for key, value in top.items():
+        merged[key] = _overlay(base[key], value) if key in base else value
+    return merged
 
 
 def dump_config(config: KilnConfig) -> str:

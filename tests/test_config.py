@@ -44,6 +44,36 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
 
 
+def test_extends_lays_a_file_over_another(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(
+        "run: {name: base}\n"
+        "data: {input: {paths: [a], text_field: body}, dedup: {threshold: 0.7}}\n"
+        "eval: {samples_per_prompt: 4}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\ndata: {dedup: {ngram: 3}}\n")
+    (tmp_path / "sub" / "top.yaml").write_text("extends: mid.yaml\ndata: {input: {paths: [b]}}\neval: null\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml")
+    assert cfg.run.name == "base" and cfg.eval is None  # null drops a section it extends
+    assert cfg.data is not None and cfg.data.input.paths == ["b"] and cfg.data.input.text_field == "body"
+    assert (cfg.data.dedup.threshold, cfg.data.dedup.ngram) == (0.7, 3)  # mappings merge at every depth
+
+    # Errors name the file and every file it extends; loops and a non-path are refused.
+    (tmp_path / "bad.yaml").write_text("extends: base.yaml\ndata: {dedup: {treshold: 0.7}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml \(extends .*base\.yaml\).*\n.*data\.dedup\.treshold: Extra"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: extends a\.yaml makes a loop"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: [base.yaml]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: extends must be the path of another config file"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read config"):
+        load_config(tmp_path / "d.yaml")
+
+
 def test_digest_tracks_section_changes() -> None:
     a = parse_config(MINIMAL)
     b = parse_config({**MINIMAL, "data": {"input": {"paths": ["y"]}}})

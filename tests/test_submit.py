@@ -106,6 +106,10 @@ def test_config_outside_the_working_dir_is_refused(tmp_path: Path, capsys: pytes
     shutil.copy(wd / "config.yaml", outside)
     assert main(["submit", str(outside), "--address", "http://127.0.0.1:1", "--working-dir", str(wd)]) == 2
     assert "is outside the working directory" in capsys.readouterr().err
+    # A config inside that extends one outside: the job could not read the file it extends.
+    (wd / "child.yaml").write_text(f"extends: {outside}\nrun: {{name: child}}\n")
+    assert main(["submit", str(wd / "child.yaml"), "--address", "http://127.0.0.1:1", "--working-dir", str(wd)]) == 2
+    assert f"{outside} is outside the working directory" in capsys.readouterr().err
 
 
 def test_invalid_config_is_reported_before_submitting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
