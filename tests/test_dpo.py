@@ -195,11 +195,17 @@ def test_dpo_section_is_strict() -> None:
     assert parse_config({"run": {"name": "t"}, "dpo": {"data": "p", "loss": "cdpo", "label_smoothing": 0.1}}).dpo
 
 
-def test_quickstart_runs_dpo_after_the_reward_model() -> None:
+def test_quickstart_dpo_config_adds_only_dpo() -> None:
+    """configs/quickstart-dpo.yaml is the quickstart plus DPO: every other section hashes alike, so
+    after the quickstart it runs DPO (after the reward model, before PPO) and eval only."""
     from pipelines.cli import STAGES
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
-    assert cfg.dpo is not None and cfg.dpo.data == cfg.reward_model.data
+    configs = Path(__file__).parents[1] / "configs"
+    quickstart, with_dpo = load_config(configs / "quickstart.yaml"), load_config(configs / "quickstart-dpo.yaml")
+    assert quickstart.dpo is None and with_dpo.dpo is not None and with_dpo.dpo.data == with_dpo.reward_model.data
+    for section in STAGES:
+        if section != "dpo" and getattr(quickstart, section) is not None:
+            assert quickstart.digest(section) == with_dpo.digest(section), section
     order = list(STAGES)
     assert order.index("reward_model") < order.index("dpo") < order.index("ppo")
 
