@@ -96,9 +96,6 @@ def _pipeline_config(tmp_path: Path, name: str) -> dict[str, Any]:
     corpus = Path(config["generate"]["out_dir"])
     config["run"]["storage_path"] = str(tmp_path / "storage")
     config["generate"].update(sft_examples=64, preference_pairs=64, ppo_prompts=16, eval_prompts=10)
-    # The data stage reads, filters, tokenizes and packs over both nodes; deduplication (two more
-    # distributed shuffles, ~1 min here) is scored against ground truth in test_data_stage.py.
-    config["data"]["dedup"].update(exact=False, near=False)
     # Two workers, one per node where the nodes have room (1 CPU each: the head alone has 2).
     train = {"num_workers": 2, "cpus_per_worker": 1.0, "placement_strategy": "SPREAD", "sequences_per_step": 8,
              "micro_batch_per_worker": 4, "warmup_steps": 0, "eval_batches": 1}  # fmt: skip
