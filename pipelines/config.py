@@ -116,34 +116,41 @@ def load_config(path: str | Path) -> KilnConfig:
         ConfigError: a file is missing, is not YAML, or the result does not match the tree.
     """
     path = Path(path)
-    files = config_files(path)
-    data = _read_yaml(files[-1])
-    for child in reversed(files[:-1]):
-        data = _overlay(data, _read_yaml(child))
+    chain = _config_chain(path)
+    data = chain[-1][1]
+    for _, child in reversed(chain[:-1]):
+        data = _overlay(data, child)
     if isinstance(data, dict):
         data.pop("extends", None)
+    files = [f for f, _ in chain]
     source = str(path) if len(files) == 1 else f"{path} (extends {', '.join(str(f) for f in files[1:])})"
     return parse_config(data, source)
 
 
 def config_files(path: str | Path) -> list[Path]:
-    """The config file and, in order, every file it extends (``extends:``), each read once.
+    """The config file and, in order, every file it extends (``extends:``).
 
     Raises:
         ConfigError: a file is unreadable or not YAML, ``extends`` is not a path, or the chain loops.
     """
-    files = [Path(path)]
+    return [f for f, _ in _config_chain(Path(path))]
+
+
+def _config_chain(path: Path) -> list[tuple[Path, Any]]:
+    """Each file of the ``extends`` chain with its parsed YAML, each read once."""
+    chain = [(path, _read_yaml(path))]
     while True:
-        data = _read_yaml(files[-1])
+        last, data = chain[-1]
         parent = data.get("extends") if isinstance(data, dict) else None
         if parent is None:
-            return files
+            return chain
         if not isinstance(parent, str) or not parent:
-            raise ConfigError(f"{files[-1]}: extends must be the path of another config file, got {parent!r}")
-        nxt = files[-1].parent / parent
+            raise ConfigError(f"{last}: extends must be the path of another config file, got {parent!r}")
+        nxt = last.parent / parent
+        files = [f for f, _ in chain]
         if nxt.resolve() in {f.resolve() for f in files}:
-            raise ConfigError(f"{files[-1]}: extends {parent} makes a loop: {' -> '.join(str(f) for f in [*files, nxt])}")
-        files.append(nxt)
+            raise ConfigError(f"{last}: extends {parent} makes a loop: {' -> '.join(str(f) for f in [*files, nxt])}")
+        chain.append((nxt, _read_yaml(nxt)))
 
 
 def _read_yaml(path: Path) -> Any:
