@@ -175,6 +175,17 @@ def test_fail_policy_stops_at_the_first_bad_record(corpus: Path, tmp_path: Path,
     assert not (cfg.run.dir / "data").exists()  # nothing half-written
 
 
+def test_dedup_off_keeps_every_duplicate(first_run: tuple, corpus: Path, tmp_path: Path) -> None:
+    """Both deduplications off: no grouping pass at all (it once crashed on zero key columns),
+    and the documents the first run dropped as duplicates are kept."""
+    _, report = first_run
+    cfg = _config(tmp_path, corpus, dedup={"exact": False, "near": False})
+    docs = data.run(cfg)["documents"]
+    assert docs["exact_duplicates"] == docs["near_duplicates"] == 0
+    expected = report["documents"]["kept"] + report["documents"]["exact_duplicates"] + report["documents"]["near_duplicates"]
+    assert docs["kept"] == expected and docs["filtered"] == report["documents"]["filtered"]
+
+
 def test_missing_input_fails_before_any_work(tmp_path: Path) -> None:
     cfg = _config(tmp_path, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"data.input.paths\[0\]"):

@@ -96,6 +96,9 @@ def _pipeline_config(tmp_path: Path, name: str) -> dict[str, Any]:
     corpus = Path(config["generate"]["out_dir"])
     config["run"]["storage_path"] = str(tmp_path / "storage")
     config["generate"].update(sft_examples=64, preference_pairs=64, ppo_prompts=16, eval_prompts=10)
+    # The data stage reads, filters, tokenizes and packs over both nodes; deduplication (two more
+    # distributed shuffles, ~1 min here) is scored against ground truth in test_data_stage.py.
+    config["data"]["dedup"].update(exact=False, near=False)
     # Two workers, one per node where the nodes have room (1 CPU each: the head alone has 2).
     train = {"num_workers": 2, "cpus_per_worker": 1.0, "placement_strategy": "SPREAD", "sequences_per_step": 8,
              "micro_batch_per_worker": 4, "warmup_steps": 0, "eval_batches": 1}  # fmt: skip
@@ -164,6 +167,7 @@ def test_pipeline_runs_on_two_nodes_and_survives_losing_one(cluster: TwoNodes, t
     # kiln submit followed the job: the stages' own output, then the final status. The same through
     # the job API: status, logs without a driver traceback, the runtime environment kiln gave the job.
     assert "kiln generate: wrote" in log and "kiln data: summary" in log and "kiln ppo: done" in log
+    assert _summary(run_dir, "data")["documents"]["exact_duplicates"] == 0  # dedup off: no grouping pass
     assert log.rstrip().endswith(f"job {job_id} SUCCEEDED")
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     logs = client.get_job_logs(job_id)

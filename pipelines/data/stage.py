@@ -379,13 +379,16 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         # 2. Group on content hashes and LSH band keys in one hash shuffle: exact duplicate pairs
         #    and near-duplicate candidate pairs.
         t = time.perf_counter()
-        got = _grouped(
-            ray.data.read_parquet(annotated, columns=["id", "status", "content_hash", "band_key"])
-            .map_batches(_live, batch_format="numpy")
-            .map_batches(_group_keys, batch_format="numpy",
-                         fn_kwargs={"exact": dcfg.dedup.exact, "near": dcfg.dedup.near}),  # fmt: skip
-            "key", _pairs_in_partition, partitions, ["a", "b", "kind"],
-        )
+        if dcfg.dedup.exact or dcfg.dedup.near:
+            got = _grouped(
+                ray.data.read_parquet(annotated, columns=["id", "status", "content_hash", "band_key"])
+                .map_batches(_live, batch_format="numpy")
+                .map_batches(_group_keys, batch_format="numpy",
+                             fn_kwargs={"exact": dcfg.dedup.exact, "near": dcfg.dedup.near}),  # fmt: skip
+                "key", _pairs_in_partition, partitions, ["a", "b", "kind"],
+            )
+        else:  # deduplication off: nothing to group, every live document is kept
+            got = {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "kind": np.zeros(0, np.int8)}
         pairs = np.stack([got["a"], got["b"]], axis=1).astype(np.int64).reshape(-1, 2)
         exact_dropped, exact_kept = components(np.unique(pairs[got["kind"] == 0], axis=0))
         seconds["group"] = time.perf_counter() - t
