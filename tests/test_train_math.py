@@ -17,10 +17,11 @@ from transformers import AutoTokenizer
 from core.config import ConfigError
 from core.jsonl import BadRecord
 from pipelines.config import load_config, parse_config
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import ModelConfig, TrainConfig
 from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
 from pipelines.train.losses import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
-from pipelines.train.rows import RowStream, step_positions
+from pipelines.train.modeling import build_model
+from pipelines.train.rows import RowStream, step_positions, trim_padding
 
 # --- losses --------------------------------------------------------------------------------------
 
@@ -130,6 +131,51 @@ def test_preference_rows_keep_the_response_end(tok) -> None:  # noqa: ANN001
     rows, _ = preference_rows(tok, [("p:2", chat)], seq_len=32, overlong="truncate")
     assert "Hello" in tok.decode(rows["chosen_ids"][0].tolist())
     assert rows["rejected_ids"][0, -1] == tok.pad_token_id
+
+
+def test_trim_padding_cuts_to_the_longest_row() -> None:
+    pad = 0
+    rows = {
+        "chosen_ids": np.array([[5, 6, 0, 0, 0], [5, 0, 0, 0, 0]]),
+        "rejected_ids": np.array([[5, 6, 7, 0, 0], [5, 0, 0, 0, 0]]),
+        "chosen_labels": np.array([[IGNORE, 6, IGNORE, IGNORE, IGNORE], [IGNORE] * 5]),
+        "ref_chosen_logp": np.array([-1.0, -2.0]),  # a scalar column stays as it is
+    }
+    out = trim_padding(rows, pad)
+    assert {k: v.shape for k, v in out.items()} == {"chosen_ids": (2, 3), "rejected_ids": (2, 3),
+                                                    "chosen_labels": (2, 3), "ref_chosen_logp": (2,)}  # fmt: skip
+    assert out["rejected_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    packed = {"input_ids": np.array([[3, 4, 5], [6, 7, 8]])}  # pretraining: no padding, nothing cut
+    assert trim_padding(packed, pad)["input_ids"].shape == (2, 3)
+    assert trim_padding(rows, None) is rows
+    # Labels pad with IGNORE, not with the pad id: a real label equal to pad_id keeps its column.
+    assert trim_padding({"input_ids": np.array([[5, 0, 0]]), "labels": np.array([[IGNORE, 0, IGNORE]])}, pad)[
+        "input_ids"].shape == (1, 2)  # fmt: skip
+
+
+@pytest.mark.parametrize("head", ["lm", "reward"])
+def test_trimmed_batches_give_the_same_loss_and_scores(tok, head: str) -> None:  # noqa: ANN001
+    """Dynamic padding changes no number: the LM loss and the reward scores (read at the last real
+    token) of a real tiny Llama are the same on the full-width and the trimmed batch."""
+    torch.manual_seed(0)
+    arch = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                       max_position_embeddings=64)  # fmt: skip
+    model = build_model(head, tok, arch=arch).eval()
+    records = [("a:1", {"prompt": "What is 1 + 1?", "response": "2"}),
+               ("a:2", {"prompt": "What is 12 + 30?", "response": "12 + 30 = 42."})]  # fmt: skip
+    full, _ = sft_rows(tok, records, seq_len=48, overlong="truncate", packing=False)
+    cut = trim_padding(full, tok.pad_token_id)
+    assert cut["input_ids"].shape[1] < 48
+    with torch.no_grad():
+        if head == "lm":
+            def loss(r: dict) -> float:
+                total, count = lm_loss_sum(model(input_ids=torch.from_numpy(r["input_ids"])).logits,
+                                           torch.from_numpy(r["labels"]))  # fmt: skip
+                return (total / count).item()
+            assert loss(cut) == pytest.approx(loss(full), abs=1e-5)
+        else:
+            scores = [model(input_ids=torch.from_numpy(r["input_ids"])).logits.squeeze(-1) for r in (full, cut)]
+            torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=0)
 
 
 def test_split_validation_is_deterministic() -> None:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.train.config import TrainConfig
+from pipelines.train.losses import IGNORE
 
 
 class RowStream:
@@ -66,6 +67,32 @@ class RowStream:
             for c in self.columns:
                 out[c].append(file_rows[c][row])
         return {c: np.stack(v).astype(np.int64 if v[0].ndim else np.float64) for c, v in out.items()}
+
+
+def trim_padding(rows: dict[str, np.ndarray], pad_id: int | None) -> dict[str, np.ndarray]:
+    """Dynamic padding: cut a micro batch's right-padded token columns to its longest row.
+
+    Rows are stored padded to ``seq_len``; the columns past every row's last real token only cost
+    compute. Cutting them changes no number: the models are causal (no real token attends to a
+    later column), padding carries no loss (IGNORE labels) and the reward head reads each row's
+    last real token. The token columns are the 2-D ones: ``*labels`` pad with IGNORE, the others
+    with ``pad_id``. A packed pretraining batch has no padding and comes back whole.
+
+    Args:
+        rows: {column: (B, L) tokens or (B,) scalars}, as ``RowStream.rows`` returns them.
+        pad_id: The tokenizer's padding id (None: no padding to find; nothing is cut).
+
+    Returns:
+        The same columns, every 2-D one cut to the same width (at least one column).
+    """
+    if pad_id is None:
+        return rows
+    width = 1
+    for name, column in rows.items():
+        if column.ndim == 2:
+            real = np.flatnonzero((column != (IGNORE if name.endswith("labels") else pad_id)).any(axis=0))
+            width = max(width, int(real[-1]) + 1 if real.size else 0)
+    return {name: column[:, :width] if column.ndim == 2 else column for name, column in rows.items()}
 
 
 def _fixed_rows(column: Any) -> np.ndarray:

@@ -46,7 +46,7 @@ from pipelines.train.losses import (
     sequence_logps,
 )
 from pipelines.train.modeling import apply_lora, build_model, save_hf_model
-from pipelines.train.rows import RowStream, step_positions
+from pipelines.train.rows import RowStream, step_positions, trim_padding
 
 Objective = Literal["lm", "reward", "dpo"]
 # The row columns each objective reads (a pretraining shard has no labels: RowStream skips them).
@@ -170,7 +170,9 @@ def _all_sum(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _evaluate(engine: Any, job: TrainJob, stream: RowStream, rank: int, device: torch.device) -> dict[str, float]:
+def _evaluate(
+    engine: Any, job: TrainJob, stream: RowStream, rank: int, device: torch.device, pad_id: int | None
+) -> dict[str, float]:
     """Held-out figures (``val_loss``, and perplexity, pairwise accuracy or DPO's rewards) on the
     first rows of the validation files."""
     cfg = job.train
@@ -183,7 +185,7 @@ def _evaluate(engine: Any, job: TrainJob, stream: RowStream, rank: int, device: 
     with torch.no_grad():
         for b in range(batches):
             start = (b * cfg.num_workers + rank) * cfg.micro_batch_per_worker
-            rows = stream.rows(0, np.arange(start, start + cfg.micro_batch_per_worker))
+            rows = trim_padding(stream.rows(0, np.arange(start, start + cfg.micro_batch_per_worker)), pad_id)
             batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
             sums = _add(sums, _forward(engine, job, batch)[1])
     engine.train()
@@ -233,6 +235,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # 1. Model and engine. Same seed on every rank: ZeRO-3 partitions each rank's own copy.
     _seed_all(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    pad_id = tokenizer.pad_token_id  # micro batches are cut to their longest row (trim_padding)
     model = build_model("reward" if job.objective == "reward" else "lm", tokenizer, arch=job.arch, path=job.init_from)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -283,7 +286,8 @@ def train_worker(config: dict[str, Any]) -> None:
         tokens = 0
         for micro in range(cfg.grad_accum_steps):
             epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
-            batch = {k: torch.from_numpy(v).to(device) for k, v in train.rows(epoch, positions).items()}
+            rows = trim_padding(train.rows(epoch, positions), pad_id)
+            batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
             loss, micro_sums, t = _forward(engine, job, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -311,7 +315,7 @@ def train_worker(config: dict[str, Any]) -> None:
             }
             window, timing = {}, {"tokens": 0, "seconds": 0.0}
         if step % cfg.eval_every_steps == 0 or step == cfg.max_steps:
-            record = {"step": step, **record, **_evaluate(engine, job, valid, rank, device)}
+            record = {"step": step, **record, **_evaluate(engine, job, valid, rank, device, pad_id)}
         if record:
             metrics.write(record)
         if step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps:
