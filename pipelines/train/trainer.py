@@ -1,9 +1,9 @@
 """The driver side of the one training machinery behind pretrain, SFT and reward model.
 
 ``fit`` checks inputs, starts a Ray Train ``TorchTrainer`` whose workers run
-``pipelines.train.worker.train_worker`` (DeepSpeed ZeRO), and copies the exported model into the
-run directory. The three stage drivers (``pretrain.py``, ``sft.py``, ``reward_model.py``) build a
-``TrainJob`` and call it.
+``pipelines.train.worker.train_worker`` (DeepSpeed ZeRO; entered through ``pipelines.train.entry``),
+and copies the exported model into the run directory. The stage drivers (``pretrain.py``,
+``sft.py``, ``reward_model.py``, ``dpo.py``) build a ``TrainJob`` and call it.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from core.progress import StageProgress
 from core.rundir import atomic_dir
 from pipelines.data import storage
 from pipelines.train.config import TrainConfig
+from pipelines.train.entry import pack_job, train_loop
 from pipelines.train.modeling import check_model_dir
 from pipelines.train.rows import RowStream
-from pipelines.train.worker import EXPORT_DIR, Objective, TrainJob, train_worker
+from pipelines.train.worker import EXPORT_DIR, Objective, TrainJob
 
 
 class TrainingDiverged(ValueError):
@@ -85,8 +86,8 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
     cfg = job.train
     t0 = time.perf_counter()
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job},
+        train_loop,  # pipelines.train.entry: the controller does not import torch (see there)
+        train_loop_config=pack_job(job),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
