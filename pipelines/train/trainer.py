@@ -9,6 +9,7 @@ and copies the exported model into the run directory. The stage drivers (``pretr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +31,15 @@ from pipelines.train.entry import pack_job, train_loop
 from pipelines.train.modeling import check_model_dir
 from pipelines.train.rows import RowStream
 from pipelines.train.worker import EXPORT_DIR, Objective, TrainJob
+
+
+# Ray Train V2's controller takes a worker's report when it polls the workers (every 2 s by
+# default), and a worker's next report waits until the previous one is taken: with a report every
+# few steps of a small model, training stalls at one report per poll. Polling every 0.2 s costs a
+# few small RPCs a second. The controller reads it from the driver's environment (propagated by
+# Ray Train); a value already set there wins.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_S = "0.2"
 
 
 class TrainingDiverged(ValueError):
@@ -85,6 +95,7 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
     stage_dir = Path(job.stage_dir)
     cfg = job.train
     t0 = time.perf_counter()
+    os.environ.setdefault(POLL_ENV, POLL_S)
     trainer = TorchTrainer(
         train_loop,  # pipelines.train.entry: the controller does not import torch (see there)
         train_loop_config=pack_job(job),
