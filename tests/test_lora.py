@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
-from test_ppo_e2e import _kill_all, _ppo_config, _sampled_eval, _start, task  # noqa: F401 - task is a fixture
+from test_ppo_e2e import _kill_all, _ppo_config, _sampled_eval, _start
 
 from actors.experience import collate, response_logits
 from actors.rollout import vllm_lora_rank
@@ -249,7 +249,7 @@ def test_lora_dpo_under_zero3_keeps_the_stored_reference(ray_local: None, tiny_l
 
 
 @pytest.mark.slow
-def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: None, task: dict[str, Any]) -> None:  # noqa: F811
+def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: None, task: dict[str, Any]) -> None:
     """GRPO with a LoRA learner (2 ZeRO-3 ranks): no reference actor (the learner's base model is
     the reference); each sync sends only the adapter, after which the vLLM engine samples
     differently and its log-probs match the learner's; the held-out reward rises."""

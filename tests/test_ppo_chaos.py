@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import ray
-from test_ppo_e2e import _ppo_config, task  # noqa: F401  (task: the module's fixture, reused here)
+from test_ppo_e2e import _ppo_config
 
 from core.metrics import read_metrics
 from pipelines.rlhf.config import PpoConfig
@@ -63,7 +63,7 @@ class Killer:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local: None, task: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+def runs(ray_local: None, task: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     p = _config(task, max_failures=len(KILLS) - 1)  # the rollout actor's restart is not a failure
     calm_dir, chaos_dir = tmp_path_factory.mktemp("calm"), tmp_path_factory.mktemp("chaos")
     calm = _run(task, p, calm_dir)
@@ -107,7 +107,7 @@ def test_steps_after_each_resume_equal_the_undisturbed_run(runs: dict[str, Any])
     assert evals[0] == pytest.approx(evals[1], abs=1e-6) and sum(e is not None for e in evals[0]) == 4
 
 
-def test_one_failure_too_many_ends_the_run_naming_role_and_step(ray_local: None, task: dict[str, Any],  # noqa: F811
+def test_one_failure_too_many_ends_the_run_naming_role_and_step(ray_local: None, task: dict[str, Any],
                                                                 tmp_path: Path) -> None:  # fmt: skip
     def kill_reference(actors: Actors, step: int) -> None:
         ray.kill(actors.reference)
