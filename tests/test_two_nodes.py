@@ -102,9 +102,9 @@ def _pipeline_config(tmp_path: Path, name: str) -> dict[str, Any]:
     # Two workers, one per node where the nodes have room (1 CPU each: the head alone has 2).
     train = {"num_workers": 2, "cpus_per_worker": 1.0, "placement_strategy": "SPREAD", "sequences_per_step": 8,
              "micro_batch_per_worker": 4, "warmup_steps": 0, "eval_batches": 1}  # fmt: skip
-    # 600 steps of ~50 ms: long enough to kill the node after the first checkpoint (step 100).
-    config["pretrain"] = {**quickstart["pretrain"], **train, "max_steps": 600, "log_every_steps": 20,
-                          "eval_every_steps": 600, "checkpoint_every_steps": 100,
+    # 300 steps of 50-100 ms: long enough to kill the node after the first checkpoint (step 50).
+    config["pretrain"] = {**quickstart["pretrain"], **train, "max_steps": 300, "log_every_steps": 10,
+                          "eval_every_steps": 300, "checkpoint_every_steps": 50,
                           "model": {**quickstart["pretrain"]["model"], "hidden_size": 64, "intermediate_size": 128,
                                     "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
                                     "max_position_embeddings": 128}}  # fmt: skip
@@ -152,11 +152,11 @@ def test_pipeline_runs_on_two_nodes_and_survives_losing_one(cluster: TwoNodes, t
     # Kill the second node once pretraining has a checkpoint to resume from, and well before its end.
     pretrain_storage = tmp_path / "storage" / "twonodes" / "pretrain"
     deadline = time.monotonic() + 1500  # a guard against a hang, not a timing goal
-    while _latest_checkpoint_step(pretrain_storage) < 100:
+    while _latest_checkpoint_step(pretrain_storage) < 50:
         assert job.poll() is None and time.monotonic() < deadline, "".join(output)[-5000:]
         time.sleep(0.1)
     steps = [m["step"] for m in read_metrics(run_dir / "pretrain") if "loss" in m]
-    assert steps[-1] < 400, f"pretraining almost done ({steps[-1]} of 600) when the node was to be killed"
+    assert steps[-1] < 200, f"pretraining almost done ({steps[-1]} of 300) when the node was to be killed"
     cluster.restart_second()
 
     assert job.wait(timeout=1800) == 0, "".join(output)[-8000:]
@@ -179,13 +179,13 @@ def test_pipeline_runs_on_two_nodes_and_survives_losing_one(cluster: TwoNodes, t
     (head,) = before & after
     first, second = before - after, after - before
 
-    # Pretraining: both nodes at first; one resume after the node died, from the checkpoint at 100
+    # Pretraining: both nodes at first; one resume after the node died, from the checkpoint at 50
     # (or later), and every step to the end. The loss kept falling.
     pretrain = _summary(run_dir, "pretrain")
     starts = [m for m in read_metrics(run_dir / "pretrain") if m.get("event") in ("start", "resume")]
     assert set(starts[0]["nodes"]) == {head, *first}, starts
-    assert pretrain["resumes"] >= 1 and starts[1]["step"] >= 100, starts
-    assert pretrain["steps"] == 600 and pretrain["final_loss"] < pretrain["first_loss"], pretrain
+    assert pretrain["resumes"] >= 1 and starts[1]["step"] >= 50, starts
+    assert pretrain["steps"] == 300 and pretrain["final_loss"] < pretrain["first_loss"], pretrain
     assert (run_dir / "pretrain" / "model" / "config.json").is_file()
 
     # The later stages ran on the head and the node that replaced the dead one.
