@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -188,3 +190,49 @@ def test_kl_loss_is_k3_of_the_current_policy_and_pulls_it_back() -> None:
     assert logp.grad[0, 1].item() == pytest.approx((1 - math.exp(1.0)) / 2, rel=1e-6)
     assert logp.grad[0, 2].item() == 0.0
     assert kl_loss(ref, ref, mask).item() == 0.0
+
+
+# --- the rollout-reward trend (pipelines.rlhf.ppo) ----------------------------------------------
+
+
+def test_prompt_rewards_average_valid_samples_and_drop_all_skipped_prompts() -> None:
+    from pipelines.rlhf.ppo import prompt_rewards
+
+    total = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 0.75])
+    valid = torch.tensor([True, False, False, False, True, True])
+    assert prompt_rewards([7, 3, 9], total, valid, k=2) == [[7, 1.0], [9, 0.5]]
+
+
+def _steps(prompt_sets: list[list[int]], reward: Callable[[int, int], float]) -> list[dict[str, Any]]:
+    return [{"reward_mean": sum(reward(s, i) for i in ids) / len(ids), "prompt_rewards": [[i, reward(s, i)] for i in ids]}
+            for s, ids in enumerate(prompt_sets)]  # fmt: skip
+
+
+def test_reward_trend_pairs_prompts_that_both_windows_drew() -> None:
+    """Prompts that differ a lot in difficulty, a policy that gains 0.05 on each of them: step means
+    are swamped by which prompts a step drew, the paired test over prompts is not."""
+    from pipelines.rlhf.ppo import prompt_indices, reward_trend
+
+    def reward(step: int, prompt: int) -> float:
+        return (prompt % 10) / 10 + (0.05 if step >= 5 else 0.0)
+
+    # 20 prompts, 4 a step: one pass every 5 steps, so the first and the last 5 steps draw the same 20.
+    steps = _steps([prompt_indices(s, 4, 20, seed=0) for s in range(10)], reward)
+    trend = reward_trend(steps)
+    assert trend["reward_gain_test"] == "paired t over 20 prompts"
+    assert trend["reward_gain"] == pytest.approx(0.05) and trend["reward_gain_p"] < 1e-10
+    assert trend["reward_last_steps"]["mean"] - trend["reward_first_steps"]["mean"] == pytest.approx(0.05)
+    assert trend["reward_first_steps"]["steps"] == 5 and len(trend["reward_first_steps"]["ci95"]) == 2
+
+
+def test_reward_trend_without_shared_prompts_is_welch_on_step_means() -> None:
+    from pipelines.eval.stats import welch_test
+    from pipelines.rlhf.ppo import reward_trend
+
+    steps = _steps([[s * 2, s * 2 + 1] for s in range(10)], lambda s, i: (i % 7) / 7)
+    trend = reward_trend(steps)
+    means = [m["reward_mean"] for m in steps]
+    assert trend["reward_gain_test"] == "Welch over step means"
+    assert (trend["reward_gain"], trend["reward_gain_p"]) == welch_test(means[:5], means[5:])
+    # Records from before prompt_rewards existed: the same.
+    assert reward_trend([{"reward_mean": m} for m in means])["reward_gain_test"] == "Welch over step means"

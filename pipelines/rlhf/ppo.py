@@ -47,7 +47,7 @@ from core.progress import StageProgress
 from core.rundir import atomic_dir, atomic_write_json, mark_finished, prepare_stage, recover_interrupted
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.eval.stats import mean_interval, welch_test
+from pipelines.eval.stats import mean_interval, paired_mean_test, welch_test
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo_math import (
     adaptive_kl_coef,
@@ -223,7 +223,8 @@ class State:
 def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, pad_id: int) -> dict[str, Any]:
     """One PPO step: generate, score, advantages, learn, sync. Returns the step's metrics."""
     t_start = time.perf_counter()
-    chosen = [prompts[i] for i in prompt_indices(state.step, p.prompts_per_step, len(prompts), p.seed)]
+    indices = prompt_indices(state.step, p.prompts_per_step, len(prompts), p.seed)
+    chosen = [prompts[i] for i in indices]
     k = p.samples_per_prompt
 
     # 2. generate
@@ -302,6 +303,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
         "logprob_mismatch": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
         "logprob_mismatch_max": ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).max().item(),
         "skipped_samples": int((~scores.valid).sum()),
+        # [prompt index, mean reward of its valid samples]: reward_trend pairs steps by prompt.
+        "prompt_rewards": prompt_rewards(indices, scores.total, scores.valid, k),
         **learned,
         **valued,
         "time_generate_s": t_generate - t_start,
@@ -439,7 +442,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "eval_after": after["after"],
         "recoveries": after["recoveries"],
         "nodes": actor_nodes(read_metrics(stage_dir)),
-        **reward_trend([m["reward_mean"] for m in steps]),
+        **reward_trend(steps),
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
@@ -458,19 +461,50 @@ def actor_nodes(lines: list[dict[str, Any]]) -> dict[str, list[str]]:
     return nodes
 
 
-def reward_trend(rewards: list[float], window: int = 5) -> dict[str, Any]:
-    """The rollout reward of the first and of the last ``window`` steps (each a mean of step means,
-    with a 95 % t interval) and Welch's test that they differ: did training raise the reward?"""
-    first, last = rewards[:window], rewards[-window:]
-    delta, p_value = welch_test(first, last)
-    return {
-        "reward_first_steps": {"steps": len(first), "mean": sum(first) / len(first) if first else None,
-                               "ci95": list(mean_interval(first)) if first else None},
-        "reward_last_steps": {"steps": len(last), "mean": sum(last) / len(last) if last else None,
-                              "ci95": list(mean_interval(last)) if last else None},
-        "reward_gain": delta,
-        "reward_gain_p": p_value,
-    }
+def prompt_rewards(indices: list[int], total: torch.Tensor, valid: torch.Tensor, k: int) -> list[list[float]]:
+    """``[prompt index, mean reward]`` for each prompt of a step whose ``k`` samples are not all skipped."""
+    out = []
+    for i, index in enumerate(indices):
+        ok = valid[i * k : (i + 1) * k]
+        if ok.any():
+            out.append([index, total[i * k : (i + 1) * k][ok].mean().item()])
+    return out
+
+
+def reward_trend(steps: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:
+    """Did training raise the rollout reward? The first ``window`` steps against the last ``window``.
+
+    Each window's mean is a mean of step means, with a 95 % t interval. How much of a step's mean
+    is the policy and how much its prompts (a batch of sums that need a carry scores lower) depends
+    on which prompts it drew. When both windows drew the same prompts (a prompt set the run cycles
+    through, e.g. one pass per window), the gain is a paired t-test over those prompts, each prompt's
+    mean reward in the first window against the last: the prompts' own difficulty cancels.
+    Otherwise it is Welch's test on the step means.
+    """
+    first, last = steps[:window], steps[-window:]
+    out: dict[str, Any] = {}
+    for name, part in (("reward_first_steps", first), ("reward_last_steps", last)):
+        means = [m["reward_mean"] for m in part]
+        out[name] = {"steps": len(means), "mean": sum(means) / len(means) if means else None,
+                     "ci95": list(mean_interval(means)) if means else None}  # fmt: skip
+    before, after = (_per_prompt(part) for part in (first, last))
+    shared = sorted(before.keys() & after.keys())
+    if len(shared) >= 2 and 2 * len(shared) >= max(len(before), len(after)):
+        delta, p_value = paired_mean_test([before[i] for i in shared], [after[i] for i in shared])
+        out.update(reward_gain=delta, reward_gain_p=p_value, reward_gain_test=f"paired t over {len(shared)} prompts")
+    else:
+        delta, p_value = welch_test([m["reward_mean"] for m in first], [m["reward_mean"] for m in last])
+        out.update(reward_gain=delta, reward_gain_p=p_value, reward_gain_test="Welch over step means")
+    return out
+
+
+def _per_prompt(steps: list[dict[str, Any]]) -> dict[int, float]:
+    """Each prompt's mean reward over ``steps`` (from their ``prompt_rewards``)."""
+    seen: dict[int, list[float]] = {}
+    for m in steps:
+        for index, reward in m.get("prompt_rewards", ()):
+            seen.setdefault(int(index), []).append(reward)
+    return {i: sum(r) / len(r) for i, r in seen.items()}
 
 
 def _train(
