@@ -1,9 +1,10 @@
 """Chaos: one PPO run in which every actor role dies once, against the same run undisturbed.
 
 Both runs go through the controller's own loop (``ppo._train``): the chaotic one with a fault hook
-that kills one actor before a chosen step. The controller must rebuild the actors, resume from the
-latest checkpoint (or from the start when there is none yet), reach the last step, and produce the
-very same steps as the run that nothing disturbed: every step is a function of (seed, step).
+that kills one actor before a chosen step. The controller must restart the dead actor's group (every
+actor when there is no checkpoint yet), resume from the latest checkpoint (or from the start), reach
+the last step, and produce the very same steps as the run that nothing disturbed: every step is a
+function of (seed, step).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ MAX_STEPS = 7
 # Before which step (0-based: steps done so far) each role dies. Checkpoints every 2 steps: the
 # learner rank dies before any checkpoint (the run starts over), the critic and the reward scorer
 # one step after one (that step is replayed), the reference right after one. The rollout actor is
-# restarted in place by Ray (rollout.max_restarts) and resynced: no rebuild.
+# restarted in place by Ray (rollout.max_restarts) and resynced: no recovery.
 KILLS = {1: "learner rank 1", 3: "critic rank 0", 4: "reference", 5: "reward scorer", 6: "rollout"}
 COMPARED = ("reward_mean", "kl", "response_length", "policy_loss", "value_loss", "entropy")
 
@@ -75,9 +76,13 @@ def runs(ray_local: None, task: dict[str, Any], tmp_path_factory: pytest.TempPat
 def test_every_role_dies_once_and_the_run_reaches_its_last_step(runs: dict[str, Any]) -> None:
     assert [role for _, role in runs["killed"]] == list(KILLS.values())
     events = [r for r in read_metrics(runs["chaos_dir"]) if r.get("event") == "recovery"]
-    # The rollout actor's crash is absorbed by Ray's restart; each other role costs one rebuild.
+    # The rollout actor's crash is absorbed by Ray's restart; each other role costs one recovery.
     assert [e["role"] for e in events] == ["learner rank 1", "critic rank 0", "reference", "reward scorer"]
     assert [(e["failed_step"], e["resumed_step"]) for e in events] == [(2, 0), (4, 2), (5, 4), (6, 4)]
+    # Before the first checkpoint every actor starts again; after it, only the dead one's group.
+    ids = [e["ids"] for e in read_metrics(runs["chaos_dir"]) if e.get("event") == "actors"]
+    replaced = [sorted(role for role in new if new[role] != old[role]) for old, new in zip(ids, ids[1:])]
+    assert replaced == [sorted(ids[0]), ["critic rank 0"], ["reference"], ["reward scorer"]], replaced
     assert runs["chaos"]["recoveries"] == 4 and runs["calm"]["recoveries"] == 0
     steps = [r["step"] for r in read_metrics(runs["chaos_dir"], by_step=True)]
     assert steps == list(range(MAX_STEPS + 1))  # step 0: the evaluation before training

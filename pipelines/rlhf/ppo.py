@@ -138,35 +138,61 @@ class Actors:
         """Every actor handle, e.g. to kill them all."""
         return list(self.roles().values())
 
+    def ids(self) -> dict[str, str]:
+        """Each actor's Ray actor id, by role: which actors a recovery replaced."""
+        return {role: actor._actor_id.hex() for role, actor in self.roles().items()}
+
     def nodes(self) -> dict[str, str]:
         """The Ray node id each actor runs on, by role."""
         where = [a.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()) for a in self.all()]
         return dict(zip(self.roles(), ray.get(where)))
 
 
-def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path) -> Actors:
-    """Create every role's actor(s) from the ``ppo:`` section, with the resources it gives them."""
+def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_init: Path,
+                 keep: Actors | None = None, replace: str | None = None) -> Actors:  # fmt: skip
+    """Create every role's actor(s) from the ``ppo:`` section, with the resources it gives them.
+
+    With ``keep``, only the group ``replace`` (``rollout``, ``reward scorer``, ``reference``,
+    ``learner`` or ``critic``: see ``group_of``) is created anew; the others are ``keep``'s.
+    """
     # In-process engine: weights reach its worker as tensors. Per-reload INFO lines are noise.
     env = {"VLLM_LOGGING_LEVEL": "WARNING", **p.rollout.engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
     where = {"scheduling_strategy": p.scheduling_strategy}
-    rollout = RolloutGenerator.options(
-        num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
-        runtime_env={"env_vars": env}, **where,
-    ).remote(str(policy), p)
-    reward = RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus, **where).remote(
-        p, str(reward_model) if reward_model else None
-    )
-    # With LoRA the reference is the learner's own base model (adapter off): no second copy.
-    reference = None if p.learner.lora else ReferencePolicy.options(
-        num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus, **where
-    ).remote(str(policy), p)
 
     def options(m: Any) -> dict[str, Any]:
         return {"num_cpus": m.cpus_per_worker, "num_gpus": 1 if m.use_gpu else 0, **where}
 
-    learner = RankGroup(PolicyLearner, p.learner.num_workers, options(p.learner), p, str(policy))
-    critic = RankGroup(Critic, p.critic.num_workers, options(p.critic), p, str(critic_init)) if p.advantage == "gae" else None
-    return Actors(rollout, reward, reference, learner, critic)
+    makers: dict[str, Callable[[], Any]] = {
+        "rollout": lambda: RolloutGenerator.options(
+            num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus, max_restarts=p.rollout.max_restarts,
+            runtime_env={"env_vars": env}, **where,
+        ).remote(str(policy), p),
+        "reward scorer": lambda: RewardScorer.options(num_cpus=p.reward.num_cpus, num_gpus=p.reward.num_gpus, **where).remote(
+            p, str(reward_model) if reward_model else None
+        ),
+        # With LoRA the reference is the learner's own base model (adapter off): no second copy.
+        "reference": lambda: None if p.learner.lora else ReferencePolicy.options(
+            num_cpus=p.reference.num_cpus, num_gpus=p.reference.num_gpus, **where
+        ).remote(str(policy), p),
+        "learner": lambda: RankGroup(PolicyLearner, p.learner.num_workers, options(p.learner), p, str(policy)),
+        "critic": lambda: RankGroup(Critic, p.critic.num_workers, options(p.critic), p, str(critic_init))
+        if p.advantage == "gae" else None,
+    }  # fmt: skip
+    if keep is None:
+        made = {group: make() for group, make in makers.items()}
+    else:
+        kept = {"rollout": keep.rollout, "reward scorer": keep.reward, "reference": keep.reference,
+                "learner": keep.learner, "critic": keep.critic}  # fmt: skip
+        made = {group: makers[group]() if group == replace else kept[group] for group in makers}
+    actors = Actors(made["rollout"], made["reward scorer"], made["reference"], made["learner"], made["critic"])
+    if keep is not None and replace != "rollout":  # the engine holds these weights (generate's resync check)
+        actors.weights, actors.version = keep.weights, keep.version
+    return actors
+
+
+def group_of(role: str) -> str:
+    """The group that is restarted when ``role`` dies: a rank takes its whole group (its collective)."""
+    return role.split(" rank ")[0]
 
 
 def sync_weights(actors: Actors) -> None:
@@ -508,7 +534,7 @@ def _per_prompt(steps: list[dict[str, Any]]) -> dict[int, float]:
 
 
 def _train(
-    start: Callable[[], Actors], p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt],
+    start: Callable[..., Actors], p: PpoConfig, stage_dir: Path, prompts: list[Prompt], eval_prompts: list[Prompt],
     metric: Any, pad_id: int, stage: str, fault: Callable[[Actors, int], None] | None = None,
 ) -> dict[str, Any]:
     """Start the actors, resume or start, run the loop to ``max_steps``, export the policy.
@@ -517,7 +543,7 @@ def _train(
     cluster. A dead actor costs the steps since the latest checkpoint, up to ``p.max_failures`` times.
 
     Args:
-        start: creates every actor (``start_actors`` with the run's models).
+        start: ``start_actors`` with the run's models (and its ``keep``/``replace`` to restart one group).
         fault: tests only: called as ``fault(actors, step)`` before each step, e.g. to kill one.
 
     Returns:
@@ -526,7 +552,7 @@ def _train(
     metrics = MetricsSink(stage_dir, enabled=True, gauges=StageGauges(stage).record)
     checkpoints = stage_dir / "checkpoints"
     actors = start()
-    metrics.write({"event": "actors", "nodes": actors.nodes(), "time": time.time()})
+    metrics.write({"event": "actors", "nodes": actors.nodes(), "ids": actors.ids(), "time": time.time()})
     try:
         if (ckpt := latest_checkpoint(checkpoints)) is not None:
             state = restore(actors, ckpt)
@@ -560,23 +586,27 @@ def _train(
                     if state.step % p.checkpoint_every_steps == 0 or state.step == p.max_steps:
                         save_checkpoint(actors, state, checkpoints, p.keep_checkpoints)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-                    # A dead actor: kill the rest, start them all again, resume from the latest
-                    # checkpoint (or the start). Steps are functions of (seed, step): the replay is exact.
+                    # A dead actor: start its group again and resume from the latest checkpoint,
+                    # which every stateful actor reloads (and the rollout engine is re-sent); with
+                    # no checkpoint yet, start every actor again. Steps are functions of (seed,
+                    # step): the replay is exact.
                     if (role := dead_role(actors, error)) is None:
                         raise
                     failed, recoveries = state.step + 1, recoveries + 1
                     if recoveries > p.max_failures:
                         raise ActorFailure(f"{stage}: the {role} died during step {failed}, failure {recoveries} of "
                                            f"at most {p.max_failures} (ppo.max_failures)") from error  # fmt: skip
-                    for actor in actors.all():
-                        ray.kill(actor)
-                    actors = start()
-                    metrics.write({"event": "actors", "nodes": actors.nodes(), "time": time.time()})
                     ckpt = latest_checkpoint(checkpoints)
+                    dead = [a for r, a in actors.roles().items() if ckpt is None or group_of(r) == group_of(role)]
+                    for actor in dead:
+                        ray.kill(actor)
+                    actors = start(keep=actors, replace=group_of(role)) if ckpt else start()
+                    metrics.write({"event": "actors", "nodes": actors.nodes(), "ids": actors.ids(), "time": time.time()})
                     state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
                     metrics.write({"event": "recovery", "role": role, "failed_step": failed, "resumed_step": state.step,
                                    "recoveries": recoveries, "error": f"{type(error).__name__}: {error}"[:2000]})  # fmt: skip
-                    bar.write(f"kiln {stage}: the {role} died during step {failed}; actors rebuilt, resumed from "
+                    rebuilt = f"the {group_of(role)} restarted" if ckpt else "every actor restarted"
+                    bar.write(f"kiln {stage}: the {role} died during step {failed}; {rebuilt}, resumed from "
                               f"{ckpt.name if ckpt else 'the start'} (recovery {recoveries} of {p.max_failures})")  # fmt: skip
 
         # 3. Export the policy and measure it.
