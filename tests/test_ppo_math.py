@@ -192,11 +192,11 @@ def test_kl_loss_is_k3_of_the_current_policy_and_pulls_it_back() -> None:
     assert kl_loss(ref, ref, mask).item() == 0.0
 
 
-# --- the rollout-reward trend (pipelines.rlhf.ppo) ----------------------------------------------
+# --- the rollout-reward trend (pipelines.rlhf.trend) ---------------------------------------------
 
 
 def test_prompt_rewards_average_valid_samples_and_drop_all_skipped_prompts() -> None:
-    from pipelines.rlhf.ppo import prompt_rewards
+    from pipelines.rlhf.trend import prompt_rewards
 
     total = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 0.75])
     valid = torch.tensor([True, False, False, False, True, True])
@@ -211,7 +211,8 @@ def _steps(prompt_sets: list[list[int]], reward: Callable[[int, int], float]) ->
 def test_reward_trend_pairs_prompts_that_both_windows_drew() -> None:
     """Prompts that differ a lot in difficulty, a policy that gains 0.05 on each of them: step means
     are swamped by which prompts a step drew, the paired test over prompts is not."""
-    from pipelines.rlhf.ppo import prompt_indices, reward_trend
+    from pipelines.rlhf.ppo import prompt_indices
+    from pipelines.rlhf.trend import reward_trend
 
     def reward(step: int, prompt: int) -> float:
         return (prompt % 10) / 10 + (0.05 if step >= 5 else 0.0)
@@ -227,7 +228,7 @@ def test_reward_trend_pairs_prompts_that_both_windows_drew() -> None:
 
 def test_reward_trend_without_shared_prompts_is_welch_on_step_means() -> None:
     from pipelines.eval.stats import welch_test
-    from pipelines.rlhf.ppo import reward_trend
+    from pipelines.rlhf.trend import reward_trend
 
     steps = _steps([[s * 2, s * 2 + 1] for s in range(10)], lambda s, i: (i % 7) / 7)
     trend = reward_trend(steps)
