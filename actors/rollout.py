@@ -25,16 +25,9 @@ from transformers import AutoTokenizer
 
 from actors.experience import Samples
 from core.chat import chat_stop_ids
+from core.config import vllm_lora_rank
 from pipelines.rlhf.config import PpoConfig
 from pipelines.train.modeling import peft_config, save_adapter
-
-# Ranks a vLLM engine accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
-    return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
 @ray.remote

@@ -160,6 +160,22 @@ class DeepSpeedSettings(Section):
         return self
 
 
+# Ranks a vLLM engine accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``.
+
+    Raises:
+        ValueError: ``rank`` is above the largest (512).
+    """
+    for accepted in VLLM_LORA_RANKS:
+        if accepted >= rank:
+            return accepted
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM accepts ({VLLM_LORA_RANKS[-1]})")
+
+
 class EngineConfig(Section):
     """vLLM engine settings of each replica (the CPU backend needs the small memory values)."""
 

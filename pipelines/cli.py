@@ -140,17 +140,37 @@ def resolve_serve_target(target: Path) -> tuple[RayConfig, ServeConfig]:
     return cfg.ray, serve_cfg
 
 
-def _serve_target(target: Path, host: str | None = None, port: int | None = None, first_prompt: str | None = None) -> None:
-    """Serve a model directory (or a config's ``serve:`` model) until interrupted."""
+def adapter_flags(items: list[str], configured: dict[str, str]) -> dict[str, str]:
+    """``--adapter name=dir ...`` added to the config's ``serve.adapters``.
+
+    Raises:
+        ConfigError: an item is not ``name=dir``, or its name is already taken; the message quotes it.
+    """
+    adapters = dict(configured)
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--adapter: {item!r} is not name=dir (e.g. ppo-lora=runs/x/ppo/model/adapter)")
+        if name in adapters:
+            raise ConfigError(f"--adapter: {item!r}: an adapter named {name!r} is already served")
+        adapters[name] = directory
+    return adapters
+
+
+def _serve_target(target: Path, host: str | None = None, port: int | None = None, first_prompt: str | None = None,
+                  adapters: list[str] | None = None) -> None:  # fmt: skip
+    """Serve a model directory (or a config's ``serve:`` model) and its adapters until interrupted."""
     ray_cfg, cfg = resolve_serve_target(target)
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, object] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if adapters:
+        overrides["adapters"] = adapter_flags(adapters, cfg.adapters)
     if overrides:
         # Re-validate: an override is held to the same rules as the config file (and its
         # errors, like the file's, never show the API key).
         try:
             cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
         except ValidationError as e:
-            raise ConfigError(format_errors(e, "kiln serve --host/--port", ServeConfig)) from None
+            raise ConfigError(format_errors(e, "kiln serve --host/--port/--adapter", ServeConfig)) from None
     app = build_app(cfg)  # validates the model directory before anything starts
     init_ray(ray_cfg)
     serve_forever(app, cfg, first_prompt)
@@ -212,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
     p.add_argument("--host", help="interface to bind (overrides serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (overrides serve.port; default 8000)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="also serve this PEFT LoRA adapter of the model as model NAME (repeatable; adds to serve.adapters)")
     p = sub.add_parser("submit", help="run `kiln run CONFIG` as a Ray job on a running cluster and follow its logs")
     p.add_argument("config", type=Path, help="YAML config file, inside the working directory")
     p.add_argument("--address", required=True,
@@ -225,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        _serve_target(args.target, host=args.host, port=args.port)
+        _serve_target(args.target, host=args.host, port=args.port, adapters=args.adapter)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"kiln serve: error: {e}", file=sys.stderr)
         return 1

@@ -1,10 +1,11 @@
-"""An OpenAI-compatible HTTP endpoint for one model: a Ray Serve deployment around vLLM.
+"""An OpenAI-compatible HTTP endpoint for one model (and its LoRA adapters): Ray Serve around vLLM.
 
 Each replica owns one vLLM ``AsyncLLM`` engine (its engine-core process runs beside the replica
 actor) and a FastAPI ingress with ``/v1/completions``, ``/v1/chat/completions`` (both streaming as
-Server-Sent Events), ``/v1/models``, ``/tokenize``, ``/detokenize`` and ``/healthz``. Ray Serve
-routes requests to replicas and scales them; each replica bounds its in-flight and waiting requests
-itself (``serving.admission``: overload is refused with an OpenAI-shaped 503, never queued
+Server-Sent Events), ``/v1/models``, ``/tokenize``, ``/detokenize`` and ``/healthz``. LoRA
+adapters (``serve.adapters``, ``serving.adapters``) are each a model id of their own in that
+engine. Ray Serve routes requests to replicas and scales them; each replica bounds its in-flight
+and waiting requests itself (``serving.admission``: overload is refused with an OpenAI-shaped 503, never queued
 forever); a client that disconnects cancels its request, which aborts the generation. The engine's
 own metrics (queue, KV cache, time to first token, ...) go to Ray's Prometheus endpoint as
 ``vllm_*`` beside kiln's ``kiln_serve_*``.
@@ -34,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2 import TemplateError, TemplateSyntaxError
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import metrics
@@ -43,9 +43,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from core.chat import chat_stop_ids, tokenize_chat
+from serving.adapters import Adapter, check_adapters, lora_engine_args, model_cards
 from serving.admission import Admission, Ticket, serve_limits
 from serving.auth import check_bearer, check_exposure, key_digest, resolve_api_key
 from serving.config import ServeConfig
+from serving.errors import api_error
 from serving.openai_format import chat_logprobs, completion_logprobs, sse, structured_outputs_args, usage
 from serving.schemas import (
     APIError,
@@ -59,6 +61,7 @@ from serving.schemas import (
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
 
 # No /docs or /openapi.json: the API is OpenAI's, documented there, and a smaller surface.
@@ -83,6 +86,9 @@ class _Job:
 
     chat: bool
     request_id: str
+    # The model id the request named (the base model's or an adapter's) and its vLLM LoRA request.
+    model: str
+    lora: LoRARequest | None
     created: int
     # Token ids of each prompt (one for chat; completions may bring several).
     prompts: list[list[int]]
@@ -127,34 +133,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _api_error(e: Exception, request_id: str) -> APIError:
-    """The answer to an exception raised while serving a request.
-
-    Mistakes in the request (vLLM's validation, a chat template that refuses the messages) are
-    400s with their message; anything else is a 500 that names the request id and nothing of the
-    server's internals, and its traceback goes to the replica's log.
-    """
-    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError  # see LLMServer.__init__
-
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, TimeoutError):
-        return APIError(408, "the request timed out (serve.request_timeout_s)", type="timeout")
-    if isinstance(e, VLLMValidationError):
-        return APIError(400, str(e), param=e.parameter, code="invalid_value")
-    if isinstance(e, VLLMClientError):
-        return APIError(400, str(e))
-    if isinstance(e, GracefulHTTPError):  # the engine's own admission control: overload, not a bug
-        return APIError(int(e.http_status), e.message, type="server_error" if e.http_status >= 500 else
-                        "invalid_request_error")  # fmt: skip
-    if isinstance(e, TemplateError) and not isinstance(e, TemplateSyntaxError):
-        # raise_exception() in a chat template: the template's own words about the messages.
-        return APIError(400, f"the chat template refused these messages: {e}", param="messages")
-    logger.error("request %s failed", request_id, exc_info=e)
-    return APIError(500, f"internal error in request {request_id}; the server log has the details",
-                    type="server_error")  # fmt: skip
-
-
 async def _holding(ticket: Ticket, outputs: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
     """The engine's outputs, giving the admission ticket back when they end or are closed (a
     stream the client left before it began is closed by the event loop's async-generator hook)."""
@@ -171,10 +149,12 @@ async def _holding(ticket: Ticket, outputs: AsyncGenerator[Any, None]) -> AsyncG
 class LLMServer:
     """One vLLM engine behind the OpenAI HTTP API (a Ray Serve replica)."""
 
-    def __init__(self, cfg: ServeConfig, model_dir: str, model_name: str, api_key_sha256: str | None) -> None:
+    async def __init__(self, cfg: ServeConfig, model_dir: str, model_name: str, api_key_sha256: str | None,
+                       adapters: list[Adapter]) -> None:  # fmt: skip
         # vLLM is imported here, in the replica, so building the app stays light for the driver.
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
@@ -183,11 +163,18 @@ class LLMServer:
         self.key_sha256 = api_key_sha256
         self.created = int(time.time())
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=model_dir, served_model_name=model_name, **cfg.engine.vllm_args()),
+            AsyncEngineArgs(model=model_dir, served_model_name=model_name, **cfg.engine.vllm_args(),
+                            **lora_engine_args(adapters)),
             # The engine's own metrics as Ray metrics: Ray's Prometheus endpoint exports them.
             stat_loggers=[RayPrometheusStatLogger],
         )
         self.max_model_len: int = self.engine.model_config.max_model_len
+        # Every adapter is loaded now: a bad one fails the replica's start, not a request.
+        self.adapters = adapters
+        self.loras = {a.name: LoRARequest(lora_name=a.name, lora_int_id=i, lora_path=a.path)
+                      for i, a in enumerate(adapters, start=1)}  # fmt: skip
+        for lora in self.loras.values():
+            await self.engine.add_lora(lora)
         # Token ids up to the larger of the tokenizer's and the model's vocabulary are valid.
         self.vocab_size: int = self.engine.model_config.get_vocab_size()
         # Our own tokenizer: prompts are tokenised here so context limits are checked (and
@@ -230,19 +217,13 @@ class LLMServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        """The one model this app serves."""
+        """The model this app serves, and each of its LoRA adapters."""
         try:
             check_bearer(request.headers.get("authorization"), self.key_sha256)
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        card = {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "kiln",
-            "max_model_len": self.max_model_len,
-        }
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = model_cards(self.model_name, self.created, self.max_model_len, self.adapters)
+        return JSONResponse({"object": "list", "data": cards})
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -299,7 +280,7 @@ class LLMServer:
             self._observe(route, 499, started, 0)  # nobody left to answer
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
-            err = _api_error(e, request_id)
+            err = api_error(e, request_id)
             self._observe(route, err.status, started, 0)
             return JSONResponse(err.body(), status_code=err.status)
         finally:
@@ -315,7 +296,7 @@ class LLMServer:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         req = _parse(raw, schema)
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
         echo_texts = None
         if isinstance(req, ChatCompletionRequest):
             chat, prompt_param, max_tokens = True, "messages", req.max_new_tokens
@@ -375,12 +356,16 @@ class LLMServer:
             # Streams get each new piece once; whole answers only the final state.
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
-        return _Job(chat, request_id, int(time.time()), prompts, params, logprobs, req.include_usage, req.stream,
-                    echo_texts)  # fmt: skip
+        return _Job(chat, request_id, req.model or self.model_name, lora, int(time.time()), prompts, params, logprobs,
+                    req.include_usage, req.stream, echo_texts)  # fmt: skip
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+    def _check_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model, or no name); 404 if none."""
+        if model is None or model == self.model_name:
+            return None
+        if model not in self.loras:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return self.loras[model]
 
     def _known_ids(self, ids: list[int]) -> list[int]:
         """Token ids given by the client, each checked against the vocabulary (400 if not in it)."""
@@ -400,7 +385,7 @@ class LLMServer:
         # Already tokenised: the engine skips its own rendering step. Closing the merged iterator
         # closes (and so aborts) every prompt's request.
         return merge_async_iterators(*(
-            self.engine.generate(tokens_input(prompt), job.params.clone(), request_id)
+            self.engine.generate(tokens_input(prompt), job.params.clone(), request_id, lora_request=job.lora)
             for prompt, request_id in zip(job.prompts, ids)
         ))  # fmt: skip
 
@@ -417,7 +402,7 @@ class LLMServer:
             "id": job.request_id,
             "object": "chat.completion" if job.chat else "text_completion",
             "created": job.created,
-            "model": self.model_name,
+            "model": job.model,
             "choices": choices,
             "usage": usage(job.prompt_tokens, completion_tokens),
         }
@@ -433,7 +418,7 @@ class LLMServer:
             "id": job.request_id,
             "object": "chat.completion.chunk" if job.chat else "text_completion",
             "created": job.created,
-            "model": self.model_name,
+            "model": job.model,
         }
         completion_tokens, status = 0, 200
         # Characters streamed so far per choice (completions' logprobs.text_offset continues);
@@ -468,7 +453,7 @@ class LLMServer:
             status = 499
             raise
         except Exception as e:  # noqa: BLE001 - answered as the stream's last event
-            err = _api_error(e, job.request_id)
+            err = api_error(e, job.request_id)
             status = err.status
             yield sse(err.body())
         finally:
@@ -517,7 +502,7 @@ class LLMServer:
                 raw = await _read_body(request, self.cfg.max_request_bytes)
                 body = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, work, raw)
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
-            err = _api_error(e, f"tokenize-{uuid.uuid4().hex}")
+            err = api_error(e, f"tokenize-{uuid.uuid4().hex}")
             return JSONResponse(err.body(), status_code=err.status)
         return JSONResponse(body)
 
@@ -561,8 +546,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         The application, for ``serve.run`` or a Serve config file.
 
     Raises:
-        ValueError: the arguments do not validate, the model directory is missing, the API key
-            variable is set but empty, or ``host`` is not loopback and there is no key (unless
+        ValueError: the arguments do not validate, the model directory is missing, an adapter is
+            not a servable LoRA directory (``serving.adapters``), the API key variable is set but
+            empty, or ``host`` is not loopback and there is no key (unless
             ``allow_unauthenticated``); all before anything of Ray Serve starts.
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
@@ -571,6 +557,8 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     model_dir = Path(cfg.model).expanduser().resolve()
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"serve.model: {model_dir} is not a Hugging Face model directory (no config.json)")
+    model_name = cfg.model_name or model_dir.name
+    adapters = check_adapters(cfg.adapters, model_name)
     key = resolve_api_key(cfg.api_key, cfg.api_key_env)
     check_exposure(cfg.host, key, cfg.allow_unauthenticated, cfg.api_key_env)
     scaling: dict[str, Any] = (
@@ -592,6 +580,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         # The replica gets the key's digest only; the plaintext stays out of Serve's stored state.
         cfg.model_copy(update={"api_key": None}),
         str(model_dir),
-        cfg.model_name or model_dir.name,
+        model_name,
         key_digest(key) if key else None,
+        adapters,
     )

@@ -33,6 +33,9 @@ class ServeConfig(Section):
     model: str | None = None
     # Name clients pass as "model"; null: the model directory's name.
     model_name: str | None = None
+    # LoRA adapters served beside the model, each under its own model id: {name: PEFT adapter
+    # directory}, e.g. {ppo-lora: runs/x/ppo/model/adapter}. Adapters trained on this model only.
+    adapters: dict[str, str] = Field(default_factory=dict)
     # Interface the HTTP proxy binds to; 127.0.0.1 keeps the endpoint local to this machine. Any
     # other interface needs an API key (or allow_unauthenticated), or the app refuses to start.
     host: str = "127.0.0.1"

@@ -46,6 +46,8 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
     serve.run(app, name="kiln", route_prefix="/")
     name = cfg.model_name or Path(cfg.model or "").resolve().name
     print(f"kiln serve: model '{name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops", flush=True)
+    if cfg.adapters:
+        print(f"kiln serve: LoRA adapters of '{name}', each a model of its own: {', '.join(cfg.adapters)}", flush=True)
     if first_prompt is not None:
         print(f"kiln serve: asked {first_prompt!r}, the model answered {ask(cfg, first_prompt)!r}", flush=True)
     try:

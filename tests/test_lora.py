@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 from test_ppo_e2e import _kill_all, _ppo_config, _sampled_eval, _start
 
 from actors.experience import collate, response_logits
-from actors.rollout import vllm_lora_rank
-from core.config import ConfigError
+from core.config import ConfigError, vllm_lora_rank
 from core.metrics import read_metrics
 from pipelines.config import parse_config
 from pipelines.eval.stats import paired_mean_test
@@ -67,6 +66,8 @@ def test_target_modules_match_as_peft_matches_them() -> None:
 
 def test_vllm_lora_rank_is_the_smallest_accepted_one() -> None:
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="rank 513 is above the largest vLLM accepts"):
+        vllm_lora_rank(513)
 
 
 # --- config and bad input --------------------------------------------------------------------------
