@@ -24,7 +24,7 @@ from core.config import ConfigError, vllm_lora_rank
 from core.metrics import read_metrics
 from pipelines.config import parse_config
 from pipelines.eval.stats import paired_mean_test
-from pipelines.rlhf.ppo import State, generate, load_prompts, ppo_step
+from pipelines.rlhf.ppo import State, generate, latest_checkpoint, load_prompts, ppo_step, restore, save_checkpoint
 from pipelines.rlhf.ppo_math import token_logprobs
 from pipelines.train.config import LoraSettings
 from pipelines.train.modeling import (
@@ -71,6 +71,22 @@ def test_vllm_lora_rank_is_the_smallest_accepted_one() -> None:
 
 
 # --- config and bad input --------------------------------------------------------------------------
+
+
+def test_quickstart_lora_config_trains_adapters_from_the_quickstart_sft_and_serves_them() -> None:
+    """configs/quickstart-lora.yaml: LoRA PPO and DPO of the quickstart's SFT model, whose adapters
+    (where the stages export them) the serve section names."""
+    from pipelines.config import load_config
+
+    root = Path(__file__).parents[1]
+    cfg = load_config(root / "configs" / "quickstart-lora.yaml")
+    sft = root / "runs" / "quickstart" / "sft" / "model"
+    assert cfg.ppo.learner.lora is not None and cfg.dpo.lora is not None and cfg.grpo.learner.lora is None
+    assert Path(cfg.ppo.policy).resolve() == Path(cfg.dpo.init_from).resolve() == Path(cfg.serve.model).resolve() == sft
+    assert {k: Path(v).resolve() for k, v in cfg.serve.adapters.items()} == {
+        "ppo-lora": cfg.run.dir.resolve() / "ppo" / "model" / ADAPTER_DIR,
+        "dpo-lora": cfg.run.dir.resolve() / "dpo" / "model" / ADAPTER_DIR,
+    }
 
 
 def test_lora_is_off_by_default_and_strict() -> None:
@@ -250,10 +266,13 @@ def test_lora_dpo_under_zero3_keeps_the_stored_reference(ray_local: None, tiny_l
 
 
 @pytest.mark.slow
-def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: None, task: dict[str, Any]) -> None:
+def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: None, task: dict[str, Any],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
     """GRPO with a LoRA learner (2 ZeRO-3 ranks): no reference actor (the learner's base model is
     the reference); each sync sends only the adapter, after which the vLLM engine samples
-    differently and its log-probs match the learner's; the held-out reward rises."""
+    differently and its log-probs match the learner's; the held-out reward rises; a checkpoint
+    resumed (adapter and optimizer back in the learner, the adapter re-sent to vLLM) replays the
+    next step exactly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = _ppo_config(task, advantage="grpo", kl_coef=0.01,
@@ -275,6 +294,9 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
         # The reference log-probs: the learner ranks with the adapter off = the starting policy's.
         batch = collate(probe_after, pad)
         ref = torch.cat(actors.learner.get(lambda r: r.reference_logprobs.remote(batch)))
+        save_checkpoint(actors, state, tmp_path, keep=1)
+        continued = ppo_step(actors, prompts, p, state, pad)
+        replayed = ppo_step(actors, prompts, p, restore(actors, latest_checkpoint(tmp_path)), pad)
     finally:
         _kill_all(actors)
     delta, p_value = paired_mean_test(before.pop("per_prompt"), after.pop("per_prompt"))
@@ -297,6 +319,11 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
     with torch.no_grad():
         expected = token_logprobs(response_logits(start, batch) / p.temperature, batch.input_ids[:, batch.prompt_len :])
     assert torch.allclose(ref, expected * batch.response_mask, atol=1e-4)
+    # Resumed from the checkpoint: same adapter, optimizer, prompts and seeds give the same step.
+    assert continued["step"] == replayed["step"] == 17 and replayed["logprob_mismatch"] < 1e-4
+    for key in ("reward_mean", "response_length", "kl"):
+        assert replayed[key] == pytest.approx(continued[key], abs=1e-5), key
+    assert replayed["policy_loss"] == pytest.approx(continued["policy_loss"], abs=1e-4)
     # Learning: the held-out reward rises (as the full-weight test in test_ppo_e2e.py).
     assert after["reward"] > before["reward"] + 0.05, (before, after)
     assert delta > 0 and p_value < 0.05, (delta, p_value)
