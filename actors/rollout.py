@@ -7,8 +7,9 @@ tensors, with no second serialisation between the engine's processes.
 With ``ppo.learner.lora`` the engine keeps the starting weights and serves the policy as a vLLM
 LoRA adapter: each sync brings the adapter's tensors only. The installed vLLM loads an adapter
 from a directory only (``LoRARequest.lora_path``), so the actor writes them in PEFT format to a
-private directory (in ``/dev/shm`` where it exists: memory, not disk) and registers them under a
-new adapter id per version (vLLM caches adapters by id); the previous version is removed.
+private directory (in ``/dev/shm`` where it exists: memory, not disk), registers them under a new
+adapter id per version (vLLM caches adapters by id) and deletes the directory once vLLM has loaded
+them; the previous version is removed.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class RolloutGenerator:
         self.sampling = ppo
         self.version = 0
         self.adapter: Any = None  # LoRA: the vLLM LoRARequest of the loaded version (None: the starting weights)
-        shm = Path("/dev/shm")
-        self.adapter_root = Path(tempfile.mkdtemp(prefix="kiln-adapter-", dir=shm if shm.is_dir() else None))
+        # LoRA: each adapter version goes through a directory here (in memory where there is /dev/shm).
+        self.adapter_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None
         # Every in-place reload warns that the rotary embedding (which has no weights) loaded
         # none; log-probs match the learner's after a reload, so the line is noise.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -135,11 +136,15 @@ class RolloutGenerator:
     def _load_adapter(self, adapter: dict[str, torch.Tensor], version: int) -> None:
         from vllm.lora.request import LoRARequest  # see __init__
 
-        path = self.adapter_root / f"v{version}"
-        save_adapter(adapter, peft_config(self.lora), path)
-        request = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=str(path))
-        self.llm.llm_engine.add_lora(request)  # loads it now: a bad adapter fails the sync, not a later step
+        path = Path(tempfile.mkdtemp(prefix=f"kiln-adapter-v{version}-", dir=self.adapter_dir))
+        try:
+            save_adapter(adapter, peft_config(self.lora), path)
+            request = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=str(path))
+            self.llm.llm_engine.add_lora(request)  # loads it now: a bad adapter fails the sync, not a later step
+        finally:
+            # The engine holds the weights now (its one adapter slot is never evicted, so it never
+            # reads the files again): nothing is left behind, even by an actor killed later.
+            shutil.rmtree(path, ignore_errors=True)
         if self.adapter is not None and self.adapter.lora_int_id != version:
             self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
-            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
         self.adapter = request

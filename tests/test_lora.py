@@ -278,6 +278,7 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
     p = _ppo_config(task, advantage="grpo", kl_coef=0.01,
                     learner={"num_workers": 2, "cpus_per_worker": 0.25, "zero_stage": 3, "micro_batch_per_worker": 8,
                              "learning_rate": 3.0e-3, "lora": LORA})  # fmt: skip
+    shm_before = set(Path("/dev/shm").glob("kiln-adapter-*"))
     actors, prompts, pad = _start(task, p)
     try:
         assert actors.reference is None and "reference" not in actors.roles()
@@ -299,6 +300,8 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
         replayed = ppo_step(actors, prompts, p, restore(actors, latest_checkpoint(tmp_path)), pad)
     finally:
         _kill_all(actors)
+    # The adapters went through /dev/shm and left nothing there, though the actors were killed.
+    assert set(Path("/dev/shm").glob("kiln-adapter-*")) <= shm_before
     delta, p_value = paired_mean_test(before.pop("per_prompt"), after.pop("per_prompt"))
     print(f"lora ppo: held-out before {before} after {after}; paired delta {delta:.3f} p={p_value:.2g}; "
           f"rewards {[round(r['reward_mean'], 3) for r in records]}; sync s {[round(r['time_sync_s'], 3) for r in records]}")
