@@ -237,3 +237,21 @@ def test_reward_trend_without_shared_prompts_is_welch_on_step_means() -> None:
     assert (trend["reward_gain"], trend["reward_gain_p"]) == welch_test(means[:5], means[5:])
     # Records from before prompt_rewards existed: the same.
     assert reward_trend([{"reward_mean": m} for m in means])["reward_gain_test"] == "Welch over step means"
+
+
+def test_revisit_steps_draw_the_first_steps_prompts_again_and_the_trend_pairs_them() -> None:
+    """ppo.revisit_steps: the last steps replay the first steps' prompts; every other step draws
+    new ones; the trend over those windows is paired over the replayed prompts."""
+    from pipelines.rlhf.config import PpoConfig
+    from pipelines.rlhf.ppo import drawn_step, prompt_indices
+    from pipelines.rlhf.trend import reward_trend
+
+    assert [drawn_step(s, 10, 3) for s in range(10)] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert [drawn_step(s, 10, 0) for s in range(10)] == list(range(10))
+    draws = [prompt_indices(drawn_step(s, 10, 3), 4, 100, seed=0) for s in range(10)]
+    assert draws[7:] == draws[:3] and len({i for d in draws[:7] for i in d}) == 28  # 100 prompts: no repeat before
+    steps = _steps(draws, lambda s, i: (i % 10) / 10 + (0.05 if s >= 5 else 0.0))
+    trend = reward_trend(steps, window=3)
+    assert trend["reward_gain_test"] == "paired t over 12 prompts" and trend["reward_gain"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match=r"revisit_steps \(6\) may be at most half of max_steps \(10\)"):
+        PpoConfig(reward_function="m:f", prompts="p", max_steps=10, revisit_steps=6)

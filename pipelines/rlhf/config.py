@@ -141,6 +141,11 @@ class PpoConfig(Section):
     ppo_epochs: int = Field(default=2, ge=1)
     minibatches_per_epoch: int = Field(default=2, ge=1)
     max_steps: int = Field(default=50, ge=1)
+    # The last revisit_steps steps draw the prompts of the first revisit_steps again, so that the
+    # rollout-reward trend in the stage summary (those first steps against those last) is a paired
+    # test over the same prompts, free of their difficulty; 0: every step draws new prompts (and
+    # the trend compares the first and last 5 steps' means).
+    revisit_steps: int = Field(default=0, ge=0)
     # Steps between evaluations on eval_prompts (greedy decoding), and between checkpoints.
     eval_every_steps: int = Field(default=10, ge=1)
     checkpoint_every_steps: int = Field(default=10, ge=1)
@@ -185,6 +190,8 @@ class PpoConfig(Section):
                     f"a mini-batch of {minibatch} samples must be a multiple of {name}.micro_batch_per_worker "
                     f"x {name}.num_workers ({m.micro_batch_per_worker} x {m.num_workers})"
                 )
+        if 2 * self.revisit_steps > self.max_steps:
+            raise ValueError(f"revisit_steps ({self.revisit_steps}) may be at most half of max_steps ({self.max_steps})")
         if self.advantage == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("advantage grpo needs samples_per_prompt >= 2 (it compares samples of a prompt)")
         return self

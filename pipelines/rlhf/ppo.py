@@ -2,7 +2,8 @@
 
 Read top to bottom. Each step:
 
-  1. prompts  — the next ``prompts_per_step`` of a seeded permutation (a function of the step);
+  1. prompts  — the next ``prompts_per_step`` of a seeded permutation (a function of the step;
+     the last ``revisit_steps`` steps draw the first ones' again);
   2. generate — the vLLM rollout actor samples ``samples_per_prompt`` responses with log-probs;
   3. score ∥ reference log-probs ∥ policy log-probs ∥ values — four actors at once;
   4. advantages — per-token KL penalty + GAE (or GRPO's group-normalised scores), here in the
@@ -98,6 +99,13 @@ def load_prompts(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Prom
     ids = prompt_ids(tokenizer, records)
     kept = [Prompt(r.prompt, i, r.fields) for r, i in zip(records, ids) if len(i) <= max_tokens]
     return kept, len(records) - len(kept)
+
+
+def drawn_step(step: int, max_steps: int, revisit: int) -> int:
+    """Whose prompts step ``step`` (0-based) draws: its own, or, in the last ``revisit`` steps,
+    those of the first ``revisit`` again (``ppo.revisit_steps``)."""
+    first_revisit = max_steps - revisit
+    return step - first_revisit if revisit and step >= first_revisit else step
 
 
 def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
@@ -249,7 +257,8 @@ class State:
 def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, pad_id: int) -> dict[str, Any]:
     """One PPO step: generate, score, advantages, learn, sync. Returns the step's metrics."""
     t_start = time.perf_counter()
-    indices = prompt_indices(state.step, p.prompts_per_step, len(prompts), p.seed)
+    indices = prompt_indices(drawn_step(state.step, p.max_steps, p.revisit_steps), p.prompts_per_step, len(prompts),
+                             p.seed)  # fmt: skip
     chosen = [prompts[i] for i in indices]
     k = p.samples_per_prompt
 
@@ -468,7 +477,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "eval_after": after["after"],
         "recoveries": after["recoveries"],
         "nodes": actor_nodes(read_metrics(stage_dir)),
-        **reward_trend(steps),
+        **reward_trend(steps, window=p.revisit_steps or 5),
         "mean_step_s": sum(m["time_step_s"] for m in steps) / len(steps) if steps else None,
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
