@@ -121,9 +121,24 @@ def build_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return model_dir, data / "ppo_prompts.jsonl"
 
 
-def ppo_section(model_dir: Path, prompts: Path, args: argparse.Namespace, advantage: str) -> dict[str, Any]:
-    """The ``ppo:`` config the benchmark runs: the quickstart's, with the function reward only."""
+def ppo_section(model_dir: Path, prompts: Path, args: argparse.Namespace, advantage: str,
+                gpu: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The ``ppo:`` config the benchmark runs: the quickstart's, with the function reward only.
+
+    ``gpu`` (``bench.gpu_check``): learner and critic on a GPU each (DeepSpeed bf16, NCCL), the
+    rollout engine on one in bfloat16, and the reference (which runs on CPU) with more threads.
+    """
     model = {"micro_batch_per_worker": 16, "learning_rate": 3.0e-5}
+    if gpu:
+        threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        return {
+            **ppo_section(model_dir, prompts, args, advantage),
+            "learner": {**model, "cpus_per_worker": 1.0, "use_gpu": True},
+            "critic": {**model, "cpus_per_worker": 1.0, "learning_rate": 5.0e-5, "use_gpu": True},
+            "rollout": {"num_cpus": 1.0, "num_gpus": 1.0,
+                        "engine": {"dtype": "bfloat16", "gpu_memory_utilization": 0.3}},
+            "reference": {"num_cpus": 1.0, "threads": threads},
+        }  # fmt: skip
     return {
         "policy": str(model_dir), "prompts": str(prompts), "reward_function": "pipelines.quickstart.task:reward",
         "max_prompt_tokens": 32, "max_response_tokens": args.response_tokens,
@@ -234,8 +249,38 @@ def rollout_transformers(model_dir: Path, prompt_ids: list[list[int]], p: Any, p
 # --- 2. kiln's step -------------------------------------------------------------------------------
 
 
-def kiln_steps(model_dir: Path, prompts_path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Warm-up + ``args.steps`` ``ppo_step`` calls with GAE, then the same with GRPO, on one set of actors."""
+def init_gpu_ray(p: Any) -> str:
+    """An embedded Ray cluster on which kiln's PPO actors of ``p`` find their GPUs; how they are placed.
+
+    Each learner and critic rank asks Ray for a whole GPU (``pipelines.rlhf.ppo.start_actors``), the
+    rollout actor for ``rollout.num_gpus``. With fewer GPUs than they ask for, Ray is told of as
+    many logical GPUs and leaves CUDA_VISIBLE_DEVICES alone, so that every actor shares GPU 0.
+    """
+    import math
+
+    import ray
+    import torch
+
+    from cluster.runtime import worker_env
+
+    noset = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+    wanted = p.learner.num_workers + p.critic.num_workers + math.ceil(p.rollout.num_gpus)
+    physical = torch.cuda.device_count()
+    env = worker_env()
+    if physical < wanted:  # Ray's workers inherit it from this process, and get it in their runtime env
+        os.environ[noset] = env[noset] = "1"
+    ray.init(num_cpus=os.cpu_count(), num_gpus=max(wanted, physical), runtime_env={"env_vars": env},
+             include_dashboard=False)  # fmt: skip
+    if physical < wanted:
+        return f"learner, critic and rollout share GPU 0 ({physical} GPU(s) for {wanted} GPU actors)"
+    return "learner, critic and rollout on a GPU each"
+
+
+def kiln_steps(model_dir: Path, prompts_path: Path, args: argparse.Namespace, gpu: bool = False) -> dict[str, Any]:
+    """Warm-up + ``args.steps`` ``ppo_step`` calls with GAE, then the same with GRPO, on one set of actors.
+
+    ``gpu``: the actors on the GPU(s) (``ppo_section``), on a cluster from :func:`init_gpu_ray`.
+    """
     import ray
 
     from cluster.config import RayConfig
@@ -244,17 +289,17 @@ def kiln_steps(model_dir: Path, prompts_path: Path, args: argparse.Namespace) ->
     from pipelines.rlhf.config import PpoConfig
     from pipelines.rlhf.ppo import State, load_prompts, ppo_step, start_actors
 
-    configs = {a: PpoConfig.model_validate(ppo_section(model_dir, prompts_path, args, a)) for a in ("gae", "grpo")}
+    configs = {a: PpoConfig.model_validate(ppo_section(model_dir, prompts_path, args, a, gpu)) for a in ("gae", "grpo")}
     p = configs["gae"]
     tokenizer = load_tokenizer(model_dir)
     prompts, _ = load_prompts(prompts_path, tokenizer, p.max_prompt_tokens)
-    init_ray(RayConfig(num_cpus=2))
+    placement = init_gpu_ray(p) if gpu else init_ray(RayConfig(num_cpus=2))
     t0 = time.perf_counter()
     # The critic starts from the policy (there is no reward model here).
     actors = start_actors(p, model_dir, None, model_dir)
     ray.get([actors.rollout.policy_version.remote(), actors.reward.__ray_ready__.remote(),
              actors.reference.__ray_ready__.remote()])  # fmt: skip
-    out: dict[str, Any] = {"startup_s": time.perf_counter() - t0}
+    out: dict[str, Any] = {"startup_s": time.perf_counter() - t0, **({"placement": placement} if gpu else {})}
     state = State(kl_coef=p.kl_coef)
     try:
         for advantage in ("gae", "grpo"):

