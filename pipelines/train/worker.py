@@ -164,7 +164,10 @@ def _add(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
 def _all_sum(sums: dict[str, float]) -> dict[str, float]:
     """Every rank's sums added up (every rank has the same keys)."""
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only; gloo (CPU) takes this one where it is.
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
