@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import ray
 import torch
 
 
@@ -32,6 +33,11 @@ class Samples:
     logprobs: list[list[float]]
     texts: list[str]
     policy_version: int
+
+
+def actor_device() -> torch.device:
+    """``cuda:0`` when Ray gave this actor a GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` to it), else the CPU."""
+    return torch.device("cuda", 0) if ray.is_initialized() and ray.get_gpu_ids() else torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.experience import Batch, response_logits
+from actors.experience import Batch, actor_device, response_logits
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo_math import token_logprobs
 
@@ -26,7 +26,9 @@ class ReferencePolicy:
 
     def __init__(self, model_dir: str, ppo: PpoConfig) -> None:
         torch.set_num_threads(ppo.reference.threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # A GPU when Ray gave the actor one (ppo.reference.num_gpus; it sets CUDA_VISIBLE_DEVICES to it).
+        self.device = actor_device()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         self.temperature = ppo.temperature
 
     @torch.no_grad()
@@ -34,7 +36,7 @@ class ReferencePolicy:
         """(B, A) log-probs of the response tokens under the reference, at the sampling temperature."""
         out = []
         for start in range(0, batch.size, micro_batch):
-            part = batch.rows(slice(start, start + micro_batch))
+            part = batch.rows(slice(start, start + micro_batch)).to(self.device)
             logits = response_logits(self.model, part) / self.temperature
-            out.append(token_logprobs(logits, part.input_ids[:, part.prompt_len :]) * part.response_mask)
+            out.append((token_logprobs(logits, part.input_ids[:, part.prompt_len :]) * part.response_mask).cpu())
         return torch.cat(out)

@@ -20,6 +20,7 @@ import ray
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from actors.experience import actor_device
 from core.chat import tokenize_chat
 from pipelines.rlhf.config import PpoConfig
 
@@ -152,7 +153,10 @@ class RewardScorer:
         self.model = self.tokenizer = None
         if model_dir is not None:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+            # A GPU when Ray gave the actor one (ppo.reward.num_gpus; it sets CUDA_VISIBLE_DEVICES to it).
+            self.device = actor_device()
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+            self.model = model.to(self.device).eval()
         self.model_weight = ppo.reward_model_weight
         self.function_spec = ppo.reward_function
         self.function = load_function(ppo.reward_function) if ppo.reward_function else None
@@ -193,5 +197,5 @@ class RewardScorer:
         out = []
         for start in range(0, len(ids), micro_batch):
             enc = self.tokenizer.pad({"input_ids": ids[start : start + micro_batch]}, return_tensors="pt")
-            out.append(self.model(**enc).logits.squeeze(-1).float())
+            out.append(self.model(**enc.to(self.device)).logits.squeeze(-1).float().cpu())
         return torch.cat(out)
