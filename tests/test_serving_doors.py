@@ -229,14 +229,14 @@ def test_exceptions_map_to_openai_errors() -> None:
     from jinja2 import TemplateError, TemplateSyntaxError
     from vllm.exceptions import VLLMValidationError
 
-    from serving.app import _api_error
+    from serving.errors import api_error
 
-    assert _api_error(VLLMValidationError("stop cannot be empty", parameter="stop"), "r").status == 400
-    assert _api_error(VLLMValidationError("x", parameter="stop"), "r").param == "stop"
-    assert _api_error(TemplateError("roles must alternate"), "r").status == 400
-    assert _api_error(TimeoutError(), "r").status == 408
+    assert api_error(VLLMValidationError("stop cannot be empty", parameter="stop"), "r").status == 400
+    assert api_error(VLLMValidationError("x", parameter="stop"), "r").param == "stop"
+    assert api_error(TemplateError("roles must alternate"), "r").status == 400
+    assert api_error(TimeoutError(), "r").status == 408
     for unexpected in (TemplateSyntaxError("bad", 1), ValueError("/secret/path"), KeyError("k")):
-        err = _api_error(unexpected, "cmpl-42")
+        err = api_error(unexpected, "cmpl-42")
         assert err.status == 500 and err.type == "server_error"
         assert "cmpl-42" in err.message and "secret" not in err.message and "bad" not in err.message
 

@@ -113,7 +113,7 @@ def _pipeline_config(tmp_path: Path, name: str) -> dict[str, Any]:
     config["reward_model"] = {**quickstart["reward_model"], **short, "data": str(corpus / "preferences.jsonl")}
     ppo = quickstart["ppo"]
     config["ppo"] = {**ppo, "prompts": str(corpus / "ppo_prompts.jsonl"), "eval_prompts": str(corpus / "eval_prompts.jsonl"),
-                     "scheduling_strategy": "SPREAD", "max_steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2,
+                     "scheduling_strategy": "SPREAD", "max_steps": 2, "revisit_steps": 0, "prompts_per_step": 4, "samples_per_prompt": 2,
                      "eval_every_steps": 2, "checkpoint_every_steps": 2,
                      "learner": {**ppo["learner"], "micro_batch_per_worker": 4},
                      "critic": {**ppo["critic"], "init_from": None, "micro_batch_per_worker": 4}}  # fmt: skip
