@@ -28,9 +28,9 @@ def reward_trend(steps: list[dict[str, Any]], window: int = 5) -> dict[str, Any]
     """Did training raise the rollout reward? The first ``window`` steps against the last ``window``.
 
     Each window's mean is a mean of step means, with a 95 % t interval. How much of a step's mean
-    is the policy and how much its prompts (a batch of sums that need a carry scores lower) depends
-    on which prompts it drew. When both windows drew the same prompts (a prompt set the run cycles
-    through, e.g. one pass per window), the gain is a paired t-test over those prompts, each prompt's
+    is the policy and how much its prompts (a batch of harder prompts scores lower) depends on
+    which prompts it drew. When both windows drew the same prompts (``ppo.revisit_steps``, or a
+    prompt set the run cycles through once per window), the gain is a paired t-test over those prompts, each prompt's
     mean reward in the first window against the last: the prompts' own difficulty cancels.
     Otherwise it is Welch's test on the step means.
     """
