@@ -1,52 +1,56 @@
-"""Near-dedup benchmark: kiln's MinHash + LSH against datasketch, same corpus, same parameters.
+"""Near-dedup benchmark: kiln against datasketch and rensa, same corpus, same shingles, same parameters.
 
-Run from the repository root (2 CPUs / 24 GiB: the default run takes about 10 minutes):
+Run from the repository root (on 2 CPUs the 1M size is the long one; ``--peers`` skips methods):
 
-    .venv/bin/python -m bench.dedup                      # 20k and 200k documents
-    .venv/bin/python -m bench.dedup --quick              # 5k and 20k, about 2 minutes
-    .venv/bin/python -m bench.dedup --sizes 20000,100000
+    .venv/bin/python -m bench.dedup                      # 100k and 1M documents, every method
+    .venv/bin/python -m bench.dedup --quick              # 20k and 100k
+    .venv/bin/python -m bench.dedup --sizes 100000,1000000 --peers kiln stage,kiln kernel
+    .venv/bin/python -m bench.dedup --peers datasketch:100000,rensa,kiln kernel,kiln stage  # no datasketch at 1M
 
-What it measures, per corpus size, each method in a fresh (spawned) process so that peak memory
-belongs to that method alone:
+All methods: 5-word shingles (``pipelines.data.text.words``: lower-cased UTF-8 runs of [0-9A-Za-z_]
+or bytes >= 0x80), 112 permutations, 14 bands x 8 rows, threshold 0.8; each in a fresh spawned
+process, reading the whole corpus before its clock starts. Every timed section starts from the
+texts and ends with a duplicate map (each dropped document and the earliest document of its
+connected component of duplicate edges), and includes shingling:
 
-* ``datasketch``: the standard dedup loop over documents in corpus order: ``MinHash(num_perm=112)``
-  + ``update_batch`` on the document's shingles (``pipelines.data.text.shingles`` joined to bytes),
-  query ``MinHashLSH(threshold=0.8, num_perm=112, params=(14, 8))`` first, insert only if there is
-  no candidate; every candidate is a duplicate edge. One core.
-* ``kiln kernel``: the in-process vectorised path, one core, no Ray: ``MinHasher.signatures`` in
-  batches, ``band_keys``, ``bucket_pairs``, ``components``. No candidate verification (like
-  datasketch), so both see the same LSH false positives.
-* ``kiln Ray stage``: the real data stage (``pipelines.data.stage.run``, quality filters and exact dedup
-  off) on the embedded 2-CPU Ray cluster, reading the corpus as JSONL shards. Its time is the sum of
-  the phases that near dedup needs (``read_filter_minhash`` + ``group`` + ``near_dedup`` in the
-  stage report): reading, normalising, signing, writing the scratch table, the LSH-key shuffle and
-  the exact-Jaccard verification shuffle. ``ray.init`` is reported apart as startup; the stage's
-  later phases (documents table, tokenizer, packing) are not timed.
+* ``datasketch`` (2.0.0, one core), the maintainers' recipe (ekzhu/datasketch#188) on its fast
+  paths: ``shingle_set`` (the one shared Python shingler) on every text inside ``MinHash.generator``,
+  each kept as ``LeanMinHash``; all inserted through ``MinHashLSH.insertion_session``; one ``query``
+  each (every candidate is a duplicate edge, unverified); components.
+* ``rensa`` (0.5.0, Rust, one core here), its dedup API ``RMinHashDeduplicator`` with LSH, per
+  batch of 4,096: ``shingle_set`` on every text, ``RMinHash.from_token_sets``, ``add_pairs`` (drops
+  a document whose sketch estimate against an indexed one is >= 0.8), ``get_duplicate_sets`` of the
+  dropped ones (their edges); components. Skipped with a note when rensa is not installed.
+* ``kiln kernel`` (reference; one core, no Ray): ``MinHasher.signatures`` in batches of 4,096 (its
+  numba kernel finds words and hashes shingles itself), ``band_keys``, ``bucket_pairs``,
+  ``components``; unverified.
+* ``kiln near-dedup`` / ``kiln stage``: ONE run of the real data stage (``stage.run``, filters and
+  exact dedup off, an 8,192-token tokenizer) on the embedded 2-CPU Ray cluster over JSONL shards.
+  ``kiln near-dedup`` is its report's ``dedup_path`` (read, normalise, MinHash, LSH grouping, exact
+  Jaccard verification of every candidate, duplicate map); ``kiln stage`` its ``total`` (also the
+  documents table, tokenizer training and packing).
 
-Every method uses 5-gram word shingles (``pipelines.data.text.words``), 112 permutations, 14 bands x 8
-rows, threshold 0.8. The corpus is synthetic (~1 KB documents over a Zipf-distributed vocabulary of
-invented words) with 10% planted near copies, each made by 0-6 word substitutions in turn, so their
-exact Jaccard spreads from 1.0 down to about 0.6, half of them on each side of the threshold.
+``startup s`` (not timed): imports, the numba kernels' load, ``ray.init``. ``vs datasketch``: docs/s
+over datasketch's at that size, else at the largest size it ran (``--peers datasketch:N``; footnoted).
+``driver peak MB``: peak RSS of the process running the method (its exact high water mark; for the
+stage, its driver, sampled every 0.25 s over the run). ``cluster peak MB``: for the stage, the peak
+PSS summed over the driver and all its descendants (Ray; the object store counts once); else the
+driver peak. Only the single-process methods hold the corpus in memory.
 
-Quality: each method's output is clusters (connected components of its duplicate edges); its
-predicted pairs are (dropped document, the document it is a duplicate of). Recall is the share of
-true pairs (exact Jaccard >= 0.8, from all planted pairs plus random pairs) that the method puts in
-one cluster; precision is the share of its predicted pairs (all, or a sample) whose exact Jaccard
-is >= 0.8.
-
-Memory: ``peak MB`` is the measuring process's peak RSS (for the Ray stage: the peak, during the
-timed phases, of the proportional set size summed over the driver and every Ray process, so the
-shared object store is counted once); ``work MB`` is that peak minus the same measure just before
-the timed section (corpus loaded, Ray started), i.e. what the method itself needs.
+Corpus: synthetic ~1 KB documents (a Zipf vocabulary of invented words), 10% planted near copies
+made by 0-6 word substitutions (exact Jaccard 1.0 down to ~0.6). Recall: the share of true pairs
+(exact Jaccard >= 0.8; all planted pairs plus random pairs) a method puts in one cluster; precision:
+the share of its (dropped, kept) pairs (at most 5,000 sampled) with exact Jaccard >= 0.8. Prints the
+load averages before and after and the table; writes ``runs/bench/dedup.json`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import math
 import os
-import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -54,15 +58,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-from pipelines.data.text import jaccard, shingles
+from pipelines.data.text import jaccard, words
 
 NGRAM = 5
 NUM_PERM = 112
@@ -73,11 +80,15 @@ COPY_FRACTION = 0.1  # share of the corpus that is planted near copies
 MAX_EDITS = 6  # word substitutions per near copy: 0..MAX_EDITS in turn
 VOCAB_SIZE = 50_000
 DOCS_PER_SHARD = 25_000
-KERNEL_BATCH_DOCS = 4096
+BATCH_DOCS = 4096  # documents per batch for the kiln kernel and rensa
 RANDOM_PAIRS = 3000  # random (non-planted) pairs checked for hidden true duplicates
 PRECISION_SAMPLE = 5000  # predicted pairs whose exact Jaccard is computed, per method
 SAMPLE_EVERY_S = 0.25  # memory sampling period of the Ray stage
 MB = 1024 * 1024
+DEFAULT_SIZES, QUICK_SIZES = (100_000, 1_000_000), (20_000, 100_000)
+STAGE = "kiln stage"  # the --peers name of the stage run, which gives two rows
+NEAR_DEDUP = "kiln near-dedup"
+OLD_DEDUP_PHASES = ("read_filter_minhash", "group", "near_dedup")  # the stage report before dedup_path
 
 
 # --- corpus --------------------------------------------------------------------------------------
@@ -170,7 +181,13 @@ def read_texts(corpus: Corpus) -> list[str]:
     return texts
 
 
-# --- measuring -----------------------------------------------------------------------------------
+def shingle_set(text: str) -> set[bytes]:
+    """The document's word 5-grams, each as its words joined by one space: the shingles every
+    peer hashes (the same set as ``pipelines.data.text.shingles(text, 5)``, joined)."""
+    w = words(text)
+    if len(w) < NGRAM:
+        return {b" ".join(w)} if w else set()
+    return set(map(b" ".join, zip(*(w[i:] for i in range(NGRAM)))))
 
 
 @dataclass
@@ -178,118 +195,124 @@ class MethodRun:
     """One method on one corpus: its time, memory and duplicate decisions."""
 
     seconds: float  # the timed section
-    startup_s: float  # fixed cost outside it (ray.init, numba load)
-    peak_mb: float
-    work_mb: float
+    startup_s: float  # fixed cost outside it (imports, numba load, ray.init)
+    driver_peak_mb: float
+    cluster_peak_mb: float
     dropped: np.ndarray  # (M,) int64 positions of documents judged duplicates
     kept: np.ndarray  # (M,) int64 the document each one duplicates (its cluster's earliest)
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def _rss_mb() -> float:
-    return psutil.Process().memory_info().rss / MB
+def _high_water_mb() -> float:
+    """This process's exact peak RSS (Linux VmHWM; unlike ru_maxrss, not inherited across the spawn)."""
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024  # kB
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _clusters(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.data.minhash import components
-
-    return components(np.asarray(edges, dtype=np.int64).reshape(-1, 2))
+def duplicate_map(edges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(dropped, kept) from duplicate edges: connected components, each keeping its earliest
+    document (as ``pipelines.data.minhash.components``, without loading numba into the peers)."""
+    pairs = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    if pairs.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nodes, local = np.unique(pairs, return_inverse=True)  # nodes sorted ascending
+    local = local.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(local)), (local[:, 0], local[:, 1])), shape=(nodes.size,) * 2)
+    label = connected_components(graph, directed=False)[1]
+    rep = nodes[np.unique(label, return_index=True)[1]][label]  # each label's first node is its smallest
+    return nodes[nodes != rep], rep[nodes != rep]
 
 
 def run_datasketch(corpus: Corpus) -> MethodRun:
-    """The standard datasketch dedup loop, one core."""
-    from datasketch import MinHash, MinHashLSH
-
-    texts = read_texts(corpus)
-    base = _rss_mb()
+    """datasketch's bulk recipe: all LeanMinHashes, one insertion session, one query each."""
     t = time.perf_counter()
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+    startup = time.perf_counter() - t
+    texts = read_texts(corpus)
+    t = time.perf_counter()
+    generated = MinHash.generator(map(shingle_set, texts), num_perm=NUM_PERM, seed=SEED)
+    sketches = [LeanMinHash(m) for m in generated]
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, params=(BANDS, ROWS))
+    with lsh.insertion_session() as session:
+        for i, m in enumerate(sketches):
+            session.insert(i, m, check_duplication=False)  # keys are unique
+    edges = [(c, i) for i, m in enumerate(sketches) for c in lsh.query(m) if c < i]
+    dropped, kept = duplicate_map(edges)
+    seconds, peak = time.perf_counter() - t, _high_water_mb()
+    return MethodRun(seconds, startup, peak, peak, dropped, kept)
+
+
+def run_rensa(corpus: Corpus) -> MethodRun:
+    """rensa's RMinHashDeduplicator in batches; the dropped documents' matches give the edges."""
+    t = time.perf_counter()
+    from rensa import RMinHash, RMinHashDeduplicator
+
+    startup = time.perf_counter() - t
+    texts = read_texts(corpus)
+    t = time.perf_counter()
+    dedup = RMinHashDeduplicator(threshold=THRESHOLD, num_perm=NUM_PERM, use_lsh=True, num_bands=BANDS, seed=SEED)
     edges: list[tuple[int, int]] = []
-    for i, text in enumerate(texts):
-        m = MinHash(num_perm=NUM_PERM)
-        m.update_batch([b" ".join(s) for s in shingles(text, NGRAM)])
-        candidates = lsh.query(m)
-        if candidates:
-            edges.extend((c, i) for c in candidates)
-        else:
-            lsh.insert(i, m)
-    seconds = time.perf_counter() - t
-    peak = _peak_rss_mb()
-    dropped, kept = _clusters(np.array(edges))
-    return MethodRun(seconds, 0.0, peak, peak - base, dropped, kept, {"candidate_pairs": len(edges)})
+    for start in range(0, len(texts), BATCH_DOCS):
+        batch = [shingle_set(text) for text in texts[start : start + BATCH_DOCS]]
+        sketches = RMinHash.from_token_sets(batch, num_perm=NUM_PERM, seed=SEED)
+        keep = dedup.add_pairs([(str(start + j), m) for j, m in enumerate(sketches)])
+        dups = [j for j, k in enumerate(keep) if not k]
+        for j, matches in zip(dups, dedup.get_duplicate_sets([sketches[j] for j in dups])):
+            edges.extend((int(key), start + j) for key in matches)
+    dropped, kept = duplicate_map(edges)
+    seconds, peak = time.perf_counter() - t, _high_water_mb()
+    return MethodRun(seconds, startup, peak, peak, dropped, kept)
 
 
 def run_kiln_kernel(corpus: Corpus) -> MethodRun:
     """Signatures in batches, band keys, bucket pairs, components: one core, no Ray."""
-    from pipelines.data.minhash import MinHasher, band_keys, bucket_pairs, components
-
     texts = read_texts(corpus)
     t = time.perf_counter()
+    from pipelines.data.minhash import MinHasher, band_keys, bucket_pairs, components
+
     hasher = MinHasher(NUM_PERM, NGRAM, SEED)
     hasher.signatures(texts[:16])  # loads (or compiles) the numba kernels
     startup = time.perf_counter() - t
-    base = _rss_mb()
     t = time.perf_counter()
     signatures = np.empty((len(texts), NUM_PERM), dtype=np.uint32)  # (N, P)
-    for start in range(0, len(texts), KERNEL_BATCH_DOCS):
-        signatures[start : start + KERNEL_BATCH_DOCS] = hasher.signatures(texts[start : start + KERNEL_BATCH_DOCS])
+    for start in range(0, len(texts), BATCH_DOCS):
+        signatures[start : start + BATCH_DOCS] = hasher.signatures(texts[start : start + BATCH_DOCS])
     keys = band_keys(signatures, BANDS, ROWS)  # (N, bands); the band index is mixed into each key
     ids = np.repeat(np.arange(len(texts), dtype=np.int64), BANDS)
     pairs = bucket_pairs(keys.reshape(-1), ids)  # (E, 2)
     dropped, kept = components(pairs)
-    seconds = time.perf_counter() - t
-    peak = _peak_rss_mb()
-    return MethodRun(seconds, startup, peak, peak - base, dropped, kept, {"candidate_pairs": len(pairs)})
+    seconds, peak = time.perf_counter() - t, _high_water_mb()
+    return MethodRun(seconds, startup, peak, peak, dropped, kept)
 
 
-class _ClusterMemory:
-    """Samples the proportional set size of this process plus all its descendants (the Ray
-    processes), so pages of the shared object store are counted once, not once per worker."""
+class _ClusterMemory(threading.Thread):
+    """Samples, every 0.25 s until ``done`` is set, this process's RSS (the stage's driver) and the
+    proportional set size of this process plus all its descendants (the Ray processes), so pages
+    of the shared object store are counted once, not once per worker."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []  # (perf_counter, MB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float, float]] = []  # (perf_counter, driver RSS MB, cluster MB)
+        self.done = threading.Event()
 
-    def measure(self) -> float:
+    def run(self) -> None:
         me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass  # a worker that exited between listing and reading
-        return total / MB
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.measure()))
-            self._stop.wait(SAMPLE_EVERY_S)
-
-    def __enter__(self) -> _ClusterMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self, start: float, end: float) -> float:
-        inside = [mb for t, mb in self.samples if start <= t <= end]
-        return max(inside, default=0.0)
+        while True:  # at least one sample, however short the run
+            driver, total = me.memory_info().rss, 0
+            for p in [me, *me.children(recursive=True)]:
+                with suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # exited meanwhile
+                    total += p.memory_full_info().pss
+            self.samples.append((time.perf_counter(), driver / MB, total / MB))
+            if self.done.wait(SAMPLE_EVERY_S):
+                return
 
 
 def _stage_config(corpus: Corpus, run_root: Path) -> Any:
     from pipelines.config import parse_config
 
     no_filters = {k: None for k in ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
-                                    "max_symbol_word_ratio", "max_duplicate_line_fraction",
-                                    "min_alpha_word_fraction", "max_bullet_line_fraction",
-                                    "max_ellipsis_line_fraction")}  # fmt: skip
+                                    "max_symbol_word_ratio", "max_duplicate_line_fraction", "min_alpha_word_fraction",
+                                    "max_bullet_line_fraction", "max_ellipsis_line_fraction")}  # fmt: skip
     return parse_config({
         "run": {"name": "bench", "root": str(run_root)},
         "ray": {"address": None, "num_cpus": 2},
@@ -298,14 +321,22 @@ def _stage_config(corpus: Corpus, run_root: Path) -> Any:
             "filters": no_filters,
             "dedup": {"exact": False, "near": True, "ngram": NGRAM, "threshold": THRESHOLD,
                       "num_bands": BANDS, "rows_per_band": ROWS, "verify_candidates": True, "seed": SEED},
-            # The phases after dedup are not timed; a small tokenizer keeps them short.
-            "tokenizer": {"vocab_size": 1024, "max_training_documents": 2000},
+            "tokenizer": {"vocab_size": 8192},
         },
     })  # fmt: skip
 
 
-def run_kiln_ray(corpus: Corpus, run_root: Path) -> MethodRun:
-    """The data stage on the embedded 2-CPU cluster; times its near-dedup phases."""
+def stage_phases(seconds: dict[str, float]) -> dict[str, float]:
+    """The stage report's phase seconds with ``dedup_path`` (read -> duplicate map) in either shape: the
+    current report has it, the earlier one (read_filter_minhash, group, near_dedup, ...) its parts."""
+    phases = {k: float(v) for k, v in seconds.items()}
+    if "dedup_path" not in phases:
+        phases["dedup_path"] = sum(phases[k] for k in OLD_DEDUP_PHASES)
+    return phases
+
+
+def run_kiln_stage(corpus: Corpus, run_root: Path) -> MethodRun:
+    """The data stage on the embedded 2-CPU cluster; ``seconds`` is its dedup path, ``detail`` all phases."""
     # Imported here so the other methods' processes do not carry Ray in their memory.
     import pyarrow.parquet as pq
     import ray
@@ -317,43 +348,36 @@ def run_kiln_ray(corpus: Corpus, run_root: Path) -> MethodRun:
     t = time.perf_counter()
     init_ray(cfg.ray)
     startup = time.perf_counter() - t
-    with _ClusterMemory() as memory:
-        time.sleep(1.0)  # let the idle cluster settle before the baseline
-        base = memory.measure()
-        start = time.perf_counter()
-        with _quiet():
-            report = data.run(cfg, force=True)
-    phases = {k: report["seconds"][k] for k in ("read_filter_minhash", "group", "near_dedup")}
-    seconds = sum(phases.values())
-    peak = memory.peak(start, start + seconds + 0.5)  # the timed phases run first, back to back
+    memory = _ClusterMemory()
+    memory.start()
+    with _quiet():
+        report = data.run(cfg, force=True)
+    memory.done.set()
+    memory.join()  # samples cover the stage's run: it is all the sampler saw
+    driver_peak, cluster_peak = (max(s[k] for s in memory.samples) for k in (1, 2))
     ray.shutdown()
 
+    phases = stage_phases(report["seconds"])
     table = pq.read_table(cfg.run.dir / "data" / "documents", columns=["id", "status", "dup_of"])
-    near = table.column("status").to_numpy(zero_copy_only=False) == data.NEAR
-    ids = table.column("id").to_numpy()[near]
-    of = table.column("dup_of").to_numpy()[near]
-    detail = {**phases, **report["near_dedup"], "after_dedup_s": report["seconds"]["total"] - seconds}
-    return MethodRun(seconds, startup, peak, peak - base, _position(corpus, ids), _position(corpus, of), detail)
+    near = table.column("status").to_numpy(zero_copy_only=False) == "near_duplicate"
+    ids, of = (_position(corpus, table.column(c).to_numpy()[near]) for c in ("id", "dup_of"))
+    detail = {"phases": phases, "near_dedup": report["near_dedup"]}
+    return MethodRun(phases["dedup_path"], startup, driver_peak, cluster_peak, ids, of, detail)
 
 
-class _quiet:
+@contextmanager
+def _quiet() -> Iterator[None]:
     """Silences stdout/stderr at the file-descriptor level (Ray Data's progress output)."""
-
-    def __enter__(self) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._saved = (os.dup(1), os.dup(2))
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip((1, 2), self._saved):
-            os.dup2(saved, fd)
-            os.close(saved)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1), os.dup2(devnull, 2), os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd), os.close(old)
 
 
 def _position(corpus: Corpus, ids: np.ndarray) -> np.ndarray:
@@ -363,12 +387,9 @@ def _position(corpus: Corpus, ids: np.ndarray) -> np.ndarray:
 
 
 def in_fresh_process(fn: Callable[..., MethodRun], *args: Any) -> MethodRun:
-    """Run ``fn(*args)`` in a newly spawned process, so its peak RSS is its own."""
+    """Run ``fn(*args)`` in a newly spawned process, so its peak memory is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
-
-
-# --- quality -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -418,74 +439,96 @@ def true_pairs_sample(corpus: Corpus, texts: list[str], cache: dict[tuple[int, i
 
 # --- report --------------------------------------------------------------------------------------
 
+# --peers names; the stage's one run gives two rows, NEAR_DEDUP and STAGE.
+PEERS: dict[str, Callable[..., MethodRun]] = {
+    "datasketch": run_datasketch, "rensa": run_rensa, "kiln kernel": run_kiln_kernel, STAGE: run_kiln_stage,
+}
+
 
 @dataclass(frozen=True)
 class Row:
     method: str
     docs: int
-    corpus_mb: float
     run: MethodRun
     quality: Quality
 
 
-def _table(rows: list[Row]) -> str:
-    base = {r.docs: r.run.seconds for r in rows if r.method == "datasketch"}
+def datasketch_baselines(rows: list[Row]) -> dict[int, tuple[float, int]]:
+    """Corpus size -> (datasketch's docs/s to compare against, the size it was measured at): the
+    same size where datasketch ran, else the largest size where it ran."""
+    measured = {r.docs: r.docs / r.run.seconds for r in rows if r.method == "datasketch"}
+    at = {r.docs: r.docs if r.docs in measured else max(measured) for r in rows} if measured else {}
+    return {docs: (measured[a], a) for docs, a in at.items()}
+
+
+def row_json(row: Row, baseline: tuple[float, int] | None) -> dict[str, Any]:
+    """One row of ``dedup.json``; the stage's rows also carry its ``phases`` (seconds)."""
+    docs_per_s = row.docs / row.run.seconds
+    out: dict[str, Any] = {
+        "method": row.method, "docs": row.docs, "seconds": round(row.run.seconds, 3),
+        "docs_per_s": round(docs_per_s, 1),
+        "vs_datasketch": round(docs_per_s / baseline[0], 3) if baseline else None,
+        "recall": round(row.quality.recall, 4), "precision": round(row.quality.precision, 4),
+        "driver_peak_mb": round(float(row.run.driver_peak_mb), 1),
+        "cluster_peak_mb": round(float(row.run.cluster_peak_mb), 1), "startup_s": round(row.run.startup_s, 2),
+    }  # fmt: skip
+    if "phases" in row.run.detail:
+        out["phases"] = {k: round(v, 3) for k, v in row.run.detail["phases"].items()}
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table of every row, with a footnote where a ratio is taken at another size."""
+    baselines = datasketch_baselines(rows)
     lines = [
-        "| method | docs | corpus MB | seconds | startup s | docs/s | vs datasketch | peak MB | work MB "
+        "| method | docs | seconds | startup s | docs/s | vs datasketch | driver peak MB | cluster peak MB "
         "| recall | precision |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    elsewhere: set[int] = set()
     for r in rows:
-        ratio = base[r.docs] / r.run.seconds if r.docs in base else math.nan
-        lines.append(
-            f"| {r.method} | {r.docs:,} | {r.corpus_mb:.0f} | {r.run.seconds:.1f} | {r.run.startup_s:.1f} "
-            f"| {r.docs / r.run.seconds:,.0f} | {ratio:.1f}x | {r.run.peak_mb:,.0f} | {r.run.work_mb:,.0f} "
-            f"| {r.quality.recall:.3f} | {r.quality.precision:.3f} |"
-        )
+        j = row_json(r, baselines.get(r.docs))
+        ratio = "n/a"
+        if j["vs_datasketch"] is not None:
+            at = baselines[r.docs][1]
+            ratio = f"{j['vs_datasketch']:,.2f}x" + ("" if at == r.docs else "*")
+            elsewhere |= {at} - {r.docs}
+        lines.append(f"| {r.method} | {r.docs:,} | {j['seconds']:,.2f} | {j['startup_s']:.1f} | {j['docs_per_s']:,.0f} "
+                     f"| {ratio} | {j['driver_peak_mb']:,.0f} | {j['cluster_peak_mb']:,.0f} | {j['recall']:.3f} "
+                     f"| {j['precision']:.3f} |")  # fmt: skip
+    if elsewhere:
+        lines.append(f"\n\\* vs datasketch at {max(elsewhere):,} docs (datasketch was not run at this size)")
     return "\n".join(lines)
 
 
-def _scaling(rows: list[Row]) -> str:
-    """How work memory grows from the smallest to the largest size, against the corpus."""
-    lines = []
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.docs)
-        lo, hi = mine[0], mine[-1]
-        if lo is hi:
-            continue
-        lines.append(
-            f"- {method}: corpus x{hi.corpus_mb / lo.corpus_mb:.1f} -> work memory "
-            f"x{hi.run.work_mb / max(lo.run.work_mb, 1.0):.1f}, peak x{hi.run.peak_mb / lo.run.peak_mb:.1f} "
-            f"({hi.run.work_mb / hi.corpus_mb:.2f} MB of work memory per corpus MB at {hi.docs:,} docs)"
-        )
-    return "\n".join(lines)
+def write_results(out: Path, rows: list[Row], load_before: list[float], command: str) -> str:
+    """Writes ``out`` atomically (a temporary file, then os.replace); returns the table."""
+    baselines = datasketch_baselines(rows)
+    text = table(rows)
+    payload = {"rows": [row_json(r, baselines.get(r.docs)) for r in rows], "table": text, "cpus": os.cpu_count(),
+               "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()], "command": command}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, out)
+    return text
 
 
-def _ray_details(rows: list[Row]) -> str:
-    lines = []
-    for r in rows:
-        if r.method != "kiln Ray stage":
-            continue
-        d = r.run.detail
-        lines.append(
-            f"- {r.docs:,} docs: read_filter_minhash {d['read_filter_minhash']:.1f} s, group {d['group']:.1f} s, "
-            f"near_dedup {d['near_dedup']:.1f} s; {d['candidate_pairs']:,} candidate pairs, "
-            f"{d['verified_pairs']:,} verified; untimed later phases {d['after_dedup_s']:.1f} s"
-        )
-    return "\n".join(lines)
-
-
-def bench_size(num_docs: int, work_dir: Path) -> Iterator[Row]:
-    """Generate one corpus, run the three methods on it, score them."""
+def bench_size(num_docs: int, work_dir: Path, peers: list[str]) -> Iterator[Row]:
+    """Generate one corpus, run the chosen methods on it (one at a time), score them."""
     t = time.perf_counter()
     corpus = generate_corpus(num_docs, work_dir)
     print(f"[{num_docs:,} docs] corpus generated in {time.perf_counter() - t:.1f} s "
           f"({corpus.num_bytes / MB:.0f} MB, {len(corpus.planted):,} planted copies)", flush=True)  # fmt: skip
-    runs = {
-        "datasketch": in_fresh_process(run_datasketch, corpus),
-        "kiln kernel": in_fresh_process(run_kiln_kernel, corpus),
-        "kiln Ray stage": in_fresh_process(run_kiln_ray, corpus, work_dir / "runs"),
-    }
+    runs: dict[str, MethodRun] = {}
+    for peer in peers:
+        if peer == STAGE:
+            run = in_fresh_process(run_kiln_stage, corpus, work_dir / "runs")
+            runs[NEAR_DEDUP] = run
+            runs[STAGE] = replace(run, seconds=run.detail["phases"]["total"])
+        else:
+            runs[peer] = in_fresh_process(PEERS[peer], corpus)
+        print(f"[{num_docs:,} docs] {peer}: {runs[peer].seconds:.1f} s", flush=True)
     texts = read_texts(corpus)
     cache: dict[tuple[int, int], float] = {}
     rng = np.random.default_rng(SEED)
@@ -493,33 +536,61 @@ def bench_size(num_docs: int, work_dir: Path) -> Iterator[Row]:
     print(f"[{num_docs:,} docs] {len(true_pairs):,} true pairs (J >= {THRESHOLD}) in the sample, "
           f"{random_true} of them among {RANDOM_PAIRS:,} random pairs", flush=True)  # fmt: skip
     for method, run in runs.items():
-        quality = score(run, true_pairs, texts, cache, rng)
-        print(f"[{num_docs:,} docs] {method}: {run.seconds:.1f} s", flush=True)
-        yield Row(method, num_docs, corpus.num_bytes / MB, run, quality)
+        yield Row(method, num_docs, run, score(run, true_pairs, texts, cache, rng))
+
+
+def parse_peers(values: list[str]) -> dict[str, int | None]:
+    """``--peers`` words to {method: largest size to run it at, None for every size}, in the
+    canonical order. Commas separate names (``--peers kiln stage,kiln kernel`` works unquoted);
+    ``name:N`` runs it only up to N documents. rensa is dropped if it is not installed."""
+    names: dict[str, int | None] = {}
+    for item in filter(None, (n.strip() for n in " ".join(values).split(","))):
+        name, _, cap = item.partition(":")
+        names[STAGE if name.strip() == NEAR_DEDUP else name.strip()] = int(cap) if cap else None
+    if set(names) - set(PEERS):
+        raise SystemExit(f"unknown --peers {sorted(set(names) - set(PEERS))}; choose from {list(PEERS)}")
+    if "rensa" in names and importlib.util.find_spec("rensa") is None:
+        print("rensa is not installed (pip install rensa==0.5.0, the dev extra): skipping it", flush=True)
+        del names["rensa"]
+    return {n: names[n] for n in PEERS if n in names}
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="20000,200000", help="comma-separated corpus sizes (documents)")
-    parser.add_argument("--quick", action="store_true", help="sizes 5000,20000")
+    parser.add_argument("--sizes", help="comma-separated corpus sizes in documents (default 100000,1000000)")
+    parser.add_argument("--quick", action="store_true", help="sizes 20000,100000")
+    parser.add_argument("--peers", nargs="+", default=[",".join(PEERS)],
+                        help=f"comma-separated methods, NAME:N to stop at N docs (default all: {', '.join(PEERS)})")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/dedup.json"), help="JSON results")
     args = parser.parse_args(argv)
-    sizes = [5000, 20000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else QUICK_SIZES if args.quick else DEFAULT_SIZES
+    peers = parse_peers(args.peers)
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    command = shlex.join([python, "-m", "bench.dedup", *argv])
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    methods = ", ".join(f"{p}:{c}" if c else p for p, c in peers.items())
+    print(f"load average before: {', '.join(f'{x:.2f}' for x in load_before)} (1, 5, 15 min); "
+          f"{os.cpu_count()} CPUs; methods: {methods}", flush=True)  # fmt: skip
     t = time.perf_counter()
     rows: list[Row] = []
     root = Path(tempfile.mkdtemp(prefix="kiln-bench-dedup-"))
     try:
         for n in sizes:
-            rows.extend(bench_size(n, root / str(n)))
+            rows.extend(bench_size(n, root / str(n), [p for p, cap in peers.items() if cap is None or n <= cap]))
             shutil.rmtree(root / str(n))
+            text = write_results(args.out, rows, load_before, command)  # kept after every size
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nkiln near-dedup benchmark: {NGRAM}-gram word shingles, {NUM_PERM} permutations, "
+    print(f"\nkiln near-dedup benchmark: {NGRAM}-word shingles, {NUM_PERM} permutations, "
           f"{BANDS} bands x {ROWS} rows, threshold {THRESHOLD}; {os.cpu_count()} CPUs\n")  # fmt: skip
-    print(_table(rows))
-    print("\nMemory scaling (smallest to largest size):\n" + _scaling(rows))
-    print("\nRay stage phases:\n" + _ray_details(rows))
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nwall time {time.perf_counter() - t:.0f} s; load average at the end {load} (1, 5, 15 min)")
+    print(text)
+    for r in (r for r in rows if r.method == STAGE):
+        nd, phases = r.run.detail["near_dedup"], r.run.detail["phases"]
+        print(f"\nkiln stage at {r.docs:,} docs: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+              + f"; {nd['candidate_pairs']:,} candidate pairs, {nd['verified_pairs']:,} verified")  # fmt: skip
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nload average after: {load} (1, 5, 15 min); wall time {time.perf_counter() - t:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":
