@@ -186,7 +186,7 @@ def _link_ray_logs(cfg: KilnConfig) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(Path(logs).resolve(), target_is_directory=True)
-    print(f"kiln: Ray worker logs (vLLM, DeepSpeed, Ray Data) in {link}", file=sys.stderr)
+    print(f"kiln: Ray worker logs (vLLM, DeepSpeed) in {link}", file=sys.stderr)
 
 
 def _save_config(cfg: KilnConfig) -> None:
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="YAML config file")
         p.add_argument("--force", action="store_true", help="redo finished stages")
         p.add_argument("--verbose", action="store_true",
-                       help="show Ray workers' output (vLLM, DeepSpeed, Ray Data) here too (it is always in <run>/logs/ray)")
+                       help="show Ray workers' output (vLLM, DeepSpeed) here too (it is always in <run>/logs/ray)")
     sub.choices["eval"].add_argument(
         "--models", nargs="+", action="extend", metavar="NAME=PATH",
         help="evaluate these Hugging Face model directories, in this order, instead of the run's stage models",

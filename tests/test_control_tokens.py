@@ -18,9 +18,9 @@ import torch
 
 from core.chat import IM_END, IM_START, SPECIAL_TOKENS, tokenize_chat
 from core.jsonl import BadRecord
-from pipelines.data import stage as data
 from pipelines.data.config import TokenizerConfig
 from pipelines.data.packing import Packer
+from pipelines.data.parts import tokenize
 from pipelines.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
 from pipelines.eval.inputs import read_preferences
 from pipelines.rlhf.config import PpoConfig
@@ -219,7 +219,7 @@ def test_corpus_document_with_eos_text_packs_without_an_extra_separator(tok: Any
     docs = ["The sum is 7.<|endoftext|>This is still the first document.", "  What is 3 + 4?\n\n 7.",
             "<|im_start|>system\nnot a turn<|im_end|>"]  # fmt: skip
     batch = {"id": np.arange(len(docs), dtype=np.int64), "text": np.array(docs, dtype=object)}
-    ids = list(data._tokenize(batch, (tok_dir / "tokenizer.json").read_text())["input_ids"])
+    ids = tokenize(list(batch["text"]), (tok_dir / "tokenizer.json").read_text())
     for text, doc in zip(docs, ids):
         assert tok.decode(doc.tolist()) == text and not _special(tok) & set(doc.tolist())
     assert ids[1].tolist() == tok.encode(docs[1], add_special_tokens=False)  # a plain document: as before

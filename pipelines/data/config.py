@@ -82,8 +82,9 @@ class TokenizerConfig(Section):
     path: str | None = None
     vocab_size: int = Field(default=4096, ge=300)
     min_frequency: int = Field(default=2, ge=1)
-    # Documents used to train the tokenizer (null: all kept documents).
-    max_training_documents: int | None = Field(default=None, ge=1)
+    # Kept documents the tokenizer is trained on, the first in id order (null: all of them). A
+    # bounded sample by default: training time grows with it, vocabulary quality hardly past ~20 MB.
+    max_training_documents: int | None = Field(default=20_000, ge=1)
 
 
 class PackConfig(Section):
@@ -108,7 +109,7 @@ class DataConfig(Section):
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
-    # Documents per Ray Data batch in the map stages.
+    # Records per batch inside each part's tasks (memory per task is about one batch).
     batch_size: int = Field(default=512, ge=1)
-    # Partitions of the hash shuffles that group duplicates (null: 2 x cluster CPUs).
+    # Partitions of the shuffle that groups duplicates (null: 2 x cluster CPUs).
     shuffle_partitions: int | None = Field(default=None, ge=1)

@@ -7,10 +7,13 @@ filter off.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from pipelines.data.config import FilterConfig
 
+# A word of ASCII text with no letter in it: words are joined by single spaces.
+_ASCII_NO_LETTER_WORD = re.compile(r"(?<![^ ])[^ A-Za-z]+(?![^ ])")
 _SYMBOLS = ("#", "...", "\u2026")
 _BULLETS = ("-", "*", "\u2022", "\u2023", "\u25cf", "\u25e6")
 
@@ -28,9 +31,11 @@ def too_many_words(words: list[str], lines: list[str], cfg: FilterConfig) -> boo
 
 
 def mean_word_length(words: list[str], lines: list[str], cfg: FilterConfig) -> bool:
+    if cfg.min_mean_word_length is None and cfg.max_mean_word_length is None:
+        return False
     if not words:
         return cfg.min_mean_word_length is not None
-    mean = sum(len(w) for w in words) / len(words)
+    mean = sum(map(len, words)) / len(words)
     too_short = cfg.min_mean_word_length is not None and mean < cfg.min_mean_word_length
     too_long = cfg.max_mean_word_length is not None and mean > cfg.max_mean_word_length
     return too_short or too_long
@@ -55,7 +60,11 @@ def duplicate_lines(words: list[str], lines: list[str], cfg: FilterConfig) -> bo
 def alpha_words(words: list[str], lines: list[str], cfg: FilterConfig) -> bool:
     if cfg.min_alpha_word_fraction is None:
         return False
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+    joined = " ".join(words)
+    if joined.isascii():  # the common case, in one regex pass: the letters are A-Z and a-z
+        alpha = len(words) - len(_ASCII_NO_LETTER_WORD.findall(joined))
+    else:
+        alpha = sum(1 for w in words if any(c.isalpha() for c in w))
     return _ratio(alpha, len(words)) < cfg.min_alpha_word_fraction
 
 

@@ -36,6 +36,18 @@ class Packer:
         self._pending = stream[n * self.seq_len :]
         return stream[: n * self.seq_len].reshape(n, self.seq_len)
 
+    def add_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Append a raw token stream (EOS already in it, e.g. another packer's pending tail)."""
+        stream = np.concatenate([self._pending, np.asarray(tokens, dtype=np.int32)])
+        n = stream.size // self.seq_len
+        self._pending = stream[n * self.seq_len :]
+        return stream[: n * self.seq_len].reshape(n, self.seq_len)
+
+    def take_pending(self) -> np.ndarray:
+        """The tokens not yet emitted (fewer than ``seq_len``), leaving the packer empty."""
+        pending, self._pending = self._pending, np.zeros(0, dtype=np.int32)
+        return pending
+
     @property
     def leftover(self) -> int:
         """Tokens in the final partial block, not emitted."""

@@ -2,8 +2,8 @@
 
 Paths and URIs both go through pyarrow's filesystems: a plain path or ``file://`` URI is the local
 file system (what a shared mount looks like), ``s3://``, ``gs://`` ... an object store. A local
-location is handed on as a plain path, a remote one as a URI, so readers (``pyarrow.parquet``,
-Ray Data) take either.
+location is handed on as a plain path, a remote one as a URI, so readers (``pyarrow.parquet``) take
+either.
 
 Without ``run.storage_path`` the shards and the documents table are folders of ``<run>/data/``
 and move into place with it. With it they are written to ``<storage_path>/<run name>/data/<tag>/``,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
@@ -51,6 +52,22 @@ def files_in(location: str, suffix: str = "") -> list[str]:
     fs, path = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(display(location, fs, f.path) for f in infos if f.is_file and f.base_name.endswith(suffix))
+
+
+def make_dirs(*locations: str) -> None:
+    """Create folders (paths or URIs) and their parents; an object store needs none."""
+    for location in locations:
+        fs, path = resolve(location)
+        fs.create_dir(path, recursive=True)
+
+
+def concatenate(files: list[str], out: BinaryIO, chunk: int = 1 << 20) -> None:
+    """Stream the bytes of ``files`` (paths or URIs), in order, into ``out`` (bounded memory)."""
+    for name in files:
+        fs, path = resolve(name)
+        with fs.open_input_stream(path) as src:
+            while data := src.read(chunk):
+                out.write(data)
 
 
 def remove(location: str) -> None:

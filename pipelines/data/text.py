@@ -20,7 +20,8 @@ def normalize(text: str) -> str:
     """Unicode NFC, ``\\r\\n`` to ``\\n``, runs of spaces to one, trailing spaces and excess
     blank lines removed."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    # _SPACES never matches a newline: one pass over the whole text equals one per line.
+    lines = [line.strip() for line in _SPACES.sub(" ", text).split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 

@@ -1,0 +1,313 @@
+"""The data stage's per-part work: one Ray task per input file ("part") and pass.
+
+A part is one input file, and a record's id is ``file_index << 32 | record_number``, so the part
+that holds a document is ``id >> 32``: any task can route by id without a lookup. Each part goes
+through three passes, each a Ray task that streams the file's records in batches (memory is one
+batch plus what the pass returns):
+
+1. ``annotate_part``: read, normalise, quality-filter, content-hash and MinHash; write the part's
+   annotated records to scratch Parquet; return the grouping keys (content hash and LSH band keys)
+   already split into the shuffle's partitions, one object each, so a reducer fetches only its own.
+2. ``part_shingles``: the sorted shingle-hash sets of the part's documents that are in a candidate
+   pair (near dedup's exact verification needs both sides' shingles).
+3. ``finish_part``: the part's slice of the documents table (every record, its status and what it
+   duplicates), its rejected records, and its kept documents tokenised and packed into its own
+   shards. Only the final partial sequence of each split (< seq_len tokens) goes back to the driver,
+   which packs those tails, in part order, into the last shards.
+
+The output is a pure function of the input: parts are processed independently and named by index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.data import storage
+from pipelines.data.config import DataConfig, FilterConfig, TokenizerConfig
+from pipelines.data.corpus import REJECTED, CorpusFile, read_file
+from pipelines.data.filters import first_failure
+from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_hashes
+from pipelines.data.packing import Packer, ShardWriter
+from pipelines.data.text import normalize
+from pipelines.data.tokenizer import train_bpe
+
+KEPT, FILTERED, EXACT, NEAR = "kept", "filtered", "exact_duplicate", "near_duplicate"
+DUPLICATE_KINDS = (EXACT, NEAR)  # the codes 0 and 1 of a duplicate map's ``kind``
+ANNOTATED = pa.schema([("id", pa.int64()), ("source", pa.string()), ("text", pa.string()),
+                       ("status", pa.string()), ("reason", pa.string())])  # fmt: skip
+DOCUMENTS = pa.schema([*ANNOTATED, ("dup_of", pa.int64()), ("dup_of_source", pa.string())])
+
+
+@dataclass
+class PartCounts:
+    """What ``annotate_part`` found in one part (small: no per-document state)."""
+
+    records: int = 0
+    rejected: int = 0
+    filtered: Counter[str] = field(default_factory=Counter)
+    live: int = 0
+
+
+@dataclass(frozen=True)
+class PartOutput:
+    """What ``finish_part`` wrote: counts, and each split's unpacked tail (< seq_len tokens)."""
+
+    tokens_in: int
+    sequences: dict[str, int]
+    shards: dict[str, int]
+    tails: dict[str, np.ndarray]
+
+
+def part_file(folder: str, index: int, suffix: str = "parquet") -> str:
+    return storage.join(folder, f"part-{index:05d}.{suffix}")
+
+
+# --- pass 1: read, filter, sign -----------------------------------------------------------------
+
+
+def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher, num_bands: int,
+             rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """Normalise, filter, content-hash and MinHash one batch of records.
+
+    Returns:
+        the batch with normalised text and updated status / reason; the content hash (B,) uint64
+        and the LSH band keys (B, bands) uint64 of each record, zero for rejected and filtered ones.
+    """
+    n = len(batch["id"])
+    texts, status, reason = batch["text"].copy(), batch["status"].copy(), batch["reason"].copy()
+    content_hash = np.zeros(n, dtype=np.uint64)
+    live = []
+    for i in range(n):
+        if status[i] == REJECTED:
+            continue
+        texts[i] = normalize(texts[i])
+        failed = first_failure(texts[i], filters)
+        if failed is not None:
+            status[i], reason[i] = FILTERED, failed
+            continue
+        content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
+        live.append(i)
+    band_key = np.zeros((n, num_bands), dtype=np.uint64)
+    if live:
+        band_key[live] = band_keys(hasher.signatures([texts[i] for i in live]), num_bands, rows)
+    return {**batch, "text": texts, "status": status, "reason": reason}, content_hash, band_key
+
+
+def group_keys(ids: np.ndarray, content_hash: np.ndarray, band_key: np.ndarray, exact: bool,
+               near: bool) -> dict[str, np.ndarray]:  # fmt: skip
+    """Rows to group on: the content hash (kind 0) and, if near, one LSH key per band (kind 1).
+    The kind is mixed into the key, so one shuffle serves both groupings."""
+    keys, owners, kinds = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int8)]
+    if exact:
+        keys.append(content_hash)
+        owners.append(ids)
+        kinds.append(np.zeros(ids.size, dtype=np.int8))
+    if near:
+        keys.append(band_key.reshape(-1))
+        owners.append(np.repeat(ids, band_key.shape[1]))
+        kinds.append(np.ones(band_key.size, dtype=np.int8))
+    kind = np.concatenate(kinds)
+    return {"key": mix64(np.concatenate(keys) ^ kind.astype(np.uint64)), "id": np.concatenate(owners), "kind": kind}
+
+
+def split_by_partition(rows: dict[str, np.ndarray], partitions: int) -> list[dict[str, np.ndarray]]:
+    """``rows`` cut into ``partitions`` slices by key: equal keys always land in one slice."""
+    which = (rows["key"] % np.uint64(partitions)).astype(np.int64)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(partitions + 1))
+    return [{k: v[order[bounds[p] : bounds[p + 1]]] for k, v in rows.items()} for p in range(partitions)]
+
+
+def _table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    return pa.table({name: batch[name] for name in schema.names}, schema=schema)
+
+
+def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, bands: tuple[int, int],
+                       partitions: int, scratch: str) -> tuple[PartCounts, list[dict[str, np.ndarray]]]:  # fmt: skip
+    counts = PartCounts()
+    fs, path = storage.resolve(part_file(scratch, file.index))
+    ids, hashes, keys = [], [], []
+    with pq.ParquetWriter(path, ANNOTATED, filesystem=fs) as writer:
+        for raw in read_file(file, dcfg.input, dcfg.bad_records, dcfg.batch_size):
+            batch, content_hash, band_key = annotate(raw, dcfg.filters, hasher, *bands)
+            writer.write_table(_table(batch, ANNOTATED))
+            live = batch["status"] == ""
+            counts.records += len(batch["id"])
+            counts.rejected += int(np.sum(batch["status"] == REJECTED))
+            counts.filtered.update(batch["reason"][batch["status"] == FILTERED].tolist())
+            counts.live += int(live.sum())
+            ids.append(batch["id"][live])
+            hashes.append(content_hash[live])
+            keys.append(band_key[live])
+    rows = group_keys(np.concatenate(ids or [np.zeros(0, np.int64)]),
+                      np.concatenate(hashes or [np.zeros(0, np.uint64)]),
+                      np.concatenate(keys or [np.zeros((0, bands[0]), np.uint64)]),
+                      dcfg.dedup.exact, dcfg.dedup.near)  # fmt: skip
+    return counts, split_by_partition(rows, partitions)
+
+
+@ray.remote(num_cpus=1)
+def annotate_part(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, bands: tuple[int, int],
+                  partitions: int, scratch: str) -> tuple[Any, ...]:  # fmt: skip
+    """Pass 1 of one part; returns ``partitions + 1`` objects: the counts, then one slice of
+    grouping keys per shuffle partition (call with ``.options(num_returns=partitions + 1)``)."""
+    counts, slices = annotate_part_body(file, dcfg, hasher, bands, partitions, scratch)
+    return (counts, *slices)
+
+
+# --- pass 2: shingle sets of candidate documents --------------------------------------------------
+
+
+def _annotated_batches(scratch: str, index: int, columns: list[str], size: int = 4096) -> Iterator[pa.RecordBatch]:
+    fs, path = storage.resolve(part_file(scratch, index))
+    with fs.open_input_file(path) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns)
+
+
+@ray.remote(num_cpus=1)
+def part_shingles(scratch: str, index: int, candidates: np.ndarray, ngram: int) -> dict[str, np.ndarray]:
+    """The shingle-hash sets of part ``index``'s documents that appear in ``candidates`` (E, 2).
+
+    Returns:
+        ``ids`` (M,) sorted, ``offsets`` (M + 1,) and ``hashes`` (S,) uint64: document ``ids[j]``'s
+        sorted, unique shingle hashes are ``hashes[offsets[j]:offsets[j + 1]]``.
+    """
+    wanted = np.unique(candidates.reshape(-1))
+    wanted = wanted[(wanted >> 32) == index]
+    ids, texts = [], []
+    if wanted.size:
+        for batch in _annotated_batches(scratch, index, ["id", "text"]):
+            batch_ids = batch.column(0).to_numpy()
+            hit = np.flatnonzero(np.isin(batch_ids, wanted))
+            if hit.size:
+                ids.append(batch_ids[hit])
+                texts.extend(batch.column(1).take(pa.array(hit)).to_pylist())
+    if not texts:
+        return {"ids": np.zeros(0, np.int64), "offsets": np.zeros(1, np.int64), "hashes": np.zeros(0, np.uint64)}
+    hashes, doc = shingle_hashes(texts, ngram)  # (S,), (S,) by document
+    order = np.lexsort((hashes, doc))
+    hashes, doc = hashes[order], doc[order]
+    fresh = np.r_[True, (hashes[1:] != hashes[:-1]) | (doc[1:] != doc[:-1])]
+    hashes, doc = hashes[fresh], doc[fresh]
+    offsets = np.searchsorted(doc, np.arange(len(texts) + 1)).astype(np.int64)
+    return {"ids": np.concatenate(ids), "offsets": offsets, "hashes": hashes}
+
+
+# --- pass 3: documents table, tokenise, pack ------------------------------------------------------
+
+
+def mark_duplicates(batch: dict[str, np.ndarray], dup_map: dict[str, np.ndarray], files: list[str]) -> dict[str, np.ndarray]:
+    """Final per-document status: kept, rejected, filtered, or a duplicate of which document."""
+    n = len(batch["id"])
+    status = np.where(batch["status"] == "", KEPT, batch["status"]).astype(object)
+    of = np.full(n, -1, dtype=np.int64)
+    dropped = dup_map["dropped"]
+    if dropped.size:
+        pos = np.minimum(np.searchsorted(dropped, batch["id"]), dropped.size - 1)
+        hit = dropped[pos] == batch["id"]
+        status[hit] = np.array(DUPLICATE_KINDS, dtype=object)[dup_map["kind"][pos[hit]]]
+        of[hit] = dup_map["dup_of"][pos[hit]]
+    of_source = np.array([f"{files[i >> 32]}:{i & 0xFFFFFFFF}" if i >= 0 else "" for i in of], dtype=object)
+    return {**batch, "status": status, "dup_of": of, "dup_of_source": of_source}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def cached_tokenizer(tokenizer_json: str) -> Any:
+    """The tokenizer from its JSON, which travels with the task: a worker on another node cannot
+    read the driver's (temporary) tokenizer directory. Parsed once per worker process."""
+    from tokenizers import Tokenizer
+
+    key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
+    if key not in _TOKENIZERS:
+        tok = Tokenizer.from_str(tokenizer_json)
+        # Corpus text is text: "<|endoftext|>" written in a document is split into ordinary pieces,
+        # not read as the end of a document (only the packer puts the EOS id between documents).
+        tok.encode_special_tokens = True
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def tokenize(texts: list[str], tokenizer_json: str) -> list[np.ndarray]:
+    """Token ids of each document (no special tokens added)."""
+    encoded = cached_tokenizer(tokenizer_json).encode_batch(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int32) for e in encoded]
+
+
+def in_validation(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """A document's split is a pure function of its id: deterministic and streaming-friendly."""
+    return (mix64(ids.astype(np.uint64)) % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
+
+
+def _rejected_lines(batch: dict[str, np.ndarray]) -> str:
+    bad = batch["status"] == REJECTED
+    return "".join(json.dumps({"source": s, "reason": r, "raw": t}) + "\n"
+                   for s, r, t in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad]))  # fmt: skip
+
+
+@ray.remote(num_cpus=1)
+def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarray], files: list[str],
+                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> PartOutput:  # fmt: skip
+    """Pass 3 of one part: its documents table and rejected records, its kept documents packed
+    into ``shards/<split>-<index>-NNNNN.parquet``; returns counts and the unpacked tails."""
+    pack = dcfg.pack
+    packers = {s: Packer(pack.seq_len, eos_id) for s in ("train", "validation")}
+    writers = {s: ShardWriter(storage.join(out, "shards"), f"{s}-{index:05d}", pack.seq_len, pack.sequences_per_shard)
+               for s in packers}  # fmt: skip
+    fs, path = storage.resolve(part_file(storage.join(out, "documents"), index))
+    rejected_fs, rejected_path = storage.resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
+    tokens_in = 0
+    with pq.ParquetWriter(path, DOCUMENTS, filesystem=fs) as writer, \
+            rejected_fs.open_output_stream(rejected_path) as rejected:  # fmt: skip
+        for record_batch in _annotated_batches(scratch, index, ANNOTATED.names, dcfg.batch_size):
+            batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ANNOTATED.names}
+            batch = mark_duplicates(batch, dup_map, files)
+            writer.write_table(_table(batch, DOCUMENTS))
+            rejected.write(_rejected_lines(batch).encode())
+            kept = batch["status"] == KEPT
+            docs = tokenize(batch["text"][kept].tolist(), tokenizer_json)
+            val = in_validation(batch["id"][kept], pack.validation_fraction)
+            tokens_in += sum(d.size + 1 for d in docs)  # +1: the EOS after each document
+            for split, mask in (("train", ~val), ("validation", val)):
+                writers[split].add(packers[split].add([d for d, m in zip(docs, mask) if m]))
+    for w in writers.values():
+        w.close()
+    return PartOutput(tokens_in, {s: w.sequences for s, w in writers.items()}, {s: w.shards for s, w in writers.items()},
+                      {s: p.take_pending() for s, p in packers.items()})  # fmt: skip
+
+
+# --- the tokenizer's training documents -----------------------------------------------------------
+
+
+@ray.remote(num_cpus=1)
+def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray], cfg: TokenizerConfig,
+                    kept: int) -> str:  # fmt: skip
+    """Train the BPE tokenizer on the first ``cfg.max_training_documents`` kept documents (all of
+    them when null), in id order, streamed from scratch; returns the tokenizer's JSON."""
+    limit = kept if cfg.max_training_documents is None else min(kept, cfg.max_training_documents)
+    dropped = dup_map["dropped"]
+
+    def texts() -> Iterator[str]:
+        left = limit
+        for index in parts:
+            for batch in _annotated_batches(scratch, index, ["id", "text", "status"]):
+                status = batch.column(2).to_numpy(zero_copy_only=False)
+                keep = np.flatnonzero((status == "") & ~np.isin(batch.column(0).to_numpy(), dropped))
+                for text in batch.column(1).take(pa.array(keep[:left])).to_pylist():
+                    yield text
+                left -= min(left, keep.size)
+                if left == 0:
+                    return
+
+    return train_bpe(texts(), cfg, length=limit).to_str()
