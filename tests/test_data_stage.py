@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ def test_shards_hold_every_kept_token_in_order(first_run: tuple) -> None:
     tok = load_tokenizer(cfg.run.dir / "tokenizer")
     docs = sorted((r for r in _documents(cfg).values() if r["status"] == "kept"), key=lambda r: r["id"])
     val = parts.in_validation(np.array([r["id"] for r in docs]), 0.05)
+    assert report["tokenizer"]["vocab_size"] == len(tok)
     num_parts = report["parts"]
     assert num_parts == len(report["inputs"]) >= 2
     for split, want_val in (("train", False), ("validation", True)):
@@ -207,7 +209,11 @@ def test_files_of_unknown_extension_are_counted_and_named(first_run: tuple, corp
     marker = json.loads((cfg.run.dir / "data" / "stage.json").read_text())
     assert marker["summary"]["unread_files"]["count"] == 1
     data._print_summary(report)
-    assert "files not read               1  (unknown extension)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"\n  files not read +1  \(unknown extension\)\n", out)
+    # Counts right-aligned in one column, however long a filter's name.
+    counts = [line for line in out.splitlines()[1:] if line.split()[-1].replace(",", "").isdigit()]
+    assert len(counts) >= 5 and len({len(line) for line in counts}) == 1
 
 
 def test_tokenizer_is_installed_with_data_and_a_crash_pairs_neither_with_the_other(

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.data.config import FilterConfig
-from pipelines.data.filters import alpha_words, first_failure
+from pipelines.data.filters import alpha_words, any_filter_on, first_failure
 from pipelines.data.text import normalize
 
 GOOD = (
@@ -66,3 +66,9 @@ def test_normalize_equals_its_line_by_line_definition(text: str) -> None:
     t = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     lines = [spaces.sub(" ", line).strip() for line in t.split("\n")]
     assert normalize(text) == re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def test_any_filter_on_is_false_only_when_every_threshold_is_null() -> None:
+    off = {name: None for name in FilterConfig.model_fields}
+    assert not any_filter_on(FilterConfig(**off))
+    assert any_filter_on(FilterConfig()) and any_filter_on(FilterConfig(**{**off, "max_words": 10}))

@@ -97,6 +97,11 @@ FILTERS: dict[str, Callable[[list[str], list[str], FilterConfig], bool]] = {
 }
 
 
+def any_filter_on(cfg: FilterConfig) -> bool:
+    """Whether any filter has a threshold (all null: every document passes, nothing to compute)."""
+    return any(value is not None for value in cfg.model_dump().values())
+
+
 def first_failure(text: str, cfg: FilterConfig) -> str | None:
     """The name of the first quality filter ``text`` fails, or None if it passes them all.
 

@@ -35,7 +35,8 @@ import ray
 from pipelines.data import storage
 from pipelines.data.config import DataConfig, FilterConfig, TokenizerConfig
 from pipelines.data.corpus import REJECTED, CorpusFile, read_file
-from pipelines.data.filters import first_failure
+from pipelines.data.encode import CorpusEncoder
+from pipelines.data.filters import any_filter_on, first_failure
 from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_hashes
 from pipelines.data.packing import Packer, ShardWriter
 from pipelines.data.text import normalize
@@ -87,11 +88,12 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
     texts, status, reason = batch["text"].copy(), batch["status"].copy(), batch["reason"].copy()
     content_hash = np.zeros(n, dtype=np.uint64)
     live = []
+    check = any_filter_on(filters)
     for i in range(n):
         if status[i] == REJECTED:
             continue
         texts[i] = normalize(texts[i])
-        failed = first_failure(texts[i], filters)
+        failed = first_failure(texts[i], filters) if check else None
         if failed is not None:
             status[i], reason[i] = FILTERED, failed
             continue
@@ -206,7 +208,8 @@ def part_shingles(scratch: str, index: int, candidates: np.ndarray, ngram: int) 
 # --- pass 3: documents table, tokenise, pack ------------------------------------------------------
 
 
-def mark_duplicates(batch: dict[str, np.ndarray], dup_map: dict[str, np.ndarray], files: list[str]) -> dict[str, np.ndarray]:
+def mark_duplicates(batch: dict[str, np.ndarray], dup_map: dict[str, np.ndarray],
+                    files: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
     """Final per-document status: kept, rejected, filtered, or a duplicate of which document."""
     n = len(batch["id"])
     status = np.where(batch["status"] == "", KEPT, batch["status"]).astype(object)
@@ -221,28 +224,19 @@ def mark_duplicates(batch: dict[str, np.ndarray], dup_map: dict[str, np.ndarray]
     return {**batch, "status": status, "dup_of": of, "dup_of_source": of_source}
 
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def cached_tokenizer(tokenizer_json: str) -> Any:
-    """The tokenizer from its JSON, which travels with the task: a worker on another node cannot
-    read the driver's (temporary) tokenizer directory. Parsed once per worker process."""
-    from tokenizers import Tokenizer
-
-    key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
-    if key not in _TOKENIZERS:
-        tok = Tokenizer.from_str(tokenizer_json)
-        # Corpus text is text: "<|endoftext|>" written in a document is split into ordinary pieces,
-        # not read as the end of a document (only the packer puts the EOS id between documents).
-        tok.encode_special_tokens = True
-        _TOKENIZERS[key] = tok
-    return _TOKENIZERS[key]
+_ENCODERS: dict[str, CorpusEncoder] = {}
 
 
 def tokenize(texts: list[str], tokenizer_json: str) -> list[np.ndarray]:
-    """Token ids of each document (no special tokens added)."""
-    encoded = cached_tokenizer(tokenizer_json).encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.int32) for e in encoded]
+    """Token ids of each document (no special tokens added; "<|endoftext|>" written in a document
+    is ordinary text: only the packer puts the EOS id between documents). The tokenizer travels
+    with the task as its JSON (a worker on another node cannot read the driver's temporary
+    directory) and is built once per worker process."""
+    key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = CorpusEncoder(tokenizer_json)
+    return _ENCODERS[key].encode(texts)
 
 
 def in_validation(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -283,8 +277,8 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
                 writers[split].add(packers[split].add([d for d, m in zip(docs, mask) if m]))
     for w in writers.values():
         w.close()
-    return PartOutput(tokens_in, {s: w.sequences for s, w in writers.items()}, {s: w.shards for s, w in writers.items()},
-                      {s: p.take_pending() for s, p in packers.items()})  # fmt: skip
+    return PartOutput(tokens_in, {s: w.sequences for s, w in writers.items()},
+                      {s: w.shards for s, w in writers.items()}, {s: p.take_pending() for s, p in packers.items()})
 
 
 # --- the tokenizer's training documents -----------------------------------------------------------

@@ -25,6 +25,7 @@ in ``data/``. Without it, on a multi-node cluster the run directory must be on a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -38,6 +39,7 @@ import ray
 from tokenizers import Tokenizer
 
 from cluster.runtime import init_ray
+from core.chat import EOS
 from core.rundir import (
     atomic_dir,
     atomic_write_json,
@@ -97,32 +99,37 @@ def _link_tokenizer(run_dir: Path) -> None:
 def _print_summary(report: dict[str, Any]) -> None:
     d, t = report["documents"], report["tokens"]
     unknown = report["unread_files"]
-    lines = [
-        "kiln data: summary",
-        *([f"  files not read      {unknown['count']:>10,}  (unknown extension)"] if unknown["count"] else []),
-        f"  documents in        {d['in']:>10,}",
-        f"  rejected (bad)      {d['rejected']:>10,}",
-        *(f"  filter {k:<13}{v:>10,}" for k, v in report["filtered"].items()),
-        f"  exact duplicates    {d['exact_duplicates']:>10,}",
-        f"  near duplicates     {d['near_duplicates']:>10,}  ({report['near_dedup']['components']:,} components)",
-        f"  kept                {d['kept']:>10,}",
-        f"  tokens out          {t['packed']:>10,}  ({report['sequences']['train']:,} train + "
-        f"{report['sequences']['validation']:,} val sequences of {report['seq_len']})",
-        f"  time                {report['seconds']['total']:>10.1f} s",
-        *([f"  shards              {report['outputs']['shards']}"] if report["outputs"] else []),
+    rows = [
+        *([("files not read", f"{unknown['count']:>10,}  (unknown extension)")] if unknown["count"] else []),
+        ("documents in", f"{d['in']:>10,}"),
+        ("rejected (bad)", f"{d['rejected']:>10,}"),
+        *((f"filter {k}", f"{v:>10,}") for k, v in report["filtered"].items()),
+        ("exact duplicates", f"{d['exact_duplicates']:>10,}"),
+        ("near duplicates", f"{d['near_duplicates']:>10,}  ({report['near_dedup']['components']:,} components)"),
+        ("kept", f"{d['kept']:>10,}"),
+        ("tokens out", f"{t['packed']:>10,}  ({report['sequences']['train']:,} train + "
+                       f"{report['sequences']['validation']:,} val sequences of {report['seq_len']})"),
+        ("time", f"{report['seconds']['total']:>10.1f} s"),
+        *([("shards", report["outputs"]["shards"])] if report["outputs"] else []),
     ]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = ["kiln data: summary", *(f"  {label:<{width}}{value}" for label, value in rows)]
     print("\n".join(lines), flush=True)
 
 
-def _get(refs: list[Any]) -> list[Any]:
+def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
     """``ray.get`` that, when one task fails, cancels the others and waits for them to stop before
-    raising: none may still be writing into the temporary output folder once it is removed."""
+    raising: none may still be writing into the temporary output folder once it is removed. The
+    failed tasks' other results (``siblings``) are read and dropped, so Ray does not log each of
+    them again as an unhandled error."""
     try:
         return ray.get(refs)
     except BaseException:
         for ref in refs:
             ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        for ref in [*refs, *siblings]:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=60)
         raise
 
 
@@ -172,7 +179,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         pass1 = [parts.annotate_part.options(num_returns=partitions + 1).remote(
                  f, dcfg, hasher, bands, partitions, scratch) for f in files]  # fmt: skip
-        counts: list[parts.PartCounts] = _get([p[0] for p in pass1])
+        counts: list[parts.PartCounts] = _get([p[0] for p in pass1], [r for p in pass1 for r in p[1:]])
         seconds["read_minhash"] = time.perf_counter() - t
 
         # 2. Group on content hashes and LSH band keys (one shuffle): exact components, and the
@@ -216,10 +223,14 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         if dcfg.tokenizer.path is not None:
             copy_hf_tokenizer(Path(dcfg.tokenizer.path), work / "tokenizer")
+            hf = load_tokenizer(work / "tokenizer")
+            eos_id, vocab_size = hf.eos_token_id, len(hf)
         else:
             trained = parts.train_tokenizer.remote(scratch, [f.index for f in files], dup_map, dcfg.tokenizer, kept)
-            save_hf_tokenizer(Tokenizer.from_str(_get([trained])[0]), work / "tokenizer")
-        tokenizer = load_tokenizer(work / "tokenizer")
+            tok = Tokenizer.from_str(_get([trained])[0])
+            save_hf_tokenizer(tok, work / "tokenizer")
+            # Ours: its EOS is known, and AutoTokenizer's import (seconds) is not needed to find it.
+            eos_id, vocab_size = tok.token_to_id(EOS), tok.get_vocab_size(with_added_tokens=True)
         tokenizer_json = (work / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
         seconds["tokenizer"] = time.perf_counter() - t
 
@@ -227,10 +238,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         #    in part order, into the last shards.
         t = time.perf_counter()
         outputs: list[parts.PartOutput] = _get([
-            parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, tokenizer.eos_token_id)
+            parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
             for f in files])  # fmt: skip
         seq_len = dcfg.pack.seq_len
-        tails = {s: Packer(seq_len, tokenizer.eos_token_id) for s in ("train", "validation")}
+        tails = {s: Packer(seq_len, eos_id) for s in ("train", "validation")}
         writers = {s: ShardWriter(storage.join(out, "shards"), f"{s}-{len(files):05d}", seq_len,
                                   dcfg.pack.sequences_per_shard) for s in tails}  # fmt: skip
         for split in tails:
@@ -264,8 +275,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             },
             "filtered": dict(sorted(filtered.items())),
             "near_dedup": {"bands": bands[0], "rows_per_band": bands[1], "threshold": dcfg.dedup.threshold,
-                           **{k: dup_stats[k] for k in ("candidate_pairs", "verified_pairs", "components")}},  # fmt: skip
-            "tokenizer": {"path": str(tok_dir), "vocab_size": len(tokenizer)},
+                           **{k: dup_stats[k] for k in ("candidate_pairs", "verified_pairs", "components")}},
+            "tokenizer": {"path": str(tok_dir), "vocab_size": vocab_size},
             "tokens": {
                 "in": sum(o.tokens_in for o in outputs),
                 "packed": sum(sequences.values()) * seq_len,

@@ -1,0 +1,73 @@
+"""The corpus encoder's fast path gives exactly the ids ``tokenizers`` gives, or is not taken."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.data.config import TokenizerConfig
+from pipelines.data.encode import CorpusEncoder, fast_path_applies
+from pipelines.data.tokenizer import save_hf_tokenizer, train_bpe
+
+TRAINING = [
+    "The quick brown fox's den, isn't it? They'll say 'we've 12 of 345' -- e.g. U.S.A. & co.",
+    "Numbers 2024-05-06 and 3.14159; tabs\tand  double  spaces.\n\nNew paragraph!!! ...",
+    "What is 7 + 35? 42. I'm sure you'd agree; we're done. <|endoftext|> <|im_start|>user",
+] * 30
+# Letters, digits, apostrophes and contractions, punctuation, every ASCII whitespace (and the
+# \x1c-\x1f separators the fast path hands over), special-token text and non-ASCII letters.
+PIECES = ["a", "Z", "the", " fox", "7", "42", "'", "'s", "'S", "'ll", "'re", " 'd", "!", "...", ",", "-", "+",
+          " ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "<|endoftext|>", "<|im_end|>",
+          "é", "ß", "²", "日本", "\u00a0", "\u2003"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tokenizer.json the data stage hands to its tasks (saved through transformers)."""
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    save_hf_tokenizer(train_bpe(iter(TRAINING), TokenizerConfig(vocab_size=400, min_frequency=1)), folder)
+    return (folder / "tokenizer.json").read_text()
+
+
+def _reference(tokenizer_json: str, texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True
+    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_the_stage_tokenizer_takes_the_fast_path(tokenizer_json: str) -> None:
+    assert fast_path_applies(json.loads(tokenizer_json))
+    other = json.loads(tokenizer_json)
+    other["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = False
+    assert not fast_path_applies(other)
+    assert not fast_path_applies({**json.loads(tokenizer_json), "normalizer": {"type": "NFC"}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=40).map("".join), min_size=1, max_size=8))
+def test_same_ids_as_encode_batch(tokenizer_json: str, texts: list[str]) -> None:
+    encoder = CorpusEncoder(tokenizer_json)
+    got = encoder.encode(texts)
+    assert all(ids.dtype == np.int32 for ids in got)
+    assert [ids.tolist() for ids in got] == _reference(tokenizer_json, texts)
+    assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)  # from the cache
+
+
+def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) -> None:
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate
+
+    generate(GenerateConfig(out_dir=str(tmp_path), num_documents=300, exact_duplicates=10, near_duplicates=10,
+                            junk_documents=20, sft_examples=10, preference_pairs=10, ppo_prompts=10,
+                            eval_prompts=10))  # fmt: skip
+    texts = [json.loads(line)["text"] for f in sorted((tmp_path / "pretrain").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]  # fmt: skip
+    assert len(texts) > 300
+    assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
