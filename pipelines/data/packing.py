@@ -43,11 +43,6 @@ class Packer:
         self._pending = stream[n * self.seq_len :]
         return stream[: n * self.seq_len].reshape(n, self.seq_len)
 
-    def take_pending(self) -> np.ndarray:
-        """The tokens not yet emitted (fewer than ``seq_len``), leaving the packer empty."""
-        pending, self._pending = self._pending, np.zeros(0, dtype=np.int32)
-        return pending
-
     @property
     def leftover(self) -> int:
         """Tokens in the final partial block, not emitted."""

@@ -11,9 +11,10 @@ batch plus what the pass returns):
 2. ``part_shingles``: the sorted shingle-hash sets of the part's documents that are in a candidate
    pair (near dedup's exact verification needs both sides' shingles).
 3. ``finish_part``: the part's slice of the documents table (every record, its status and what it
-   duplicates), its rejected records, and its kept documents tokenised and packed into its own
-   shards. Only the final partial sequence of each split (< seq_len tokens) goes back to the driver,
-   which packs those tails, in part order, into the last shards.
+   duplicates), its rejected records, and its kept documents tokenised into one token stream per
+   split, left in the object store; ``pack_split`` (one task per split) fetches the parts' streams
+   one at a time, in part order, and packs them into the split's shards: the documents in id
+   order, as one process reading the whole corpus would.
 
 The output is a pure function of the input: parts are processed independently and named by index.
 """
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.data import storage
-from pipelines.data.config import DataConfig, FilterConfig, TokenizerConfig
+from pipelines.data.config import DataConfig, FilterConfig, PackConfig, TokenizerConfig
 from pipelines.data.corpus import REJECTED, CorpusFile, read_file
 from pipelines.data.encode import CorpusEncoder
 from pipelines.data.filters import any_filter_on, first_failure
@@ -57,16 +58,6 @@ class PartCounts:
     rejected: int = 0
     filtered: Counter[str] = field(default_factory=Counter)
     live: int = 0
-
-
-@dataclass(frozen=True)
-class PartOutput:
-    """What ``finish_part`` wrote: counts, and each split's unpacked tail (< seq_len tokens)."""
-
-    tokens_in: int
-    sequences: dict[str, int]
-    shards: dict[str, int]
-    tails: dict[str, np.ndarray]
 
 
 def part_file(folder: str, index: int, suffix: str = "parquet") -> str:
@@ -250,18 +241,16 @@ def _rejected_lines(batch: dict[str, np.ndarray]) -> str:
                    for s, r, t in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad]))  # fmt: skip
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, num_returns=3)
 def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarray], files: list[str],
-                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> PartOutput:  # fmt: skip
-    """Pass 3 of one part: its documents table and rejected records, its kept documents packed
-    into ``shards/<split>-<index>-NNNNN.parquet``; returns counts and the unpacked tails."""
-    pack = dcfg.pack
-    packers = {s: Packer(pack.seq_len, eos_id) for s in ("train", "validation")}
-    writers = {s: ShardWriter(storage.join(out, "shards"), f"{s}-{index:05d}", pack.seq_len, pack.sequences_per_shard)
-               for s in packers}  # fmt: skip
+                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> tuple[int, np.ndarray, np.ndarray]:  # fmt: skip
+    """Pass 3 of one part: its documents table and rejected records, and its kept documents
+    tokenised. Returns the tokens read and, per split (train, validation), the part's token
+    stream in id order: each document's ids followed by EOS."""
     fs, path = storage.resolve(part_file(storage.join(out, "documents"), index))
     rejected_fs, rejected_path = storage.resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
-    tokens_in = 0
+    streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
+    eos = np.array([eos_id], dtype=np.int32)
     with pq.ParquetWriter(path, DOCUMENTS, filesystem=fs) as writer, \
             rejected_fs.open_output_stream(rejected_path) as rejected:  # fmt: skip
         for record_batch in _annotated_batches(scratch, index, ANNOTATED.names, dcfg.batch_size):
@@ -271,14 +260,23 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
             rejected.write(_rejected_lines(batch).encode())
             kept = batch["status"] == KEPT
             docs = tokenize(batch["text"][kept].tolist(), tokenizer_json)
-            val = in_validation(batch["id"][kept], pack.validation_fraction)
-            tokens_in += sum(d.size + 1 for d in docs)  # +1: the EOS after each document
-            for split, mask in (("train", ~val), ("validation", val)):
-                writers[split].add(packers[split].add([d for d, m in zip(docs, mask) if m]))
-    for w in writers.values():
-        w.close()
-    return PartOutput(tokens_in, {s: w.sequences for s, w in writers.items()},
-                      {s: w.shards for s, w in writers.items()}, {s: p.take_pending() for s, p in packers.items()})
+            for ids, val in zip(docs, in_validation(batch["id"][kept], dcfg.pack.validation_fraction)):
+                streams[bool(val)] += [ids, eos]
+    train, val = (np.concatenate(streams[v]) if streams[v] else np.zeros(0, np.int32) for v in (False, True))
+    return train.size + val.size, train, val
+
+
+@ray.remote(num_cpus=1)
+def pack_split(out: str, split: str, streams: list[Any], pack: PackConfig, eos_id: int) -> dict[str, int]:
+    """Pack one split's token streams (object references, one per part, fetched one at a time in
+    part order) into ``shards/<split>-NNNNN.parquet``: every token once, in id order, only the
+    last partial sequence left over. Sequential, and cheap next to tokenising."""
+    packer = Packer(pack.seq_len, eos_id)
+    writer = ShardWriter(storage.join(out, "shards"), split, pack.seq_len, pack.sequences_per_shard)
+    for ref in streams:
+        writer.add(packer.add_tokens(ray.get(ref)))
+    writer.close()
+    return {"sequences": writer.sequences, "shards": writer.shards, "leftover": packer.leftover}
 
 
 # --- the tokenizer's training documents -----------------------------------------------------------

@@ -10,8 +10,8 @@ and the duplicate graph is built in Ray tasks too (``pipelines/data/dedup.py``).
   4. near components; the duplicate map (dropped id -> kept id) stays in Ray's object store;
   5. the BPE tokenizer, trained on the first kept documents (a bounded sample by default);
   6. per part: its slice of the documents table (every record, its status and what it
-     duplicates), its rejected records, its kept documents tokenised and packed into its own
-     shards; the parts' last partial sequences, in part order, packed into the final shards;
+     duplicates), its rejected records, its kept documents tokenised; then one task per split
+     packs the parts' token streams, in part order, into that split's shards;
   7. data_report.json and the stage marker.
 The driver holds object references and counts, never documents, pairs or the duplicate map: its
 memory does not grow with the corpus. Everything is built inside a temporary directory renamed
@@ -52,7 +52,6 @@ from pipelines.data import dedup, parts, storage
 from pipelines.data.config import DataConfig, DedupConfig
 from pipelines.data.corpus import Corpus, list_corpus_files
 from pipelines.data.minhash import MinHasher, optimal_bands
-from pipelines.data.packing import Packer, ShardWriter
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
 from pipelines.data.tokenizer import copy_hf_tokenizer, load_tokenizer, save_hf_tokenizer
 
@@ -115,6 +114,13 @@ def _print_summary(report: dict[str, Any]) -> None:
     width = max(len(label) for label, _ in rows) + 2
     lines = ["kiln data: summary", *(f"  {label:<{width}}{value}" for label, value in rows)]
     print("\n".join(lines), flush=True)
+
+
+def _collect_rejected(scratch: str, work: Path) -> None:
+    """The parts' rejected records into ``data/rejected/rejected.jsonl``, streamed in part order."""
+    (work / "rejected").mkdir()
+    with open(work / "rejected" / "rejected.jsonl", "wb") as rejected:
+        storage.concatenate(storage.files_in(storage.join(scratch, "rejected"), ".jsonl"), rejected)
 
 
 def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
@@ -234,29 +240,24 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         tokenizer_json = (work / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
         seconds["tokenizer"] = time.perf_counter() - t
 
-        # 6. Per part: documents table, rejected records, tokenise and pack; then the parts' tails,
-        #    in part order, into the last shards.
+        # 6. Per part: documents table, rejected records, tokens; then each split packed in id order.
         t = time.perf_counter()
-        outputs: list[parts.PartOutput] = _get([
-            parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
-            for f in files])  # fmt: skip
-        seq_len = dcfg.pack.seq_len
-        tails = {s: Packer(seq_len, eos_id) for s in ("train", "validation")}
-        writers = {s: ShardWriter(storage.join(out, "shards"), f"{s}-{len(files):05d}", seq_len,
-                                  dcfg.pack.sequences_per_shard) for s in tails}  # fmt: skip
-        for split in tails:
-            for o in outputs:
-                writers[split].add(tails[split].add_tokens(o.tails[split]))
-            writers[split].close()
-        (work / "rejected").mkdir()
-        with open(work / "rejected" / "rejected.jsonl", "wb") as rejected:
-            storage.concatenate(storage.files_in(storage.join(scratch, "rejected"), ".jsonl"), rejected)
+        finished = [parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
+                    for f in files]  # fmt: skip
+        splits = ("train", "validation")
+        packed = dict(zip(splits, _get([parts.pack_split.remote(out, split, [p[1 + k] for p in finished], dcfg.pack,
+                                                                eos_id) for k, split in enumerate(splits)],
+                                       [r for p in finished for r in p])))  # fmt: skip
+        tokens_in = sum(_get([p[0] for p in finished]))
+        del finished
+        _collect_rejected(scratch, work)
         storage.remove(scratch)
         seconds["documents_pack"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
 
         # 7. Report and marker, inside the directory that is renamed into place.
-        sequences = {s: sum(o.sequences[s] for o in outputs) + writers[s].sequences for s in tails}
+        sequences = {s: packed[s]["sequences"] for s in splits}
+        seq_len = dcfg.pack.seq_len
         filtered: Counter[str] = sum((c.filtered for c in counts), Counter())
         report = {
             "inputs": uris,
@@ -278,13 +279,13 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
                            **{k: dup_stats[k] for k in ("candidate_pairs", "verified_pairs", "components")}},
             "tokenizer": {"path": str(tok_dir), "vocab_size": vocab_size},
             "tokens": {
-                "in": sum(o.tokens_in for o in outputs),
+                "in": tokens_in,
                 "packed": sum(sequences.values()) * seq_len,
-                "leftover": sum(p.leftover for p in tails.values()),
+                "leftover": sum(packed[s]["leftover"] for s in splits),
             },
             "seq_len": seq_len,
             "sequences": sequences,
-            "shards": {s: sum(o.shards[s] for o in outputs) + writers[s].shards for s in tails},
+            "shards": {s: packed[s]["shards"] for s in splits},
             "parts": len(files),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
