@@ -93,7 +93,7 @@ class PackConfig(Section):
     seq_len: int = Field(default=256, ge=8)
     # Sequences per Parquet shard.
     sequences_per_shard: int = Field(default=2048, ge=1)
-    # Fraction of sequences held out for validation (the tail of the stream).
+    # Fraction of documents held out for validation (chosen by a hash of the document id).
     validation_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
 
 

@@ -37,7 +37,7 @@ class Packer:
         return stream[: n * self.seq_len].reshape(n, self.seq_len)
 
     def add_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Append a raw token stream (EOS already in it, e.g. another packer's pending tail)."""
+        """Append a raw token stream (each document's ids already followed by EOS)."""
         stream = np.concatenate([self._pending, np.asarray(tokens, dtype=np.int32)])
         n = stream.size // self.seq_len
         self._pending = stream[n * self.seq_len :]
