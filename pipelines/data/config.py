@@ -83,7 +83,8 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(default=4096, ge=300)
     min_frequency: int = Field(default=2, ge=1)
     # Kept documents the tokenizer is trained on, the first in id order (null: all of them). A
-    # bounded sample by default: training time grows with it, vocabulary quality hardly past ~20 MB.
+    # bounded sample by default, since training time grows with it (the quality cost of the bound
+    # was not measured).
     max_training_documents: int | None = Field(default=20_000, ge=1)
 
 

@@ -57,7 +57,11 @@ class PartCounts:
     records: int = 0
     rejected: int = 0
     filtered: Counter[str] = field(default_factory=Counter)
-    live: int = 0
+
+    @property
+    def live(self) -> int:
+        """Records that passed reading and the filters."""
+        return self.records - self.rejected - sum(self.filtered.values())
 
 
 def part_file(folder: str, index: int, suffix: str = "parquet") -> str:
@@ -138,7 +142,6 @@ def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, ba
             counts.records += len(batch["id"])
             counts.rejected += int(np.sum(batch["status"] == REJECTED))
             counts.filtered.update(batch["reason"][batch["status"] == FILTERED].tolist())
-            counts.live += int(live.sum())
             ids.append(batch["id"][live])
             hashes.append(content_hash[live])
             keys.append(band_key[live])
