@@ -54,6 +54,12 @@ def _sft(cfg: KilnConfig, force: bool) -> None:
     sft.run(cfg, force=force)
 
 
+def _preferences(cfg: KilnConfig, force: bool) -> None:
+    from pipelines.rlhf import preferences
+
+    preferences.run(cfg, force=force)
+
+
 def _reward_model(cfg: KilnConfig, force: bool) -> None:
     from pipelines.train import reward_model
 
@@ -78,6 +84,12 @@ def _grpo(cfg: KilnConfig, force: bool) -> None:
     ppo.run(cfg, force=force, stage="grpo")
 
 
+def _rlhf(cfg: KilnConfig, force: bool) -> None:
+    from pipelines.rlhf import ppo
+
+    ppo.run(cfg, force=force, stage="rlhf")
+
+
 def _eval(cfg: KilnConfig, force: bool, models: list[str] | None = None) -> None:
     from pipelines.eval import stage as evaluation
 
@@ -90,10 +102,12 @@ STAGES: dict[str, Callable[[KilnConfig, bool], None]] = {
     "data": _data,
     "pretrain": _pretrain,
     "sft": _sft,
+    "preferences": _preferences,
     "reward_model": _reward_model,
     "dpo": _dpo,
     "ppo": _ppo,
     "grpo": _grpo,
+    "rlhf": _rlhf,
     "eval": _eval,
 }
 
@@ -209,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data": "clean, deduplicate, tokenize and pack a corpus",
         "pretrain": "pretrain a base model on the packed shards (Ray Train + DeepSpeed)",
         "sft": "fine-tune on chat data, loss on response tokens only",
+        "preferences": "sample the SFT model and pair its accepted and rejected answers (a label function judges)",
         "reward-model": "train a scalar reward model on preference pairs (Bradley-Terry)",
         "dpo": "direct preference optimisation of the SFT model on preference pairs (sigmoid, IPO or cDPO loss)",
         "ppo": "RLHF: PPO (or GRPO) with vLLM rollouts, reward, reference, critic and learner actors",
         "grpo": "a second RL run from the SFT model with GRPO (the grpo: section, written to <run>/grpo/)",
+        "rlhf": "RL from the reward model alone, no programmatic reward (the rlhf: section, written to <run>/rlhf/)",
         "eval": "measure every stage's model on held-out prompts (accuracy with CIs, pass@k, reward, KL, perplexity)",
         "run": "every stage the config has, in order (finished stages are skipped), then the report",
         "report": "write <run>/report.md with PNG plots from what the stages wrote",

@@ -22,7 +22,7 @@ from core.config import ConfigError, Section, format_errors, redacted_dump
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
-from pipelines.rlhf.config import PpoConfig
+from pipelines.rlhf.config import PpoConfig, PreferencesConfig
 from pipelines.train.config import DpoConfig, PretrainConfig, RewardModelConfig, SftConfig
 from serving.config import ServeConfig
 
@@ -59,12 +59,17 @@ class KilnConfig(Section):
     data: DataConfig | None = None
     pretrain: PretrainConfig | None = None
     sft: SftConfig | None = None
+    # Preference pairs of the SFT model's own answers, labelled by a function (written to <run>/preferences/).
+    preferences: PreferencesConfig | None = None
     reward_model: RewardModelConfig | None = None
     # Direct preference optimisation of the SFT model on the reward model's pairs (written to <run>/dpo/).
     dpo: DpoConfig | None = None
     ppo: PpoConfig | None = None
     # A second RL run from the same SFT model with GRPO (the same schema as ppo; written to <run>/grpo/).
     grpo: PpoConfig | None = None
+    # RL from the reward model alone, as RLHF was first described: no programmatic reward
+    # (the same schema as ppo; written to <run>/rlhf/).
+    rlhf: PpoConfig | None = None
     eval: EvalConfig | None = None
     serve: ServeConfig | None = None
 
@@ -72,6 +77,13 @@ class KilnConfig(Section):
     def _grpo_is_grpo(self) -> "KilnConfig":
         if self.grpo is not None and self.grpo.advantage != "grpo":
             raise ValueError("grpo.advantage must be grpo (the grpo section is the GRPO run; PPO goes in ppo)")
+        return self
+
+    @model_validator(mode="after")
+    def _rlhf_is_reward_model_only(self) -> "KilnConfig":
+        if self.rlhf is not None and (self.rlhf.reward_model is None or self.rlhf.reward_function is not None):
+            raise ValueError("rlhf.reward_model must be set and rlhf.reward_function null (the rlhf section is RL "
+                             "from the reward model alone; a programmatic reward goes in ppo or grpo)")
         return self
 
     def stage_section(self, stage: str) -> tuple[Any, Path, str]:

@@ -32,9 +32,9 @@ from core.metrics import read_metrics
 from core.rundir import STAGE_MARKER, atomic_dir, atomic_write_text
 from pipelines.eval.table import COMPARISON_HEADER, comparison_cells, model_cells, model_header
 
-STAGES = ("data", "pretrain", "sft", "reward_model", "dpo", "ppo", "grpo", "eval")
-TRAINED_STAGES = ("pretrain", "sft", "reward_model", "dpo", "ppo", "grpo")
-RL_STAGES = ("ppo", "grpo")  # the same controller; grpo is a second RL run from the SFT model
+STAGES = ("data", "pretrain", "sft", "preferences", "reward_model", "dpo", "ppo", "grpo", "rlhf", "eval")
+TRAINED_STAGES = ("pretrain", "sft", "reward_model", "dpo", "ppo", "grpo", "rlhf")
+RL_STAGES = ("ppo", "grpo", "rlhf")  # the same controller; grpo and rlhf are further RL runs from the SFT model
 REPORT_FILE = "report.md"
 REPORT_DIR = "report"
 
@@ -259,6 +259,11 @@ def _results(stage: StageData) -> str:
         return _ppo_results(stage) or "—"
     if stage.name == "eval":
         return _eval_results(stage.report) if stage.report else "—"
+    if stage.name == "preferences":
+        s = stage.summary
+        return (f"{_fmt(s.get('pairs'))} pairs from {_fmt(s.get('prompts_paired'))} of "
+                f"{_fmt(s.get('prompts'))} prompts ({_fmt(s.get('accepted'))} of "
+                f"{_fmt(s.get('distinct_responses'))} distinct answers accepted)")
     return _training_results(stage)
 
 
@@ -416,6 +421,10 @@ def _draw_plots(stages: dict[str, StageData], out_dir: Path) -> tuple[list[Plot]
                       "GRPO: mean rollout reward and held-out reward (left), KL of the policy from the SFT "
                       "model (right)."),
          lambda out: _plot_rl(stages["grpo"], out)),
+        ("rlhf", Plot("rlhf_reward_kl.png", "RLHF (reward model only) reward and KL",
+                      "RL from the reward model alone: mean rollout reward-model score and held-out score "
+                      "(left), KL of the policy from the SFT model (right)."),
+         lambda out: _plot_rl(stages["rlhf"], out)),
         ("eval", Plot("eval_accuracy.png", "Task accuracy by stage",
                       "Held-out task accuracy of every model (greedy decoding), with 95 % Wilson intervals."),
          lambda out: _plot_eval_accuracy(stages["eval"].report, out)),

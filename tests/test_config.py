@@ -36,6 +36,32 @@ def test_ranges_and_cross_field_rules() -> None:
         parse_config({**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"num_bands": None}}})
 
 
+def test_rlhf_section_is_reward_model_only() -> None:
+    rl = {"prompts": "p.jsonl", "advantage": "grpo"}
+    with pytest.raises(ConfigError, match="rlhf.reward_model must be set and rlhf.reward_function null"):
+        parse_config({**MINIMAL, "rlhf": {**rl, "reward_model": "rm", "reward_function": "m:f"}})
+    with pytest.raises(ConfigError, match=r"(?s)rlhf.*give reward_model, reward_function or both"):
+        parse_config({**MINIMAL, "rlhf": {**rl, "reward_function": None}})
+    cfg = parse_config({**MINIMAL, "rlhf": {**rl, "reward_model": "rm", "reward_function": None}})
+    assert cfg.rlhf is not None and cfg.stage_section("rlhf")[1].name == "rlhf"
+
+
+def test_quickstart_rlhf_config_adds_only_rlhf() -> None:
+    """configs/quickstart-rlhf.yaml is the quickstart plus RL on the reward model alone: after the
+    quickstart it runs rlhf (after GRPO) and eval only."""
+    from pipelines.cli import STAGES
+
+    configs = Path(__file__).parents[1] / "configs"
+    quickstart, with_rlhf = load_config(configs / "quickstart.yaml"), load_config(configs / "quickstart-rlhf.yaml")
+    assert quickstart.rlhf is None and with_rlhf.rlhf is not None and with_rlhf.rlhf.reward_function is None
+    assert with_rlhf.rlhf.reward_model == str(with_rlhf.run.dir / "reward_model" / "model")
+    for section in STAGES:
+        if section != "rlhf" and getattr(quickstart, section) is not None:
+            assert quickstart.digest(section) == with_rlhf.digest(section), section
+    order = list(STAGES)
+    assert order.index("reward_model") < order.index("grpo") < order.index("rlhf") < order.index("eval")
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")

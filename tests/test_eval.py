@@ -262,6 +262,7 @@ def test_comparison_pairs_and_pairwise_accuracy() -> None:
     assert comparison_pairs(["base", "sft", "ppo", "dpo"], custom=False) == [("base", "sft"), ("sft", "ppo"),
                                                                               ("sft", "dpo")]  # fmt: skip
     assert comparison_pairs(["ppo", "grpo"], custom=False) == []
+    assert comparison_pairs(["sft", "grpo", "rlhf"], custom=False) == [("sft", "grpo"), ("sft", "rlhf")]
     assert comparison_pairs(["x", "y", "z"], custom=True) == [("x", "y"), ("y", "z")]
     # A tie is not a win; no same-format pair gives null, not 0.
     entry = pairwise_entry([1.0, 0.5, 2.0], [0.0, 0.5, 3.0], [False, False, False])

@@ -18,7 +18,7 @@ from pipelines.report import REPORT_DIR, REPORT_FILE, ReportInputError, write_re
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ("pretrain_loss.png", "sft_loss.png", "reward_model.png", "dpo.png", "ppo_reward_kl.png",
-            "ppo_before_after.png", "grpo_reward_kl.png", "eval_accuracy.png")
+            "ppo_before_after.png", "grpo_reward_kl.png", "rlhf_reward_kl.png", "eval_accuracy.png")
 
 FAKE_DATA_REPORT = {
     "documents": {"in": 4700, "kept": 4100, "exact_duplicates": 200, "near_duplicates": 200, "filtered": 200,
@@ -101,7 +101,7 @@ def _mark(stage_dir: Path, stage: str, summary: dict[str, Any]) -> None:
     (stage_dir / "stage.json").write_text(json.dumps({"stage": stage, "config_digest": "fake", "summary": summary}))
 
 
-ALL_STAGES = ("data", "pretrain", "sft", "reward_model", "dpo", "ppo", "grpo", "eval")
+ALL_STAGES = ("data", "pretrain", "sft", "preferences", "reward_model", "dpo", "ppo", "grpo", "rlhf", "eval")
 
 
 def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
@@ -114,14 +114,17 @@ def make_fake_run(root: Path, stages: tuple[str, ...] = ALL_STAGES) -> Path:
     fakes = {"pretrain": (FAKE_PRETRAIN_METRICS, 107.4), "sft": (FAKE_SFT_METRICS, 51.5),
              "reward_model": (FAKE_REWARD_MODEL_METRICS, 56.5), "dpo": (FAKE_DPO_METRICS, 80.0),
              "ppo": (FAKE_PPO_METRICS, 3725.0),
-             "grpo": (FAKE_PPO_METRICS, 95.0)}
+             "grpo": (FAKE_PPO_METRICS, 95.0), "rlhf": (FAKE_PPO_METRICS, 90.0)}
     for stage, (records, seconds) in fakes.items():
         if stage in stages:
             _write_jsonl(run / stage / "metrics.jsonl", records)
             _mark(run / stage, stage, {"seconds": seconds})
-    for stage in ("ppo", "grpo"):
+    for stage in ("ppo", "grpo", "rlhf"):
         if stage in stages:
             (run / stage / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
+    if "preferences" in stages:
+        _mark(run / "preferences", "preferences", {"pairs": 2724, "prompts": 2120, "prompts_paired": 1781,
+                                                   "distinct_responses": 5861, "accepted": 2155, "seconds": 61.0})
     if "eval" in stages:
         _mark(run / "eval", "eval", {"seconds": 125.0})
         (run / "eval" / "summary.json").write_text(json.dumps(FAKE_EVAL_SUMMARY))
@@ -178,6 +181,10 @@ def test_table_has_the_final_numbers(full_report: Path) -> None:
     assert _row(markdown, "sft") == (
         "| sft | finished | 51.5 s | 20 steps, loss 5.5 → 0.625, val loss 0.6875, val perplexity 1.989, "
         "6,400 tokens/s |"
+    )
+    assert _row(markdown, "preferences") == (
+        "| preferences | finished | 1 min 1 s | 2,724 pairs from 1,781 of 2,120 prompts "
+        "(2,155 of 5,861 distinct answers accepted) |"
     )
     assert _row(markdown, "reward_model") == (
         "| reward_model | finished | 56.5 s | 20 steps, loss 0.625 → 0.5, val loss 0.53, val accuracy 63.5%, "

@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -124,3 +125,11 @@ class EvalGenerator:
             token_ids=[[list(c.token_ids) for c in out.outputs] for out in outputs],
             texts=[[c.text for c in out.outputs] for out in outputs],
         )
+
+
+def new_generator(model_dir: Path, engine: EngineConfig, max_model_len: int, num_cpus: float, num_gpus: float) -> Any:
+    """A new :class:`EvalGenerator` actor for ``model_dir``, its engine inside the actor's process."""
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", **engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
+    return EvalGenerator.options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}).remote(
+        str(model_dir), engine, max_model_len
+    )

@@ -18,7 +18,8 @@ from core.jsonl import BadRecord, read_jsonl
 from pipelines.data.storage import shard_files, shards_location
 
 # Default models of a run, in pipeline order: (name, folder under the run directory).
-STAGE_MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("grpo", "grpo"), ("dpo", "dpo"))
+STAGE_MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("grpo", "grpo"), ("rlhf", "rlhf"),
+                ("dpo", "dpo"))
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -32,7 +33,7 @@ class Target:
 
 def stage_models(run_dir: Path) -> list[Target]:
     """Every stage model the run has written (``<run>/<stage>/model`` with a ``config.json``), in
-    pipeline order, named ``base``, ``sft``, ``ppo``, ``grpo``, ``dpo``."""
+    pipeline order, named ``base``, ``sft``, ``ppo``, ``grpo``, ``rlhf``, ``dpo``."""
     found = [Target(name, (run_dir / folder / "model").resolve()) for name, folder in STAGE_MODELS]
     return [t for t in found if (t.path / "config.json").is_file()]
 

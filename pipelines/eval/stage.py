@@ -3,7 +3,7 @@ each number with its uncertainty, and paired tests between consecutive stages.
 
 Read top to bottom:
 
-  0. inputs — the models (the run's ``base``, ``sft``, ``ppo``, ``grpo``, ``dpo`` that exist, or
+  0. inputs — the models (the run's ``base``, ``sft``, ``ppo``, ``grpo``, ``rlhf``, ``dpo`` that exist, or
      ``--models``), the prompts, metric and reward functions, reward model and preference pairs:
      all checked before any actor starts;
   1. actors — one vLLM generator (``pipelines.eval.generation``), reused across models of one
@@ -47,7 +47,7 @@ from core.rundir import (
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.generation import EvalGenerator, Responses, engine_key
+from pipelines.eval.generation import Responses, engine_key, new_generator
 from pipelines.eval.inputs import (
     STAGE_MODELS,
     Target,
@@ -138,10 +138,7 @@ def _same_vocabulary(a: Path, b: Path) -> bool:
 
 def start_generator(e: EvalConfig, model_dir: Path, max_model_len: int) -> Any:
     """A new vLLM generator actor for ``model_dir``'s architecture, its engine in-process."""
-    env = {"VLLM_LOGGING_LEVEL": "WARNING", **e.engine.vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")}
-    return EvalGenerator.options(num_cpus=e.num_cpus, num_gpus=e.num_gpus, runtime_env={"env_vars": env}).remote(
-        str(model_dir), e.engine, max_model_len
-    )
+    return new_generator(model_dir, e.engine, max_model_len, e.num_cpus, e.num_gpus)
 
 
 def start_scorer(reward_model: Path, prompts: Path) -> Any:

@@ -82,10 +82,10 @@ def model_entry(m: ModelScores) -> dict[str, Any]:
 
 def comparison_pairs(names: list[str], custom: bool) -> list[tuple[str, str]]:
     """Which models are compared: each consecutive pair for ``--models``; for a run's stage models,
-    base → sft, then sft → each of ppo, grpo, dpo that is present."""
+    base → sft, then sft → each of ppo, grpo, rlhf, dpo that is present."""
     if custom:
         return list(zip(names, names[1:]))
-    pairs = [("base", "sft")] + [("sft", later) for later in ("ppo", "grpo", "dpo")]
+    pairs = [("base", "sft")] + [("sft", later) for later in ("ppo", "grpo", "rlhf", "dpo")]
     return [(a, b) for a, b in pairs if a in names and b in names]
 
 

@@ -430,7 +430,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     Args:
         cfg: the run's config.
         force: redo a finished stage.
-        stage: the config section and run-directory folder: ``ppo``, or ``grpo`` for a second RL
+        stage: the config section and run-directory folder: ``ppo``, or ``grpo`` / ``rlhf`` for a second / third RL
             run from the same SFT model (same section schema).
     """
     p, stage_dir, digest = cfg.stage_section(stage)
