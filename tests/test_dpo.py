@@ -202,7 +202,7 @@ def test_quickstart_dpo_config_adds_only_dpo() -> None:
 
     configs = Path(__file__).parents[1] / "configs"
     quickstart, with_dpo = load_config(configs / "quickstart.yaml"), load_config(configs / "quickstart-dpo.yaml")
-    assert quickstart.dpo is None and with_dpo.dpo is not None and with_dpo.dpo.data == with_dpo.reward_model.data
+    assert quickstart.dpo is None and with_dpo.dpo is not None and with_dpo.dpo.data == with_dpo.reward_model.data[0]
     for section in STAGES:
         if section != "dpo" and getattr(quickstart, section) is not None:
             assert quickstart.digest(section) == with_dpo.digest(section), section

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "pipelines.train.reward_model": DRIVERS,
     "pipelines.train.dpo": DRIVERS,
     "pipelines.rlhf.ppo": DRIVERS,
+    "pipelines.rlhf.preferences": DRIVERS,
     "pipelines.quickstart.generate": DRIVERS,
     "pipelines.eval.stage": DRIVERS,
     # What a user runs: the CLI, the run report, job submission, benchmarks.

@@ -83,6 +83,7 @@ def test_same_config_gives_byte_identical_files(tmp_path: Path) -> None:
         "sft.jsonl",
         "preferences.jsonl",
         "ppo_prompts.jsonl",
+        "preference_prompts.jsonl",
         "eval_prompts.jsonl",
         "eval_preferences.jsonl",
     }
@@ -295,6 +296,10 @@ def test_eval_pairs_are_held_out_from_everything(
     assert len(eval_pairs) == len(set(eval_pairs)) == 50
     seen = {_pair(row["prompt"]) for row in _read_jsonl(out / "ppo_prompts.jsonl")}
     seen |= {_pair(row["prompt"]) for row in _read_jsonl(out / "preferences.jsonl")}
+    every_training_pair = [_pair(row["prompt"]) for row in _read_jsonl(out / "preference_prompts.jsonl")]
+    blocked = set(eval_pairs) | {(b, a) for a, b in eval_pairs}
+    assert len(every_training_pair) == len(set(every_training_pair)) == 50 * 50 - len(blocked)  # max_operand 49
+    seen |= set(every_training_pair)
     for row in _read_jsonl(out / "sft.jsonl"):
         seen.add(_pair(row["messages"][0]["content"] if "messages" in row else row["prompt"]))
     for text in docs.values():

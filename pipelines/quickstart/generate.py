@@ -446,6 +446,8 @@ def build_task_data(
         "ppo_prompts.jsonl": [
             _prompt_row(*ppo.choice(train_pairs)) for _ in range(cfg.ppo_prompts)
         ],
+        # Every training pair once: the prompts kiln preferences samples the SFT model on.
+        "preference_prompts.jsonl": [_prompt_row(a, b) for a, b in train_pairs],
         "eval_prompts.jsonl": [_prompt_row(a, b) for a, b in eval_pairs],
         "eval_preferences.jsonl": [preference_pair(held, a, b) for a, b in eval_pairs],
     }
@@ -459,8 +461,8 @@ def generate(cfg: GenerateConfig) -> dict[str, int]:
     """Write the quickstart corpus, its ground truth and the task data under ``cfg.out_dir``.
 
     Files: ``pretrain/part-000{0..3}.jsonl`` (``{"id", "text"}`` per line), ``ground_truth.json``,
-    ``sft.jsonl``, ``preferences.jsonl``, ``ppo_prompts.jsonl``, ``eval_prompts.jsonl``,
-    ``eval_preferences.jsonl``; each written atomically.
+    ``sft.jsonl``, ``preferences.jsonl``, ``ppo_prompts.jsonl``, ``preference_prompts.jsonl``,
+    ``eval_prompts.jsonl``, ``eval_preferences.jsonl``; each written atomically.
 
     Args:
         cfg: Sizes, seed and output folder.

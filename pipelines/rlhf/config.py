@@ -195,3 +195,33 @@ class PpoConfig(Section):
         if self.advantage == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("advantage grpo needs samples_per_prompt >= 2 (it compares samples of a prompt)")
         return self
+
+
+class PreferencesConfig(Section):
+    """``kiln preferences``: comparisons of the policy's own answers, labelled by a function.
+
+    InstructGPT's labellers ranked the SFT model's samples, so its reward model learnt the errors
+    that policy makes. Here ``label_function`` stands in for the labeller: it accepts or rejects
+    each distinct response, and each pair puts an accepted response above a rejected one to the
+    same prompt. The pairs (``<run>/preferences/pairs.jsonl``) go to the reward model's data.
+    """
+
+    # Model sampled (null: <run>/sft/model).
+    policy: str | None = None
+    # JSONL of {"prompt", ...}; the other fields go to the label function as keyword arguments.
+    prompts: str
+    # "module:function"(prompt, response, **fields) -> bool: whether a response is acceptable.
+    label_function: str = Field(pattern=r"^[^:]+:[^:]+$")
+    # Responses sampled per prompt, and the most pairs one prompt gives (each with its own rejected response).
+    samples_per_prompt: int = Field(default=16, ge=2)
+    pairs_per_prompt: int = Field(default=2, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    # Longer prompts (tokens, chat template included) are skipped and counted.
+    max_prompt_tokens: int = Field(default=256, ge=1)
+    max_response_tokens: int = Field(default=256, ge=1)
+    # Prompt i samples with seed + i; the pairing draws from seed too.
+    seed: int = 0
+    # The vLLM engine, and the Ray CPUs and GPUs of its actor.
+    engine: EngineConfig = EngineConfig()
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)

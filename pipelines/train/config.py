@@ -139,8 +139,9 @@ class SftConfig(TrainConfig):
 class RewardModelConfig(TrainConfig):
     """``kiln reward-model``: a scalar-head model trained with the Bradley–Terry loss on pairs."""
 
-    # JSONL of {"prompt", "chosen", "rejected"} records (strings, or chat message lists).
-    data: str
+    # JSONL of {"prompt", "chosen", "rejected"} records (strings, or chat message lists), or a list
+    # of such files, read in order (e.g. written pairs and kiln preferences' pairs of the policy's answers).
+    data: str | list[str] = Field(min_length=1)
     # Model directory to start from (null: <run>/sft/model); the scalar head is new.
     init_from: str | None = None
     # Tokens per sequence (prompt + one response).

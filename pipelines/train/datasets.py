@@ -271,15 +271,16 @@ def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
 
 
 def write_dataset(
-    stage_dir: Path, data: Path, encode: Callable[[list[tuple[str, dict[str, Any]]]], tuple[dict[str, np.ndarray], EncodeStats]],
+    stage_dir: Path, data: Path | list[Path],
+    encode: Callable[[list[tuple[str, dict[str, Any]]]], tuple[dict[str, np.ndarray], EncodeStats]],
     validation_fraction: float, add_columns: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     max_records: int | None = None,
 ) -> tuple[Path, EncodeStats, int]:
-    """Read a JSONL file, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
+    """Read JSONL records, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
 
     Args:
         stage_dir: the stage's folder.
-        data: the JSONL records (each named ``file:line`` in errors).
+        data: the JSONL file, or files read one after another (each record named ``file:line`` in errors).
         encode: records -> (rows, stats), e.g. ``sft_rows`` or ``preference_rows`` with their settings.
         validation_fraction: share of records held out.
         add_columns: rows -> more columns of the same rows, computed once every record of both
@@ -290,7 +291,9 @@ def write_dataset(
         (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
         part's stats, the number of held-out records).
     """
-    records = [(f"{data}:{lineno}", record) for lineno, record in itertools.islice(read_jsonl(data), max_records)]
+    files = [data] if isinstance(data, Path) else data
+    every = ((f"{f}:{lineno}", record) for f in files for lineno, record in read_jsonl(f))
+    records = list(itertools.islice(every, max_records))
     train_records, val_records = split_validation(records, validation_fraction)
     train_rows, stats = encode(train_records)
     val_rows, _ = encode(val_records)

@@ -26,9 +26,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train the reward model (or resume, or skip if finished); returns the stage summary."""
     rcfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(rcfg.init_from or cfg.run.dir / "sft" / "model").resolve())
-    data = Path(rcfg.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"preference data {data} not found")
+    data = [Path(f) for f in ([rcfg.data] if isinstance(rcfg.data, str) else rcfg.data)]
+    for f in data:
+        if not f.is_file():
+            raise FileNotFoundError(f"preference data {f} not found")
     if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
         return done
 
