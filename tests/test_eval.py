@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.config import ConfigError
-from core.rundir import StageConfigChanged
+from core.rundir import StageConfigChanged, mark_finished
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
 from pipelines.eval.inputs import parse_models
@@ -200,6 +200,15 @@ def test_rerun_is_a_no_op(evaluated: tuple[KilnConfig, dict[str, Any], float], m
     # Another model list is another evaluation: refused without --force.
     with pytest.raises(StageConfigChanged, match="other models .* --force"):
         stage.run(cfg, models=[f"sft={cfg.run.dir / 'sft' / 'model'}"])
+
+
+def test_changed_stage_models_are_evaluated_again_but_another_setup_is_refused(tmp_path: Path) -> None:
+    """A stage added (a config extending this one) or a model retrained: `kiln run` re-evaluates the
+    run's models; another eval set-up or a --models list still needs --force."""
+    mark_finished(tmp_path, "eval", "aaaa-bbbb", {})
+    assert stage._only_stage_models_changed(tmp_path, "aaaa-cccc", custom=False)
+    assert not stage._only_stage_models_changed(tmp_path, "aaaa-cccc", custom=True)
+    assert not stage._only_stage_models_changed(tmp_path, "dddd-bbbb", custom=False)
 
 
 def test_missing_prompts_fail_before_any_actor(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,7 @@ from actors.reward import RewardScorer, load_function
 from cluster.runtime import init_ray
 from core.config import ConfigError
 from core.rundir import (
+    STAGE_MARKER,
     StageConfigChanged,
     atomic_dir,
     atomic_write_json,
@@ -115,16 +116,32 @@ def _stamp(model_dir: Path) -> int:
     return max(f.stat().st_mtime_ns for f in files if f.is_file())
 
 
-def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target]) -> str:
-    """What makes a finished evaluation stale: the ``eval:`` section, the resolved inputs, and each
-    model's name, directory and weights' modification time."""
-    payload = {
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: bool) -> str:
+    """What makes a finished evaluation stale, as ``<set-up>-<models>``: the set-up is the ``eval:``
+    section, the resolved inputs and whether the models were given (``--models``) or are the run's
+    stage models; the models part is each model's name, directory and weights' modification time,
+    and the reward model's."""
+    setup = {
         "eval": cfg.digest(STAGE),
         "inputs": {k: str(v) if v is not None else None for k, v in vars(inputs).items()},
+        "custom": custom,
+    }
+    models = {
         "reward_model": _stamp(inputs.reward_model) if inputs.reward_model else None,
         "models": [[t.name, str(t.path), _stamp(t.path)] for t in targets],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{_hash(setup)}-{_hash(models)}"
+
+
+def _only_stage_models_changed(stage_dir: Path, digest: str, custom: bool) -> bool:
+    """Whether a finished evaluation of the run's stage models is stale only because those models
+    changed (a stage added, e.g. by a config that extends this one, or a model retrained)."""
+    recorded = str(json.loads((stage_dir / STAGE_MARKER).read_text()).get("config_digest", ""))
+    return not custom and recorded.split("-")[0] == digest.split("-")[0]
 
 
 def _same_vocabulary(a: Path, b: Path) -> bool:
@@ -336,15 +353,22 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     skipped = len(prompts) - len(keep)
     prompts = [prompts[i] for i in keep]
     ids_by_model = {name: [ids[i] for i in keep] for name, ids in ids_by_model.items()}
-    digest = eval_digest(cfg, inputs, targets)
+    custom = models is not None
+    digest = eval_digest(cfg, inputs, targets, custom)
     try:
         if (done := finished_summary(stage_dir, STAGE, digest, force)) is not None:
             return done
     except StageConfigChanged:
-        raise StageConfigChanged(
-            f"{stage_dir} holds an evaluation of other models (another list, or weights retrained since) or under "
-            f"another eval config; rerun with --force to evaluate again"
-        ) from None
+        # The run's own models changed under the same set-up: their evaluation is redone (it is
+        # derived from the models alone); another set-up or model list needs --force.
+        if _only_stage_models_changed(stage_dir, digest, custom):
+            print(f"kiln eval: the run's models changed since {stage_dir} was written (a stage added or a model "
+                  "retrained); evaluating them again", flush=True)  # fmt: skip
+        else:
+            raise StageConfigChanged(
+                f"{stage_dir} holds an evaluation of other models (another --models list) or under another eval "
+                f"config; rerun with --force to evaluate again"
+            ) from None
     if pairs and inputs.reward_model is None:
         print(f"kiln eval: no reward model; the pairs of {inputs.preferences} are not scored", flush=True)
     if all(t.name != e.reference for t in targets):
