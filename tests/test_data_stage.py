@@ -224,7 +224,7 @@ def test_tokenizer_is_installed_with_data_and_a_crash_pairs_neither_with_the_oth
     other = _config(run_dir.parent, corpus, tokenizer={"vocab_size": 700})
 
     def crash(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("simulated crash between the tokenizer and the shards")
+        raise RuntimeError("simulated crash after the tokenizer and the shards, before the rename")
 
     with monkeypatch.context() as m:
         m.setattr(data, "_collect_rejected", crash)  # the last step, after the shards are packed

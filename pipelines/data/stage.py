@@ -244,10 +244,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         finished = [parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
                     for f in files]  # fmt: skip
-        splits = ("train", "validation")
-        packed = dict(zip(splits, _get([parts.pack_split.remote(out, split, [p[1 + k] for p in finished], dcfg.pack,
-                                                                eos_id) for k, split in enumerate(splits)],
-                                       [r for p in finished for r in p])))  # fmt: skip
+        splits = ("train", "validation")  # finish_part returns (tokens read, train stream, validation stream)
+        packing = [parts.pack_split.remote(out, split, [p[1 + k] for p in finished], dcfg.pack, eos_id)
+                   for k, split in enumerate(splits)]  # fmt: skip
+        packed = dict(zip(splits, _get(packing, siblings=[r for p in finished for r in p])))
         tokens_in = sum(_get([p[0] for p in finished]))
         del finished
         _collect_rejected(scratch, work)

@@ -60,7 +60,7 @@ from pipelines.rlhf.ppo_math import (
 )
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
 from pipelines.rlhf.trend import prompt_rewards, reward_trend
-from pipelines.train.modeling import check_lora_targets, check_model_dir
+from pipelines.train.modeling import check_context, check_lora_targets, check_model_dir
 
 STAGE = "ppo"
 
@@ -443,11 +443,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     if p.reward_function:
         load_function(p.reward_function)
     metric = load_function(p.metric_function) if p.metric_function else None
-    max_model_len = p.max_prompt_tokens + p.max_response_tokens
-    positions = json.loads((policy / "config.json").read_text()).get("max_position_embeddings", max_model_len)
-    if max_model_len > positions:
-        raise ValueError(f"ppo: max_prompt_tokens + max_response_tokens ({max_model_len}) exceed the policy's "
-                         f"max_position_embeddings ({positions})")  # fmt: skip
+    check_context(policy, p.max_prompt_tokens + p.max_response_tokens, stage)
     tokenizer = load_tokenizer(policy)
     prompts, skipped = load_prompts(Path(p.prompts), tokenizer, p.max_prompt_tokens)
     if len(prompts) < p.prompts_per_step:

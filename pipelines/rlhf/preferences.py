@@ -34,7 +34,7 @@ from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.generation import new_generator
 from pipelines.eval.scoring import grade
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
-from pipelines.train.modeling import check_model_dir
+from pipelines.train.modeling import check_context, check_model_dir
 
 STAGE = "preferences"
 PAIRS_FILE = "pairs.jsonl"
@@ -62,11 +62,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
     label = load_function(p.label_function)
     prompts = read_prompts(Path(p.prompts))
-    positions = json.loads((policy / "config.json").read_text()).get("max_position_embeddings")
     max_model_len = p.max_prompt_tokens + p.max_response_tokens
-    if positions is not None and max_model_len > positions:
-        raise ValueError(f"preferences: max_prompt_tokens + max_response_tokens ({max_model_len}) exceed the "
-                         f"policy's max_position_embeddings ({positions})")  # fmt: skip
+    check_context(policy, max_model_len, STAGE)
     ids = prompt_ids(load_tokenizer(policy), prompts)
     keep = [i for i, x in enumerate(ids) if len(x) <= p.max_prompt_tokens]
     if not keep:

@@ -12,6 +12,7 @@ serving need nothing new) with the adapter alone in PEFT format in ``adapter/`` 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,19 @@ def check_model_dir(path: str | Path) -> Path:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(f"model directory {path} has no weights (*.safetensors)")
     return path
+
+
+def check_context(model_dir: Path, tokens: int, where: str) -> None:
+    """Fail early if a context of ``tokens`` (prompt + response) exceeds the model's
+    ``max_position_embeddings`` (when its config.json gives one).
+
+    Raises:
+        ValueError: naming ``where`` (the config section) and both numbers.
+    """
+    positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    if positions is not None and tokens > positions:
+        raise ValueError(f"{where}: max_prompt_tokens + max_response_tokens ({tokens}) exceed the policy's "
+                         f"max_position_embeddings ({positions})")  # fmt: skip
 
 
 def build_model(
