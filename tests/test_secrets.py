@@ -202,11 +202,13 @@ _CHECKPOINT_SCRIPT = r"""
 import json, os, pickle, socket, sys
 from pathlib import Path
 
-import deepspeed, torch
+import torch
 
 from core.checkpoint import load_deepspeed_checkpoint
 from core.config import DeepSpeedSettings
-from pipelines.train.engine import deepspeed_config, param_groups
+from pipelines.train.engine import deepspeed_config, import_deepspeed, param_groups
+
+deepspeed = import_deepspeed()
 
 out, marker = Path(sys.argv[1]), Path(sys.argv[2])
 with socket.socket() as s:

