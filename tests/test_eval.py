@@ -193,7 +193,7 @@ def test_rerun_is_a_no_op(evaluated: tuple[KilnConfig, dict[str, Any], float], m
     def no_actor(*args: Any) -> None:
         raise AssertionError("a finished evaluation started an actor")
 
-    monkeypatch.setattr(stage, "start_generator", no_actor)
+    monkeypatch.setattr(stage, "start_generators", no_actor)
     monkeypatch.setattr(stage, "start_scorer", no_actor)
     report = stage.run(cfg)
     assert report["models"] == ["base", "sft"] and path.stat().st_mtime_ns == before
@@ -216,7 +216,7 @@ def test_missing_prompts_fail_before_any_actor(run_root: Path, monkeypatch: pyte
         raise AssertionError("an actor started before the inputs were checked")
 
     monkeypatch.setattr(stage, "init_ray", no_actor)
-    monkeypatch.setattr(stage, "start_generator", no_actor)
+    monkeypatch.setattr(stage, "start_generators", no_actor)
     monkeypatch.setattr(stage, "start_scorer", no_actor)
     shutil.copytree(run_root / "evalrun" / "sft", run_root / "missing" / "sft")
     missing = run_root / "no-such-prompts.jsonl"

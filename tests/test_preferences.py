@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from core.config import ConfigError
 from pipelines.config import KilnConfig, parse_config
 from pipelines.data.tokenizer import load_tokenizer
+from pipelines.eval.generation import GeneratorPool
 from pipelines.rlhf import preferences
 from pipelines.rlhf.preferences import comparison_pairs
 from pipelines.train.datasets import preference_rows
@@ -61,9 +62,10 @@ def test_stage_samples_labels_and_writes_pairs_the_reward_model_reads(
     shutil.copytree(tiny_llama_dir, tmp_path / "prefrun" / "sft" / "model")
     prompts = [{"prompt": f"Say something about {a}.", "letter": "e"} for a in range(12)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, num_replicas=2, num_cpus=0.5)  # two engines, each sampling half the prompts
 
     report = preferences.run(cfg)
+    pairs_file = Path(report["path"]).read_text()
     rows = [json.loads(line) for line in Path(report["path"]).read_text().splitlines()]
     assert rows and len(rows) == report["pairs"] <= 2 * report["prompts_paired"]
     assert report["prompts"] == 12 and 0 < report["accepted"] < report["distinct_responses"]
@@ -76,5 +78,39 @@ def test_stage_samples_labels_and_writes_pairs_the_reward_model_reads(
     assert stats.records == len(rows) and encoded["chosen_ids"].shape[0] == len(rows)
 
     # Finished with the same section: a rerun samples nothing.
-    monkeypatch.setattr(preferences, "new_generator", lambda *a, **k: pytest.fail("a finished stage started an actor"))
+    real_pool = preferences.GeneratorPool
+    monkeypatch.setattr(preferences, "GeneratorPool", lambda *a, **k: pytest.fail("a finished stage started an actor"))
     assert preferences.run(cfg) == report
+
+    # One engine draws the same samples (prompt i keeps seed + i on whichever engine it lands).
+    monkeypatch.setattr(preferences, "GeneratorPool", real_pool)
+    one = preferences.run(_config(tmp_path, num_replicas=1), force=True)
+    assert Path(one["path"]).read_text() == pairs_file
+
+
+class _FakeMethod:
+    """A fake actor method (test double): ``remote`` records the call and returns the "ref"."""
+
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        self.calls = calls
+
+    def remote(self, *args: Any) -> tuple[Any, ...]:
+        self.calls.append(args)
+        return args
+
+
+class _FakeActor:
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        self.generate = _FakeMethod(calls)
+
+
+@given(st.integers(0, 11), st.integers(1, 4))
+def test_pool_shards_keep_each_prompts_seed(prompts: int, replicas: int) -> None:
+    pool = GeneratorPool.__new__(GeneratorPool)  # no engines: fake actors record what they are sent
+    calls: list[tuple[Any, ...]] = []
+    pool.actors = [_FakeActor(calls) for _ in range(replicas)]
+    ids = [[i] for i in range(prompts)]
+    pool.submit(ids, 3, 1.0, 5, seed=100)
+    assert [p for call in calls for p in call[0]] == ids, "every prompt once, in order"
+    assert all(call[4] == 100 + call[0][0][0] for call in calls), "a shard's seed is its first prompt's"
+    assert len(calls) == min(prompts, replicas)

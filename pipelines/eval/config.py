@@ -44,9 +44,12 @@ class EvalConfig(Section):
     reference: str = Field(default="sft", min_length=1)
     # The vLLM engine that generates every model's responses.
     engine: EngineConfig = EngineConfig(dtype="float32")
-    # Ray CPUs and GPUs of the generation actor (a GPU engine needs num_gpus >= 1).
+    # Ray CPUs and GPUs of each generation actor (a GPU engine needs num_gpus >= 1).
     num_cpus: float = Field(default=1.0, gt=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
+    # Engines (actors) that share each model's prompts, data-parallel; with a reward model, leave
+    # its scorer 0.25 CPU beside them (num_replicas x num_cpus + 0.25 <= the cluster's CPUs).
+    num_replicas: int = Field(default=1, ge=1)
 
     @field_validator("metric_function", "reward_function")
     @classmethod

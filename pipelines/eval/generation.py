@@ -1,4 +1,4 @@
-"""The evaluation's generator: one vLLM engine that answers the held-out prompts for model after model.
+"""The evaluation's generators: vLLM engines that answer the held-out prompts for model after model.
 
 Starting a vLLM engine costs ~20 s on CPU, while loading new weights into a running one costs well
 under a second. So the controller keeps one :class:`EvalGenerator` while consecutive models share
@@ -22,6 +22,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from actors.experience import split
 from core.chat import chat_stop_ids
 from core.config import EngineConfig
 
@@ -133,3 +134,55 @@ def new_generator(model_dir: Path, engine: EngineConfig, max_model_len: int, num
     return EvalGenerator.options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}).remote(
         str(model_dir), engine, max_model_len
     )
+
+
+def merge(parts: list[Responses]) -> Responses:
+    """The shards' responses as one, in shard order."""
+    return Responses(
+        token_ids=[row for part in parts for row in part.token_ids], texts=[row for part in parts for row in part.texts]
+    )
+
+
+class GeneratorPool:
+    """Data-parallel vLLM engines: ``replicas`` :class:`EvalGenerator` actors share each batch.
+
+    vLLM's CPU engine steps in one thread, and a small model's step is mostly its scheduler's
+    Python, so one engine keeps one core busy however many it may use; a second engine on the
+    other core roughly halves a large batch's time. Each ``generate`` cuts the prompts into
+    contiguous near-equal shards, one per actor, and prompt ``i`` keeps seed ``seed + i`` wherever
+    it lands, so the draws do not depend on the number of replicas (the logits may differ in the
+    last bits, as vLLM batches other prompts beside each one).
+
+    Args:
+        model_dir: the model every engine starts with.
+        replicas: engines (actors), each with ``num_cpus`` / ``num_gpus`` Ray resources.
+    """
+
+    def __init__(self, model_dir: Path, engine: EngineConfig, max_model_len: int, num_cpus: float,
+                 num_gpus: float, replicas: int = 1) -> None:  # fmt: skip
+        self.actors = [new_generator(model_dir, engine, max_model_len, num_cpus, num_gpus) for _ in range(replicas)]
+
+    def load_weights(self, model_dir: Path) -> list[ray.ObjectRef]:
+        """Every engine loads ``model_dir`` in place (``EvalGenerator.load_weights``); refs to wait on."""
+        return [actor.load_weights.remote(str(model_dir)) for actor in self.actors]
+
+    def submit(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+               seed: int) -> list[ray.ObjectRef]:  # fmt: skip
+        """Queue one ``EvalGenerator.generate`` per shard of ``prompt_ids``; ``merge(ray.get(refs))``
+        is the responses in prompt order. Actors left without a prompt get no call."""
+        shards = [s for s in split(len(prompt_ids), len(self.actors)) if s.stop > s.start]
+        return [
+            actor.generate.remote(prompt_ids[s], n, temperature, max_tokens, seed + s.start)
+            for actor, s in zip(self.actors, shards)
+        ]
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 seed: int) -> Responses:  # fmt: skip
+        """``EvalGenerator.generate`` over every engine at once, the responses in prompt order."""
+        return merge(ray.get(self.submit(prompt_ids, n, temperature, max_tokens, seed)))
+
+    def close(self) -> None:
+        """Kill every engine's actor (the engine goes with its process)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

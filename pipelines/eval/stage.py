@@ -6,8 +6,8 @@ Read top to bottom:
   0. inputs — the models (the run's ``base``, ``sft``, ``ppo``, ``grpo``, ``rlhf``, ``dpo`` that exist, or
      ``--models``), the prompts, metric and reward functions, reward model and preference pairs:
      all checked before any actor starts;
-  1. actors — one vLLM generator (``pipelines.eval.generation``), reused across models of one
-     architecture, and with a reward model PPO's own ``RewardScorer`` (the scores PPO trained on);
+  1. actors — ``num_replicas`` vLLM generators sharing the prompts (``pipelines.eval.generation``),
+     reused across models of one architecture, and with a reward model PPO's own ``RewardScorer`` (the scores PPO trained on);
   2. per model — the generator answers every prompt greedily and samples k responses to each;
      meanwhile this controller grades the previous model: metric and reward functions on the
      responses, the reward model's score, log-probs under the model and the reference (KL), and
@@ -48,7 +48,7 @@ from core.rundir import (
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.generation import Responses, engine_key, new_generator
+from pipelines.eval.generation import GeneratorPool, Responses, engine_key, merge
 from pipelines.eval.inputs import (
     STAGE_MODELS,
     Target,
@@ -153,9 +153,9 @@ def _same_vocabulary(a: Path, b: Path) -> bool:
 # --- actors ----------------------------------------------------------------------------------------
 
 
-def start_generator(e: EvalConfig, model_dir: Path, max_model_len: int) -> Any:
-    """A new vLLM generator actor for ``model_dir``'s architecture, its engine in-process."""
-    return new_generator(model_dir, e.engine, max_model_len, e.num_cpus, e.num_gpus)
+def start_generators(e: EvalConfig, model_dir: Path, max_model_len: int) -> GeneratorPool:
+    """``e.num_replicas`` new vLLM generator actors for ``model_dir``'s architecture, engines in-process."""
+    return GeneratorPool(model_dir, e.engine, max_model_len, e.num_cpus, e.num_gpus, e.num_replicas)
 
 
 def start_scorer(reward_model: Path, prompts: Path) -> Any:
@@ -170,45 +170,47 @@ def start_scorer(reward_model: Path, prompts: Path) -> Any:
 
 @dataclass
 class Generation:
-    """One model's pending responses: greedy (one per prompt) and sampled (k per prompt)."""
+    """One model's pending responses: greedy (one per prompt) and sampled (k per prompt), each as
+    one ref per engine's shard of the prompts."""
 
     engine: str  # "started" or "reloaded"
-    refs: list[ray.ObjectRef]
+    loads: list[ray.ObjectRef]
+    greedy: list[ray.ObjectRef]
+    sampled: list[ray.ObjectRef]
 
     def get(self) -> tuple[Responses, Responses]:
         """Wait for the responses. A failed in-place load raises here, never yields the old model's."""
-        *_, greedy, sampled = ray.get(self.refs)
-        return greedy, sampled
+        ray.get(self.loads)
+        return merge(ray.get(self.greedy)), merge(ray.get(self.sampled))
 
 
 class Generators:
-    """The one live generator: kept (weights loaded in place) while consecutive models share an
-    ``engine_key``, replaced by a new actor when the key changes."""
+    """The live engines: kept (weights loaded in place) while consecutive models share an
+    ``engine_key``, replaced by new actors when the key changes."""
 
     def __init__(self, e: EvalConfig, max_model_len: int) -> None:
         self.e, self.max_model_len = e, max_model_len
-        self.actor: Any = None
+        self.pool: GeneratorPool | None = None
         self.key: str | None = None
 
     def submit(self, target: Target, ids: list[list[int]]) -> Generation:
         """Queue ``target``'s greedy and sampled responses; returns at once."""
         e, key = self.e, engine_key(target.path)
-        refs = []
-        if self.actor is not None and key == self.key:
-            refs.append(self.actor.load_weights.remote(str(target.path)))
-            engine = "reloaded"
+        loads = []
+        if self.pool is not None and key == self.key:
+            loads, engine = self.pool.load_weights(target.path), "reloaded"
         else:
             self.close()
-            self.actor, self.key, engine = start_generator(e, target.path, self.max_model_len), key, "started"
-        refs.append(self.actor.generate.remote(ids, 1, 0.0, e.max_response_tokens, e.seed))
-        refs.append(self.actor.generate.remote(ids, e.samples_per_prompt, e.temperature, e.max_response_tokens, e.seed))
-        return Generation(engine, refs)
+            self.pool, self.key, engine = start_generators(e, target.path, self.max_model_len), key, "started"
+        greedy = self.pool.submit(ids, 1, 0.0, e.max_response_tokens, e.seed)
+        sampled = self.pool.submit(ids, e.samples_per_prompt, e.temperature, e.max_response_tokens, e.seed)
+        return Generation(engine, loads, greedy, sampled)
 
     def close(self) -> None:
-        """Kill the live generator (its engine goes with its process), if there is one."""
-        if self.actor is not None:
-            ray.kill(self.actor)
-            self.actor = None
+        """Kill the live engines (each goes with its actor's process), if there are any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 # --- grading one model -----------------------------------------------------------------------------

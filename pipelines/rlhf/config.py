@@ -221,7 +221,9 @@ class PreferencesConfig(Section):
     max_response_tokens: int = Field(default=256, ge=1)
     # Prompt i samples with seed + i; the pairing draws from seed too.
     seed: int = 0
-    # The vLLM engine, and the Ray CPUs and GPUs of its actor.
+    # The vLLM engine, and the Ray CPUs and GPUs of each of its actors.
     engine: EngineConfig = EngineConfig()
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
+    # Engines (actors) that share the prompts, data-parallel (pipelines.eval.generation.GeneratorPool).
+    num_replicas: int = Field(default=1, ge=1)

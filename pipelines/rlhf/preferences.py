@@ -7,8 +7,9 @@ the labeller. Read top to bottom:
 
   0. inputs — the policy (the SFT model by default), the prompts, the label function: checked
      before any actor starts; prompts longer than ``max_prompt_tokens`` are skipped and counted;
-  1. sampling — one vLLM actor (the evaluation's generator) samples ``samples_per_prompt``
-     responses to every prompt in one batch, prompt ``i`` from seed ``seed + i``;
+  1. sampling — ``num_replicas`` vLLM actors (the evaluation's generators) sample
+     ``samples_per_prompt`` responses to every prompt, each actor a contiguous share of the prompts
+     in one batch, prompt ``i`` from seed ``seed + i``;
   2. labelling — the function accepts or rejects each distinct response once;
   3. pairing — each prompt with both kinds gives up to ``pairs_per_prompt`` pairs, each a distinct
      rejected response under an accepted one (``comparison_pairs``, pure);
@@ -24,14 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from actors.reward import load_function
 from cluster.runtime import init_ray
 from core.rundir import atomic_write_text, finished_summary, mark_finished
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.eval.generation import new_generator
+from pipelines.eval.generation import GeneratorPool
 from pipelines.eval.scoring import grade
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
 from pipelines.train.modeling import check_context, check_model_dir
@@ -77,13 +76,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     # 1. Sampling, the actor torn down however it ends.
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    generator = new_generator(policy, p.engine, max_model_len, p.num_cpus, p.num_gpus)
+    pool = GeneratorPool(policy, p.engine, max_model_len, p.num_cpus, p.num_gpus, p.num_replicas)
     try:
-        texts = ray.get(generator.generate.remote(
-            [ids[i] for i in keep], p.samples_per_prompt, p.temperature, p.max_response_tokens, p.seed
-        )).texts  # fmt: skip
+        texts = pool.generate([ids[i] for i in keep], p.samples_per_prompt, p.temperature, p.max_response_tokens, p.seed).texts
     finally:
-        ray.kill(generator)
+        pool.close()
 
     # 2-3. Labels and pairs.
     rng = random.Random(p.seed)
