@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from pipelines.train.config import ModelConfig, TrainConfig
 from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
 from pipelines.train.losses import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
 from pipelines.train.modeling import build_model
-from pipelines.train.rows import RowStream, step_positions, trim_padding
+from pipelines.train.rows import RowStream, cut_to_longest, step_positions, trim_padding
+from pipelines.train.worker import _pair_scores
 
 # --- losses --------------------------------------------------------------------------------------
 
@@ -176,6 +178,37 @@ def test_trimmed_batches_give_the_same_loss_and_scores(tok, head: str) -> None: 
         else:
             scores = [model(input_ids=torch.from_numpy(r["input_ids"])).logits.squeeze(-1) for r in (full, cut)]
             torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=0)
+
+
+def test_reward_pairs_score_each_side_at_its_own_width(tok) -> None:  # noqa: ANN001
+    """A batch whose rejected side is longer: one forward per side, each cut to its own longest
+    row, and the scores of a real tiny reward model match the full-width batch's."""
+    torch.manual_seed(0)
+    arch = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                       max_position_embeddings=64)  # fmt: skip
+    model = build_model("reward", tok, arch=arch).eval()
+    records = [("p:1", {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "Let me think."}),
+               ("p:2", {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"})]  # fmt: skip
+    rows, _ = preference_rows(tok, records, seq_len=48, overlong="truncate")
+    chosen, rejected = (torch.from_numpy(rows[k]).long() for k in ("chosen_ids", "rejected_ids"))
+    widths = []
+
+    def counting(input_ids: torch.Tensor) -> Any:  # the engine's forward, counting its calls
+        widths.append(input_ids.shape[1])
+        return model(input_ids=input_ids)
+
+    with torch.no_grad():
+        c, r, tokens = _pair_scores(counting, chosen, rejected, tok.pad_token_id)
+        full = model(input_ids=torch.cat([chosen, rejected])).logits.squeeze(-1)
+    assert len(widths) == 2 and widths[0] < widths[1] < 48 and tokens == 2 * sum(widths)
+    torch.testing.assert_close(torch.cat([c, r]), full, atol=1e-5, rtol=0)
+    # Sides of one width: one forward of both.
+    widths.clear()
+    with torch.no_grad():
+        _pair_scores(counting, chosen, chosen.clone(), tok.pad_token_id)
+    assert len(widths) == 1
+    assert cut_to_longest(torch.tensor([[5, 6, 0], [5, 0, 0]]), 0).tolist() == [[5, 6], [5, 0]]
+    assert cut_to_longest(torch.tensor([[0, 0]]), 0).shape == (1, 1)
 
 
 def test_split_validation_is_deterministic() -> None:

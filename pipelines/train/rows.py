@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipelines.train.config import TrainConfig
 from pipelines.train.losses import IGNORE
@@ -94,6 +95,15 @@ def trim_padding(rows: dict[str, np.ndarray], pad_id: int | None) -> dict[str, n
             real = np.flatnonzero((column != (IGNORE if name.endswith("labels") else pad_id)).any(axis=0))
             width = max(width, int(real[-1]) + 1 if real.size else 0)
     return {name: column[:, :width] if column.ndim == 2 else column for name, column in rows.items()}
+
+
+def cut_to_longest(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Right-padded (B, L) token ids cut to their longest row (at least one column), on any device:
+    ``trim_padding`` for one column already in a tensor."""
+    if pad_id is None:
+        return ids
+    real = (ids != pad_id).any(dim=0).nonzero()
+    return ids[:, : int(real[-1]) + 1 if len(real) else 1]
 
 
 def _fixed_rows(column: Any) -> np.ndarray:

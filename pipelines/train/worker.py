@@ -46,7 +46,7 @@ from pipelines.train.losses import (
     sequence_logps,
 )
 from pipelines.train.modeling import apply_lora, build_model, save_hf_model
-from pipelines.train.rows import RowStream, step_positions, trim_padding
+from pipelines.train.rows import RowStream, cut_to_longest, step_positions, trim_padding
 
 Objective = Literal["lm", "reward", "dpo"]
 # The row columns each objective reads (a pretraining shard has no labels: RowStream skips them).
@@ -103,7 +103,28 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _forward(engine: Any, job: TrainJob, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+def _pair_scores(
+    engine: Any, chosen: torch.Tensor, rejected: torch.Tensor, pad_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Reward scores of both sides of B pairs: ((B,), (B,), tokens processed).
+
+    One forward of the (2B, T) concatenation when the two sides are as wide; otherwise one forward
+    per side, each cut to its own longest row. The quickstart's long "ramble"
+    rejects made every batch 48 tokens wide while its chosen answers end by 36: per side, 13 %
+    fewer tokens. The score is read at each row's last real token, so the cut changes no score
+    beyond float rounding.
+    """
+    chosen, rejected = cut_to_longest(chosen, pad_id), cut_to_longest(rejected, pad_id)
+    if chosen.shape[1] == rejected.shape[1]:
+        both = torch.cat([chosen, rejected])  # (2B, T)
+        return *engine(input_ids=both).logits.squeeze(-1).chunk(2), both.numel()
+    scores = [engine(input_ids=ids).logits.squeeze(-1) for ids in (chosen, rejected)]  # (B,) each
+    return scores[0], scores[1], chosen.numel() + rejected.numel()
+
+
+def _forward(
+    engine: Any, job: TrainJob, batch: dict[str, torch.Tensor], pad_id: int | None
+) -> tuple[torch.Tensor, dict[str, float], int]:
     """One micro batch → (loss to backpropagate, sums to accumulate, tokens processed).
 
     The sums (added over micro batches and ranks, then turned into metrics by ``_metrics``):
@@ -117,13 +138,12 @@ def _forward(engine: Any, job: TrainJob, batch: dict[str, torch.Tensor]) -> tupl
         logits = engine(input_ids=ids).logits  # (B, T, V)
         loss_sum, count = lm_loss_sum(logits, labels)
         return loss_sum / count.clamp(min=1), {"loss": loss_sum.item(), "count": count.item()}, ids.numel()
-    both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
     pairs = len(batch["chosen_ids"])
     if job.objective == "reward":
-        scores = engine(input_ids=both).logits.squeeze(-1)  # (2B,)
-        chosen, rejected = scores.chunk(2)
+        chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id)
         loss = bradley_terry_loss(chosen, rejected)
-        return loss, {"loss": loss.item() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum().item()}, both.numel()
+        return loss, {"loss": loss.item() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum().item()}, tokens
+    both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
     cfg = job.train
     assert isinstance(cfg, DpoConfig)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T): response tokens only
@@ -190,7 +210,7 @@ def _evaluate(
             start = (b * cfg.num_workers + rank) * cfg.micro_batch_per_worker
             rows = trim_padding(stream.rows(0, np.arange(start, start + cfg.micro_batch_per_worker)), pad_id)
             batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
-            sums = _add(sums, _forward(engine, job, batch)[1])
+            sums = _add(sums, _forward(engine, job, batch, pad_id)[1])
     engine.train()
     return _metrics(_all_sum(sums), job.objective, held_out=True)
 
@@ -290,7 +310,7 @@ def train_worker(config: dict[str, Any]) -> None:
             epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
             rows = trim_padding(train.rows(epoch, positions), pad_id)
             batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
-            loss, micro_sums, t = _forward(engine, job, batch)
+            loss, micro_sums, t = _forward(engine, job, batch, pad_id)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums, tokens = _add(sums, micro_sums), tokens + t
