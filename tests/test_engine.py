@@ -43,7 +43,7 @@ def test_zero_training_starts_without_building_deepspeeds_shm_op(tmp_path: Path)
     extensions = tmp_path / "torch_extensions"  # where torch would build any JIT op
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+                          check=False, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"shm_op": False, "accelerator": "cpu"}
