@@ -20,7 +20,14 @@ from core.jsonl import BadRecord
 from pipelines.config import load_config, parse_config
 from pipelines.train.config import ModelConfig, TrainConfig
 from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
-from pipelines.train.losses import IGNORE, bradley_terry_loss, lm_loss_sum, lr_multiplier, pairwise_correct
+from pipelines.train.losses import (
+    IGNORE,
+    bradley_terry_loss,
+    first_predicting_position,
+    lm_loss_sum,
+    lr_multiplier,
+    pairwise_correct,
+)
 from pipelines.train.modeling import build_model
 from pipelines.train.rows import RowStream, cut_to_longest, step_positions, trim_padding
 from pipelines.train.worker import _pair_scores
@@ -209,6 +216,32 @@ def test_reward_pairs_score_each_side_at_its_own_width(tok) -> None:  # noqa: AN
     assert len(widths) == 1
     assert cut_to_longest(torch.tensor([[5, 6, 0], [5, 0, 0]]), 0).tolist() == [[5, 6], [5, 0]]
     assert cut_to_longest(torch.tensor([[0, 0]]), 0).shape == (1, 1)
+
+
+def test_sft_loss_from_the_first_predicting_position_is_the_full_loss(tok) -> None:  # noqa: ANN001
+    """SFT computes the output layer only from the first position that predicts a response token
+    (``logits_to_keep``): the loss and its gradient are the full batch's; pretraining keeps all."""
+    torch.manual_seed(0)
+    arch = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                       max_position_embeddings=64)  # fmt: skip
+    model = build_model("lm", tok, arch=arch)
+    records = [("a:1", {"prompt": "What is 1 + 1?", "response": "2"}),
+               ("a:2", {"prompt": "What is 12 + 30?", "response": "12 + 30 = 42."})]  # fmt: skip
+    rows = trim_padding(sft_rows(tok, records, seq_len=48, overlong="truncate", packing=False)[0], tok.pad_token_id)
+    ids, labels = torch.from_numpy(rows["input_ids"]).long(), torch.from_numpy(rows["labels"]).long()
+    first = first_predicting_position(labels)
+    assert 0 < first and (labels[:, : first + 1] == IGNORE).all() and (labels[:, first + 1] != IGNORE).any()
+    losses, grads = [], []
+    for keep in (0, ids.shape[1] - first):  # 0: every position
+        model.zero_grad()
+        total, count = lm_loss_sum(model(input_ids=ids, logits_to_keep=keep).logits, labels[:, ids.shape[1] - keep:]
+                                   if keep else labels)  # fmt: skip
+        (total / count).backward()
+        losses.append((total / count).item())
+        grads.append(model.lm_head.weight.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    assert first_predicting_position(ids) == 0  # pretraining: every token is a target
 
 
 def test_split_validation_is_deterministic() -> None:

@@ -30,6 +30,18 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, (target != IGNORE).sum()
 
 
+def first_predicting_position(labels: torch.Tensor) -> int:
+    """The earliest position whose logits any loss term reads: position t predicts ``labels[:, t + 1]``.
+
+    SFT labels only the responses, so the logits of the prompt tokens before it (a third of the
+    quickstart's positions, each a 4,096-way output layer) need not be computed: the model's
+    ``logits_to_keep`` keeps the positions from here on, and ``lm_loss_sum`` gets ``labels[:, here:]``.
+    Pretraining (every token a target) gives 0. Args: labels (B, T) ids or IGNORE.
+    """
+    targets = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()  # (n, 1) positions predicting a target
+    return int(targets[0]) if len(targets) else 0
+
+
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Mean -log σ(r_chosen - r_rejected): the negative log-likelihood of the observed preference.
 

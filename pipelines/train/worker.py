@@ -40,6 +40,7 @@ from pipelines.train.engine import deepspeed_config, full_state_dict, import_dee
 from pipelines.train.losses import (
     bradley_terry_loss,
     dpo_loss,
+    first_predicting_position,
     lm_loss_sum,
     lr_multiplier,
     pairwise_correct,
@@ -135,8 +136,9 @@ def _forward(
     if job.objective == "lm":
         ids = batch["input_ids"]  # (B, T)
         labels = batch.get("labels", ids)  # pretraining: every token is a target
-        logits = engine(input_ids=ids).logits  # (B, T, V)
-        loss_sum, count = lm_loss_sum(logits, labels)
+        first = first_predicting_position(labels)  # SFT: no output layer over the prompts
+        logits = engine(input_ids=ids, logits_to_keep=ids.shape[1] - first).logits  # (B, T - first, V)
+        loss_sum, count = lm_loss_sum(logits, labels[:, first:])
         return loss_sum / count.clamp(min=1), {"loss": loss_sum.item(), "count": count.item()}, ids.numel()
     pairs = len(batch["chosen_ids"])
     if job.objective == "reward":
