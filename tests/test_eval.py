@@ -23,7 +23,7 @@ from core.rundir import StageConfigChanged, mark_finished
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
 from pipelines.eval.inputs import parse_models
-from pipelines.eval.scoring import grade
+from pipelines.eval.scoring import grade, load_causal_lm, response_logprobs
 from pipelines.eval.stats import mean_interval, wilson_interval
 from pipelines.eval.summary import ModelScores, comparison_pairs, model_entry, pairwise_entry
 from pipelines.eval.table import format_table
@@ -287,3 +287,17 @@ def test_metric_must_grade_right_or_wrong() -> None:
         grade(lambda p, r, letter: 0.5, "m:f", prompt, "no")
     with pytest.raises(ValueError, match=r"metric function m:f failed on p\.jsonl:7 .*KeyError"):
         grade(lambda p, r, letter: {}[letter], "m:f", prompt, "no")
+
+
+def test_response_logprobs_match_one_sequence_at_a_time(tiny_llama_dir: Path) -> None:
+    """Batched, right-padded, and with the output layer only from the first response position:
+    the same per-response log-probs as each sequence alone with every logit computed."""
+    model = load_causal_lm(tiny_llama_dir)
+    prompts = [[5, 6, 7, 8, 9], [5, 6], [7, 8, 9, 10, 11, 12, 13]]
+    responses = [[20, 21, 22], [23], []]
+    got = response_logprobs(model, prompts, responses, temperature=0.7, micro_batch=3)
+    for p, r, value in zip(prompts, responses, got.tolist()):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float() / 0.7, dim=-1)
+        expected = sum(float(logp[len(p) - 1 + j, token]) for j, token in enumerate(r))
+        assert value == pytest.approx(expected, abs=1e-4)

@@ -83,9 +83,13 @@ def response_logprobs(
             ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
             attention[i, : len(p) + len(r)] = 1
             targets[i, len(p) : len(p) + len(r)] = True
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature  # (B, T-1, V)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        out.append((logp * targets[:, 1:]).sum(1))  # token t is predicted at position t - 1
+        # The output layer only from the first position that predicts a response token (F = the
+        # shortest prompt's last position): the prompts' logits are never read.
+        first = max(min(len(p) for p in prompts) - 1, 0)
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=length - first).logits  # (B, T-F, V)
+        logits = logits[:, :-1].float() / temperature  # positions F .. T-2
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1)  # (B, T-F-1)
+        out.append((logp * targets[:, first + 1 :]).sum(1))  # token t is predicted at position t - 1
     return torch.cat(out) if out else torch.zeros(0)
 
 
