@@ -323,7 +323,7 @@ def test_worker_dpo_forward_at_the_reference(tok, tiny_llama_dir: Path, loss: st
                     sequences_per_step=3, warmup_steps=0)  # fmt: skip
     job = TrainJob(stage="dpo", objective="dpo", train=cfg, stage_dir="", tokenizer_dir="", train_files=(), validation_files=())
     with torch.no_grad():
-        mean_loss, sums, tokens = _forward(model, job, batch)
+        mean_loss, sums, tokens = _forward(model, job, batch, tok.pad_token_id)
     expected = 4.0 if loss == "ipo" else math.log(2)  # (1 / (2 · 0.25))² = 4
     assert mean_loss.item() == pytest.approx(expected, abs=1e-4) and tokens == 2 * 3 * 48
     figures = _metrics(sums, "dpo", held_out=True)
