@@ -58,6 +58,17 @@ def test_merged_state_dict_folds_each_adapter_into_its_weight() -> None:
     assert merged["model.q_proj.bias"].tolist() == [0.5, -0.5] and torch.equal(merged["model.embed_tokens.weight"], torch.ones(4, 3))
 
 
+def test_merged_state_dict_keeps_the_trained_copy_of_a_fully_trained_module() -> None:
+    # A LoRA reward model trains its new score head in full (peft's modules_to_save): the export's
+    # score.weight is the trained copy, not peft's untouched original.
+    pre = "base_model.model."
+    state = {
+        f"{pre}score.original_module.weight": torch.zeros(1, 3),
+        f"{pre}score.modules_to_save.default.weight": torch.tensor([[1.0, 2.0, 3.0]]),
+    }
+    assert {k: v.tolist() for k, v in merged_state_dict(state, scaling=2.0).items()} == {"score.weight": [[1.0, 2.0, 3.0]]}
+
+
 def test_target_modules_match_as_peft_matches_them() -> None:
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"]
     assert unmatched_targets(["q_proj", "self_attn.q_proj", "lm_head", "mlp.up_proj"], names) == []
@@ -102,15 +113,16 @@ def test_lora_is_off_by_default_and_strict() -> None:
         parse_config({"run": {"name": "t"}, "ppo": {"prompts": "p", "reward_function": "m:f", "learner": {"lora": {"dropout": 0.1}}}})
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward_model", "ppo"])
 def test_unknown_target_module_fails_before_any_worker_naming_the_modules(stage: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
     from pipelines.rlhf import ppo
-    from pipelines.train import dpo, sft
+    from pipelines.train import dpo, reward_model, sft
 
     lora = {"target_modules": ["q_proj", "attention.wq"]}
     sections = {
         "sft": {"data": str(tmp_path / "absent.jsonl"), "init_from": str(tiny_llama_dir), "lora": lora},
         "dpo": {"data": str(tmp_path / "absent.jsonl"), "init_from": str(tiny_llama_dir), "lora": lora},
+        "reward_model": {"data": str(tmp_path / "absent.jsonl"), "init_from": str(tiny_llama_dir), "lora": lora},
         "ppo": {"prompts": str(tmp_path / "absent.jsonl"), "policy": str(tiny_llama_dir), "reward_function": "m:f",
                 "learner": {"lora": lora}},
     }  # fmt: skip
@@ -118,7 +130,7 @@ def test_unknown_target_module_fails_before_any_worker_naming_the_modules(stage:
     key = "ppo.learner.lora.target_modules" if stage == "ppo" else f"{stage}.lora.target_modules"
     with pytest.raises(ValueError, match=rf"{key}: \['attention\.wq'\] match no linear module .*"
                                          rf"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
-        {"sft": sft.run, "dpo": dpo.run, "ppo": ppo.run}[stage](cfg)
+        {"sft": sft.run, "dpo": dpo.run, "reward_model": reward_model.run, "ppo": ppo.run}[stage](cfg)
     assert not (cfg.run.dir / stage).exists()  # checked before the data, before any worker or actor
 
 
@@ -145,6 +157,32 @@ def test_lora_export_is_a_peft_adapter_and_the_merged_model(tiny_llama_dir: Path
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)(input_ids=ids).logits
     assert (trained - base_logits).abs().max() > 1e-2  # the adapter does something
     assert torch.allclose(adapted, trained, atol=1e-5) and torch.allclose(merged, trained, atol=1e-4)
+
+
+def test_lora_reward_model_trains_its_score_head_and_exports_it_merged(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A LoRA reward model: adapters on the trunk, the new score head trained in full; the merged
+    export and peft's adapter (with the head) both score what the trained model scores."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = apply_lora(build_model("reward", AutoTokenizer.from_pretrained(str(tiny_llama_dir)), path=tiny_llama_dir), LoraSettings(**LORA))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or ".score.modules_to_save." in n for n in trainable), trainable
+    assert any(".score." in n for n in trainable)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    save_hf_model(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, tiny_llama_dir, tmp_path / "model")
+    ids = torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)(input_ids=ids).logits
+        base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "model" / ADAPTER_DIR))
+    assert merged.shape == (2, 1) and torch.allclose(merged, trained, atol=1e-4)
+    assert adapted.peft_config["default"].modules_to_save and "score" in adapted.peft_config["default"].modules_to_save
 
 
 # --- LoRA SFT on Ray Train + DeepSpeed -------------------------------------------------------------

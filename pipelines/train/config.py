@@ -42,7 +42,7 @@ class LoraSettings(Section):
     """A LoRA adapter (``peft``): only the low-rank matrices A (r x in) and B (out x r) train; the
     base weights stay frozen. The update to a target weight W is (alpha / rank) * B @ A.
 
-    Used by ``sft.lora``, ``dpo.lora`` and ``ppo.learner.lora`` (null there: full fine-tuning).
+    Used by ``sft.lora``, ``reward_model.lora``, ``dpo.lora`` and ``ppo.learner.lora`` (null there: full fine-tuning).
     """
 
     # Rank r of each adapter (vLLM serves ranks up to 512).
@@ -148,6 +148,10 @@ class RewardModelConfig(TrainConfig):
     seq_len: int = Field(default=256, ge=8)
     overlong: Literal["truncate", "reject"] = "truncate"
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    # Train LoRA adapters on the starting model and the new score head in full, instead of every
+    # weight (null: full fine-tuning); model/ is the merged model, model/adapter/ the PEFT adapter
+    # (with the head). The trunk stays close to the SFT model's: what it knows about the task.
+    lora: LoraSettings | None = None
 
 
 class DpoConfig(TrainConfig):

@@ -32,6 +32,7 @@ from transformers import (
 from pipelines.train.config import LoraSettings, ModelConfig
 
 Head = Literal["lm", "reward"]
+SCORE_HEAD = "score"  # LlamaForSequenceClassification's head: hidden -> num_labels
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 ADAPTER_DIR = "adapter"  # an exported LoRA model's adapter, in PEFT format, inside the model directory
 _PEFT_PREFIX = "base_model.model."  # a PeftModel's state-dict keys are the HF model's behind this
@@ -138,18 +139,24 @@ def save_hf_model(
 # --- LoRA --------------------------------------------------------------------------------------
 
 
-def peft_config(lora: LoraSettings) -> LoraConfig:
-    """The ``peft`` config of ``lora`` (plain LoRA: no bias, no rank-stabilised scaling)."""
+def peft_config(lora: LoraSettings, head: Head = "lm") -> LoraConfig:
+    """The ``peft`` config of ``lora`` (plain LoRA: no bias, no rank-stabilised scaling).
+
+    ``head="reward"``: peft's sequence-classification task, which also trains the new score head
+    in full (``modules_to_save``), as TRL's reward trainer does with a LoRA config.
+    """
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
+        modules_to_save=[SCORE_HEAD] if head == "reward" else None,
     )  # fmt: skip
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """``model`` with LoRA adapters on its target modules; every base weight frozen (B starts at 0,
-    so the wrapped model computes what ``model`` did)."""
-    return get_peft_model(model, peft_config(lora))
+    so the wrapped model computes what ``model`` did). A reward model's score head trains in full."""
+    head: Head = "reward" if isinstance(model, LlamaForSequenceClassification) else "lm"
+    return get_peft_model(model, peft_config(lora, head))
 
 
 def unmatched_targets(targets: list[str], module_names: list[str]) -> list[str]:
@@ -183,13 +190,16 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float, adapter: s
     """A LoRA ``PeftModel``'s full state dict → the plain model's, each adapter folded into its
     weight: W + scaling * B @ A (``scaling`` = alpha / rank; B: (out, r), A: (r, in)).
 
-    Keys lose the PEFT prefix and ``.base_layer``; the adapter tensors themselves are dropped.
+    Keys lose the PEFT prefix and ``.base_layer``; the adapter tensors themselves are dropped. A
+    module trained in full (``modules_to_save``: a reward model's score head) keeps its trained copy
+    under its own name; peft's untouched original of it is dropped.
     """
     merged = {}
     for key, value in state.items():
         name = key.removeprefix(_PEFT_PREFIX)
-        if ".lora_" in name:
+        if ".lora_" in name or ".original_module." in name:
             continue
+        name = name.replace(f".modules_to_save.{adapter}.", ".")
         module, base, param = name.partition(".base_layer.")
         if base:
             if param == "weight":

@@ -9,6 +9,7 @@ accuracy, mark the stage finished.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.train.datasets import preference_rows, write_dataset
-from pipelines.train.modeling import check_model_dir
+from pipelines.train.modeling import check_lora_targets, check_model_dir
 from pipelines.train.trainer import finetune_job, fit, summary
 
 STAGE = "reward_model"
@@ -26,6 +27,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train the reward model (or resume, or skip if finished); returns the stage summary."""
     rcfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(rcfg.init_from or cfg.run.dir / "sft" / "model").resolve())
+    if rcfg.lora is not None:
+        check_lora_targets(rcfg.lora, init_from, f"{STAGE}.lora.target_modules")
     data = [Path(f) for f in ([rcfg.data] if isinstance(rcfg.data, str) else rcfg.data)]
     for f in data:
         if not f.is_file():
@@ -42,6 +45,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
           f"{held_out} held out", flush=True)  # fmt: skip
 
     job = finetune_job(STAGE, "reward", rcfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = replace(job, lora=rcfg.lora)  # adapters and the new score head, or every weight (null)
     outcome = fit(job, cfg.ray)
 
     report = {**summary(outcome), "pairs": stats.records, "truncated": stats.truncated}
