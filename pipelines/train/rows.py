@@ -89,12 +89,18 @@ def trim_padding(rows: dict[str, np.ndarray], pad_id: int | None) -> dict[str, n
     """
     if pad_id is None:
         return rows
-    width = 1
-    for name, column in rows.items():
-        if column.ndim == 2:
-            real = np.flatnonzero((column != (IGNORE if name.endswith("labels") else pad_id)).any(axis=0))
-            width = max(width, int(real[-1]) + 1 if real.size else 0)
+    width = max(
+        (_width((column != (IGNORE if name.endswith("labels") else pad_id)).any(axis=0))
+         for name, column in rows.items() if column.ndim == 2),
+        default=1,
+    )  # fmt: skip
     return {name: column[:, :width] if column.ndim == 2 else column for name, column in rows.items()}
+
+
+def _width(real_columns: np.ndarray) -> int:
+    """Columns up to and including the last one holding a real token, at least one."""
+    real = np.flatnonzero(real_columns)
+    return int(real[-1]) + 1 if real.size else 1
 
 
 def cut_to_longest(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
@@ -102,8 +108,7 @@ def cut_to_longest(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     ``trim_padding`` for one column already in a tensor."""
     if pad_id is None:
         return ids
-    real = (ids != pad_id).any(dim=0).nonzero()
-    return ids[:, : int(real[-1]) + 1 if len(real) else 1]
+    return ids[:, : _width((ids != pad_id).any(dim=0).cpu().numpy())]
 
 
 def _fixed_rows(column: Any) -> np.ndarray:
