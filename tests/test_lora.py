@@ -300,6 +300,54 @@ def test_lora_dpo_under_zero3_keeps_the_stored_reference(ray_local: None, tiny_l
     assert torch.allclose(merged, adapted, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_lora_reward_model_learns_with_a_low_rank_trunk_update(ray_local: None, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``kiln reward-model`` with LoRA on 2 ZeRO-2 workers: the held-out rambling pairs are ranked,
+    every trunk weight of the merged export differs from the start by at most a rank-8 update
+    (embeddings and norms not at all), and peft's adapter on the starting model scores as the
+    merged export does."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate as generate_corpus
+    from pipelines.train import reward_model
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(GenerateConfig(out_dir=str(corpus), seed=7, num_documents=100, exact_duplicates=0, near_duplicates=0,
+                                   junk_documents=0, sft_examples=10, preference_pairs=800, ppo_prompts=10, eval_prompts=10))  # fmt: skip
+    lines = [line for line in (corpus / "preferences.jsonl").read_text().splitlines() if not json.loads(line)["same_format"]]
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    section = {"data": str(tmp_path / "prefs.jsonl"), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
+               "validation_fraction": 0.2, "num_workers": 2, "cpus_per_worker": 1.0, "zero_stage": 2,
+               "sequences_per_step": 16, "micro_batch_per_worker": 8, "max_steps": 20, "learning_rate": 1.0e-2,
+               "warmup_steps": 1, "log_every_steps": 5, "eval_every_steps": 20, "eval_batches": 2,
+               "checkpoint_every_steps": 20, "max_failures": 0}  # fmt: skip
+    cfg = parse_config({"run": {"name": "rm", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2}, "reward_model": section})
+    summary = reward_model.run(cfg)
+    assert summary["val_accuracy"] >= 0.9, summary
+
+    model_dir = cfg.run.dir / "reward_model" / "model"
+    start = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_dir), num_labels=1, dtype=torch.float32)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    start.config.pad_token_id = merged.config.pad_token_id
+    before, after = start.state_dict(), merged.state_dict()
+    targets = tuple(LORA["target_modules"])
+    for name, weight in after.items():
+        if name.startswith("score."):
+            continue
+        delta = weight - before[name]
+        if name.endswith(".weight") and name.removesuffix(".weight").endswith(targets):
+            assert torch.linalg.matrix_rank(delta, atol=1e-5) <= LORA["rank"], name
+            assert delta.abs().max() > 0, name
+        else:
+            assert torch.equal(weight, before[name]), name
+    probe = torch.randint(1, 100, (3, 12))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(start, str(model_dir / ADAPTER_DIR)).eval()(input_ids=probe).logits
+        assert torch.allclose(merged(input_ids=probe).logits, adapted, atol=1e-4)
+
+
 # --- LoRA PPO -------------------------------------------------------------------------------------
 
 
