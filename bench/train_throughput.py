@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sequences-per-step", type=int, default=16)
     parser.add_argument("--micro-batch-per-worker", type=int, default=4)
-    parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--zero-stage", type=int, default=1, choices=(1, 2, 3), help="as the quickstart (1)")
     args = parser.parse_args()
 
     section: dict[str, Any] = {
