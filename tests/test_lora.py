@@ -185,6 +185,20 @@ def test_lora_reward_model_trains_its_score_head_and_exports_it_merged(tiny_llam
     assert adapted.peft_config["default"].modules_to_save and "score" in adapted.peft_config["default"].modules_to_save
 
 
+def _rambling_pairs(tmp_path: Path, seed: int, pairs: int) -> Path:
+    """The quickstart's written preference pairs whose rejected answer rambles (no number): a
+    preference a tiny model learns in a few steps. Written to ``tmp_path/prefs.jsonl``."""
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate as generate_corpus
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(GenerateConfig(out_dir=str(corpus), seed=seed, num_documents=100, exact_duplicates=0, near_duplicates=0,
+                                   junk_documents=0, sft_examples=10, preference_pairs=pairs, ppo_prompts=10, eval_prompts=10))  # fmt: skip
+    lines = [line for line in (corpus / "preferences.jsonl").read_text().splitlines() if not json.loads(line)["same_format"]]
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "prefs.jsonl"
+
+
 # --- LoRA SFT on Ray Train + DeepSpeed -------------------------------------------------------------
 
 
@@ -264,16 +278,9 @@ def test_lora_dpo_under_zero3_keeps_the_stored_reference(ray_local: None, tiny_l
     from test_dpo import _direct_logps
     from transformers import AutoModelForCausalLM
 
-    from pipelines.quickstart.config import GenerateConfig
-    from pipelines.quickstart.generate import generate as generate_corpus
     from pipelines.train import dpo
 
-    corpus = tmp_path / "corpus"
-    generate_corpus(GenerateConfig(out_dir=str(corpus), seed=5, num_documents=100, exact_duplicates=0, near_duplicates=0,
-                                   junk_documents=0, sft_examples=10, preference_pairs=600, ppo_prompts=10, eval_prompts=10))  # fmt: skip
-    lines = [line for line in (corpus / "preferences.jsonl").read_text().splitlines() if not json.loads(line)["same_format"]]
-    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    section = {"data": str(tmp_path / "prefs.jsonl"), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
+    section = {"data": str(_rambling_pairs(tmp_path, seed=5, pairs=600)), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
                "validation_fraction": 0.2, "num_workers": 2, "cpus_per_worker": 1.0, "zero_stage": 3,
                "sequences_per_step": 16, "micro_batch_per_worker": 4, "max_steps": 10, "learning_rate": 1.0e-2,
                "warmup_steps": 1, "beta": 0.1, "log_every_steps": 5, "eval_every_steps": 10, "eval_batches": 2,
@@ -309,16 +316,9 @@ def test_lora_reward_model_learns_with_a_low_rank_trunk_update(ray_local: None, 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from pipelines.quickstart.config import GenerateConfig
-    from pipelines.quickstart.generate import generate as generate_corpus
     from pipelines.train import reward_model
 
-    corpus = tmp_path / "corpus"
-    generate_corpus(GenerateConfig(out_dir=str(corpus), seed=7, num_documents=100, exact_duplicates=0, near_duplicates=0,
-                                   junk_documents=0, sft_examples=10, preference_pairs=800, ppo_prompts=10, eval_prompts=10))  # fmt: skip
-    lines = [line for line in (corpus / "preferences.jsonl").read_text().splitlines() if not json.loads(line)["same_format"]]
-    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    section = {"data": str(tmp_path / "prefs.jsonl"), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
+    section = {"data": str(_rambling_pairs(tmp_path, seed=7, pairs=800)), "init_from": str(tiny_llama_dir), "seq_len": 64, "lora": LORA,
                "validation_fraction": 0.2, "num_workers": 2, "cpus_per_worker": 1.0, "zero_stage": 2,
                "sequences_per_step": 16, "micro_batch_per_worker": 8, "max_steps": 20, "learning_rate": 1.0e-2,
                "warmup_steps": 1, "log_every_steps": 5, "eval_every_steps": 20, "eval_batches": 2,
