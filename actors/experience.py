@@ -125,12 +125,3 @@ def response_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     ).logits  # (B, P + A, V)
     a = batch.response_mask.shape[1]
     return logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + a]
-
-
-def split(n: int, parts: int) -> list[slice]:
-    """Contiguous, near-equal slices of ``range(n)``: rank ``r`` of ``parts`` takes slice ``r``."""
-    base, extra = divmod(n, parts)
-    bounds = [0]
-    for r in range(parts):
-        bounds.append(bounds[-1] + base + (r < extra))
-    return [slice(bounds[r], bounds[r + 1]) for r in range(parts)]

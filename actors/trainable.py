@@ -17,8 +17,9 @@ from typing import Any
 import ray
 import torch
 
-from actors.experience import Batch, split
+from actors.experience import Batch
 from core.checkpoint import load_deepspeed_checkpoint
+from core.shards import split
 from pipelines.rlhf.config import OptimizedModelConfig, PpoConfig
 from pipelines.train.engine import deepspeed_config, import_deepspeed, param_groups
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from safetensors.torch import load_file
 
 from core.chat import chat_stop_ids
 from core.config import EngineConfig
+from core.shards import split
 
 # config.json keys that describe how a model was saved, not what it computes.
 _BOOKKEEPING_KEYS = ("_name_or_path", "transformers_version", "use_cache")
@@ -170,12 +170,10 @@ class GeneratorPool:
                seed: int) -> list[ray.ObjectRef]:  # fmt: skip
         """Queue one ``EvalGenerator.generate`` per shard of ``prompt_ids``; ``merge(ray.get(refs))``
         is the responses in prompt order. Actors left without a prompt get no call."""
-        # Contiguous near-equal shards, the longer first; empty ones dropped.
-        shards = [(int(part[0]), int(part[-1]) + 1) for part in np.array_split(np.arange(len(prompt_ids)), len(self.actors))
-                  if len(part)]  # fmt: skip
+        shards = [s for s in split(len(prompt_ids), len(self.actors)) if s.stop > s.start]
         return [
-            actor.generate.remote(prompt_ids[lo:hi], n, temperature, max_tokens, seed + lo)
-            for actor, (lo, hi) in zip(self.actors, shards)
+            actor.generate.remote(prompt_ids[s], n, temperature, max_tokens, seed + s.start)
+            for actor, s in zip(self.actors, shards)
         ]
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
