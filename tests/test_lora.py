@@ -179,10 +179,12 @@ def test_lora_reward_model_trains_its_score_head_and_exports_it_merged(tiny_llam
     with torch.no_grad():
         trained = model(input_ids=ids).logits
         merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)(input_ids=ids).logits
-        base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
-        adapted = PeftModel.from_pretrained(base, str(tmp_path / "model" / ADAPTER_DIR))
+        start = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_dir), num_labels=1, dtype=torch.float32)
+        start.config.pad_token_id = model.config.pad_token_id
+        adapted = PeftModel.from_pretrained(start, str(tmp_path / "model" / ADAPTER_DIR))  # the head comes from the adapter
+        adapted_scores = adapted(input_ids=ids).logits
     assert merged.shape == (2, 1) and torch.allclose(merged, trained, atol=1e-4)
-    assert adapted.peft_config["default"].modules_to_save and "score" in adapted.peft_config["default"].modules_to_save
+    assert "score" in adapted.peft_config["default"].modules_to_save and torch.allclose(adapted_scores, trained, atol=1e-4)
 
 
 def _rambling_pairs(tmp_path: Path, seed: int, pairs: int) -> Path:
