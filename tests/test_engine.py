@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from pipelines.train.engine import deepspeed_arch_list, use_deepspeed_arch_list
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +53,22 @@ def test_zero_training_starts_without_building_deepspeeds_shm_op(tmp_path: Path)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"shm_op": False, "accelerator": "cpu"}
     assert not extensions.exists() or not any(extensions.rglob("*.so")), sorted(extensions.rglob("*"))
+
+
+def test_arch_suffixes_are_dropped_for_deepspeed() -> None:
+    assert deepspeed_arch_list("9.0a") == "9.0"
+    assert deepspeed_arch_list("8.0;9.0a+PTX 10.0f") == "8.0;9.0+PTX 10.0"
+    assert deepspeed_arch_list("7.5;8.6+PTX") == "7.5;8.6+PTX"  # nothing to drop
+
+
+def test_deepspeeds_cuda_op_builder_reads_the_rewritten_arch_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real DeepSpeed's CUDA fused-Adam builder (no GPU needed to plan its nvcc flags): ``9.0a`` from a
+    Hopper image breaks its JIT build; after ``use_deepspeed_arch_list`` it plans sm_80 and sm_90."""
+    builder = importlib.import_module("deepspeed.ops.op_builder.fused_adam").FusedAdamBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a 8.0")
+    with pytest.raises(ValueError, match="0a"):
+        builder.compute_capability_args()
+    use_deepspeed_arch_list()
+    builder.compute_capability_args()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"

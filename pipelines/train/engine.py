@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -66,6 +67,27 @@ def use_environment_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
 
 
+# A CUDA architecture in TORCH_CUDA_ARCH_LIST with PyTorch's arch-specific suffix: "9.0a", "10.0f".
+_ARCH_SUFFIX = re.compile(r"\b(\d+\.\d+)[af]\b")
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed 0.19's op builder can read it: the ``a``/``f`` suffixes dropped.
+
+    CUDA images for Hopper often set ``9.0a`` (sm_90a, the arch-specific instructions); DeepSpeed
+    parses every part of each entry with ``int()`` and its JIT build of the fused Adam then fails
+    with ``invalid literal for int() with base 10: '0a'`` (seen on an H200 image). Its ops use none
+    of those instructions, so plain ``9.0`` builds the same code. ``+PTX`` and separators stay.
+    """
+    return _ARCH_SUFFIX.sub(r"\1", value)
+
+
+def use_deepspeed_arch_list() -> None:
+    """Rewrite this process's ``TORCH_CUDA_ARCH_LIST`` with ``deepspeed_arch_list`` (when it is set)."""
+    if value := os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(value)
+
+
 def import_deepspeed() -> Any:
     """``import deepspeed`` for a training process, without building an op kiln never calls.
 
@@ -80,6 +102,7 @@ def import_deepspeed() -> Any:
     picks the accelerator (``DS_ACCELERATOR``), so it stays out of module level.
     """
     use_environment_ninja()
+    use_deepspeed_arch_list()
     import deepspeed
     import deepspeed.ops
 
