@@ -28,6 +28,7 @@ that fails or runs out of time is a "failed: <reason>" row, and the others still
 
     .venv/bin/python -m bench.gpu_check                  # every part, <= 10 minutes
     .venv/bin/python -m bench.gpu_check --parts serve    # some parts
+    .venv/bin/python -m bench.gpu_check --parts pretrain --compile   # torch.compile'd (inductor) models
     python bench/gpu_check.py --smoke                    # tiny sizes: does each path run at all?
 
 Writes ``runs/bench/gpu_check.json`` (atomically, after each step) and ``runs/bench/gpu_check/<step>.log``.
@@ -59,7 +60,7 @@ from core.rundir import atomic_write_json  # noqa: E402 - the standard library o
 
 PARTS = ("pretrain", "ppo", "serve")
 # Seconds each step may take; together (with the kills' grace) within 10 minutes.
-BUDGET_S = {"setup": 90, "pretrain": 200, "ppo": 170, "serve": 150}
+BUDGET_S = {"setup": 90, "pretrain": 260, "ppo": 170, "serve": 150}
 TOTAL_S = 560
 MFU_GOAL = 0.45
 SYNC_GOAL = 0.05  # README: weight sync <= 5 % of a PPO step
@@ -248,7 +249,8 @@ def run_step(step: str, timeout_s: float, args: argparse.Namespace, log: Path) -
         return {"status": "failed: no time left", "seconds": 0.0, "details": {},
                 "rows": [{"measure": "(not run)", "value": "", "goal": NONE,
                           "status": f"failed: no time left of the {args.total_s:.0f} s total"}]}  # fmt: skip
-    options = ["--smoke"] * args.smoke + ["--pretrain-steps", str(args.pretrain_steps)] * bool(args.pretrain_steps)
+    options = ["--smoke"] * args.smoke + ["--compile"] * args.compile
+    options += ["--pretrain-steps", str(args.pretrain_steps)] * bool(args.pretrain_steps)
     options += ["--serve-model", str(args.serve_model.resolve())] if args.serve_model else []
     log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-gpu-check-") as tmp:
@@ -304,9 +306,10 @@ def check(args: argparse.Namespace) -> int:
 
 def part_setup(args: argparse.Namespace, report: Report) -> None:
     """Load DeepSpeed's fused Adam op as ``FusedAdam`` does (``FusedAdamBuilder().load()``): built once."""
-    from pipelines.train.engine import use_environment_ninja
+    from pipelines.train.engine import use_deepspeed_arch_list, use_environment_ninja
 
-    use_environment_ninja()  # the environment's ninja, as the training workers use
+    use_environment_ninja()  # the environment's ninja and a TORCH_CUDA_ARCH_LIST DeepSpeed reads, as workers use
+    use_deepspeed_arch_list()
     t0 = time.perf_counter()
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
@@ -363,9 +366,10 @@ def make_shards(work: Path, vocab: int, seq_len: int, rows: int) -> tuple[Path, 
     return shards, ids
 
 
-def pretrain_config(work: Path, tok_dir: Path, shards: Path, s: Sizes, gpus: int) -> dict[str, Any]:
+def pretrain_config(work: Path, tok_dir: Path, shards: Path, s: Sizes, gpus: int, compile: bool) -> dict[str, Any]:
     """The config of the measured ``kiln pretrain`` run: one worker per GPU, ZeRO-2, bf16 and NCCL
-    (``use_gpu``); evaluation and the one checkpoint only at the last step."""
+    (``use_gpu``), torch.compile'd by inductor with ``compile``; evaluation and the one checkpoint
+    only at the last step."""
     heads = s.hidden // 64
     model = {"hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_layers": s.layers, "num_heads": heads,
              "num_kv_heads": heads, "max_position_embeddings": s.seq_len}  # fmt: skip
@@ -376,14 +380,15 @@ def pretrain_config(work: Path, tok_dir: Path, shards: Path, s: Sizes, gpus: int
             "cpus_per_worker": 1.0, "zero_stage": 2, "sequences_per_step": s.sequences_per_gpu * gpus,
             "micro_batch_per_worker": s.micro_batch, "max_steps": s.steps, "warmup_steps": min(10, s.steps),
             "learning_rate": 3.0e-4, "log_every_steps": s.log_every, "eval_every_steps": s.steps, "eval_batches": 1,
-            "checkpoint_every_steps": s.steps, "max_failures": 0,
+            "checkpoint_every_steps": s.steps, "max_failures": 0, "torch_compile": "inductor" if compile else None,
         },
     }  # fmt: skip
 
 
-def bare_loop(ids: Any, tok_dir: Path, arch: Any, s: Sizes) -> dict[str, Any]:
+def bare_loop(ids: Any, tok_dir: Path, arch: Any, s: Sizes, compile: bool) -> dict[str, Any]:
     """tokens/s of a plain loop on GPU 0: kiln's model, rows, micro batch, accumulation and clipping,
-    bf16 autocast over float32 weights, fused AdamW; each step ends at a device synchronisation.
+    bf16 autocast over float32 weights, fused AdamW, ``model.compile()`` (inductor) with ``compile``;
+    each step ends at a device synchronisation.
     The statistic is kiln's: tokens/s of each ``log_every`` steps, the median of those after the first."""
     import torch
 
@@ -395,6 +400,8 @@ def bare_loop(ids: Any, tok_dir: Path, arch: Any, s: Sizes) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model("lm", load_tokenizer(tok_dir), arch=arch).cuda()
     model.config.use_cache = False
+    if compile:
+        model.compile()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3.0e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     data = torch.from_numpy(ids).long().cuda()  # (R, T)
     accum, times, losses = s.sequences_per_gpu // s.micro_batch, [], []
@@ -463,7 +470,7 @@ def part_pretrain(args: argparse.Namespace, report: Report) -> None:
         tok_dir = make_tokenizer(work, s.vocab)
         vocab = len(load_tokenizer(tok_dir))
         shards, ids = make_shards(work, vocab, s.seq_len, rows=s.sequences_per_gpu * gpus * (s.steps + 1))
-        cfg = parse_config(pretrain_config(work, tok_dir, shards, s, gpus))
+        cfg = parse_config(pretrain_config(work, tok_dir, shards, s, gpus, args.compile))
         arch = cfg.pretrain.model
         model = build_model("lm", load_tokenizer(tok_dir), arch=arch)
         fpt, params = flops_per_token(model, s.seq_len), sum(p.numel() for p in model.parameters())
@@ -471,14 +478,15 @@ def part_pretrain(args: argparse.Namespace, report: Report) -> None:
         report.details.update(parameters=params, vocab=vocab, flops_per_token=fpt, peak_flops=peak,
                               datasheet_flops=sheet, gpus=gpus, gpu=name)  # fmt: skip
         shape = f"{s.layers} x {s.hidden}, {params / 1e6:.3g}M parameters, vocab {vocab}, {s.seq_len} tokens"
-        bare_label = f"bare PyTorch loop, 1 GPU ({shape})"
-        bare = guarded(report, bare_label, NONE, lambda: bare_loop(ids, tok_dir, arch, s))
+        mode = "torch.compile (inductor)" if args.compile else "eager"
+        bare_label = f"bare PyTorch loop, 1 GPU, {mode} ({shape})"
+        bare = guarded(report, bare_label, NONE, lambda: bare_loop(ids, tok_dir, arch, s, args.compile))
         torch.cuda.empty_cache()  # what a failed loop left, before kiln's workers share GPU 0
         if bare is not None:
             report.details["bare"] = bare
             report.add(f"{bare_label}: tokens/s", f"{bare['tokens_per_s']:,.0f}")
             mfu_rows(report, "bare loop", bare["tokens_per_s"], fpt, peak, sheet, goal=False)
-        kiln_label = f"kiln pretrain, {gpus} worker(s) x 1 GPU, ZeRO-2, bf16, NCCL"
+        kiln_label = f"kiln pretrain, {gpus} worker(s) x 1 GPU, ZeRO-2, bf16, NCCL, {mode}"
         kiln = guarded(report, kiln_label, f"MFU >= {MFU_GOAL:.0%}", lambda: kiln_pretrain(cfg))
     if kiln is not None:
         report.details["kiln"] = kiln
@@ -574,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-s", type=float, default=TOTAL_S, help="seconds for every step together")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that each path runs")
     parser.add_argument("--pretrain-steps", type=int, help=f"kiln pretrain's steps (default {FULL.steps})")
+    parser.add_argument("--compile", action="store_true",
+                        help="pretrain: torch.compile (inductor) the bare loop's model and kiln's (train.torch_compile)")
     parser.add_argument("--serve-model", type=Path, help="model directory to serve (default: bench.serve's tiny one)")
     parser.add_argument("--part", choices=sorted(STEPS), help=argparse.SUPPRESS)  # a step's own process
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)

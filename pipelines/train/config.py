@@ -73,6 +73,10 @@ class TrainConfig(DeepSpeedSettings):
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     # Recompute activations in the backward pass: less memory, about a third more compute.
     activation_checkpointing: bool = False
+    # torch.compile the model (DeepSpeed's engine.compile, in place) with this backend: "inductor"
+    # fuses kernels (worth it on GPU; the first steps pay the compile); "aot_eager" traces without
+    # code generation (a check that the model compiles). null: eager.
+    torch_compile: Literal["inductor", "aot_eager", "eager"] | None = None
     # Optimizer steps between metric lines (metrics.jsonl, TensorBoard, ray.train.report).
     log_every_steps: int = Field(default=10, ge=1)
     # Optimizer steps between held-out evaluations, and micro batches per worker each one uses.

@@ -274,6 +274,8 @@ def train_worker(config: dict[str, Any]) -> None:
         config=deepspeed_config(cfg, cfg.micro_batch_per_worker, cfg.grad_accum_steps, cfg.num_workers),
         dist_init_required=False,  # Ray Train already set up torch.distributed (gloo / NCCL)
     )
+    if cfg.torch_compile is not None:
+        engine.compile(backend=cfg.torch_compile)  # nn.Module.compile: parameter names unchanged
 
     # 2. Resume: the step is the data position; the LR is a function of the step.
     step = 0
@@ -292,7 +294,7 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     metrics.write({"event": "resume" if step else "start", "step": step, "time": time.time(), "pid": os.getpid(),
-                   "nodes": nodes})  # fmt: skip
+                   "nodes": nodes, "compiled": engine.is_compiled})  # fmt: skip
 
     train = RowStream(job.train_files, job.columns, cfg.seed, shuffle=True)
     valid = RowStream(job.validation_files, job.columns, cfg.seed, shuffle=False)
