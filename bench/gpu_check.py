@@ -56,7 +56,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ``python bench/gpu_check.py`` as well as ``-m bench.gpu_check``
 
-from core.rundir import atomic_write_json  # noqa: E402 - the standard library only
+from bench.gpu_report import NONE, Report, guarded, reason, table, verdict  # noqa: E402 - the standard library only
+from core.rundir import atomic_write_json  # noqa: E402
 
 PARTS = ("pretrain", "ppo", "serve")
 # Seconds each step may take; together (with the kills' grace) within 10 minutes.
@@ -65,7 +66,6 @@ TOTAL_S = 560
 MFU_GOAL = 0.45
 SYNC_GOAL = 0.05  # README: weight sync <= 5 % of a PPO step
 THROUGHPUT_GOAL, P50_GOAL = 0.9, 1.1  # bench/serve.py's goal: kiln / vLLM
-NONE = "—"  # a row without a goal or a verdict
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the device name
 # torch reports. Only figures known for certain; any other GPU (A10G, L40S, H100 NVL, ...) is unknown.
@@ -123,78 +123,6 @@ def sizes(args: argparse.Namespace) -> Sizes:
     """FULL or SMOKE (``--smoke``), with ``--pretrain-steps``."""
     s = SMOKE if args.smoke else FULL
     return dataclasses.replace(s, steps=args.pretrain_steps) if args.pretrain_steps else s
-
-
-# --- results ----------------------------------------------------------------------------------------
-
-_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Exit)\b.*")
-
-
-def reason(error: BaseException | str, limit: int = 160) -> str:
-    """A failure in one line: the last ``SomeError: message`` line of its text (Ray wraps the
-    cause's traceback in its own), else the first line."""
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    found = [line for line in lines if _ERROR_LINE.match(line)]
-    line = found[-1] if found else (lines[0] if lines else "unknown error")
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-class Report:
-    """A step's rows and details, saved atomically to ``path`` after every change: what a part
-    measured before it failed or ran out of time still reaches the table."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.status = "ok"
-        self.rows: list[dict[str, str]] = []
-        self.details: dict[str, Any] = {}
-
-    def add(self, measure: str, value: str, goal: str = NONE, status: str = NONE) -> None:
-        self.rows.append({"measure": measure, "value": value, "goal": goal, "status": status})
-        self.save()
-
-    def fail(self, measure: str, error: BaseException, goal: str = NONE) -> None:
-        status = f"failed: {reason(error)}"
-        self.status = status if self.status == "ok" else self.status
-        self.details.setdefault("errors", {})[measure] = str(error)[-4000:]
-        self.add(measure, "", goal, status)
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_write_json(self.path, {"status": self.status, "rows": self.rows, "details": self.details})
-
-
-def guarded(report: Report, measure: str, goal: str, fn: Callable[[], Any]) -> Any:
-    """``fn()``; on an exception None, and a failed row for ``measure`` (the traceback goes to the log)."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - any failure of one measurement is reported, the rest still runs
-        traceback.print_exc()
-        report.fail(measure, e, goal)
-        return None
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "not met"
-
-
-def table(results: dict[str, Any]) -> str:
-    """The one table: part (and its seconds), measure, value, goal, status."""
-    env = results["environment"]
-    lines = [
-        f"{env['gpus'][0]} x {len(env['gpus'])}; torch {env['torch']} (CUDA {env['cuda']}), vLLM {env['vllm']}, "
-        f"DeepSpeed {env['deepspeed']}, Ray {env['ray']}",
-        f"nvidia-smi: {env['nvidia_smi'] or 'not available'}",
-        "",
-        "| part | measure | value | goal | status |",
-        "|---|---|---|---|---|",
-    ]
-    for part, r in results["parts"].items():
-        for i, row in enumerate(r["rows"]):
-            name = f"{part} ({r['seconds']:.0f} s)" if i == 0 else ""
-            lines.append(f"| {name} | {row['measure']} | {row['value']} | {row['goal']} | {row['status']} |")
-    return "\n".join(lines)
 
 
 # --- the parent: environment, one process per step ---------------------------------------------------

@@ -110,9 +110,10 @@ def test_the_gpu_configs_pass_kilns_strict_config(tmp_path: Path) -> None:
     from pipelines.rlhf.config import PpoConfig
 
     gc, ppo_step, serve = _bench("gpu_check"), _bench("ppo_step"), _bench("serve")
-    for s, gpus in ((gc.FULL, 1), (gc.SMOKE, 8)):
-        cfg = parse_config(gc.pretrain_config(tmp_path, tmp_path / "tok", tmp_path / "shards", s, gpus)).pretrain
+    for s, gpus, compile in ((gc.FULL, 1, False), (gc.SMOKE, 8, True)):
+        cfg = parse_config(gc.pretrain_config(tmp_path, tmp_path / "tok", tmp_path / "shards", s, gpus, compile)).pretrain
         assert cfg.use_gpu and cfg.zero_stage == 2 and cfg.num_workers == gpus and cfg.grad_accum_steps >= 1
+        assert cfg.torch_compile == ("inductor" if compile else None)
         assert cfg.model.hidden_size // cfg.model.num_heads == 64 and cfg.model.max_position_embeddings == s.seq_len
         for advantage in ("gae", "grpo"):
             p = PpoConfig.model_validate(ppo_step.ppo_section(tmp_path, tmp_path / "p.jsonl", gc.ppo_args(s), advantage,
@@ -132,7 +133,7 @@ def test_the_gpu_configs_pass_kilns_strict_config(tmp_path: Path) -> None:
 def test_a_failing_step_is_a_failed_row_and_the_table_shows_it(tmp_path: Path) -> None:
     """The setup step in its own process, on a machine where it must fail: the parent gets a row."""
     gc = _bench("gpu_check")
-    args = argparse.Namespace(smoke=True, pretrain_steps=None, serve_model=None, total_s=60.0)
+    args = argparse.Namespace(smoke=True, compile=False, pretrain_steps=None, serve_model=None, total_s=60.0)
     r = gc.run_step("setup", 60.0, args, tmp_path / "logs" / "setup.log")
     assert r["status"].startswith("failed: ") and r["rows"][-1]["status"] == r["status"], r
     assert (tmp_path / "logs" / "setup.log").is_file() and r["seconds"] < 60
