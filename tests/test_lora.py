@@ -365,19 +365,21 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
 
     p = _ppo_config(task, advantage="grpo", kl_coef=0.01,
                     learner={"num_workers": 2, "cpus_per_worker": 0.25, "zero_stage": 3, "micro_batch_per_worker": 8,
-                             "learning_rate": 3.0e-3, "lora": LORA})  # fmt: skip
+                             "learning_rate": 1.0e-3, "lora": LORA})  # fmt: skip
     shm_before = set(Path("/dev/shm").glob("kiln-adapter-*"))
     actors, prompts, pad = _start(task, p)
     try:
         assert actors.reference is None and "reference" not in actors.roles()
         held_out, _ = load_prompts(task["eval"], AutoTokenizer.from_pretrained(str(task["policy"])), p.max_prompt_tokens)
-        before = _sampled_eval(actors, held_out, p, samples=16)
+        # 48 samples a prompt: at 16 the sampling noise of 30 prompts' accuracies hid a +5-point gain
+        # (p = 0.09 in one CI run).
+        before = _sampled_eval(actors, held_out, p, samples=48)
         probe = generate(actors, [q.ids for q in held_out[:8]], p, seed=7)  # the starting weights
         state = State(kl_coef=p.kl_coef)
         records = []
-        for _ in range(16):
+        for _ in range(32):
             records.append(ppo_step(actors, prompts, p, state, pad))
-        after = _sampled_eval(actors, held_out, p, samples=16)
+        after = _sampled_eval(actors, held_out, p, samples=48)
         synced = ray.get(actors.weights)  # what the last sync sent
         probe_after = generate(actors, [q.ids for q in held_out[:8]], p, seed=7)
         # The reference log-probs: the learner ranks with the adapter off = the starting policy's.
@@ -411,7 +413,7 @@ def test_lora_ppo_syncs_the_adapter_only_and_raises_held_out_reward(ray_local: N
         expected = token_logprobs(response_logits(start, batch) / p.temperature, batch.input_ids[:, batch.prompt_len :])
     assert torch.allclose(ref, expected * batch.response_mask, atol=1e-4)
     # Resumed from the checkpoint: same adapter, optimizer, prompts and seeds give the same step.
-    assert continued["step"] == replayed["step"] == 17 and replayed["logprob_mismatch"] < 1e-4
+    assert continued["step"] == replayed["step"] == 33 and replayed["logprob_mismatch"] < 1e-4
     for key in ("reward_mean", "response_length", "kl"):
         assert replayed[key] == pytest.approx(continued[key], abs=1e-5), key
     assert replayed["policy_loss"] == pytest.approx(continued["policy_loss"], abs=1e-4)
