@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,38 @@ def recover_interrupted(folder: Path) -> None:
         _recover(folder / name, temporaries)
 
 
+INPUTS = "inputs.json"  # what a stage read, path -> stamp, written as it starts
+
+
+def stamp(path: Path) -> int:
+    """The newest modification time (ns) of the file at ``path``, or of any file under the folder
+    ``path``; 0 when nothing is there. A retrained model or a rewritten data file changes it."""
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    if path.is_dir():
+        return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
+    return 0
+
+
+def inputs_changed(stage_dir: Path, stage: str, inputs: Iterable[Path | str]) -> bool:
+    """Whether an input the stage read when it last started (an upstream stage's model folder, a data
+    file) was written again since, e.g. by ``kiln sft --force``; says which. An input that is gone
+    now (deleted to save space) or an object-store URI is no evidence either way."""
+    recorded = json.loads((stage_dir / INPUTS).read_text()) if (stage_dir / INPUTS).exists() else {}
+    for path in map(str, inputs):
+        now = stamp(Path(path))
+        if path in recorded and now and now != recorded[path]:
+            print(f"kiln {stage}: {path} was written again since this stage read it (an upstream stage redone, "
+                  "or a data file changed); redoing the stage", flush=True)  # fmt: skip
+            return True
+    return False
+
+
+def record_inputs(stage_dir: Path, inputs: Iterable[Path | str]) -> None:
+    """Remember the stamps of what the stage is about to read (``inputs_changed`` compares them)."""
+    atomic_write_json(stage_dir / INPUTS, {str(p): stamp(Path(p)) for p in inputs})
+
+
 def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:
     """The stage's marker if it finished with this config digest, else None.
 
@@ -186,24 +218,31 @@ def finished_summary(stage_dir: Path, stage: str, digest: str, force: bool) -> d
     return None
 
 
-def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool) -> dict[str, Any] | None:
+def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
+                  inputs: Iterable[Path | str] = ()) -> dict[str, Any] | None:  # fmt: skip
     """The start of every stage that checkpoints (training, PPO): the finished marker's summary (skip), or None (train).
 
     ``force`` forgets the stage's marker, checkpoints and metrics. An unfinished stage keeps its
     checkpoints (the run resumes from them) as long as its config is the one it started with.
 
+    A stage whose ``inputs`` were written again since it read them (``inputs_changed``) is redone
+    as if forced: what it holds was derived from inputs that are gone.
+
     Raises:
         StageConfigChanged: finished, or checkpointed, under another config (use --force).
     """
+    inputs = list(inputs)
+    force = force or inputs_changed(stage_dir, stage, inputs)
     if (done := finished_summary(stage_dir, stage, digest, force)) is not None:
         return done
     if force:
-        for name in ("ray", "tensorboard", "model", "dataset"):
+        for name in ("ray", "checkpoints", "tensorboard", "model", "dataset"):  # "checkpoints": PPO's
             shutil.rmtree(stage_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "started.json"):
+        for name in ("metrics.jsonl", "started.json", INPUTS):
             (stage_dir / name).unlink(missing_ok=True)
     started = stage_dir / "started.json"
     if started.exists() and json.loads(started.read_text())["config_digest"] != digest:
         raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")
     atomic_write_json(started, {"config_digest": digest})
+    record_inputs(stage_dir, inputs)
     return None

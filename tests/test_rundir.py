@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from core.rundir import StageConfigChanged, atomic_dir, finished_stage, mark_finished, unmark
+from core.rundir import (
+    StageConfigChanged,
+    atomic_dir,
+    finished_stage,
+    inputs_changed,
+    mark_finished,
+    prepare_stage,
+    stamp,
+    unmark,
+)
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
@@ -29,3 +40,95 @@ def test_finished_stage_skips_same_config_and_refuses_changed(tmp_path: Path) ->
         finished_stage(tmp_path, "other")
     unmark(tmp_path)
     assert finished_stage(tmp_path, "other") is None
+
+
+def _bump(path: Path) -> None:
+    """Write ``path`` again, later than anything before (mtime granularity is coarse on some filesystems)."""
+    path.write_text(path.read_text() + " ")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_a_stage_is_redone_when_an_input_was_written_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kiln sft --force`` rewrites sft/model: the reward model trained from the old one must not be
+    skipped as finished. Its checkpoints and outputs go; an unchanged input keeps it finished."""
+    model, data = tmp_path / "sft" / "model", tmp_path / "pairs.jsonl"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_text("weights")
+    data.write_text("{}\n")
+    stage_dir = tmp_path / "reward_model"
+    assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) is None
+    (stage_dir / "ray").mkdir()
+    mark_finished(stage_dir, "reward_model", "d1", {"val_accuracy": 0.9})
+    assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) == {"val_accuracy": 0.9}
+
+    _bump(model / "model.safetensors")  # the SFT stage redone
+    assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) is None
+    assert f"{model} was written again" in capsys.readouterr().out
+    assert not (stage_dir / "ray").exists() and finished_stage(stage_dir, "d1") is None
+    mark_finished(stage_dir, "reward_model", "d1", {"val_accuracy": 0.8})
+    assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) == {"val_accuracy": 0.8}
+
+    _bump(data)  # a data file changed: redone too
+    assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) is None
+
+
+def test_a_deleted_input_leaves_a_finished_stage_finished(tmp_path: Path) -> None:
+    """Deleting a finished stage's inputs (big data shards, say) proves nothing about them: skip."""
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "train-00000.parquet").write_text("rows")
+    stage_dir = tmp_path / "pretrain"
+    prepare_stage(stage_dir, "pretrain", "d1", False, [shards, "s3://bucket/shards"])
+    mark_finished(stage_dir, "pretrain", "d1", {"steps": 10})
+    shutil.rmtree(tmp_path / "data")
+    assert not inputs_changed(stage_dir, "pretrain", [shards, "s3://bucket/shards"])
+    assert prepare_stage(stage_dir, "pretrain", "d1", False, [shards]) == {"steps": 10}
+    assert stamp(shards) == 0
+
+
+def test_an_interrupted_stage_resumes_only_from_the_same_inputs(tmp_path: Path) -> None:
+    """Checkpoints taken from the old SFT model are not resumed under a new one."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    stage_dir = tmp_path / "ppo"
+    prepare_stage(stage_dir, "ppo", "d1", False, [model])
+    (stage_dir / "checkpoints" / "step-3").mkdir(parents=True)
+    assert prepare_stage(stage_dir, "ppo", "d1", False, [model]) is None  # resumes: checkpoints kept
+    assert (stage_dir / "checkpoints" / "step-3").is_dir()
+    _bump(model / "config.json")
+    assert prepare_stage(stage_dir, "ppo", "d1", False, [model]) is None
+    assert not (stage_dir / "checkpoints").exists()
+
+
+def test_sft_redoes_itself_when_the_pretrained_model_was_retrained(tiny_llama_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The real ``sft.run`` up to training: finished from this model, it is skipped; once the model
+    is written again (``kiln pretrain --force``), it gets as far as training. ``fit`` is replaced
+    by a fake that only records the call (training itself is tested in test_train_e2e.py)."""
+    from pipelines.config import parse_config
+    from pipelines.train import sft
+
+    model = tmp_path / "pretrain-model"
+    shutil.copytree(tiny_llama_dir, model)
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "What is 1 + 2?", "response": "3"}\n' * 8)
+    cfg = parse_config({"run": {"name": "r", "root": str(tmp_path / "runs")},
+                        "sft": {"data": str(data), "init_from": str(model), "seq_len": 32, "validation_fraction": 0.25}})  # fmt: skip
+    stage_dir = cfg.run.dir / "sft"
+    _, _, digest = cfg.stage_section("sft")
+    prepare_stage(stage_dir, "sft", digest, False, [model.resolve(), data])  # as sft.run records them
+    mark_finished(stage_dir, "sft", digest, {"final_loss": 1.0})
+
+    class Trained(Exception):
+        pass
+
+    def fake_fit(job: object, ray_cfg: object) -> None:
+        raise Trained(job)
+
+    monkeypatch.setattr(sft, "fit", fake_fit)
+    assert sft.run(cfg) == {"final_loss": 1.0}
+    _bump(model / "config.json")
+    with pytest.raises(Trained):
+        sft.run(cfg)

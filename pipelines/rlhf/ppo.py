@@ -450,10 +450,9 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         raise ValueError(f"ppo: {len(prompts)} usable prompts in {p.prompts} ({skipped} over max_prompt_tokens), "
                          f"fewer than prompts_per_step ({p.prompts_per_step})")  # fmt: skip
     eval_prompts = load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)[0] if p.eval_prompts else []
-    if (done := prepare_stage(stage_dir, stage, digest, force)) is not None:
+    inputs = [policy, critic_init, Path(p.prompts), *([reward_model] if reward_model else [])]
+    if (done := prepare_stage(stage_dir, stage, digest, force, inputs)) is not None:
         return done
-    if force:
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
     print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
           f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
 

@@ -27,7 +27,13 @@ from typing import Any
 
 from actors.reward import load_function
 from cluster.runtime import init_ray
-from core.rundir import atomic_write_text, finished_summary, mark_finished
+from core.rundir import (
+    atomic_write_text,
+    finished_summary,
+    inputs_changed,
+    mark_finished,
+    record_inputs,
+)
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.generation import GeneratorPool
@@ -68,8 +74,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     if not keep:
         raise ValueError(f"preferences: every prompt of {p.prompts} is longer than max_prompt_tokens "
                          f"({p.max_prompt_tokens})")  # fmt: skip
-    if (done := finished_summary(stage_dir, STAGE, digest, force)) is not None:
+    inputs = [policy, Path(p.prompts)]
+    if (done := finished_summary(stage_dir, STAGE, digest, force or inputs_changed(stage_dir, STAGE, inputs))) is not None:
         return done
+    record_inputs(stage_dir, inputs)
     print(f"kiln preferences: {len(keep)} prompts ({len(prompts) - len(keep)} skipped as too long), "
           f"{p.samples_per_prompt} samples each from {policy}", flush=True)  # fmt: skip
 

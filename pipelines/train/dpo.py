@@ -88,7 +88,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     data = Path(dcfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"preference data {data} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data])) is not None:
         return done
 
     # Rows: the chat template, response-only masks; a bad pair fails here naming file:line. Then

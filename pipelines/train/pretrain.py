@@ -22,15 +22,16 @@ STAGE = "pretrain"
 def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Pretrain (or resume, or skip if finished); returns the stage summary."""
     pcfg, stage_dir, digest = cfg.stage_section(STAGE)
-    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
-        return done
-
     # A folder or an object-store URI (the data stage's report names it when run.storage_path is set).
     shards = pcfg.shards or shards_location(cfg.run.dir)
+    tokenizer_dir = Path(pcfg.tokenizer or pcfg.model.path or cfg.run.dir / "tokenizer").resolve()
+    inputs = [shards, tokenizer_dir, *([pcfg.model.path] if pcfg.model.path else [])]
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, inputs)) is not None:
+        return done
+
     train_files = shard_files(shards, "train")
     if not train_files:
         raise FileNotFoundError(f"no training shards (train-*.parquet) in {shards}; run `kiln data` first")
-    tokenizer_dir = Path(pcfg.tokenizer or pcfg.model.path or cfg.run.dir / "tokenizer").resolve()
     job = TrainJob(
         stage=STAGE,
         objective="lm",

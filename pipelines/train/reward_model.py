@@ -33,7 +33,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     for f in data:
         if not f.is_file():
             raise FileNotFoundError(f"preference data {f} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, *data])) is not None:
         return done
 
     tokenizer = load_tokenizer(init_from)

@@ -30,7 +30,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     data = Path(scfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"SFT data {data} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force)) is not None:
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data])) is not None:
         return done
 
     # Chat template + prompt masking, on the driver: the data is small next to pretraining's.
