@@ -11,28 +11,22 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from actors.experience import actor_device
+from core.calls import CallTimeout, call_with_timeout
 from core.chat import tokenize_chat
 from pipelines.rlhf.config import PpoConfig
-
-T = TypeVar("T")
 
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised, returned a non-finite value or timed out; names the function and sample."""
-
-
-class CallTimeout(TimeoutError):
-    """A call of user code gave no result within its time limit (not a TimeoutError of its own)."""
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -49,33 +43,6 @@ def load_function(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"{spec!r} is not callable")
     return fn
-
-
-def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
-    """``fn()`` on a thread of its own, waited for at most ``timeout_s`` seconds.
-
-    Raises:
-        CallTimeout: no result in time. The call is abandoned: its (daemon) thread runs on until
-            ``fn`` returns or the process ends.
-        Exception: what ``fn`` raised.
-    """
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            outcome.append((False, e))
-
-    thread = threading.Thread(target=run, name="kiln-reward-call", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if not outcome:
-        raise CallTimeout(f"no result after {timeout_s:g} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def function_rewards(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from core.rundir import StageConfigChanged, mark_finished
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
 from pipelines.eval.inputs import parse_models
-from pipelines.eval.scoring import grade, load_causal_lm, response_logprobs
+from pipelines.eval.scoring import grade, load_causal_lm, response_logprobs, reward
 from pipelines.eval.stats import mean_interval, wilson_interval
 from pipelines.eval.summary import ModelScores, comparison_pairs, model_entry, pairwise_entry
 from pipelines.eval.table import format_table
@@ -287,6 +288,25 @@ def test_metric_must_grade_right_or_wrong() -> None:
         grade(lambda p, r, letter: 0.5, "m:f", prompt, "no")
     with pytest.raises(ValueError, match=r"metric function m:f failed on p\.jsonl:7 .*KeyError"):
         grade(lambda p, r, letter: {}[letter], "m:f", prompt, "no")
+
+
+def test_a_hung_metric_or_reward_function_stops_the_evaluation_naming_it() -> None:
+    """A user function that never returns is abandoned after its time limit, with an error naming
+    the function, the prompt's line and the response; a fast one is unaffected."""
+    prompt = PromptRecord("What is 1 + 1?", {"letter": "e"}, "p.jsonl:7")
+    release = threading.Event()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"metric function m:hang gave no result within 0\.2 s on p\.jsonl:7 \(response 'no'\)"):
+            grade(lambda p, r, letter: release.wait(), "m:hang", prompt, "no", timeout_s=0.2)
+        with pytest.raises(ValueError, match=r"reward function m:hang gave no result within 0\.2 s on p\.jsonl:7"):
+            reward(lambda p, r, letter: release.wait(), "m:hang", prompt, "no", timeout_s=0.2)
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+    assert reward(lambda p, r, letter: 2, "m:f", prompt, "no", timeout_s=0.2) == 2.0
+    with pytest.raises(ValueError, match=r"reward function m:f returned 'x' on p\.jsonl:7; it must return a number"):
+        reward(lambda p, r, letter: "x", "m:f", prompt, "no")
 
 
 def test_response_logprobs_match_one_sequence_at_a_time(tiny_llama_dir: Path) -> None:

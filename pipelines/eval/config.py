@@ -23,6 +23,9 @@ class EvalConfig(Section):
     metric_function: str | None = None
     # Reward "module:function"(prompt, response, **fields) -> float (null: ppo.reward_function).
     reward_function: str | None = None
+    # Seconds one metric or reward function call may take; a hung call stops the evaluation with
+    # an error naming the function, the prompt's line and the response.
+    function_timeout_s: float = Field(default=60.0, gt=0.0)
     # Reward model directory scored on the greedy responses (null: <run>/reward_model/model if it exists).
     reward_model: str | None = None
     # Held-out preference pairs JSONL {"prompt", "chosen", "rejected", optional "same_format": bool}

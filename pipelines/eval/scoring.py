@@ -17,37 +17,51 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from core.calls import CallTimeout, call_with_timeout
 from pipelines.rlhf.prompts import PromptRecord
 
 
-def grade(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response: str) -> bool:
+def _call(kind: str, fn: Callable[..., Any], spec: str, prompt: PromptRecord, response: str, timeout_s: float) -> Any:
+    """``fn(prompt, response, **fields)`` within ``timeout_s`` (a hung call is abandoned, see core.calls).
+
+    Raises:
+        ValueError: it raised or timed out, naming the function, the prompt's line and the response.
+    """
+    try:
+        return call_with_timeout(lambda: fn(prompt.prompt, response, **prompt.fields), timeout_s)
+    except CallTimeout:
+        raise ValueError(f"{kind} function {spec} gave no result within {timeout_s:g} s on {prompt.where} "
+                         f"(response {response!r})") from None  # fmt: skip
+    except Exception as e:  # any failure of user code is reported the same way
+        raise ValueError(f"{kind} function {spec} failed on {prompt.where} (response {response!r}): "
+                         f"{type(e).__name__}: {e}") from e  # fmt: skip
+
+
+def grade(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response: str, timeout_s: float = 60.0) -> bool:
     """The metric function's verdict on one response: right (True) or wrong.
 
     Raises:
-        ValueError: the function raised, or returned something other than a bool or 0/1 (accuracy,
-            pass@k and McNemar's test count right answers); names the function and the prompt's line.
+        ValueError: the function raised, timed out, or returned something other than a bool or 0/1
+            (accuracy, pass@k and McNemar's test count right answers); names the function and the prompt's line.
     """
-    try:
-        value = metric(prompt.prompt, response, **prompt.fields)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-        raise ValueError(f"metric function {spec} failed on {prompt.where} (response {response!r}): "
-                         f"{type(e).__name__}: {e}") from e  # fmt: skip
+    value = _call("metric", metric, spec, prompt, response, timeout_s)
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, float)) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"metric function {spec} returned {value!r} on {prompt.where}; it must return a bool (or 0/1)")
 
 
-def reward(fn: Callable[..., Any], spec: str, prompt: PromptRecord, response: str) -> float:
+def reward(fn: Callable[..., Any], spec: str, prompt: PromptRecord, response: str, timeout_s: float = 60.0) -> float:
     """The reward function's value for one response.
 
     Raises:
-        ValueError: the function raised or returned a non-finite value (naming it and the prompt's line).
+        ValueError: the function raised, timed out, or returned a non-number or a non-finite value
+            (naming it and the prompt's line).
     """
+    raw = _call("reward", fn, spec, prompt, response, timeout_s)
     try:
-        value = float(fn(prompt.prompt, response, **prompt.fields))
-    except Exception as e:  # noqa: BLE001 - as in grade
-        raise ValueError(f"reward function {spec} failed on {prompt.where} (response {response!r}): "
-                         f"{type(e).__name__}: {e}") from e  # fmt: skip
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function {spec} returned {raw!r} on {prompt.where}; it must return a number") from None
     if not math.isfinite(value):
         raise ValueError(f"reward function {spec} returned {value} on {prompt.where}")
     return value

@@ -244,12 +244,14 @@ def grade_model(ctx: Context, t: Target, ids: list[list[int]], greedy: Responses
     correct, sampled_correct, rewards = None, None, None
     if ctx.metric is not None:
         spec = ctx.inputs.metric_function
-        correct = [grade(ctx.metric, spec, q, text) for q, text in zip(prompts, texts)]
+        limit = e.function_timeout_s
+        correct = [grade(ctx.metric, spec, q, text, limit) for q, text in zip(prompts, texts)]
         sampled_correct = [
-            sum(grade(ctx.metric, spec, q, s) for s in samples) for q, samples in zip(prompts, sampled.texts)
+            sum(grade(ctx.metric, spec, q, s, limit) for s in samples) for q, samples in zip(prompts, sampled.texts)
         ]
     if ctx.reward_fn is not None:
-        rewards = [reward(ctx.reward_fn, ctx.inputs.reward_function, q, text) for q, text in zip(prompts, texts)]
+        rewards = [reward(ctx.reward_fn, ctx.inputs.reward_function, q, text, e.function_timeout_s)
+                   for q, text in zip(prompts, texts)]  # fmt: skip
 
     # KL(model || reference), k1 per response: sum_t log p_model(y_t) - log p_ref(y_t) on the model's
     # own samples, averaged per prompt. 0 by definition for the reference itself.
