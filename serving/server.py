@@ -7,6 +7,7 @@ module only needs the ``serve:`` section.
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -31,8 +32,24 @@ def ask(cfg: ServeConfig, prompt: str, timeout_s: float = 60.0) -> str:
         return json.load(response)["choices"][0]["message"]["content"]
 
 
+def stop_on_signals() -> None:
+    """Turn SIGINT and SIGTERM into ``KeyboardInterrupt`` in this (the main) thread.
+
+    A shell starts a background job (``kiln serve ... &``) with SIGINT ignored, and Python then
+    never installs its own handler: ``kill -INT`` did nothing, and a supervisor's SIGTERM killed
+    the process without shutting Serve down. Both now end ``serve_forever`` the same way as Ctrl-C.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None = None) -> None:
-    """Start Serve on ``cfg.host:cfg.port``, run ``app`` (from ``build_app(cfg)``), block until Ctrl-C.
+    """Start Serve on ``cfg.host:cfg.port``, run ``app`` (from ``build_app(cfg)``), block until
+    Ctrl-C, SIGINT or SIGTERM, then shut Serve down.
 
     Ray must already be initialised (``cluster.runtime.init_ray``).
 
@@ -41,16 +58,18 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
         cfg: the ``serve:`` section it was built from.
         first_prompt: once the endpoint is up, ask it this over HTTP and print the answer.
     """
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    print(f"kiln serve: starting {cfg.model} (the first start takes a minute) ...", flush=True)
-    serve.run(app, name="kiln", route_prefix="/")
-    name = cfg.model_name or Path(cfg.model or "").resolve().name
-    print(f"kiln serve: model '{name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops", flush=True)
-    if cfg.adapters:
-        print(f"kiln serve: LoRA adapters of '{name}', each a model of its own: {', '.join(cfg.adapters)}", flush=True)
-    if first_prompt is not None:
-        print(f"kiln serve: asked {first_prompt!r}, the model answered {ask(cfg, first_prompt)!r}", flush=True)
+    stop_on_signals()
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        print(f"kiln serve: starting {cfg.model} (the first start takes a minute) ...", flush=True)
+        serve.run(app, name="kiln", route_prefix="/")
+        name = cfg.model_name or Path(cfg.model or "").resolve().name
+        print(f"kiln serve: model '{name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops", flush=True)
+        if cfg.adapters:
+            print(f"kiln serve: LoRA adapters of '{name}', each a model of its own: {', '.join(cfg.adapters)}",
+                  flush=True)  # fmt: skip
+        if first_prompt is not None:
+            print(f"kiln serve: asked {first_prompt!r}, the model answered {ask(cfg, first_prompt)!r}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -1,0 +1,78 @@
+"""``kiln serve MODEL_DIR`` as a user runs it: a process of its own with its own embedded Ray
+cluster, answering over real HTTP, and stopping cleanly on a signal, also when it was started as
+a shell's background job (SIGINT ignored)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import save_tiny_llama
+
+from serving.server import stop_on_signals
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_both_signals_end_the_wait() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop_on_signals()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt, match=sig.name):
+                signal.raise_signal(sig)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")
+    port, log = _free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "KILN_API_KEY"}  # no key: the endpoint is local and open
+    # As `kiln serve ... &` from a script: the shell starts the job with SIGINT ignored (`trap "" INT`),
+    # which the exec'd Python inherits.
+    command = f'trap "" INT; exec "{sys.executable}" -m pipelines.cli serve "{model}" --port {port}'
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["sh", "-c", command], cwd=ROOT, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no answer within 240 s:\n" + log.read_text(errors="replace")[-4000:]
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4,
+                "temperature": 0.0}  # fmt: skip
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-4000:]
+        text = log.read_text(errors="replace")
+        assert "kiln serve: shutting down" in text, text[-4000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
