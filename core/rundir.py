@@ -13,6 +13,7 @@ finds a whole output again: nothing is lost between the renames.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -141,26 +142,44 @@ def recover_interrupted(folder: Path) -> None:
 INPUTS = "inputs.json"  # what a stage read, path -> stamp, written as it starts
 
 
-def stamp(path: Path) -> int:
-    """The newest modification time (ns) of the file at ``path``, or of any file under the folder
-    ``path``; 0 when nothing is there. A retrained model or a rewritten data file changes it."""
+# Files up to this size are stamped by their content (a deterministic step that rewrites the same
+# bytes, like `kiln generate` on every `kiln run`, changes nothing); larger ones by size and mtime.
+_CONTENT_STAMP_BYTES = 64 << 20
+
+
+def _file_stamp(f: Path) -> str:
+    st = f.stat()
+    if st.st_size > _CONTENT_STAMP_BYTES:
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with f.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def stamp(path: Path) -> str:
+    """What a stage read at ``path``, in 16 hex digits: a file's content (size and modification time
+    above 64 MiB), or that of every file under the folder ``path``; "" when nothing is there.
+    A retrained model or a changed data file changes it; the same bytes written again do not."""
     if path.is_file():
-        return path.stat().st_mtime_ns
+        return _file_stamp(path)
     if path.is_dir():
-        return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
-    return 0
+        files = sorted((f.relative_to(path).as_posix(), _file_stamp(f)) for f in path.rglob("*") if f.is_file())
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16] if files else ""
+    return ""
 
 
 def inputs_changed(stage_dir: Path, stage: str, inputs: Iterable[Path | str]) -> bool:
     """Whether an input the stage read when it last started (an upstream stage's model folder, a data
-    file) was written again since, e.g. by ``kiln sft --force``; says which. An input that is gone
-    now (deleted to save space) or an object-store URI is no evidence either way."""
+    file) changed since, e.g. by ``kiln sft --force``; says which. An input that is gone now
+    (deleted to save space) or an object-store URI is no evidence either way."""
     recorded = json.loads((stage_dir / INPUTS).read_text()) if (stage_dir / INPUTS).exists() else {}
     for path in map(str, inputs):
         now = stamp(Path(path))
         if path in recorded and now and now != recorded[path]:
-            print(f"kiln {stage}: {path} was written again since this stage read it (an upstream stage redone, "
-                  "or a data file changed); redoing the stage", flush=True)  # fmt: skip
+            print(f"kiln {stage}: {path} changed since this stage read it (an upstream stage redone, or a data "
+                  "file edited); redoing the stage", flush=True)  # fmt: skip
             return True
     return False
 
