@@ -65,7 +65,6 @@ BUDGET_S = {"setup": 90, "pretrain": 260, "ppo": 170, "serve": 150}
 TOTAL_S = 560
 MFU_GOAL = 0.45
 SYNC_GOAL = 0.05  # README: weight sync <= 5 % of a PPO step
-THROUGHPUT_GOAL, P50_GOAL = 0.9, 1.1  # bench/serve.py's goal: kiln / vLLM
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the device name
 # torch reports. Only figures known for certain; any other GPU (A10G, L40S, H100 NVL, ...) is unknown.
@@ -470,9 +469,9 @@ def part_serve(args: argparse.Namespace, report: Report) -> None:
     for r in rows:
         if r["server"] == "kiln" and "concurrency" in r:
             report.add(f"concurrency {r['concurrency']}: throughput kiln / vLLM", f"{r['throughput_ratio']:.2f}x",
-                       f">= {THROUGHPUT_GOAL}x", verdict(r["throughput_ratio"] >= THROUGHPUT_GOAL))
+                       f">= {serve.THROUGHPUT_GOAL}x", verdict(r["throughput_ratio"] >= serve.THROUGHPUT_GOAL))
             report.add(f"concurrency {r['concurrency']}: p50 latency kiln / vLLM", f"{r['p50_ratio']:.2f}x",
-                       f"<= {P50_GOAL}x", verdict(r["p50_ratio"] <= P50_GOAL))  # fmt: skip
+                       f"<= {serve.P50_GOAL}x", verdict(r["p50_ratio"] <= serve.P50_GOAL))  # fmt: skip
         elif r["server"] == "kiln":
             report.add("start-up to the first answer, kiln / vLLM", f"{r['startup_ratio']:.2f}x ({r['startup_s']:.0f} s)",
                        f"<= {serve.STARTUP_GOAL}x", verdict(r["startup_ratio"] <= serve.STARTUP_GOAL))  # fmt: skip

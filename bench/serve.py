@@ -9,7 +9,7 @@ every level, and stops it; levels pool over rounds. Failed requests do not count
 throughput; p50 / p99 are over the successful ones. Goal, at every level: kiln >= 0.9x vLLM's
 throughput and <= 1.1x its p50 latency; start-up <= 1.5x. Writes ``runs/bench/serve.json``.
 
-    python bench/serve.py            # tiny model built on the fly; levels 1, 4, 16, 64; 2 rounds (~15 min on 2 CPUs)
+    python bench/serve.py            # tiny model built on the fly; levels 1, 4, 16, 64; 2 rounds (~8 min on 2 CPUs)
     python bench/serve.py --quick    # levels 1, 16; fewer requests; 1 round
     python bench/serve.py --model runs/quickstart/sft/model
     python bench/serve.py --gpu      # on a CUDA GPU: one GPU per replica, bfloat16 (every server)

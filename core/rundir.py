@@ -170,13 +170,18 @@ def stamp(path: Path) -> str:
     return ""
 
 
-def inputs_changed(stage_dir: Path, stage: str, inputs: Iterable[Path | str]) -> bool:
+def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:
+    """Each input's ``stamp``, by its path as given: computed once per stage start, then compared
+    (``inputs_changed``) and recorded (``record_inputs``)."""
+    return {str(p): stamp(Path(p)) for p in inputs}
+
+
+def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
     """Whether an input the stage read when it last started (an upstream stage's model folder, a data
-    file) changed since, e.g. by ``kiln sft --force``; says which. An input that is gone now
-    (deleted to save space) or an object-store URI is no evidence either way."""
+    file) changed since, e.g. by ``kiln sft --force``; says which. ``stamps``: ``input_stamps`` now.
+    An input that is gone now (deleted to save space) or an object-store URI is no evidence either way."""
     recorded = json.loads((stage_dir / INPUTS).read_text()) if (stage_dir / INPUTS).exists() else {}
-    for path in map(str, inputs):
-        now = stamp(Path(path))
+    for path, now in stamps.items():
         if path in recorded and now and now != recorded[path]:
             print(f"kiln {stage}: {path} changed since this stage read it (an upstream stage redone, or a data "
                   "file edited); redoing the stage", flush=True)  # fmt: skip
@@ -184,9 +189,9 @@ def inputs_changed(stage_dir: Path, stage: str, inputs: Iterable[Path | str]) ->
     return False
 
 
-def record_inputs(stage_dir: Path, inputs: Iterable[Path | str]) -> None:
-    """Remember the stamps of what the stage is about to read (``inputs_changed`` compares them)."""
-    atomic_write_json(stage_dir / INPUTS, {str(p): stamp(Path(p)) for p in inputs})
+def record_inputs(stage_dir: Path, stamps: dict[str, str]) -> None:
+    """Remember the ``input_stamps`` of what the stage is about to read (``inputs_changed`` compares them)."""
+    atomic_write_json(stage_dir / INPUTS, stamps)
 
 
 def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:
@@ -244,14 +249,14 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
     ``force`` forgets the stage's marker, checkpoints and metrics. An unfinished stage keeps its
     checkpoints (the run resumes from them) as long as its config is the one it started with.
 
-    A stage whose ``inputs`` were written again since it read them (``inputs_changed``) is redone
-    as if forced: what it holds was derived from inputs that are gone.
+    A stage whose ``inputs`` changed since it read them (``inputs_changed``) is redone as if
+    forced: what it holds was derived from inputs that are gone.
 
     Raises:
         StageConfigChanged: finished, or checkpointed, under another config (use --force).
     """
-    inputs = list(inputs)
-    force = force or inputs_changed(stage_dir, stage, inputs)
+    stamps = input_stamps(inputs)
+    force = force or inputs_changed(stage_dir, stage, stamps)
     if (done := finished_summary(stage_dir, stage, digest, force)) is not None:
         return done
     if force:
@@ -263,5 +268,5 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
     if started.exists() and json.loads(started.read_text())["config_digest"] != digest:
         raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")
     atomic_write_json(started, {"config_digest": digest})
-    record_inputs(stage_dir, inputs)
+    record_inputs(stage_dir, stamps)
     return None

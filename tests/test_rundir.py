@@ -12,6 +12,7 @@ from core.rundir import (
     StageConfigChanged,
     atomic_dir,
     finished_stage,
+    input_stamps,
     inputs_changed,
     mark_finished,
     prepare_stage,
@@ -96,7 +97,7 @@ def test_a_deleted_input_leaves_a_finished_stage_finished(tmp_path: Path) -> Non
     prepare_stage(stage_dir, "pretrain", "d1", False, [shards, "s3://bucket/shards"])
     mark_finished(stage_dir, "pretrain", "d1", {"steps": 10})
     shutil.rmtree(tmp_path / "data")
-    assert not inputs_changed(stage_dir, "pretrain", [shards, "s3://bucket/shards"])
+    assert not inputs_changed(stage_dir, "pretrain", input_stamps([shards, "s3://bucket/shards"]))
     assert prepare_stage(stage_dir, "pretrain", "d1", False, [shards]) == {"steps": 10}
     assert stamp(shards) == ""
 

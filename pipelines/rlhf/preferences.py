@@ -30,6 +30,7 @@ from cluster.runtime import init_ray
 from core.rundir import (
     atomic_write_text,
     finished_summary,
+    input_stamps,
     inputs_changed,
     mark_finished,
     record_inputs,
@@ -74,10 +75,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     if not keep:
         raise ValueError(f"preferences: every prompt of {p.prompts} is longer than max_prompt_tokens "
                          f"({p.max_prompt_tokens})")  # fmt: skip
-    inputs = [policy, Path(p.prompts)]
-    if (done := finished_summary(stage_dir, STAGE, digest, force or inputs_changed(stage_dir, STAGE, inputs))) is not None:
+    stamps = input_stamps([policy, Path(p.prompts)])
+    if (done := finished_summary(stage_dir, STAGE, digest, force or inputs_changed(stage_dir, STAGE, stamps))) is not None:
         return done
-    record_inputs(stage_dir, inputs)
+    record_inputs(stage_dir, stamps)
     print(f"kiln preferences: {len(keep)} prompts ({len(prompts) - len(keep)} skipped as too long), "
           f"{p.samples_per_prompt} samples each from {policy}", flush=True)  # fmt: skip
 
