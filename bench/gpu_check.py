@@ -119,9 +119,10 @@ GEMM_N, PPO_VOCAB, SERVE_TOKENS = 8192, 4096, 32  # the peak's square GEMM; ppo'
 
 
 def sizes(args: argparse.Namespace) -> Sizes:
-    """FULL or SMOKE (``--smoke``), with ``--pretrain-steps``."""
+    """FULL or SMOKE (``--smoke``), with ``--pretrain-steps`` and ``--micro-batch``."""
     s = SMOKE if args.smoke else FULL
-    return dataclasses.replace(s, steps=args.pretrain_steps) if args.pretrain_steps else s
+    s = dataclasses.replace(s, steps=args.pretrain_steps) if args.pretrain_steps else s
+    return dataclasses.replace(s, micro_batch=args.micro_batch) if args.micro_batch else s
 
 
 # --- the parent: environment, one process per step ---------------------------------------------------
@@ -178,6 +179,7 @@ def run_step(step: str, timeout_s: float, args: argparse.Namespace, log: Path) -
                           "status": f"failed: no time left of the {args.total_s:.0f} s total"}]}  # fmt: skip
     options = ["--smoke"] * args.smoke + ["--compile"] * args.compile
     options += ["--pretrain-steps", str(args.pretrain_steps)] * bool(args.pretrain_steps)
+    options += ["--micro-batch", str(args.micro_batch)] * bool(args.micro_batch)
     options += ["--serve-model", str(args.serve_model.resolve())] if args.serve_model else []
     log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-gpu-check-") as tmp:
@@ -327,8 +329,10 @@ def bare_loop(ids: Any, tok_dir: Path, arch: Any, s: Sizes, compile: bool) -> di
     torch.manual_seed(0)
     model = build_model("lm", load_tokenizer(tok_dir), arch=arch).cuda()
     model.config.use_cache = False
+    loss_fn = lm_loss_sum
     if compile:
         model.compile()
+        loss_fn = torch.compile(lm_loss_sum)  # as kiln's worker does
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3.0e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     data = torch.from_numpy(ids).long().cuda()  # (R, T)
     accum, times, losses = s.sequences_per_gpu // s.micro_batch, [], []
@@ -339,7 +343,7 @@ def bare_loop(ids: Any, tok_dir: Path, arch: Any, s: Sizes, compile: bool) -> di
             batch = data[start : start + s.micro_batch]  # (B, T)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(input_ids=batch).logits  # (B, T, V)
-            loss_sum, count = lm_loss_sum(logits, batch)
+            loss_sum, count = loss_fn(logits, batch)
             (loss_sum / count / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -509,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-s", type=float, default=TOTAL_S, help="seconds for every step together")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that each path runs")
     parser.add_argument("--pretrain-steps", type=int, help=f"kiln pretrain's steps (default {FULL.steps})")
+    parser.add_argument("--micro-batch", type=int, help=f"pretrain's sequences a micro batch (default {FULL.micro_batch}; "
+                        f"{FULL.sequences_per_gpu} a step, so a divisor of that)")
     parser.add_argument("--compile", action="store_true",
                         help="pretrain: torch.compile (inductor) the bare loop's model and kiln's (train.torch_compile)")
     parser.add_argument("--serve-model", type=Path, help="model directory to serve (default: bench.serve's tiny one)")

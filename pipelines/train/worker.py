@@ -16,12 +16,14 @@ carry: the reference model itself is never loaded here).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +52,7 @@ from pipelines.train.modeling import apply_lora, build_model, save_hf_model
 from pipelines.train.rows import RowStream, cut_to_longest, step_positions, trim_padding
 
 Objective = Literal["lm", "reward", "dpo"]
+Sums = dict[str, torch.Tensor | float]  # a micro batch's or a step's summed figures (``_forward``)
 # The row columns each objective reads (a pretraining shard has no labels: RowStream skips them).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "lm": ("input_ids", "labels"),
@@ -125,26 +128,29 @@ def _pair_scores(
 
 def _forward(
     engine: Any, job: TrainJob, batch: dict[str, torch.Tensor], pad_id: int | None
-) -> tuple[torch.Tensor, dict[str, float], int]:
+) -> tuple[torch.Tensor, Sums, int]:
     """One micro batch → (loss to backpropagate, sums to accumulate, tokens processed).
 
     The sums (added over micro batches and ranks, then turned into metrics by ``_metrics``):
     ``loss`` summed over ``count`` units (target tokens for ``lm``, pairs otherwise), ``correct``
     pairs (``reward``, ``dpo``: the chosen response scores strictly higher), and for ``dpo`` the
-    summed implicit rewards ``chosen_reward`` and ``rejected_reward``.
+    summed implicit rewards ``chosen_reward`` and ``rejected_reward``. They stay 0-d tensors on the
+    device until the step's one all-reduce: reading one here would wait for the device at every
+    micro batch, so a GPU's queue would run dry while the host prepares the next.
     """
     if job.objective == "lm":
         ids = batch["input_ids"]  # (B, T)
-        labels = batch.get("labels", ids)  # pretraining: every token is a target
-        first = first_predicting_position(labels)  # SFT: no output layer over the prompts
+        labels = batch.get("labels")  # pretraining: none, every token is a target
+        first = 0 if labels is None else first_predicting_position(labels)  # SFT: no output layer over the prompts
+        targets = (ids if labels is None else labels)[:, first:]
         logits = engine(input_ids=ids, logits_to_keep=ids.shape[1] - first).logits  # (B, T - first, V)
-        loss_sum, count = lm_loss_sum(logits, labels[:, first:])
-        return loss_sum / count.clamp(min=1), {"loss": loss_sum.item(), "count": count.item()}, ids.numel()
+        loss_sum, count = _lm_loss(job.train.torch_compile)(logits, targets)
+        return loss_sum / count.clamp(min=1), {"loss": loss_sum.detach(), "count": count}, ids.numel()
     pairs = len(batch["chosen_ids"])
     if job.objective == "reward":
         chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id)
         loss = bradley_terry_loss(chosen, rejected)
-        return loss, {"loss": loss.item() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum().item()}, tokens
+        return loss, {"loss": loss.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum()}, tokens
     both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
     cfg = job.train
     assert isinstance(cfg, DpoConfig)
@@ -154,14 +160,22 @@ def _forward(
         policy_chosen, policy_rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"],
         cfg.beta, cfg.loss, cfg.label_smoothing,
     )  # fmt: skip
-    sums = {
-        "loss": losses.sum().item(),
+    sums: Sums = {
+        "loss": losses.detach().sum(),
         "count": pairs,
-        "correct": pairwise_correct(chosen_reward, rejected_reward).sum().item(),
-        "chosen_reward": chosen_reward.sum().item(),
-        "rejected_reward": rejected_reward.sum().item(),
+        "correct": pairwise_correct(chosen_reward, rejected_reward).sum(),
+        "chosen_reward": chosen_reward.detach().sum(),
+        "rejected_reward": rejected_reward.detach().sum(),
     }
     return losses.mean(), sums, both.numel()
+
+
+@functools.cache
+def _lm_loss(backend: str | None) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``lm_loss_sum``, compiled with the model's backend when the model is: inductor then fuses the
+    float32 log-softmax over the vocabulary into the loss instead of writing (B, T, V) float32
+    logits and their gradient to memory."""
+    return lm_loss_sum if backend is None else torch.compile(lm_loss_sum, backend=backend)
 
 
 def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> dict[str, float]:
@@ -179,17 +193,17 @@ def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> di
     return {f"val_{k}" if held_out else k: v for k, v in out.items()}
 
 
-def _add(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+def _add(total: Sums, sums: Sums) -> Sums:
     return {k: total.get(k, 0.0) + v for k, v in sums.items()}
 
 
-def _all_sum(sums: dict[str, float]) -> dict[str, float]:
-    """Every rank's sums added up (every rank has the same keys)."""
+def _all_sum(sums: Sums) -> dict[str, float]:
+    """Every rank's sums added up (every rank has the same keys): the one read of the device."""
     keys = sorted(sums)
     # NCCL reduces CUDA tensors only; gloo (CPU) takes this one where it is.
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
     if dist.is_initialized():
         dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
@@ -205,7 +219,7 @@ def _evaluate(
     batches = min(cfg.eval_batches, stream.total // per_batch)
     if batches == 0:
         return {}
-    sums: dict[str, float] = {}
+    sums: Sums = {}
     engine.eval()
     with torch.no_grad():
         for b in range(batches):
@@ -308,7 +322,7 @@ def train_worker(config: dict[str, Any]) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
+        sums: Sums = {}
         tokens = 0
         for micro in range(cfg.grad_accum_steps):
             epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
