@@ -193,6 +193,15 @@ def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> di
     return {f"val_{k}" if held_out else k: v for k, v in out.items()}
 
 
+def _to_device(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro batch's columns as tensors on ``device``. To a GPU through pinned memory without
+    waiting: a copy from pageable memory first waits for every kernel already queued, which would
+    drain the GPU's queue at every micro batch."""
+    if device.type != "cuda":
+        return {k: torch.from_numpy(v) for k, v in rows.items()}
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
+
+
 def _add(total: Sums, sums: Sums) -> Sums:
     return {k: total.get(k, 0.0) + v for k, v in sums.items()}
 
@@ -225,7 +234,7 @@ def _evaluate(
         for b in range(batches):
             start = (b * cfg.num_workers + rank) * cfg.micro_batch_per_worker
             rows = trim_padding(stream.rows(0, np.arange(start, start + cfg.micro_batch_per_worker)), pad_id)
-            batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
+            batch = _to_device(rows, device)
             sums = _add(sums, _forward(engine, job, batch, pad_id)[1])
     engine.train()
     return _metrics(_all_sum(sums), job.objective, held_out=True)
@@ -327,7 +336,7 @@ def train_worker(config: dict[str, Any]) -> None:
         for micro in range(cfg.grad_accum_steps):
             epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
             rows = trim_padding(train.rows(epoch, positions), pad_id)
-            batch = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
+            batch = _to_device(rows, device)
             loss, micro_sums, t = _forward(engine, job, batch, pad_id)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
