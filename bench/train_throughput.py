@@ -4,7 +4,7 @@ In one run, on this machine:
   * matmul peak: float32 GEMM GFLOP/s with 1 and with 2 threads (the MFU denominator);
   * bare loop: one process, 2 threads, the same model, global batch, optimizer, clipping and
     accumulation as kiln, on the same token rows;
-  * kiln, 2 workers x 1 thread and 1 worker x 1 thread: the ``tokens_per_s`` kiln logs, which
+  * kiln, 2 workers x 1 thread, 1 worker x 1 thread and 1 worker x 2 threads: the ``tokens_per_s`` kiln logs, which
     times the optimizer step only (forward, backward, gradient reduction, optimizer) — not
     evaluation, checkpoints or start-up; the first logging window (warm-up) is dropped.
 Model FLOPs per token: 6·N (N = parameters excluding the input embedding) + 12·L·d·T (attention).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.rundir import atomic_write_json  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
 from pipelines.data.config import TokenizerConfig
 from pipelines.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe  # noqa: E402
@@ -149,6 +151,7 @@ def main() -> None:
         "log_every_steps": max(1, args.steps // 4), "eval_every_steps": args.steps, "eval_batches": 1,
         "checkpoint_every_steps": args.steps, "max_failures": 0,
     }  # fmt: skip
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         work = Path(tmp)
         tok_dir, shards = make_data(work, args.seq_len, rows=args.sequences_per_step * (args.steps + 1))
@@ -162,11 +165,15 @@ def main() -> None:
         kiln2 = kiln_run(work, "w2", tok_dir, shards, {**section, "num_workers": 2})
         kiln1 = kiln_run(work, "w1", tok_dir, shards, {**section, "num_workers": 1,
                          "micro_batch_per_worker": args.micro_batch_per_worker * 2})  # fmt: skip
+        # The same two cores as one worker's two threads: no gradient exchange between processes.
+        kiln12 = kiln_run(work, "w1t2", tok_dir, shards, {**section, "num_workers": 1, "threads_per_worker": 2,
+                          "cpus_per_worker": 2.0, "micro_batch_per_worker": args.micro_batch_per_worker * 2})  # fmt: skip
 
     rows = [
         ("bare PyTorch loop, 1 process x 2 threads", bare, peak2),
         ("kiln pretrain, 2 workers x 1 thread", kiln2, peak2),
         ("kiln pretrain, 1 worker x 1 thread", kiln1, peak1),
+        ("kiln pretrain, 1 worker x 2 threads", kiln12, peak2),
     ]
     print(f"\nmodel: {params / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOP/token; seq_len {args.seq_len}, "
           f"{args.sequences_per_step} sequences/step, ZeRO-{args.zero_stage}, {args.steps} steps")  # fmt: skip
@@ -178,14 +185,14 @@ def main() -> None:
     print(f"\n2 workers / 1 worker: {kiln2 / kiln1:.2f}x   goal kiln 2x1 >= 0.9x bare: "
           f"{'met' if kiln2 >= 0.9 * bare else 'NOT met'}")  # fmt: skip
     out = Path("runs/bench/train_throughput.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    atomic_write_json(out, {
         "statistic": "median tokens/s of the logging windows after the first (optimizer-step time only), for every peer",
         "model_parameters": params, "flops_per_token": fpt, "seq_len": args.seq_len, "steps": args.steps,
         "sequences_per_step": args.sequences_per_step, "zero_stage": args.zero_stage,
-        "matmul_peak_flops": {"1_thread": peak1, "2_threads": peak2},
+        "matmul_peak_flops": {"1_thread": peak1, "2_threads": peak2}, "load_before": load_before,
+        "load_after": list(os.getloadavg()),
         "rows": [{"setup": label, "tokens_per_s": tps, "vs_bare": tps / bare, "mfu": tps * fpt / peak} for label, tps, peak in rows],
-    }, indent=2))  # fmt: skip
+    })  # fmt: skip
     print(f"wrote {out}")
 
 
