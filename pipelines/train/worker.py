@@ -203,7 +203,8 @@ def _to_device(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, t
 
 
 def _add(total: Sums, sums: Sums) -> Sums:
-    return {k: total.get(k, 0.0) + v for k, v in sums.items()}
+    """Key-wise sums, in float64 (as Python floats were) however the micro batch computed them."""
+    return {k: total.get(k, 0.0) + (v.double() if isinstance(v, torch.Tensor) else v) for k, v in sums.items()}
 
 
 def _all_sum(sums: Sums) -> dict[str, float]:
