@@ -14,9 +14,14 @@ def test_sums_stay_tensors_until_the_all_sum_and_add_up_in_float64() -> None:
     total: dict = {}
     for sums in micro:
         total = _add(total, sums)
-    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in total.values())
+    assert all(
+        isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in total.values()
+    )
     reduced = _all_sum(total)  # no process group: this rank's sums, read once
-    assert reduced == {"loss": 100000001.0, "count": 7.0}  # float32 addition would have lost the 1.0
+    assert reduced == {
+        "loss": 100000001.0,
+        "count": 7.0,
+    }  # float32 addition would have lost the 1.0
     assert _metrics(reduced, "lm", held_out=True)["val_loss"] == 100000001.0 / 7
 
 
