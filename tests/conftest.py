@@ -44,7 +44,10 @@ def ray_local() -> Iterator[None]:
     from cluster.runtime import worker_env
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()})
+        # As init_ray starts an embedded cluster: the workers inherit the variables (no runtime env).
+        for k, v in worker_env().items():
+            os.environ.setdefault(k, v)
+        ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from transformers.utils import logging as hf_logging
 
@@ -31,3 +36,33 @@ def test_hugging_face_bars_are_off_unless_verbose(restore_output: None, monkeypa
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
     configure_output(False)
     assert hf_logging.is_progress_bar_enabled()
+
+
+_EMBEDDED_ENV_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+for k in ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_ADDRESS"):
+    os.environ.pop(k, None)
+import ray
+from cluster.config import RayConfig
+from cluster.runtime import init_ray
+init_ray(RayConfig(num_cpus=1))
+@ray.remote(num_cpus=1)
+def env():
+    return {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM")}
+print("RESULT " + json.dumps({"worker": ray.get(env.remote()), "runtime_env": ray.get_runtime_context().runtime_env}))
+"""
+
+
+def test_an_embedded_clusters_workers_get_kilns_environment_without_a_runtime_env(tmp_path: Path) -> None:
+    """Real Ray in a fresh process: the variables reach the workers through the raylet's
+    environment, and no runtime env keeps the pre-started workers from being used."""
+    script = tmp_path / "embedded_env.py"
+    script.write_text(_EMBEDDED_ENV_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, timeout=120, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["worker"] == {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    assert not result["runtime_env"].get("env_vars")
