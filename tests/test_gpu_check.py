@@ -133,7 +133,8 @@ def test_the_gpu_configs_pass_kilns_strict_config(tmp_path: Path) -> None:
 def test_a_failing_step_is_a_failed_row_and_the_table_shows_it(tmp_path: Path) -> None:
     """The setup step in its own process, on a machine where it must fail: the parent gets a row."""
     gc = _bench("gpu_check")
-    args = argparse.Namespace(smoke=True, compile=False, pretrain_steps=None, serve_model=None, total_s=60.0)
+    args = argparse.Namespace(smoke=True, compile=False, pretrain_steps=None, micro_batch=None, serve_model=None,
+                              total_s=60.0)
     r = gc.run_step("setup", 60.0, args, tmp_path / "logs" / "setup.log")
     assert r["status"].startswith("failed: ") and r["rows"][-1]["status"] == r["status"], r
     assert (tmp_path / "logs" / "setup.log").is_file() and r["seconds"] < 60
