@@ -142,14 +142,15 @@ def recover_interrupted(folder: Path) -> None:
 INPUTS = "inputs.json"  # what a stage read, path -> stamp, written as it starts
 
 
-# Files up to this size are stamped by their content (a deterministic step that rewrites the same
-# bytes, like `kiln generate` on every `kiln run`, changes nothing); larger ones by size and mtime.
+# An input of up to this many bytes in all is stamped by its content (a deterministic step that
+# rewrites the same bytes, like `kiln generate` on every `kiln run`, changes nothing); a larger one
+# (a real model, a corpus's shards) by each file's size and mtime, so no stage start reads gigabytes.
 _CONTENT_STAMP_BYTES = 64 << 20
 
 
-def _file_stamp(f: Path) -> str:
-    st = f.stat()
-    if st.st_size > _CONTENT_STAMP_BYTES:
+def _file_stamp(f: Path, by_content: bool) -> str:
+    if not by_content:
+        st = f.stat()
         return f"{st.st_size}-{st.st_mtime_ns}"
     digest = hashlib.sha256()
     with f.open("rb") as fh:
@@ -159,15 +160,20 @@ def _file_stamp(f: Path) -> str:
 
 
 def stamp(path: Path) -> str:
-    """What a stage read at ``path``, in 16 hex digits: a file's content (size and modification time
-    above 64 MiB), or that of every file under the folder ``path``; "" when nothing is there.
-    A retrained model or a changed data file changes it; the same bytes written again do not."""
+    """What a stage read at ``path``: its content, or for an input above 64 MiB in all the size
+    and modification time of each file (the file ``path``, or every file under the folder
+    ``path``); "" when nothing is there. A retrained model or a changed data file changes it; the
+    same bytes of a small input written again do not."""
     if path.is_file():
-        return _file_stamp(path)
-    if path.is_dir():
-        files = sorted((f.relative_to(path).as_posix(), _file_stamp(f)) for f in path.rglob("*") if f.is_file())
-        return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16] if files else ""
-    return ""
+        return _file_stamp(path, path.stat().st_size <= _CONTENT_STAMP_BYTES)
+    if not path.is_dir():
+        return ""
+    files = sorted((f for f in path.rglob("*") if f.is_file()), key=lambda f: f.relative_to(path).as_posix())
+    if not files:
+        return ""
+    by_content = sum(f.stat().st_size for f in files) <= _CONTENT_STAMP_BYTES
+    listing = [(f.relative_to(path).as_posix(), _file_stamp(f, by_content)) for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:

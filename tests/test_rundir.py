@@ -88,6 +88,23 @@ def test_the_same_bytes_written_again_leave_a_finished_stage_finished(tmp_path: 
     assert prepare_stage(stage_dir, "sft", "d1", False, [data, data.parent]) == {"steps": 3}
 
 
+def test_a_large_input_is_stamped_by_size_and_mtime_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of many files, each under the content limit but over it together (a corpus's
+    shards), is not read at every stage start: its files' sizes and mtimes stand for it."""
+    from core import rundir
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"train-{i}.parquet").write_bytes(bytes(40))
+    monkeypatch.setattr(rundir, "_CONTENT_STAMP_BYTES", 100)  # 120 bytes in all: over it
+    before = stamp(shards)
+    monkeypatch.setattr(Path, "open", lambda *a, **k: pytest.fail("a large input's content was read"))
+    assert stamp(shards) == before
+    os.utime(shards / "train-1.parquet", ns=(1, 10**18))  # the same bytes, written again
+    assert stamp(shards) != before
+
+
 def test_a_deleted_input_leaves_a_finished_stage_finished(tmp_path: Path) -> None:
     """Deleting a finished stage's inputs (big data shards, say) proves nothing about them: skip."""
     shards = tmp_path / "data" / "shards"
