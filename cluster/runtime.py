@@ -62,6 +62,14 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in _WORKER_ENV_DEFAULTS.items()}
 
 
+def export_worker_env() -> None:
+    """Put ``worker_env`` into this process's environment, where an embedded cluster's raylet, and
+    so every worker, inherits it. Not a runtime env: Ray's pre-started workers lack one, so the
+    first tasks would wait for new worker processes (~0.65 s on 2 CPUs)."""
+    for k, v in worker_env().items():
+        os.environ.setdefault(k, v)
+
+
 def _job_env_vars() -> dict[str, str]:
     """The env_vars of the Ray job this process is the driver of ({} outside a job)."""
     raw = os.environ.get(_JOB_CONFIG_ENV)
@@ -87,11 +95,7 @@ def init_ray(cfg: RayConfig) -> None:
     env_vars = {k: v for k, v in worker_env().items() if k not in job_env}
     runtime_env: dict[str, Any] | None = {"env_vars": env_vars}
     if not joins:
-        # An embedded cluster's raylet, and so every worker, inherits this process's environment:
-        # set the variables here instead of in a runtime env, which Ray's pre-started workers lack,
-        # so that the first tasks would wait for new worker processes (~0.65 s on 2 CPUs).
-        for k, v in env_vars.items():
-            os.environ.setdefault(k, v)
+        export_worker_env()
         runtime_env = None
     ray.init(
         address=cfg.address,

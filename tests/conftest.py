@@ -41,12 +41,10 @@ def ray_local() -> Iterator[None]:
     """One embedded 2-CPU Ray cluster shared by the tests that need one."""
     import ray
 
-    from cluster.runtime import worker_env
+    from cluster.runtime import export_worker_env
 
     if not ray.is_initialized():
-        # As init_ray starts an embedded cluster: the workers inherit the variables (no runtime env).
-        for k, v in worker_env().items():
-            os.environ.setdefault(k, v)
+        export_worker_env()  # as init_ray does for an embedded cluster: no runtime env
         ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
