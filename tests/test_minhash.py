@@ -17,6 +17,7 @@ from pipelines.data.minhash import (
     estimated_jaccard,
     optimal_bands,
     shingle_hashes,
+    shingle_sets,
 )
 from pipelines.data.text import jaccard, normalize, shingles, words
 
@@ -41,6 +42,16 @@ def test_words_and_normalize() -> None:
 def test_shingle_hashes_match_reference_sets(text: str) -> None:
     hashes, docs = shingle_hashes([text, "padding doc with several words here"], 5)
     assert len(set(hashes[docs == 0].tolist())) == len(shingles(text, 5))
+
+
+def test_shingle_sets_are_each_documents_sorted_unique_hashes() -> None:
+    rng = random.Random(3)
+    texts = ["", "x " * 40, "one", *(_doc(rng, rng.randrange(1, 60)) for _ in range(30)), "", "a a a a a a a"]
+    hashes, docs = shingle_hashes(texts, 5)
+    sets, offsets = shingle_sets(texts, 5)
+    assert offsets.shape == (len(texts) + 1,) and offsets[0] == 0 and offsets[-1] == sets.size
+    for j in range(len(texts)):
+        assert sets[offsets[j] : offsets[j + 1]].tolist() == sorted(set(hashes[docs == j].tolist()))
 
 
 def test_empty_document_gets_empty_signature() -> None:

@@ -155,6 +155,37 @@ def shingle_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray
     return _shingle_kernel(buf, doc_end, _WORD_BYTE, n, mult)
 
 
+@numba.njit(cache=True)
+def _sorted_sets_kernel(hashes: np.ndarray, doc: np.ndarray, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's run of ``hashes`` (grouped by ``doc``, ascending) sorted and deduplicated."""
+    out = np.empty_like(hashes)
+    offsets = np.zeros(num_docs + 1, dtype=np.int64)
+    lo, w = 0, 0
+    for d in range(num_docs):
+        hi = lo
+        while hi < hashes.size and doc[hi] == d:
+            hi += 1
+        run = np.sort(hashes[lo:hi])
+        for k in range(run.size):
+            if k == 0 or run[k] != run[k - 1]:
+                out[w] = run[k]
+                w += 1
+        offsets[d + 1] = w
+        lo = hi
+    return out[:w], offsets
+
+
+def shingle_sets(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's set of shingle hashes as a sorted, unique run (what exact Jaccard merges).
+
+    Returns:
+        ``hashes`` (S,) uint64 and ``offsets`` (B + 1,) int64: document ``j``'s set is
+        ``hashes[offsets[j]:offsets[j + 1]]``.
+    """
+    hashes, doc = shingle_hashes(texts, n)  # grouped by document, in document order
+    return _sorted_sets_kernel(hashes, doc, len(texts))
+
+
 def band_keys(signatures: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
     """LSH bucket keys: one uint64 per (document, band), the band index mixed in.
 

@@ -38,7 +38,7 @@ from pipelines.data.config import DataConfig, FilterConfig, PackConfig, Tokenize
 from pipelines.data.corpus import REJECTED, CorpusFile, read_file
 from pipelines.data.encode import CorpusEncoder
 from pipelines.data.filters import any_filter_on, first_failure
-from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_hashes
+from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_sets
 from pipelines.data.packing import Packer, ShardWriter
 from pipelines.data.text import normalize
 from pipelines.data.tokenizer import train_bpe
@@ -72,12 +72,14 @@ def part_file(folder: str, index: int, suffix: str = "parquet") -> str:
 
 
 def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher, num_bands: int,
-             rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
-    """Normalise, filter, content-hash and MinHash one batch of records.
+             rows: int, exact: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """Normalise, filter, content-hash (if ``exact``: only exact dedup groups on it) and MinHash one
+    batch of records.
 
     Returns:
         the batch with normalised text and updated status / reason; the content hash (B,) uint64
-        and the LSH band keys (B, bands) uint64 of each record, zero for rejected and filtered ones.
+        and the LSH band keys (B, bands) uint64 of each record, zero for rejected and filtered ones
+        (and every content hash zero without ``exact``).
     """
     n = len(batch["id"])
     texts, status, reason = batch["text"].copy(), batch["status"].copy(), batch["reason"].copy()
@@ -92,7 +94,8 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
         if failed is not None:
             status[i], reason[i] = FILTERED, failed
             continue
-        content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
+        if exact:
+            content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
         live.append(i)
     band_key = np.zeros((n, num_bands), dtype=np.uint64)
     if live:
@@ -136,7 +139,7 @@ def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, ba
     ids, hashes, keys = [], [], []
     with pq.ParquetWriter(path, ANNOTATED, filesystem=fs) as writer:
         for raw in read_file(file, dcfg.input, dcfg.bad_records, dcfg.batch_size):
-            batch, content_hash, band_key = annotate(raw, dcfg.filters, hasher, *bands)
+            batch, content_hash, band_key = annotate(raw, dcfg.filters, hasher, *bands, exact=dcfg.dedup.exact)
             writer.write_table(_table(batch, ANNOTATED))
             live = batch["status"] == ""
             counts.records += len(batch["id"])
@@ -190,12 +193,7 @@ def part_shingles(scratch: str, index: int, candidates: np.ndarray, ngram: int) 
                 texts.extend(batch.column(1).take(pa.array(hit)).to_pylist())
     if not texts:
         return {"ids": np.zeros(0, np.int64), "offsets": np.zeros(1, np.int64), "hashes": np.zeros(0, np.uint64)}
-    hashes, doc = shingle_hashes(texts, ngram)  # (S,), (S,) by document
-    order = np.lexsort((hashes, doc))
-    hashes, doc = hashes[order], doc[order]
-    fresh = np.r_[True, (hashes[1:] != hashes[:-1]) | (doc[1:] != doc[:-1])]
-    hashes, doc = hashes[fresh], doc[fresh]
-    offsets = np.searchsorted(doc, np.arange(len(texts) + 1)).astype(np.int64)
+    hashes, offsets = shingle_sets(texts, ngram)
     return {"ids": np.concatenate(ids), "offsets": offsets, "hashes": hashes}
 
 
