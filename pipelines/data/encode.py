@@ -5,7 +5,9 @@ piece's Python-visible ``Encoding`` and in the pre-tokenizer's Unicode regex, fo
 repeat (Zipf). For the tokenizer kiln trains (``pipelines/data/tokenizer.py``: digits split one per
 token, then GPT-2's byte-level regex, then byte-level BPE, no normaliser) and ASCII text, the
 pre-tokenizer is a plain ``re`` pattern, and a word's tokens are a function of the word alone, so
-each distinct word is run through the library's own BPE model once and its ids are cached.
+each distinct word is run through the library's own BPE model once and its ids are cached. A batch's
+pieces are looked up in one pass at C speed (``map`` over the cache's ``dict.get``) and their ids
+gathered with numpy: no Python-level loop over pieces once the cache holds them.
 
 Anything else goes to ``encode_batch`` unchanged: another tokenizer (``data.tokenizer.path``),
 non-ASCII text, or the ASCII control characters on which Python's and Oniguruma's ``\\s`` differ.
@@ -16,13 +18,17 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
 
-# tokenizers' ByteLevel regex (GPT-2's), where \p{L} and \p{N} are [A-Za-z] and [0-9] on ASCII.
-_PIECE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
-_DIGIT = re.compile(r"([0-9])")  # Digits(individual_digits=True): each digit its own piece
+# The pre-tokenizer as one pattern over a whole ASCII text. tokenizers splits every digit off first
+# (Digits, individual_digits) and then runs GPT-2's ByteLevel regex on each digit-free segment,
+# where \p{L} and \p{N} are [A-Za-z] and [0-9]. That equals this pattern on the text: a digit is
+# a piece of its own, and a whitespace run that a digit follows ends its segment, so GPT-2's
+# ``\s+(?!\S)`` takes all of it there (``(?![^\s0-9])``).
+_PIECE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+|\s+(?![^\s0-9])|\s+""")
 _S_DIFFERS = re.compile(r"[\x1c-\x1f]")  # whitespace to Python's \s, not to Oniguruma's
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
 _PRE_TOKENIZER = {
@@ -75,28 +81,55 @@ class CorpusEncoder:
         self.tokenizer.encode_special_tokens = True
         self.fast = fast_path_applies(json.loads(tokenizer_json))
         self._model = self.tokenizer.model
-        self._words: dict[str, list[int]] = {}
+        self._clear()
 
-    def _ids(self, text: str) -> list[int] | None:
-        """The ids of an ASCII text, or None when the fast path does not apply to it."""
-        if not (self.fast and text.isascii()) or _S_DIFFERS.search(text):
-            return None
-        cache, out = self._words, []
-        if len(cache) > _MAX_CACHED_WORDS:
-            cache.clear()
-        for segment in _DIGIT.split(text):
-            for piece in _PIECE.findall(segment):
-                ids = cache.get(piece)
-                if ids is None:
-                    ids = cache[piece] = [t.id for t in self._model.tokenize(piece.translate(_BYTE_CHARS))]
-                out += ids
-        return out
+    def _clear(self) -> None:
+        """Empty the piece cache: piece -> k, whose ids are ``_ids[_start[k] : _start[k] + _len[k]]``."""
+        self._index: dict[str, int] = {}
+        self._start = np.zeros(1024, dtype=np.int64)
+        self._len = np.zeros(1024, dtype=np.int64)
+        self._ids = np.zeros(4096, dtype=np.int32)
+        self._used = 0  # ids stored
+
+    def _add(self, piece: str) -> int:
+        """Cache one piece's ids (the BPE model on its byte-level characters); returns its index."""
+        ids = [t.id for t in self._model.tokenize(piece.translate(_BYTE_CHARS))]
+        k = len(self._index)
+        if k == self._start.size:
+            self._start, self._len = (np.resize(a, 2 * a.size) for a in (self._start, self._len))
+        while self._used + len(ids) > self._ids.size:
+            self._ids = np.resize(self._ids, 2 * self._ids.size)
+        self._ids[self._used : self._used + len(ids)] = ids
+        self._start[k], self._len[k] = self._used, len(ids)
+        self._used += len(ids)
+        self._index[piece] = k
+        return k
+
+    def _fast_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of ASCII texts the fast path applies to, every piece looked up in the cache."""
+        if len(self._index) > _MAX_CACHED_WORDS:
+            self._clear()
+        pieces = [_PIECE.findall(t) for t in texts]
+        flat = list(chain.from_iterable(pieces))
+        index = np.fromiter(map(self._index.get, flat, repeat(-1)), dtype=np.int64, count=len(flat))
+        for j in np.flatnonzero(index < 0).tolist():  # new pieces (a piece may repeat among them)
+            k = self._index.get(flat[j])
+            index[j] = self._add(flat[j]) if k is None else k
+        lens, starts = self._len[index], self._start[index]
+        ends = np.cumsum(lens)
+        ids = self._ids[np.repeat(starts - (ends - lens), lens) + np.arange(ends[-1] if ends.size else 0)]
+        per_doc = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+        bounds = np.r_[0, ends][np.r_[0, per_doc]]  # each document's first id, and the end
+        return np.split(ids, bounds[1:-1])
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        found = [self._ids(t) for t in texts]
-        slow = [i for i, ids in enumerate(found) if ids is None]
+        out: list[np.ndarray | None] = [None] * len(texts)
+        fast = [i for i, t in enumerate(texts) if self.fast and t.isascii() and not _S_DIFFERS.search(t)]
+        for i, ids in zip(fast, self._fast_ids([texts[i] for i in fast])):
+            out[i] = ids
+        slow = [i for i, ids in enumerate(out) if ids is None]
         if slow:
             encoded = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
             for i, e in zip(slow, encoded):
-                found[i] = e.ids
-        return [np.asarray(ids, dtype=np.int32) for ids in found]
+                out[i] = np.asarray(e.ids, dtype=np.int32)
+        return out  # type: ignore[return-value]
