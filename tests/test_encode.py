@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.data import encode
 from pipelines.data.config import TokenizerConfig
-from pipelines.data.encode import CorpusEncoder, fast_path_applies
+from pipelines.data.encode import PIECE_PATTERN, CorpusEncoder, fast_path_applies
 from pipelines.data.tokenizer import save_hf_tokenizer, train_bpe
 
 TRAINING = [
@@ -71,3 +72,49 @@ def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) 
              for line in f.read_text().splitlines()]  # fmt: skip
     assert len(texts) > 300
     assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
+
+
+def _kernel_pieces(texts: list[str]) -> list[list[str]]:
+    encoded = [t.encode("ascii") for t in texts]
+    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    ends, hashes, counts = encode._pieces_kernel(buf, np.cumsum([len(e) for e in encoded]), encode._CLASS)
+    assert (hashes != 0).all()
+    starts = np.r_[0, np.cumsum([len(e) for e in encoded])]
+    pieces, p = [], 0
+    for d, n in enumerate(counts.tolist()):
+        lo, mine = starts[d], []
+        for end in ends[p : p + n].tolist():
+            mine.append(buf[lo:end].tobytes().decode("ascii"))
+            lo = end
+        assert lo == starts[d + 1]  # the pieces cover the document
+        pieces.append(mine)
+        p += n
+    return pieces
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(max_codepoint=127), max_size=60), min_size=1, max_size=6))
+def test_piece_kernel_is_the_pattern(texts: list[str]) -> None:
+    assert _kernel_pieces(texts) == [PIECE_PATTERN.findall(t) for t in texts]
+
+
+def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every piece hashing alike: the cache keeps one per hash and the rest take the slow path."""
+    real = encode._pieces_kernel
+
+    def colliding(*args):  # a fake kernel: the real pieces, one hash for all of them
+        ends, hashes, counts = real(*args)
+        return ends, np.full_like(hashes, 12345), counts
+
+    monkeypatch.setattr(encode, "_pieces_kernel", colliding)
+    texts = ["What is 7 + 35?", "the the the", "x", "", "I'm sure you'd agree"]
+    assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
+
+
+def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode, "_MAX_CACHED_WORDS", 3)
+    encoder = CorpusEncoder(tokenizer_json)
+    texts = TRAINING[:3]
+    for _ in range(3):
+        assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)
+    assert encoder._cache.size <= 3 + len(PIECE_PATTERN.findall(" ".join(texts)))

@@ -4,32 +4,40 @@ Packing spends most of its time in ``Tokenizer.encode_batch``, and most of that 
 piece's Python-visible ``Encoding`` and in the pre-tokenizer's Unicode regex, for text whose words
 repeat (Zipf). For the tokenizer kiln trains (``pipelines/data/tokenizer.py``: digits split one per
 token, then GPT-2's byte-level regex, then byte-level BPE, no normaliser) and ASCII text, the
-pre-tokenizer is a plain ``re`` pattern, and a word's tokens are a function of the word alone, so
-each distinct word is run through the library's own BPE model once and its ids are cached. A batch's
-pieces are looked up in one pass at C speed (``map`` over the cache's ``dict.get``) and their ids
-gathered with numpy: no Python-level loop over pieces once the cache holds them.
+pre-tokenizer is a small state machine over bytes, and a piece's tokens are a function of the piece
+alone, so each distinct piece is run through the library's own BPE model once and its ids are
+cached. A numba kernel cuts a batch into pieces and hashes them, a second looks every piece up in
+the cache (an open-addressing table; a hit compares the bytes, so a hash collision cannot give
+wrong ids), and numpy gathers the ids: no Python object per piece.
 
 Anything else goes to ``encode_batch`` unchanged: another tokenizer (``data.tokenizer.path``),
-non-ASCII text, or the ASCII control characters on which Python's and Oniguruma's ``\\s`` differ.
-``tests/test_encode.py`` checks the ids against ``encode_batch`` on generated and corpus text.
+non-ASCII text. ``tests/test_encode.py`` checks the ids against ``encode_batch`` on generated and
+corpus text, and the state machine against GPT-2's regular expression.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from itertools import chain, repeat
 from typing import Any
 
+import numba
 import numpy as np
 
-# The pre-tokenizer as one pattern over a whole ASCII text. tokenizers splits every digit off first
-# (Digits, individual_digits) and then runs GPT-2's ByteLevel regex on each digit-free segment,
-# where \p{L} and \p{N} are [A-Za-z] and [0-9]. That equals this pattern on the text: a digit is
-# a piece of its own, and a whitespace run that a digit follows ends its segment, so GPT-2's
-# ``\s+(?!\S)`` takes all of it there (``(?![^\s0-9])``).
-_PIECE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+|\s+(?![^\s0-9])|\s+""")
-_S_DIFFERS = re.compile(r"[\x1c-\x1f]")  # whitespace to Python's \s, not to Oniguruma's
+# The pre-tokenizer as one pattern over a whole ASCII text (the reference the kernel is tested
+# against). tokenizers splits every digit off first (Digits, individual_digits) and then runs GPT-2's
+# ByteLevel regex on each digit-free segment, where \p{L} and \p{N} are [A-Za-z] and [0-9]. That
+# equals this pattern on the text: a digit is a piece of its own, and a whitespace run that a digit
+# follows ends its segment, so GPT-2's ``\s+(?!\S)`` takes all of it there (``(?![^\s0-9])``).
+# Oniguruma's \s (tokenizers') is [\t\n\v\f\r ] on ASCII (Python's also has \x1c-\x1f), spelt out.
+PIECE_PATTERN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+|[0-9]| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"""
+                           r"""|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r 0-9])|[\t\n\x0b\x0c\r ]+""")  # fmt: skip
+OTHER, LETTER, DIGIT, SPACE = 0, 1, 2, 3
+_CLASS = np.zeros(128, dtype=np.uint8)  # Oniguruma's classes of the ASCII bytes
+_CLASS[[ord(c) for c in "\t\n\x0b\x0c\r "]] = SPACE
+_CLASS[ord("0") : ord("9") + 1] = DIGIT
+_CLASS[ord("A") : ord("Z") + 1] = LETTER
+_CLASS[ord("a") : ord("z") + 1] = LETTER
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
 _PRE_TOKENIZER = {
     "type": "Sequence",
@@ -70,6 +78,146 @@ def fast_path_applies(spec: dict[str, Any]) -> bool:
     )
 
 
+@numba.njit(cache=True, inline="always")
+def _piece_end(buf: np.ndarray, i: int, end: int, cls: np.ndarray) -> int:
+    """One past the last byte of the piece that starts at ``buf[i]`` (``PIECE_PATTERN``'s match)."""
+    c = buf[i]
+    k = cls[c]
+    if c == 39 and i + 1 < end:  # an apostrophe: 's 't 'm 'd, then 're 've 'll
+        c1 = buf[i + 1]
+        if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
+            return i + 2
+        if i + 2 < end and ((c1 == 114 or c1 == 118) and buf[i + 2] == 101 or c1 == 108 and buf[i + 2] == 108):
+            return i + 3
+    if k == DIGIT:
+        return i + 1
+    if k == SPACE and c == 32 and i + 1 < end and (cls[buf[i + 1]] == LETTER or cls[buf[i + 1]] == OTHER):
+        i += 1  # " ?[A-Za-z]+" and " ?[^\sA-Za-z0-9]+": a space joins the run after it
+        k = cls[buf[i]]
+    j = i + 1
+    while j < end and cls[buf[j]] == k:
+        j += 1
+    if k != SPACE or j == end or cls[buf[j]] == DIGIT:
+        return j
+    # Whitespace before a letter or other byte: "\s+(?!\S)" leaves the run's last byte (to join
+    # what follows if it is a space), or "\s+" takes a run of one.
+    return j - 1 if j - 1 > i else j
+
+
+@numba.njit(cache=True)
+def _pieces_kernel(buf: np.ndarray, doc_end: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces of a batch of ASCII documents (bytes back to back, each ending at ``doc_end``).
+
+    Returns:
+        each piece's end (P,) int64 (it starts where the one before ends, or at its document's
+        start), its hash (P,) uint64 (FNV-1a, mixed; never 0), and each document's piece count (B,).
+    """
+    ends = np.empty(buf.size, dtype=np.int64)
+    hashes = np.empty(buf.size, dtype=np.uint64)
+    counts = np.zeros(doc_end.size, dtype=np.int64)
+    p, pos = 0, 0
+    for d in range(doc_end.size):
+        end = doc_end[d]
+        first = p
+        while pos < end:
+            stop = _piece_end(buf, pos, end, cls)
+            h = np.uint64(0xCBF29CE484222325)
+            for q in range(pos, stop):
+                h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(31)
+            hashes[p] = (h * np.uint64(0x94D049BB133111EB)) | np.uint64(1)
+            ends[p] = stop
+            p += 1
+            pos = stop
+        counts[d] = p - first
+    return ends[:p], hashes[:p], counts
+
+
+@numba.njit(cache=True)
+def _lookup_kernel(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, hashes: np.ndarray, slots: np.ndarray,
+                   slot_hash: np.ndarray, piece_bytes: np.ndarray, piece_off: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Each piece's index in the cache, or -1: linear probing from ``hash & mask``; a slot matches
+    when its hash and the cached piece's bytes both equal the piece's."""
+    mask = slots.size - 1
+    out = np.full(starts.size, -1, dtype=np.int64)
+    for p in range(starts.size):
+        h, lo, n = hashes[p], starts[p], ends[p] - starts[p]
+        s = h & np.uint64(mask)
+        while slots[s] >= 0:
+            k = slots[s]
+            if slot_hash[s] == h and piece_off[k + 1] - piece_off[k] == n:
+                base, same = piece_off[k], True
+                for q in range(n):
+                    if piece_bytes[base + q] != buf[lo + q]:
+                        same = False
+                        break
+                if same:
+                    out[p] = k
+                    break
+            s = (s + np.uint64(1)) & np.uint64(mask)
+    return out
+
+
+@numba.njit(cache=True)
+def _insert_kernel(slots: np.ndarray, slot_hash: np.ndarray, hashes: np.ndarray, first: int) -> None:
+    """Put cache entries ``first, first + 1, ...`` (hashes ``hashes``) into free slots."""
+    mask = slots.size - 1
+    for j in range(hashes.size):
+        s = hashes[j] & np.uint64(mask)
+        while slots[s] >= 0:
+            s = (s + np.uint64(1)) & np.uint64(mask)
+        slots[s], slot_hash[s] = first + j, hashes[j]
+
+
+class _PieceCache:
+    """Distinct pieces (bytes and hash) and their token ids, in growable flat arrays, with an
+    open-addressing table from hash to entry (at most half full)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.bytes, self.byte_off = np.zeros(1 << 16, np.uint8), np.zeros(1 << 12, np.int64)
+        self.ids, self.id_off = np.zeros(1 << 16, np.int32), np.zeros(1 << 12, np.int64)
+        self.hashes = np.zeros(1 << 12, np.uint64)
+        self.slots, self.slot_hash = np.full(1 << 13, -1, np.int64), np.zeros(1 << 13, np.uint64)
+
+    def lookup(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        return _lookup_kernel(buf, starts, ends, hashes, self.slots, self.slot_hash, self.bytes, self.byte_off)
+
+    def add(self, pieces: list[bytes], hashes: np.ndarray, ids: list[list[int]]) -> None:
+        """New entries: each piece's bytes, hash and token ids."""
+        n, first = len(pieces), self.size
+        lengths = np.fromiter(map(len, pieces), np.int64, n)
+        counts = np.fromiter(map(len, ids), np.int64, n)
+        self.byte_off = _grow(self.byte_off, first + n + 1)
+        self.id_off = _grow(self.id_off, first + n + 1)
+        self.hashes = _grow(self.hashes, first + n)
+        self.byte_off[first + 1 : first + n + 1] = self.byte_off[first] + np.cumsum(lengths)
+        self.id_off[first + 1 : first + n + 1] = self.id_off[first] + np.cumsum(counts)
+        self.bytes = _grow(self.bytes, int(self.byte_off[first + n]))
+        self.ids = _grow(self.ids, int(self.id_off[first + n]))
+        self.bytes[self.byte_off[first] : self.byte_off[first + n]] = np.frombuffer(b"".join(pieces), np.uint8)
+        self.ids[self.id_off[first] : self.id_off[first + n]] = [t for piece in ids for t in piece]
+        self.hashes[first : first + n] = hashes
+        self.size += n
+        if 2 * self.size > self.slots.size:  # rehash everything into a table twice the size
+            capacity = self.slots.size * 2
+            while 2 * self.size > capacity:
+                capacity *= 2
+            self.slots, self.slot_hash = np.full(capacity, -1, np.int64), np.zeros(capacity, np.uint64)
+            _insert_kernel(self.slots, self.slot_hash, self.hashes[: self.size], 0)
+        else:
+            _insert_kernel(self.slots, self.slot_hash, self.hashes[first : self.size], first)
+
+
+def _grow(array: np.ndarray, needed: int) -> np.ndarray:
+    """``array`` with room for at least ``needed`` items (doubled, so appends cost O(1) each)."""
+    if needed <= array.size:
+        return array
+    bigger = np.zeros(max(needed, 2 * array.size), dtype=array.dtype)
+    bigger[: array.size] = array
+    return bigger
+
+
 class CorpusEncoder:
     """``encode(texts)``: token ids of each document, no special tokens added; special-token text
     in a document is encoded as ordinary text (``encode_special_tokens``)."""
@@ -81,50 +229,49 @@ class CorpusEncoder:
         self.tokenizer.encode_special_tokens = True
         self.fast = fast_path_applies(json.loads(tokenizer_json))
         self._model = self.tokenizer.model
-        self._clear()
+        self._cache = _PieceCache()
 
-    def _clear(self) -> None:
-        """Empty the piece cache: piece -> k, whose ids are ``_ids[_start[k] : _start[k] + _len[k]]``."""
-        self._index: dict[str, int] = {}
-        self._start = np.zeros(1024, dtype=np.int64)
-        self._len = np.zeros(1024, dtype=np.int64)
-        self._ids = np.zeros(4096, dtype=np.int32)
-        self._used = 0  # ids stored
+    def _tokens(self, piece: bytes) -> list[int]:
+        return [t.id for t in self._model.tokenize(piece.decode("ascii").translate(_BYTE_CHARS))]
 
-    def _add(self, piece: str) -> int:
-        """Cache one piece's ids (the BPE model on its byte-level characters); returns its index."""
-        ids = [t.id for t in self._model.tokenize(piece.translate(_BYTE_CHARS))]
-        k = len(self._index)
-        if k == self._start.size:
-            self._start, self._len = (np.resize(a, 2 * a.size) for a in (self._start, self._len))
-        while self._used + len(ids) > self._ids.size:
-            self._ids = np.resize(self._ids, 2 * self._ids.size)
-        self._ids[self._used : self._used + len(ids)] = ids
-        self._start[k], self._len[k] = self._used, len(ids)
-        self._used += len(ids)
-        self._index[piece] = k
-        return k
-
-    def _fast_ids(self, texts: list[str]) -> list[np.ndarray]:
-        """The ids of ASCII texts the fast path applies to, every piece looked up in the cache."""
-        if len(self._index) > _MAX_CACHED_WORDS:
-            self._clear()
-        pieces = [_PIECE.findall(t) for t in texts]
-        flat = list(chain.from_iterable(pieces))
-        index = np.fromiter(map(self._index.get, flat, repeat(-1)), dtype=np.int64, count=len(flat))
-        for j in np.flatnonzero(index < 0).tolist():  # new pieces (a piece may repeat among them)
-            k = self._index.get(flat[j])
-            index[j] = self._add(flat[j]) if k is None else k
-        lens, starts = self._len[index], self._start[index]
-        ends = np.cumsum(lens)
-        ids = self._ids[np.repeat(starts - (ends - lens), lens) + np.arange(ends[-1] if ends.size else 0)]
-        per_doc = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
-        bounds = np.r_[0, ends][np.r_[0, per_doc]]  # each document's first id, and the end
-        return np.split(ids, bounds[1:-1])
+    def _fast_ids(self, texts: list[str]) -> list[np.ndarray | None]:
+        """The ids of ASCII texts, every piece looked up in the cache (new pieces added first);
+        None for a text with a piece whose hash another cached piece has (never seen in practice)."""
+        if self._cache.size > _MAX_CACHED_WORDS:
+            self._cache = _PieceCache()
+        encoded = [t.encode("ascii") for t in texts]
+        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        ends, hashes, counts = _pieces_kernel(buf, doc_end, _CLASS)
+        # A piece starts where the one before it ends, or at its document's start.
+        starts = np.r_[0, ends[:-1]] if ends.size else ends.copy()
+        doc_first = np.r_[0, np.cumsum(counts)[:-1]]
+        has = counts > 0
+        starts[doc_first[has]] = np.r_[0, doc_end[:-1]][has]
+        index = self._cache.lookup(buf, starts, ends, hashes)
+        missing = np.flatnonzero(index < 0)
+        if missing.size:
+            _, first = np.unique(hashes[missing], return_index=True)  # one of each new piece
+            new = missing[np.sort(first)]
+            pieces = [buf[a:b].tobytes() for a, b in zip(starts[new].tolist(), ends[new].tolist())]
+            self._cache.add(pieces, hashes[new], [self._tokens(p) for p in pieces])
+            index[missing] = self._cache.lookup(buf, starts[missing], ends[missing], hashes[missing])
+        collided = np.flatnonzero(index < 0)  # another piece's hash: those documents take the slow path
+        index[collided] = 0
+        lens = self._cache.id_off[index + 1] - self._cache.id_off[index]
+        tok_end = np.cumsum(lens)
+        ids = self._cache.ids[np.repeat(self._cache.id_off[index] - (tok_end - lens), lens)
+                              + np.arange(tok_end[-1] if tok_end.size else 0)]  # fmt: skip
+        piece_bounds = np.r_[0, np.cumsum(counts)]
+        bounds = np.r_[0, tok_end][piece_bounds]  # each document's first id, and the end
+        out: list[np.ndarray | None] = list(np.split(ids, bounds[1:-1]))
+        for d in np.unique(np.searchsorted(piece_bounds, collided, side="right") - 1).tolist():
+            out[d] = None
+        return out
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(texts)
-        fast = [i for i, t in enumerate(texts) if self.fast and t.isascii() and not _S_DIFFERS.search(t)]
+        fast = [i for i, t in enumerate(texts) if self.fast and t.isascii()]
         for i, ids in zip(fast, self._fast_ids([texts[i] for i in fast])):
             out[i] = ids
         slow = [i for i, ids in enumerate(out) if ids is None]
