@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,13 @@ def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.Mon
     for _ in range(3):
         assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)
     assert encoder._cache.size <= 3 + len(PIECE_PATTERN.findall(" ".join(texts)))
+
+
+def test_training_on_two_threads_gives_the_same_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data stage trains on every core of a node; the result must not depend on it."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    cfg = TokenizerConfig(vocab_size=400, min_frequency=1)
+    one, two = (train_bpe(iter(TRAINING), cfg, threads=n).to_str() for n in (1, 2))
+    assert one == two
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and "RAYON_NUM_THREADS" not in os.environ  # restored

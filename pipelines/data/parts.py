@@ -285,9 +285,10 @@ def pack_split(out: str, split: str, streams: list[Any], pack: PackConfig, eos_i
 
 @ray.remote(num_cpus=1)
 def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray], cfg: TokenizerConfig,
-                    kept: int) -> str:  # fmt: skip
+                    kept: int, threads: int = 1) -> str:  # fmt: skip
     """Train the BPE tokenizer on the first ``cfg.max_training_documents`` kept documents (all of
-    them when null), in id order, streamed from scratch; returns the tokenizer's JSON."""
+    them when null), in id order, streamed from scratch, on ``threads`` cores (call with
+    ``.options(num_cpus=threads)``); returns the tokenizer's JSON."""
     limit = kept if cfg.max_training_documents is None else min(kept, cfg.max_training_documents)
     dropped = dup_map["dropped"]
 
@@ -303,4 +304,4 @@ def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarra
                 if left == 0:
                     return
 
-    return train_bpe(texts(), cfg, length=limit).to_str()
+    return train_bpe(texts(), cfg, length=limit, threads=threads).to_str()

@@ -123,6 +123,11 @@ def _collect_rejected(scratch: str, work: Path) -> None:
         storage.concatenate(storage.files_in(storage.join(scratch, "rejected"), ".jsonl"), rejected)
 
 
+def _largest_node_cpus() -> int:
+    """The most CPUs any live node of the cluster has (a task cannot span nodes)."""
+    return max([1, *(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])])
+
+
 def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
     """``ray.get`` that, when one task fails, cancels the others and waits for them to stop before
     raising: none may still be writing into the temporary output folder once it is removed. The
@@ -232,7 +237,10 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             hf = load_tokenizer(work / "tokenizer")
             eos_id, vocab_size = hf.eos_token_id, len(hf)
         else:
-            trained = parts.train_tokenizer.remote(scratch, [f.index for f in files], dup_map, dcfg.tokenizer, kept)
+            # Nothing else runs meanwhile: the trainer gets every core of one node.
+            threads = _largest_node_cpus()
+            trained = parts.train_tokenizer.options(num_cpus=threads).remote(
+                scratch, [f.index for f in files], dup_map, dcfg.tokenizer, kept, threads)  # fmt: skip
             tok = Tokenizer.from_str(_get([trained])[0])
             save_hf_tokenizer(tok, work / "tokenizer")
             # Ours: its EOS is known, and AutoTokenizer's import (seconds) is not needed to find it.

@@ -7,8 +7,10 @@ the same way. ``AutoTokenizer.from_pretrained(dir)`` and vLLM load the saved dir
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +26,28 @@ if TYPE_CHECKING:
 # transformers (and with it torch) is imported inside the functions that need it: Ray Data
 # workers unpickle UDFs from modules that import this one, and a torch import costs seconds each.
 
-def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None) -> Tokenizer:
-    """Train a byte-level BPE model on a stream of documents (never all in memory at once)."""
+@contextlib.contextmanager
+def rust_threads(threads: int) -> Iterator[None]:
+    """tokenizers' Rust thread pool on (``threads`` > 1) or off for the block. The library reads
+    ``TOKENIZERS_PARALLELISM`` at each call; ``RAYON_NUM_THREADS`` (kept if set) sizes the pool
+    when this process first uses it. kiln's workers run with it off, one core per task."""
+    names = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, threads)))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None, threads: int = 1) -> Tokenizer:
+    """Train a byte-level BPE model on a stream of documents (never all in memory at once), on
+    ``threads`` cores (the trainer's pair counting is parallel)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -38,7 +60,8 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    with rust_threads(threads):
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
 
 
