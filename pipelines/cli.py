@@ -172,10 +172,11 @@ def adapter_flags(items: list[str], configured: dict[str, str]) -> dict[str, str
 
 
 def _serve_target(target: Path, host: str | None = None, port: int | None = None, first_prompt: str | None = None,
-                  adapters: list[str] | None = None) -> None:  # fmt: skip
+                  adapters: list[str] | None = None, ingress: str | None = None) -> None:  # fmt: skip
     """Serve a model directory (or a config's ``serve:`` model) and its adapters until interrupted."""
     ray_cfg, cfg = resolve_serve_target(target)
-    overrides: dict[str, object] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    flags = {"host": host, "port": port, "ingress": ingress}
+    overrides: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
     if adapters:
         overrides["adapters"] = adapter_flags(adapters, cfg.adapters)
     if overrides:
@@ -184,7 +185,7 @@ def _serve_target(target: Path, host: str | None = None, port: int | None = None
         try:
             cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
         except ValidationError as e:
-            raise ConfigError(format_errors(e, "kiln serve --host/--port/--adapter", ServeConfig)) from None
+            raise ConfigError(format_errors(e, "kiln serve --host/--port/--ingress/--adapter", ServeConfig)) from None
     app = build_app(cfg)  # validates the model directory before anything starts
     init_ray(ray_cfg)
     serve_forever(app, cfg, first_prompt)
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="a Hugging Face model directory, or a config with a serve: section")
     p.add_argument("--host", help="interface to bind (overrides serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (overrides serve.port; default 8000)")
+    p.add_argument("--ingress", choices=["proxy", "haproxy"],
+                   help="what answers HTTP: Serve's proxy actor or its HAProxy ingress (overrides serve.ingress)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="also serve this PEFT LoRA adapter of the model as model NAME (repeatable; adds to serve.adapters)")
     p = sub.add_parser("submit", help="run `kiln run CONFIG` as a Ray job on a running cluster and follow its logs")
@@ -263,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        _serve_target(args.target, host=args.host, port=args.port, adapters=args.adapter)
+        _serve_target(args.target, host=args.host, port=args.port, adapters=args.adapter, ingress=args.ingress)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"kiln serve: error: {e}", file=sys.stderr)
         return 1

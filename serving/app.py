@@ -560,13 +560,13 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     model_name = cfg.model_name or model_dir.name
     adapters = check_adapters(cfg.adapters, model_name)
     key = resolve_api_key(cfg.api_key, cfg.api_key_env)
-    check_exposure(cfg.host, key, cfg.allow_unauthenticated, cfg.api_key_env)
+    check_exposure(cfg.host, key, cfg.allow_unauthenticated, cfg.api_key_env, cfg.ingress)
     scaling: dict[str, Any] = (
         {"autoscaling_config": cfg.autoscaling.model_dump()}
         if cfg.autoscaling is not None
         else {"num_replicas": cfg.num_replicas}
     )
-    env = {"TOKENIZERS_PARALLELISM": "false", **cfg.engine.vllm_env()}
+    env = {"TOKENIZERS_PARALLELISM": "false", **cfg.engine.vllm_env(), **cfg.ingress_env()}
     # The replica refuses overload itself (in OpenAI's shape); Serve's limits are looser.
     max_ongoing, max_queued = serve_limits(cfg.max_ongoing_requests, cfg.max_queued_requests)
     return LLMServer.options(

@@ -54,13 +54,21 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def check_exposure(host: str, key: str | None, allow_unauthenticated: bool, api_key_env: str) -> None:
+def check_exposure(host: str, key: str | None, allow_unauthenticated: bool, api_key_env: str,
+                   ingress: str = "proxy") -> None:  # fmt: skip
     """Refuse to serve beyond this machine without an API key, unless the config says so.
 
     Raises:
-        ValueError: ``host`` is not a loopback interface, there is no key and
-            ``allow_unauthenticated`` is false; the message names the three ways out.
+        ValueError: ``host`` is not a loopback interface, or the ingress is HAProxy (whose
+            replicas listen on every interface), there is no key and ``allow_unauthenticated`` is
+            false; the message names the ways out.
     """
+    if key is None and not allow_unauthenticated and ingress == "haproxy":
+        raise ValueError(
+            "serve.ingress is haproxy: each replica then listens on every interface (so HAProxy on any node "
+            f"reaches it), and there is no API key. Set one in the environment variable {api_key_env} (or "
+            "serve.api_key), use serve.ingress: proxy, or set serve.allow_unauthenticated: true on purpose"
+        )
     if key is None and not allow_unauthenticated and not is_loopback(host):
         raise ValueError(
             f"serve.host is {host}, reachable from other machines, and there is no API key: anyone who reaches "

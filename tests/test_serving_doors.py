@@ -196,6 +196,13 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
     build_app({**base, "host": "0.0.0.0", "api_key": "a-key-of-length"})
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         build_app({**base, "host": host})
+    # HAProxy's replicas listen on every interface: a key even when the port itself is loopback.
+    with pytest.raises(ValueError, match=r"ingress is haproxy.*no API key.*KILN_TEST_DOORS_KEY.*ingress: proxy"):
+        build_app({**base, "ingress": "haproxy"})
+    build_app({**base, "ingress": "haproxy", "api_key": "a-key-of-length"})
+    build_app({**base, "ingress": "haproxy", "allow_unauthenticated": True})
+    assert ServeConfig(ingress="haproxy").ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert ServeConfig().ingress == "proxy" and ServeConfig().ingress_env() == {}
 
     # An empty key variable is a mistake, not "no key": refused even on loopback, even when allowed.
     for empty in ("", "   "):
