@@ -2,14 +2,16 @@
 
 Every server gets the same engine settings and the same closed-loop load: at each concurrency level
 C, C clients send ``/v1/completions`` requests back to back (greedy, fixed length via ``ignore_eos``)
-until the level's request count is reached. kiln runs twice: as configured, and under Ray Serve's
-throughput-optimised mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). Each round starts every server in
+until the level's request count is reached. kiln runs three ways by default: as configured (Serve's
+Python proxy in front), with ``serve.ingress: haproxy`` (Ray Serve's HAProxy ingress: HTTP straight
+into the replica), and that under Ray Serve's throughput-optimised mode
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``); ``--servers`` also offers the proxy under that mode. Each round starts every server in
 turn (the next round in reverse order), times its start to the first answered completion, measures
 every level, and stops it; levels pool over rounds. Failed requests do not count toward
 throughput; p50 / p99 are over the successful ones. Goal, at every level: kiln >= 0.9x vLLM's
 throughput and <= 1.1x its p50 latency; start-up <= 1.5x. Writes ``runs/bench/serve.json``.
 
-    python bench/serve.py            # tiny model built on the fly; levels 1, 4, 16, 64; 2 rounds (~8 min on 2 CPUs)
+    python bench/serve.py            # tiny model built on the fly; levels 1, 4, 16, 64; 2 rounds (~10 min on 2 CPUs)
     python bench/serve.py --quick    # levels 1, 16; fewer requests; 1 round
     python bench/serve.py --model runs/quickstart/sft/model
     python bench/serve.py --gpu      # on a CUDA GPU: one GPU per replica, bfloat16 (every server)
@@ -42,10 +44,14 @@ PROMPTS = [f"What is {a} + {b}? The quick brown fox jumps over the lazy dog." fo
 GPU_MEMORY_UTILIZATION = 0.4
 
 
-# The servers, in the order of a round (the next round runs them in reverse): kiln as configured,
-# kiln under Ray Serve's throughput-optimised mode (gRPC between Serve's processes, direct ingress:
-# RAY_SERVE_THROUGHPUT_OPTIMIZED), and vLLM's own OpenAI server, the peer every ratio is against.
-SERVERS = ("kiln", "kiln-throughput-optimized", "vllm")
+# The servers, in the order of a round (the next round runs them in reverse): kiln as configured
+# (Serve's Python proxy in front), kiln under Ray Serve's throughput-optimised mode (gRPC between
+# Serve's processes: RAY_SERVE_THROUGHPUT_OPTIMIZED), kiln with ``serve.ingress: haproxy`` (Ray
+# Serve's HAProxy ingress forwards HTTP straight to the replica), the same in throughput-optimised
+# mode (the pairing Ray's high-throughput guide gives), and vLLM's own OpenAI server, the peer
+# every ratio is against.
+SERVERS = ("kiln", "kiln-throughput-optimized", "kiln-haproxy", "kiln-haproxy-throughput-optimized", "vllm")
+DEFAULT_SERVERS = ("kiln", "kiln-haproxy", "kiln-haproxy-throughput-optimized", "vllm")
 PEER = "vllm"
 THROUGHPUT_GOAL, P50_GOAL, STARTUP_GOAL = 0.9, 1.1, 1.5  # kiln / vLLM, at every level
 
@@ -125,12 +131,15 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def kiln_config(model: Path, port: int, work: Path, max_num_seqs: int, gpu: bool = False) -> str:
-    """The ``kiln serve`` config (YAML) of the benchmark; ``gpu``: the replica holds one GPU, bfloat16."""
+def kiln_config(model: Path, port: int, work: Path, max_num_seqs: int, gpu: bool = False,
+                haproxy: bool = False) -> str:  # fmt: skip
+    """The ``kiln serve`` config (YAML) of the benchmark; ``gpu``: the replica holds one GPU, bfloat16;
+    ``haproxy``: Serve's HAProxy ingress (without an API key, on purpose: a loopback benchmark)."""
     dtype, memory = ("bfloat16", GPU_MEMORY_UTILIZATION) if gpu else ("float32", 0.3)
+    ingress = "  ingress: haproxy\n  allow_unauthenticated: true\n" if haproxy else ""
     return (
         f"run: {{name: bench, root: {work}}}\n"
-        f"serve:\n  model: {model}\n  model_name: {NAME}\n  port: {port}\n"
+        f"serve:\n  model: {model}\n  model_name: {NAME}\n  port: {port}\n{ingress}"
         "  max_ongoing_requests: 256\n  max_queued_requests: 256\n  num_cpus: 1.0\n"
         + ("  num_gpus: 1.0\n" if gpu else "")
         + f"  engine: {{dtype: {dtype}, max_num_seqs: {max_num_seqs}, gpu_memory_utilization: {memory},"
@@ -139,10 +148,11 @@ def kiln_config(model: Path, port: int, work: Path, max_num_seqs: int, gpu: bool
 
 
 def start_kiln(model: Path, port: int, work: Path, max_num_seqs: int, log: Path, gpu: bool = False,
-               throughput_optimized: bool = False) -> subprocess.Popen[bytes]:
-    """``kiln serve`` in a process group of its own; ``throughput_optimized``: Ray Serve's mode of that name."""
+               throughput_optimized: bool = False, haproxy: bool = False) -> subprocess.Popen[bytes]:
+    """``kiln serve`` in a process group of its own; ``throughput_optimized``: Ray Serve's mode of that
+    name; ``haproxy``: ``serve.ingress: haproxy``."""
     config = work / "kiln_bench.yaml"
-    config.write_text(kiln_config(model, port, work, max_num_seqs, gpu))
+    config.write_text(kiln_config(model, port, work, max_num_seqs, gpu, haproxy))
     env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0"}
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(config)], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -249,11 +259,12 @@ def start(name: str, model: Path, port: int, work: Path, max_num_seqs: int, log:
           gpu: bool) -> subprocess.Popen[bytes]:  # fmt: skip
     if name == PEER:
         return start_vllm(model, port, max_num_seqs, log, gpu)
-    return start_kiln(model, port, work, max_num_seqs, log, gpu, throughput_optimized=name != "kiln")
+    return start_kiln(model, port, work, max_num_seqs, log, gpu, throughput_optimized="throughput-optimized" in name,
+                      haproxy="haproxy" in name)
 
 
 def compare(model: Path, work: Path, levels: list[int], per_level: int, max_tokens: int, max_num_seqs: int,
-            gpu: bool = False, servers: tuple[str, ...] = SERVERS, rounds: int = 1) -> dict[str, Run]:
+            gpu: bool = False, servers: tuple[str, ...] = DEFAULT_SERVERS, rounds: int = 1) -> dict[str, Run]:
     """``rounds`` rounds; each starts every server in turn (alternating the order between rounds),
     times its start to the first answer, measures every level and stops it. Levels pool over rounds.
     ``work`` holds the logs."""
@@ -337,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", help="comma-separated levels (default 1,4,16,64; --quick 1,16)")
     parser.add_argument("--requests", type=int, help="requests per level and round (default 200; --quick 48)")
     parser.add_argument("--rounds", type=int, help="rounds, alternating the servers' order (default 2; --quick 1)")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of {', '.join(SERVERS)}")
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                        help=f"comma-separated, of {', '.join(SERVERS)} (default {', '.join(DEFAULT_SERVERS)})")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--max-num-seqs", type=int, default=128, help="engine batch size, both servers")
     parser.add_argument("--gpu", action="store_true", help="serve on a CUDA GPU: one GPU per replica, bfloat16, "
