@@ -76,7 +76,7 @@ def test_serve_override_errors_never_echo_the_api_key(tmp_path: Path, capsys: py
     path.write_text(yaml.safe_dump(_config(tmp_path, api_key=KEY)))
     assert main(["serve", str(path), "--port", "70000"]) == 1
     err = capsys.readouterr().err
-    assert "kiln serve --host/--port/--adapter: invalid config" in err and "port" in err and KEY not in err
+    assert "kiln serve --host/--port/--ingress/--adapter: invalid config" in err and "port" in err and KEY not in err
 
 
 class _Webhook(Section):

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 240) -> str:
+    """Poll ``/healthz`` until it answers 200 (the process must stay up); returns the base URL."""
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, f"no answer within {timeout_s} s:\n" + log.read_text(errors="replace")[-4000:]
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def _stop_with_sigint(proc: subprocess.Popen[bytes], url: str, log: Path) -> str:
+    """SIGINT the server; it must exit 0 within 90 s and its port close. Returns its log."""
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-4000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/healthz", timeout=5)
+    return log.read_text(errors="replace")
+
+
+@contextmanager
+def _server(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The command in a process group of its own, output to ``log``; killed on the way out if still up."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_both_signals_end_the_wait() -> None:
@@ -47,35 +85,15 @@ def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_
     # As `kiln serve ... &` from a script: the shell starts the job with SIGINT ignored (`trap "" INT`),
     # which the exec'd Python inherits.
     command = f'trap "" INT; exec "{sys.executable}" -m pipelines.cli serve "{model}" --port {port}'
-    with log.open("wb") as out:
-        proc = subprocess.Popen(["sh", "-c", command], cwd=ROOT, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "no answer within 240 s:\n" + log.read_text(errors="replace")[-4000:]
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with _server(["sh", "-c", command], {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}, log) as proc:
+        url = _wait_healthy(proc, port, log)
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4,
                 "temperature": 0.0}  # fmt: skip
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-4000:]
-        text = log.read_text(errors="replace")
+        text = _stop_with_sigint(proc, url, log)
         assert "kiln serve: shutting down" in text, text[-4000:]
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(url + "/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow
@@ -92,21 +110,9 @@ def test_kiln_serve_behind_haproxy_needs_the_key_and_stops(tiny_tokenizer_dir: P
                               "--ingress", "haproxy"], cwd=ROOT, env={**env, "KILN_API_KEY": ""},
                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert refused.returncode != 0  # set but empty is an error, not "no key"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(model), "--port", str(port),
-                                 "--ingress", "haproxy"], cwd=ROOT, env={**env, "KILN_API_KEY": key},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "no answer within 240 s:\n" + log.read_text(errors="replace")[-4000:]
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    command = [sys.executable, "-m", "pipelines.cli", "serve", str(model), "--port", str(port), "--ingress", "haproxy"]
+    with _server(command, {**env, "KILN_API_KEY": key}, log) as proc:
+        url = _wait_healthy(proc, port, log)
         names = {p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
         assert "haproxy" in names, names
         body = {"model": "tiny-llama", "prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 0.0}
@@ -114,13 +120,4 @@ def test_kiln_serve_behind_haproxy_needs_the_key_and_stops(tiny_tokenizer_dir: P
         r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-4000:]
-        text = log.read_text(errors="replace")
-        assert key not in text
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(url + "/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        assert key not in _stop_with_sigint(proc, url, log)
