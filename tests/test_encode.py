@@ -129,3 +129,11 @@ def test_training_on_two_threads_gives_the_same_tokenizer(monkeypatch: pytest.Mo
     one, two = (train_bpe(iter(TRAINING), cfg, threads=n).to_str() for n in (1, 2))
     assert one == two
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and "RAYON_NUM_THREADS" not in os.environ  # restored
+
+
+def test_large_batches_are_encoded_in_bounded_chunks(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert encode._chunks([1, 2, 3, 4], [5, 5, 20, 1], 10) == [[1, 2], [3], [4]]
+    assert encode._chunks([], [], 10) == []
+    monkeypatch.setattr(encode, "_CHUNK_BYTES", 64)  # several documents per call, and one alone
+    texts = [*TRAINING[:5], "x" * 200, "é", *TRAINING[5:9]]
+    assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)

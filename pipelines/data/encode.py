@@ -39,6 +39,9 @@ _CLASS[ord("0") : ord("9") + 1] = DIGIT
 _CLASS[ord("A") : ord("Z") + 1] = LETTER
 _CLASS[ord("a") : ord("z") + 1] = LETTER
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
+# Text per kernel call: the piece kernel's arrays take 16 bytes per byte of text, so a batch of
+# large documents (text_unit: file) is cut into calls of at most this much (one document at least).
+_CHUNK_BYTES = 4 << 20
 _PRE_TOKENIZER = {
     "type": "Sequence",
     "pretokenizers": [
@@ -272,11 +275,26 @@ class CorpusEncoder:
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(texts)
         fast = [i for i, t in enumerate(texts) if self.fast and t.isascii()]
-        for i, ids in zip(fast, self._fast_ids([texts[i] for i in fast])):
-            out[i] = ids
+        for chunk in _chunks(fast, [len(texts[i]) for i in fast], _CHUNK_BYTES):
+            for i, ids in zip(chunk, self._fast_ids([texts[i] for i in chunk])):
+                out[i] = ids
         slow = [i for i, ids in enumerate(out) if ids is None]
         if slow:
             encoded = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
             for i, e in zip(slow, encoded):
                 out[i] = np.asarray(e.ids, dtype=np.int32)
         return out  # type: ignore[return-value]
+
+
+def _chunks(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """``items`` cut, in order, into runs whose ``sizes`` add up to at most ``budget`` (an item
+    larger than that is a run of its own)."""
+    runs: list[list[int]] = []
+    total = budget + 1  # the first item opens a run
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
