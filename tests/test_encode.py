@@ -78,16 +78,17 @@ def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) 
 def _kernel_pieces(texts: list[str]) -> list[list[str]]:
     encoded = [t.encode("ascii") for t in texts]
     buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    ends, hashes, counts = encode._pieces_kernel(buf, np.cumsum([len(e) for e in encoded]), encode._CLASS)
+    doc_start = np.r_[0, np.cumsum([len(e) for e in encoded])]
+    starts, ends, hashes, counts = encode._pieces_kernel(buf, doc_start[1:], encode._CLASS)
     assert (hashes != 0).all()
-    starts = np.r_[0, np.cumsum([len(e) for e in encoded])]
     pieces, p = [], 0
     for d, n in enumerate(counts.tolist()):
-        lo, mine = starts[d], []
-        for end in ends[p : p + n].tolist():
-            mine.append(buf[lo:end].tobytes().decode("ascii"))
+        lo, mine = doc_start[d], []
+        for start, end in zip(starts[p : p + n].tolist(), ends[p : p + n].tolist()):
+            assert start == lo  # the pieces tile the document
+            mine.append(buf[start:end].tobytes().decode("ascii"))
             lo = end
-        assert lo == starts[d + 1]  # the pieces cover the document
+        assert lo == doc_start[d + 1]
         pieces.append(mine)
         p += n
     return pieces
@@ -104,8 +105,8 @@ def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypa
     real = encode._pieces_kernel
 
     def colliding(*args):  # a fake kernel: the real pieces, one hash for all of them
-        ends, hashes, counts = real(*args)
-        return ends, np.full_like(hashes, 12345), counts
+        starts, ends, hashes, counts = real(*args)
+        return starts, ends, np.full_like(hashes, 12345), counts
 
     monkeypatch.setattr(encode, "_pieces_kernel", colliding)
     texts = ["What is 7 + 35?", "the the the", "x", "", "I'm sure you'd agree"]

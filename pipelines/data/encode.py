@@ -24,6 +24,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from pipelines.data.minhash import mix64_one
+
 # The pre-tokenizer as one pattern over a whole ASCII text (the reference the kernel is tested
 # against). tokenizers splits every digit off first (Digits, individual_digits) and then runs GPT-2's
 # ByteLevel regex on each digit-free segment, where \p{L} and \p{N} are [A-Za-z] and [0-9]. That
@@ -108,13 +110,15 @@ def _piece_end(buf: np.ndarray, i: int, end: int, cls: np.ndarray) -> int:
 
 
 @numba.njit(cache=True)
-def _pieces_kernel(buf: np.ndarray, doc_end: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pieces_kernel(buf: np.ndarray, doc_end: np.ndarray,
+                   cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """The pieces of a batch of ASCII documents (bytes back to back, each ending at ``doc_end``).
 
     Returns:
-        each piece's end (P,) int64 (it starts where the one before ends, or at its document's
-        start), its hash (P,) uint64 (FNV-1a, mixed; never 0), and each document's piece count (B,).
+        each piece's start and end (P,) int64, its hash (P,) uint64 (FNV-1a, mixed; never 0), and
+        each document's piece count (B,).
     """
+    starts = np.empty(buf.size, dtype=np.int64)
     ends = np.empty(buf.size, dtype=np.int64)
     hashes = np.empty(buf.size, dtype=np.uint64)
     counts = np.zeros(doc_end.size, dtype=np.int64)
@@ -127,13 +131,12 @@ def _pieces_kernel(buf: np.ndarray, doc_end: np.ndarray, cls: np.ndarray) -> tup
             h = np.uint64(0xCBF29CE484222325)
             for q in range(pos, stop):
                 h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
-            h ^= h >> np.uint64(31)
-            hashes[p] = (h * np.uint64(0x94D049BB133111EB)) | np.uint64(1)
-            ends[p] = stop
+            hashes[p] = mix64_one(h) | np.uint64(1)
+            starts[p], ends[p] = pos, stop
             p += 1
             pos = stop
         counts[d] = p - first
-    return ends[:p], hashes[:p], counts
+    return starts[:p], ends[:p], hashes[:p], counts
 
 
 @numba.njit(cache=True)
@@ -245,12 +248,7 @@ class CorpusEncoder:
         encoded = [t.encode("ascii") for t in texts]
         buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        ends, hashes, counts = _pieces_kernel(buf, doc_end, _CLASS)
-        # A piece starts where the one before it ends, or at its document's start.
-        starts = np.r_[0, ends[:-1]] if ends.size else ends.copy()
-        doc_first = np.r_[0, np.cumsum(counts)[:-1]]
-        has = counts > 0
-        starts[doc_first[has]] = np.r_[0, doc_end[:-1]][has]
+        starts, ends, hashes, counts = _pieces_kernel(buf, doc_end, _CLASS)
         index = self._cache.lookup(buf, starts, ends, hashes)
         missing = np.flatnonzero(index < 0)
         if missing.size:

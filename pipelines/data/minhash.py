@@ -43,7 +43,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, inline="always")
-def _mix64(x: np.uint64) -> np.uint64:
+def mix64_one(x: np.uint64) -> np.uint64:
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
@@ -82,20 +82,20 @@ def _shingle_kernel(
             while pos < end and is_word[buf[pos]]:
                 h = (h ^ np.uint64(buf[pos])) * np.uint64(0x100000001B3)  # FNV-1a
                 pos += 1
-            ring[count % n] = _mix64(h)
+            ring[count % n] = mix64_one(h)
             count += 1
             if count >= n:
                 acc = np.uint64(0)
                 for k in range(n):
                     acc += ring[(count - n + k) % n] * mult[k]
-                out_h[s] = _mix64(acc)
+                out_h[s] = mix64_one(acc)
                 out_d[s] = d
                 s += 1
         if 0 < count < n:  # a short document is one shingle of all its words
             acc = np.uint64(0)
             for k in range(count):
                 acc += ring[k] * mult[k]
-            out_h[s] = _mix64(acc)
+            out_h[s] = mix64_one(acc)
             out_d[s] = d
             s += 1
     return out_h[:s], out_d[:s]

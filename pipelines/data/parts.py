@@ -72,7 +72,7 @@ def part_file(folder: str, index: int, suffix: str = "parquet") -> str:
 
 
 def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHasher, num_bands: int,
-             rows: int, exact: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+             rows: int, exact: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
     """Normalise, filter, content-hash (if ``exact``: only exact dedup groups on it) and MinHash one
     batch of records.
 
