@@ -6,9 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.chat import CHAT_TEMPLATE, EOS
-from pipelines.data.packing import Packer, ShardWriter
+from pipelines.data.packing import (
+    Packer,
+    PackTask,
+    ShardWriter,
+    plan_shards,
+    write_planned_shards,
+)
 from pipelines.data.tokenizer import load_tokenizer
 
 
@@ -48,3 +57,40 @@ def test_shard_writer_splits_and_round_trips(tmp_path: Path) -> None:
     back = np.concatenate([np.array(pq.read_table(f)["input_ids"].to_pylist()) for f in files])
     assert np.array_equal(back, rows) and writer.sequences == 7
     assert not list(tmp_path.glob(".*"))  # no temporaries left behind
+
+
+def _shards(folder: Path) -> dict[str, np.ndarray]:
+    return {f.name: np.array(pq.read_table(f)["input_ids"].to_pylist()) for f in sorted(folder.glob("*.parquet"))}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 90), min_size=1, max_size=6), seq_len=st.integers(1, 8),
+       rows=st.integers(1, 5), chunk=st.integers(1, 7))  # fmt: skip
+def test_planned_parallel_shards_equal_one_writer(tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
+                                                  seq_len: int, rows: int, chunk: int) -> None:  # fmt: skip
+    """Parts' shards written per plan (any order) are byte for byte one writer's over the whole stream."""
+    rng = np.random.default_rng(sum(sizes))
+    streams = [rng.integers(0, 1000, size=n).astype(np.int32) for n in sizes]
+    whole = np.concatenate(streams)
+    one, planned = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("planned")
+    packer, writer = Packer(seq_len, eos_id=0), ShardWriter(one, "train", seq_len, rows)
+    for lo in range(0, whole.size, chunk):  # the single writer fed in arbitrary pieces
+        writer.add(packer.add_tokens(whole[lo : lo + chunk]))
+    writer.close()
+
+    plan = plan_shards(sizes, seq_len, rows)
+    written = sum(write_planned_shards(t, [streams[p] for p in t.parts], planned, "train", seq_len, rows)
+                  for t in reversed(plan.tasks))  # fmt: skip
+    expected, got = _shards(one), _shards(planned)
+    assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert (plan.sequences, plan.shards, plan.leftover) == (writer.sequences, writer.shards, packer.leftover)
+    assert written == plan.sequences
+    assert len(plan.tasks) == len({t.parts[0] for t in plan.tasks})  # at most one task per part
+
+
+def test_planned_shards_refuse_streams_of_other_sizes(tmp_path: Path) -> None:
+    plan = plan_shards([10, 10], seq_len=4, rows_per_shard=2)  # 5 sequences: shards of 2, 2, 1
+    assert plan.tasks == [PackTask(0, 2, 0, 16, (0, 1), (0, 10)), PackTask(2, 1, 16, 20, (1,), (10,))]
+    assert (plan.sequences, plan.shards, plan.leftover) == (5, 3, 0)
+    with pytest.raises(RuntimeError, match="hold 15 of the 16 tokens planned"):
+        write_planned_shards(plan.tasks[0], [np.zeros(10, np.int32), np.zeros(5, np.int32)], tmp_path, "train", 4, 2)

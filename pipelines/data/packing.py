@@ -3,10 +3,17 @@
 Documents are joined with EOS and cut into ``seq_len`` blocks in stream order, so every token
 appears exactly once and in order; only the final partial block (fewer than ``seq_len`` tokens)
 is left over, and its size is reported.
+
+A split's stream may come in parts (one per input file, tokenised in parallel). Once the parts'
+sizes are known, ``plan_shards`` cuts the whole stream into its shards and gives each shard to the
+part holding its first token, so the shards can be written in parallel, one task per part, and
+are byte for byte what one writer reading the parts in order would write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,24 +63,34 @@ class ShardWriter:
     atomically, named ``{prefix}-{index:05d}.parquet``, into a folder or an object-store URI.
     """
 
-    def __init__(self, out_dir: Path | str, prefix: str, seq_len: int, rows_per_shard: int) -> None:
+    def __init__(self, out_dir: Path | str, prefix: str, seq_len: int, rows_per_shard: int,
+                 first_shard: int = 0) -> None:  # fmt: skip
         self.fs, self.out_dir = resolve(str(out_dir))
         self.prefix = prefix
         self.seq_len, self.rows_per_shard = seq_len, rows_per_shard
         self._rows: list[np.ndarray] = []
         self._buffered = 0
+        self._next = first_shard  # the next shard's number
         self.shards = 0
         self.sequences = 0
 
     def add(self, blocks: np.ndarray) -> None:
-        if blocks.size:
-            self._rows.append(blocks)
-            self._buffered += len(blocks)
-        while self._buffered >= self.rows_per_shard:
-            all_rows = np.concatenate(self._rows)
-            self._write(all_rows[: self.rows_per_shard])
-            rest = all_rows[self.rows_per_shard :]
-            self._rows, self._buffered = ([rest] if len(rest) else []), len(rest)
+        if not blocks.size:
+            return
+        if self._buffered:  # complete the buffered shard first
+            take = min(self.rows_per_shard - self._buffered, len(blocks))
+            self._rows.append(blocks[:take])
+            self._buffered += take
+            blocks = blocks[take:]
+            if self._buffered < self.rows_per_shard:
+                return
+            self._write(np.concatenate(self._rows))
+            self._rows, self._buffered = [], 0
+        full = len(blocks) // self.rows_per_shard * self.rows_per_shard
+        for lo in range(0, full, self.rows_per_shard):  # slices of ``blocks``: nothing copied
+            self._write(blocks[lo : lo + self.rows_per_shard])
+        if full < len(blocks):
+            self._rows, self._buffered = [blocks[full:]], len(blocks) - full
 
     def close(self) -> None:
         if self._buffered:
@@ -86,11 +103,72 @@ class ShardWriter:
         table = pa.table({"input_ids": column})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        name = f"{self.out_dir}/{self.prefix}-{self.shards:05d}.parquet"
+        name = f"{self.out_dir}/{self.prefix}-{self._next:05d}.parquet"
         if isinstance(self.fs, pafs.LocalFileSystem):
             atomic_write_bytes(Path(name), sink.getvalue().to_pybytes())
         else:  # an object store's put is atomic
             with self.fs.open_output_stream(name) as out:
                 out.write(sink.getvalue())
+        self._next += 1
         self.shards += 1
         self.sequences += len(rows)
+
+
+@dataclass(frozen=True)
+class PackTask:
+    """Shards ``first_shard`` ... ``first_shard + shards - 1`` of a split: tokens ``[start, stop)``
+    of its whole stream, which lie in the parts ``parts`` (their indices), whose streams begin at
+    ``offsets`` of the whole stream."""
+
+    first_shard: int
+    shards: int
+    start: int
+    stop: int
+    parts: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How a split's stream, given its parts' sizes, becomes shards."""
+
+    tasks: list[PackTask]
+    sequences: int
+    shards: int
+    leftover: int  # tokens after the last full sequence
+
+
+def plan_shards(sizes: Sequence[int], seq_len: int, rows_per_shard: int) -> ShardPlan:
+    """Cut the concatenation of streams of ``sizes`` tokens into ``seq_len`` sequences and those into
+    shards of ``rows_per_shard`` (the last may be shorter); one task per part that holds the first
+    token of at least one shard writes those shards, reading ahead into later parts for the tail
+    of its last one."""
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
+    sequences = int(offsets[-1]) // seq_len
+    shard_tokens = rows_per_shard * seq_len
+    num_shards = -(-sequences // rows_per_shard)
+    starts = np.arange(num_shards, dtype=np.int64) * shard_tokens
+    stops = np.minimum(starts + shard_tokens, sequences * seq_len)
+    owner = np.searchsorted(offsets, starts, side="right") - 1  # the part holding each shard's first token
+    tasks = []
+    for part in np.unique(owner):
+        mine = np.flatnonzero(owner == part)
+        start, stop = int(starts[mine[0]]), int(stops[mine[-1]])
+        last = int(np.searchsorted(offsets, stop - 1, side="right") - 1)
+        span = range(int(part), last + 1)
+        tasks.append(PackTask(int(mine[0]), mine.size, start, stop, tuple(span), tuple(int(offsets[p]) for p in span)))
+    return ShardPlan(tasks, sequences, num_shards, int(offsets[-1]) - sequences * seq_len)
+
+
+def write_planned_shards(task: PackTask, streams: Sequence[np.ndarray], out_dir: Path | str, prefix: str,
+                         seq_len: int, rows_per_shard: int) -> int:  # fmt: skip
+    """Write ``task``'s shards from its parts' streams (in ``task.parts`` order); returns the rows."""
+    pieces = [s[max(task.start - off, 0) : max(task.stop - off, 0)] for s, off in zip(streams, task.offsets)]
+    tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in pieces])
+    if tokens.size != task.stop - task.start:
+        raise RuntimeError(f"{prefix} shards {task.first_shard}+: the parts' streams hold {tokens.size} of the "
+                           f"{task.stop - task.start} tokens planned")  # fmt: skip
+    writer = ShardWriter(out_dir, prefix, seq_len, rows_per_shard, first_shard=task.first_shard)
+    writer.add(tokens.reshape(-1, seq_len))
+    writer.close()
+    return writer.sequences

@@ -12,9 +12,9 @@ batch plus what the pass returns):
    pair (near dedup's exact verification needs both sides' shingles).
 3. ``finish_part``: the part's slice of the documents table (every record, its status and what it
    duplicates), its rejected records, and its kept documents tokenised into one token stream per
-   split, left in the object store; ``pack_split`` (one task per split) fetches the parts' streams
-   one at a time, in part order, and packs them into the split's shards: the documents in id
-   order, as one process reading the whole corpus would.
+   split, left in the object store; once every part's sizes are known, ``pack_shards`` tasks (one
+   per part that holds a shard's first token, ``packing.plan_shards``) write the split's shards
+   in parallel: the documents in id order, as one process reading the whole corpus would.
 
 The output is a pure function of the input: parts are processed independently and named by index.
 """
@@ -39,7 +39,7 @@ from pipelines.data.corpus import REJECTED, CorpusFile, read_file
 from pipelines.data.encode import CorpusEncoder
 from pipelines.data.filters import any_filter_on, first_failure
 from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_sets
-from pipelines.data.packing import Packer, ShardWriter
+from pipelines.data.packing import PackTask, write_planned_shards
 from pipelines.data.text import normalize
 from pipelines.data.tokenizer import train_bpe
 
@@ -244,10 +244,11 @@ def _rejected_lines(batch: dict[str, np.ndarray]) -> str:
 
 @ray.remote(num_cpus=1, num_returns=3)
 def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarray], files: list[str],
-                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> tuple[int, np.ndarray, np.ndarray]:  # fmt: skip
+                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
     """Pass 3 of one part: its documents table and rejected records, and its kept documents
-    tokenised. Returns the tokens read and, per split (train, validation), the part's token
-    stream in id order: each document's ids followed by EOS."""
+    tokenised. Returns the sizes of its two token streams (small: the driver plans the packing
+    from them) and the streams, per split (train, validation) in id order: each document's ids
+    followed by EOS."""
     fs, path = storage.resolve(part_file(storage.join(out, "documents"), index))
     rejected_fs, rejected_path = storage.resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
     streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
@@ -264,20 +265,15 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
             for ids, val in zip(docs, in_validation(batch["id"][kept], dcfg.pack.validation_fraction)):
                 streams[bool(val)] += [ids, eos]
     train, val = (np.concatenate(streams[v]) if streams[v] else np.zeros(0, np.int32) for v in (False, True))
-    return train.size + val.size, train, val
+    return (train.size, val.size), train, val
 
 
 @ray.remote(num_cpus=1)
-def pack_split(out: str, split: str, streams: list[Any], pack: PackConfig, eos_id: int) -> dict[str, int]:
-    """Pack one split's token streams (object references, one per part, fetched one at a time in
-    part order) into ``shards/<split>-NNNNN.parquet``: every token once, in id order, only the
-    last partial sequence left over. Sequential, and cheap next to tokenising."""
-    packer = Packer(pack.seq_len, eos_id)
-    writer = ShardWriter(storage.join(out, "shards"), split, pack.seq_len, pack.sequences_per_shard)
-    for ref in streams:
-        writer.add(packer.add_tokens(ray.get(ref)))
-    writer.close()
-    return {"sequences": writer.sequences, "shards": writer.shards, "leftover": packer.leftover}
+def pack_shards(out: str, split: str, task: PackTask, pack: PackConfig, *streams: np.ndarray) -> int:
+    """Write one planned run of a split's shards (``shards/<split>-NNNNN.parquet``) from the streams
+    of the parts it spans (read zero-copy from the object store); returns the sequences written."""
+    return write_planned_shards(task, streams, storage.join(out, "shards"), split, pack.seq_len,
+                                pack.sequences_per_shard)  # fmt: skip
 
 
 # --- the tokenizer's training documents -----------------------------------------------------------
@@ -287,8 +283,8 @@ def pack_split(out: str, split: str, streams: list[Any], pack: PackConfig, eos_i
 def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray], cfg: TokenizerConfig,
                     kept: int, threads: int = 1) -> str:  # fmt: skip
     """Train the BPE tokenizer on the first ``cfg.max_training_documents`` kept documents (all of
-    them when null), in id order, streamed from scratch, on ``threads`` cores (call with
-    ``.options(num_cpus=threads)``); returns the tokenizer's JSON."""
+    them when null), in id order, streamed from scratch, on ``threads`` cores (the caller runs it
+    alone, on a node with that many); returns the tokenizer's JSON."""
     limit = kept if cfg.max_training_documents is None else min(kept, cfg.max_training_documents)
     dropped = dup_map["dropped"]
 

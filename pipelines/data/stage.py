@@ -10,8 +10,9 @@ and the duplicate graph is built in Ray tasks too (``pipelines/data/dedup.py``).
   4. near components; the duplicate map (dropped id -> kept id) stays in Ray's object store;
   5. the BPE tokenizer, trained on the first kept documents (a bounded sample by default);
   6. per part: its slice of the documents table (every record, its status and what it
-     duplicates), its rejected records, its kept documents tokenised; then one task per split
-     packs the parts' token streams, in part order, into that split's shards;
+     duplicates), its rejected records, its kept documents tokenised; then, from the parts'
+     stream sizes, each split's shards planned and written in parallel (one task per part that
+     holds a shard's first token), byte for byte what one writer in id order would write;
   7. data_report.json and the stage marker.
 The driver holds object references and counts, never documents, pairs or the duplicate map: its
 memory does not grow with the corpus. Everything is built inside a temporary directory renamed
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tokenizers import Tokenizer
 
 from cluster.runtime import init_ray
@@ -52,8 +54,13 @@ from pipelines.data import dedup, parts, storage
 from pipelines.data.config import DataConfig, DedupConfig
 from pipelines.data.corpus import Corpus, list_corpus_files
 from pipelines.data.minhash import MinHasher, optimal_bands
+from pipelines.data.packing import plan_shards
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
-from pipelines.data.tokenizer import copy_hf_tokenizer, load_tokenizer, save_hf_tokenizer
+from pipelines.data.tokenizer import (
+    copy_hf_tokenizer,
+    load_tokenizer,
+    save_hf_tokenizer,
+)
 
 STAGE = "data"
 __all__ = ["EXACT", "FILTERED", "KEPT", "NEAR", "run"]
@@ -123,9 +130,11 @@ def _collect_rejected(scratch: str, work: Path) -> None:
         storage.concatenate(storage.files_in(storage.join(scratch, "rejected"), ".jsonl"), rejected)
 
 
-def _largest_node_cpus() -> int:
-    """The most CPUs any live node of the cluster has (a task cannot span nodes)."""
-    return max([1, *(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])])
+def _largest_node() -> tuple[str | None, int]:
+    """The live node with the most CPUs (a task cannot span nodes): its id and CPU count."""
+    nodes = [(int(n["Resources"].get("CPU", 0)), n["NodeID"]) for n in ray.nodes() if n["Alive"]]
+    cpus, node = max(nodes, default=(1, None))
+    return node, max(1, cpus)
 
 
 def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
@@ -237,9 +246,12 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             hf = load_tokenizer(work / "tokenizer")
             eos_id, vocab_size = hf.eos_token_id, len(hf)
         else:
-            # Nothing else runs meanwhile: the trainer gets every core of one node.
-            threads = _largest_node_cpus()
-            trained = parts.train_tokenizer.options(num_cpus=threads).remote(
+            # Nothing else of this stage runs meanwhile: the trainer uses every core of the largest
+            # node. It asks Ray for one: a task holding them all made Ray retire an idle worker
+            # process while it trained, and pass 3 then waited 0.7 s for a new one (measured).
+            node, threads = _largest_node()
+            where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
+            trained = parts.train_tokenizer.options(num_cpus=1, scheduling_strategy=where).remote(
                 scratch, [f.index for f in files], dup_map, dcfg.tokenizer, kept, threads)  # fmt: skip
             tok = Tokenizer.from_str(_get([trained])[0])
             save_hf_tokenizer(tok, work / "tokenizer")
@@ -252,19 +264,23 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         finished = [parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
                     for f in files]  # fmt: skip
-        splits = ("train", "validation")  # finish_part returns (tokens read, train stream, validation stream)
-        packing = [parts.pack_split.remote(out, split, [p[1 + k] for p in finished], dcfg.pack, eos_id)
-                   for k, split in enumerate(splits)]  # fmt: skip
-        packed = dict(zip(splits, _get(packing, siblings=[r for p in finished for r in p])))
-        tokens_in = sum(_get([p[0] for p in finished]))
-        del finished
+        streams = [r for p in finished for r in p[1:]]
+        splits = ("train", "validation")  # finish_part returns ((train, validation) sizes, their two streams)
+        sizes = _get([p[0] for p in finished], siblings=streams)
+        plans = {s: plan_shards([n[k] for n in sizes], dcfg.pack.seq_len, dcfg.pack.sequences_per_shard)
+                 for k, s in enumerate(splits)}  # fmt: skip
+        packing = [parts.pack_shards.remote(out, s, task, dcfg.pack, *[finished[i][1 + k] for i in task.parts])
+                   for k, s in enumerate(splits) for task in plans[s].tasks]  # fmt: skip
+        _get(packing, siblings=streams)
+        tokens_in = sum(map(sum, sizes))
+        del finished, streams
         _collect_rejected(scratch, work)
         storage.remove(scratch)
         seconds["documents_pack"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
 
         # 7. Report and marker, inside the directory that is renamed into place.
-        sequences = {s: packed[s]["sequences"] for s in splits}
+        sequences = {s: plans[s].sequences for s in splits}
         seq_len = dcfg.pack.seq_len
         filtered: Counter[str] = sum((c.filtered for c in counts), Counter())
         report = {
@@ -289,11 +305,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             "tokens": {
                 "in": tokens_in,
                 "packed": sum(sequences.values()) * seq_len,
-                "leftover": sum(packed[s]["leftover"] for s in splits),
+                "leftover": sum(plans[s].leftover for s in splits),
             },
             "seq_len": seq_len,
             "sequences": sequences,
-            "shards": {s: packed[s]["shards"] for s in splits},
+            "shards": {s: plans[s].shards for s in splits},
             "parts": len(files),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
