@@ -35,12 +35,26 @@ def configure_output(verbose: bool) -> None:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+# Ray's notice, at each ray.init of a local cluster, that token authentication is on (Ray's
+# default): kept off the terminal unless --verbose. Its warning that authentication is OFF is
+# left alone: that one matters.
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_ON = "Token authentication is enabled"
+
+
+def _quiet_notices(record: logging.LogRecord) -> bool:
+    return _VERBOSE or not record.getMessage().startswith(_TOKEN_AUTH_ON)
+
+
 def _apply_log_levels() -> None:
     # Ray Data configures its loggers when it is imported, which may be after configure_output:
     # init_ray applies the levels again.
     level = logging.INFO if _VERBOSE else logging.WARNING
     for name in ("ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(level)
+    auth = logging.getLogger(_TOKEN_AUTH_LOGGER)
+    if _quiet_notices not in auth.filters:
+        auth.addFilter(_quiet_notices)
 
 
 def ray_log_dir() -> str | None:

@@ -6,13 +6,16 @@ module only needs the ``serve:`` section.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 import urllib.request
 from pathlib import Path
 
+import ray
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.deployment import Application
 
 from serving.auth import resolve_api_key
@@ -47,6 +50,20 @@ def stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+def shutdown_serve(timeout_s: float = 30.0) -> None:
+    """``serve.shutdown()`` without Ray's "(raylet) Task ServeController.graceful_shutdown failed
+    ... will be retried" line on the terminal: the controller's graceful shutdown ends in its own
+    ``ray.kill``, and Serve makes that call with the controller's infinite task retries, so Ray
+    reports the killed call as one it will retry. Made first with no retries, the same call stops
+    the controller the same way, and ``serve.shutdown()`` then finds nothing left to stop. (The
+    controller's name and namespace are Serve's private constants: Serve has no public handle.)"""
+    with contextlib.suppress(ValueError):  # no controller: Serve never started, or already stopped
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            ray.get(controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=timeout_s)
+    serve.shutdown()
+
+
 def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None = None) -> None:
     """Start Serve on ``cfg.host:cfg.port``, run ``app`` (from ``build_app(cfg)``), block until
     Ctrl-C, SIGINT or SIGTERM, then shut Serve down.
@@ -77,4 +94,4 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
     except KeyboardInterrupt:
         print("kiln serve: shutting down", flush=True)
     finally:
-        serve.shutdown()
+        shutdown_serve()

@@ -66,3 +66,24 @@ def test_an_embedded_clusters_workers_get_kilns_environment_without_a_runtime_en
     result = json.loads(lines[0][len("RESULT ") :])
     assert result["worker"] == {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     assert not result["runtime_env"].get("env_vars")
+    # Ray's notice that token authentication is on (its default) is not on the terminal.
+    assert "Token authentication is enabled" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+def test_ray_token_auth_notice_only_with_verbose_its_off_warning_always(restore_output: None) -> None:
+    import logging
+
+    from cluster.runtime import _TOKEN_AUTH_LOGGER
+
+    logger, seen = logging.getLogger(_TOKEN_AUTH_LOGGER), []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        for verbose in (False, True):
+            configure_output(verbose)
+            logger.warning("Token authentication is enabled for this Ray cluster.")
+            logger.warning("Token authentication is disabled for this Ray cluster.")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage().split()[3] for r in seen] == ["disabled", "enabled", "disabled"]

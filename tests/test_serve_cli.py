@@ -94,6 +94,8 @@ def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_
 
         text = _stop_with_sigint(proc, url, log)
         assert "kiln serve: shutting down" in text, text[-4000:]
+        # Neither Ray's token notice nor its report of Serve's self-killing controller as a retry.
+        assert "graceful_shutdown" not in text and "Token authentication is enabled" not in text, text[-4000:]
 
 
 @pytest.mark.slow
