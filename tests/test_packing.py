@@ -87,6 +87,18 @@ def test_planned_parallel_shards_equal_one_writer(tmp_path_factory: pytest.TempP
     assert written == plan.sequences
     assert len(plan.tasks) == len({t.parts[0] for t in plan.tasks})  # at most one task per part
 
+    # As the stage does it: planned as the parts' sizes come in, each shard exactly once.
+    streamed, done, tasks = tmp_path_factory.mktemp("streamed"), 0, []
+    for k in range(1, len(sizes) + 1):
+        for t in plan_shards(sizes[:k], seq_len, rows, first_shard=done, more=k < len(sizes)).tasks:
+            assert max(t.parts) < k  # only parts already in
+            write_planned_shards(t, [streams[p] for p in t.parts], streamed, "train", seq_len, rows)
+            tasks.append(t)
+            done = t.first_shard + t.shards
+    got = _shards(streamed)
+    assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert [t.first_shard for t in tasks] == sorted({t.first_shard for t in tasks}) and done == plan.shards
+
 
 def test_planned_shards_refuse_streams_of_other_sizes(tmp_path: Path) -> None:
     plan = plan_shards([10, 10], seq_len=4, rows_per_shard=2)  # 5 sequences: shards of 2, 2, 1

@@ -4,10 +4,11 @@ Documents are joined with EOS and cut into ``seq_len`` blocks in stream order, s
 appears exactly once and in order; only the final partial block (fewer than ``seq_len`` tokens)
 is left over, and its size is reported.
 
-A split's stream may come in parts (one per input file, tokenised in parallel). Once the parts'
-sizes are known, ``plan_shards`` cuts the whole stream into its shards and gives each shard to the
-part holding its first token, so the shards can be written in parallel, one task per part, and
-are byte for byte what one writer reading the parts in order would write.
+A split's stream may come in parts (one per input file, tokenised in parallel). As the parts'
+sizes become known, in part order, ``plan_shards`` cuts the stream so far into its shards and
+gives each complete shard to the part holding its first token, so the shards can be written in
+parallel, one task per part, while later parts are still being tokenised, and are byte for byte
+what one writer reading the parts in order would write.
 """
 
 from __future__ import annotations
@@ -138,16 +139,24 @@ class ShardPlan:
     leftover: int  # tokens after the last full sequence
 
 
-def plan_shards(sizes: Sequence[int], seq_len: int, rows_per_shard: int) -> ShardPlan:
+def plan_shards(sizes: Sequence[int], seq_len: int, rows_per_shard: int, first_shard: int = 0,
+                more: bool = False) -> ShardPlan:  # fmt: skip
     """Cut the concatenation of streams of ``sizes`` tokens into ``seq_len`` sequences and those into
     shards of ``rows_per_shard`` (the last may be shorter); one task per part that holds the first
-    token of at least one shard writes those shards, reading ahead into later parts for the tail
-    of its last one."""
+    token of at least one of the shards from ``first_shard`` on writes those shards, reading ahead
+    into later parts for the tail of its last one.
+
+    With ``more``, ``sizes`` are the first parts only and others follow: only the full shards
+    these parts complete are planned (a full shard's tokens do not depend on later parts), so
+    shards can be written as the parts come in; the plan's counts are then those of these parts.
+    """
     offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
-    sequences = int(offsets[-1]) // seq_len
+    total = int(offsets[-1])
+    sequences = total // seq_len
     shard_tokens = rows_per_shard * seq_len
     num_shards = -(-sequences // rows_per_shard)
-    starts = np.arange(num_shards, dtype=np.int64) * shard_tokens
+    ids = np.arange(first_shard, total // shard_tokens if more else num_shards, dtype=np.int64)
+    starts = ids * shard_tokens
     stops = np.minimum(starts + shard_tokens, sequences * seq_len)
     owner = np.searchsorted(offsets, starts, side="right") - 1  # the part holding each shard's first token
     tasks = []
@@ -156,8 +165,9 @@ def plan_shards(sizes: Sequence[int], seq_len: int, rows_per_shard: int) -> Shar
         start, stop = int(starts[mine[0]]), int(stops[mine[-1]])
         last = int(np.searchsorted(offsets, stop - 1, side="right") - 1)
         span = range(int(part), last + 1)
-        tasks.append(PackTask(int(mine[0]), mine.size, start, stop, tuple(span), tuple(int(offsets[p]) for p in span)))
-    return ShardPlan(tasks, sequences, num_shards, int(offsets[-1]) - sequences * seq_len)
+        tasks.append(PackTask(int(ids[mine[0]]), mine.size, start, stop, tuple(span),
+                              tuple(int(offsets[p]) for p in span)))  # fmt: skip
+    return ShardPlan(tasks, sequences, num_shards, total - sequences * seq_len)
 
 
 def write_planned_shards(task: PackTask, streams: Sequence[np.ndarray], out_dir: Path | str, prefix: str,

@@ -54,7 +54,7 @@ from pipelines.data import dedup, parts, storage
 from pipelines.data.config import DataConfig, DedupConfig
 from pipelines.data.corpus import Corpus, list_corpus_files
 from pipelines.data.minhash import MinHasher, optimal_bands
-from pipelines.data.packing import plan_shards
+from pipelines.data.packing import ShardPlan, plan_shards
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
 from pipelines.data.tokenizer import (
     copy_hf_tokenizer,
@@ -145,12 +145,59 @@ def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
     try:
         return ray.get(refs)
     except BaseException:
-        for ref in refs:
-            ray.cancel(ref)
-        for ref in [*refs, *siblings]:
-            with contextlib.suppress(Exception):
-                ray.get(ref, timeout=60)
+        _stop(refs, siblings)
         raise
+
+
+def _stop(refs: list[Any], siblings: list[Any] = ()) -> None:
+    """Cancel the tasks of ``refs`` and wait until they and the tasks of ``siblings`` have ended."""
+    for ref in refs:
+        ray.cancel(ref)
+    for ref in [*refs, *siblings]:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=60)
+
+
+def _finish_and_pack(files: list[Any], scratch: str, out: str, dup_map: Any, tokenizer_json: str,
+                     dcfg: DataConfig, eos_id: int) -> tuple[dict[str, ShardPlan], int]:  # fmt: skip
+    """Pass 3 and the shards. Every part's ``finish_part`` is started at once; as their stream sizes
+    come in, in part order, each split's shards that the parts so far complete are planned and
+    written (one task per part holding a shard's first token), and a part's streams are let go
+    once no later shard reads them, so the object store holds a few parts' tokens, not all.
+    Returns each split's plan of the whole stream (its counts) and the tokens read."""
+    splits = ("train", "validation")  # finish_part returns ((train, validation) sizes, their two streams)
+    uris = [f.uri for f in files]
+    sizes_refs, streams = [], []  # streams[part][split]: None once no later shard needs it
+    for f in files:
+        size, *split_streams = parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg,
+                                                        eos_id)  # fmt: skip
+        sizes_refs.append(size)
+        streams.append(split_streams)
+    seq_len, rows = dcfg.pack.seq_len, dcfg.pack.sequences_per_shard
+    sizes: list[tuple[int, int]] = []
+    planned = [0, 0]  # per split: shards given to a task so far
+    kept = [0, 0]  # per split: the first part whose stream is still held
+    packing: list[Any] = []
+    try:
+        for k, ref in enumerate(sizes_refs):
+            sizes.append(ray.get(ref))
+            for j, split in enumerate(splits):
+                split_sizes = [n[j] for n in sizes]
+                more = k + 1 < len(sizes_refs)
+                for task in plan_shards(split_sizes, seq_len, rows, planned[j], more).tasks:
+                    packing.append(parts.pack_shards.remote(out, split, task, dcfg.pack,
+                                                            *[streams[i][j] for i in task.parts]))  # fmt: skip
+                    planned[j] = task.first_shard + task.shards
+                ends = np.cumsum(split_sizes)
+                while kept[j] <= k and ends[kept[j]] <= planned[j] * rows * seq_len:  # wholly before the next shard
+                    streams[kept[j]][j] = None
+                    kept[j] += 1
+        ray.get(packing)
+    except BaseException:
+        _stop([*sizes_refs, *packing], [r for s in streams for r in s if r is not None])
+        raise
+    plans = {s: plan_shards([n[j] for n in sizes], seq_len, rows) for j, s in enumerate(splits)}
+    return plans, sum(map(sum, sizes))
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -260,20 +307,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         tokenizer_json = (work / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
         seconds["tokenizer"] = time.perf_counter() - t
 
-        # 6. Per part: documents table, rejected records, tokens; then each split packed in id order.
+        # 6. Per part: documents table, rejected records, tokens; each split's shards written in
+        #    id order as the parts' sizes come in.
         t = time.perf_counter()
-        finished = [parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg, eos_id)
-                    for f in files]  # fmt: skip
-        streams = [r for p in finished for r in p[1:]]
-        splits = ("train", "validation")  # finish_part returns ((train, validation) sizes, their two streams)
-        sizes = _get([p[0] for p in finished], siblings=streams)
-        plans = {s: plan_shards([n[k] for n in sizes], dcfg.pack.seq_len, dcfg.pack.sequences_per_shard)
-                 for k, s in enumerate(splits)}  # fmt: skip
-        packing = [parts.pack_shards.remote(out, s, task, dcfg.pack, *[finished[i][1 + k] for i in task.parts])
-                   for k, s in enumerate(splits) for task in plans[s].tasks]  # fmt: skip
-        _get(packing, siblings=streams)
-        tokens_in = sum(map(sum, sizes))
-        del finished, streams
+        plans, tokens_in = _finish_and_pack(files, scratch, out, dup_map, tokenizer_json, dcfg, eos_id)
+        splits = tuple(plans)
         _collect_rejected(scratch, work)
         storage.remove(scratch)
         seconds["documents_pack"] = time.perf_counter() - t
