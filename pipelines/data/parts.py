@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -137,7 +138,10 @@ def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, ba
     counts = PartCounts()
     fs, path = storage.resolve(part_file(scratch, file.index))
     ids, hashes, keys = [], [], []
-    with pq.ParquetWriter(path, ANNOTATED, filesystem=fs) as writer:
+    # Scratch is read back three times: on a local disk it is not compressed (snappy cost pass 1 7 %
+    # of its time at 25k documents a part); in object storage the bytes cost more than the CPU.
+    compression = "none" if isinstance(fs, pafs.LocalFileSystem) else "snappy"
+    with pq.ParquetWriter(path, ANNOTATED, filesystem=fs, compression=compression) as writer:
         for raw in read_file(file, dcfg.input, dcfg.bad_records, dcfg.batch_size):
             batch, content_hash, band_key = annotate(raw, dcfg.filters, hasher, *bands, exact=dcfg.dedup.exact)
             writer.write_table(_table(batch, ANNOTATED))
