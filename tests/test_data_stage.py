@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from pipelines.config import KilnConfig, parse_config
 from pipelines.data import parts, storage
@@ -169,6 +170,27 @@ def test_crash_leaves_outputs_intact_and_rerun_gives_same_result(
     assert _documents(cfg) == before
     assert {f.name: pq.read_table(f) for f in (cfg.run.dir / "data/shards").iterdir()} == shards_before
     assert again["documents"] == report["documents"]
+
+
+def test_a_shard_writer_failing_midway_stops_the_stage_and_leaves_outputs_intact(
+    first_run: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards are written while pass 3 still runs: a writer's failure cancels the rest and raises,
+    and the earlier output stays as it was."""
+    cfg, report = first_run
+    before = _documents(cfg)
+
+    @ray.remote(num_cpus=1)
+    def failing_pack(*args: Any) -> int:
+        raise OSError("simulated: no space left on device while writing a shard")
+
+    with monkeypatch.context() as m:
+        m.setattr(parts, "pack_shards", failing_pack)
+        with pytest.raises(Exception, match="simulated: no space left"):
+            data.run(cfg, force=True)
+    assert _documents(cfg) == before
+    assert not [p for p in cfg.run.dir.iterdir() if p.name.startswith(".")]  # no temporaries
+    assert data.run(cfg)["sequences"] == report["sequences"]  # and a rerun writes them again
 
 
 def test_fail_policy_stops_at_the_first_bad_record(corpus: Path, tmp_path: Path, ray_local: None) -> None:
