@@ -73,9 +73,11 @@ def test_planned_parallel_shards_equal_one_writer(tmp_path_factory: pytest.TempP
     streams = [rng.integers(0, 1000, size=n).astype(np.int32) for n in sizes]
     whole = np.concatenate(streams)
     one, planned = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("planned")
-    packer, writer = Packer(seq_len, eos_id=0), ShardWriter(one, "train", seq_len, rows)
-    for lo in range(0, whole.size, chunk):  # the single writer fed in arbitrary pieces
-        writer.add(packer.add_tokens(whole[lo : lo + chunk]))
+    num_rows = whole.size // seq_len
+    blocks, leftover = whole[: num_rows * seq_len].reshape(num_rows, seq_len), whole.size - num_rows * seq_len
+    writer = ShardWriter(one, "train", seq_len, rows)
+    for lo in range(0, num_rows, chunk):  # the single writer fed in arbitrary pieces
+        writer.add(blocks[lo : lo + chunk])
     writer.close()
 
     plan = plan_shards(sizes, seq_len, rows)
@@ -83,7 +85,7 @@ def test_planned_parallel_shards_equal_one_writer(tmp_path_factory: pytest.TempP
                   for t in reversed(plan.tasks))  # fmt: skip
     expected, got = _shards(one), _shards(planned)
     assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in expected)
-    assert (plan.sequences, plan.shards, plan.leftover) == (writer.sequences, writer.shards, packer.leftover)
+    assert (plan.sequences, plan.shards, plan.leftover) == (writer.sequences, writer.shards, leftover)
     assert written == plan.sequences
     assert len(plan.tasks) == len({t.parts[0] for t in plan.tasks})  # at most one task per part
 

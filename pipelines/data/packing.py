@@ -27,7 +27,9 @@ from pipelines.data.storage import resolve
 
 
 class Packer:
-    """Concatenates documents (each followed by EOS) and emits full ``seq_len`` blocks."""
+    """Concatenates documents (each followed by EOS) and emits full ``seq_len`` blocks: the packing
+    of one process reading a corpus in order. The data stage builds the same stream per part
+    (``parts.finish_part``) and cuts it with ``plan_shards``; tests build shards with this."""
 
     def __init__(self, seq_len: int, eos_id: int) -> None:
         self.seq_len = seq_len
@@ -40,13 +42,6 @@ class Packer:
         for ids in docs:
             parts.extend((np.asarray(ids, dtype=np.int32), self.eos))
         stream = np.concatenate(parts)
-        n = stream.size // self.seq_len
-        self._pending = stream[n * self.seq_len :]
-        return stream[: n * self.seq_len].reshape(n, self.seq_len)
-
-    def add_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Append a raw token stream (each document's ids already followed by EOS)."""
-        stream = np.concatenate([self._pending, np.asarray(tokens, dtype=np.int32)])
         n = stream.size // self.seq_len
         self._pending = stream[n * self.seq_len :]
         return stream[: n * self.seq_len].reshape(n, self.seq_len)

@@ -12,9 +12,9 @@ batch plus what the pass returns):
    pair (near dedup's exact verification needs both sides' shingles).
 3. ``finish_part``: the part's slice of the documents table (every record, its status and what it
    duplicates), its rejected records, and its kept documents tokenised into one token stream per
-   split, left in the object store; once every part's sizes are known, ``pack_shards`` tasks (one
-   per part that holds a shard's first token, ``packing.plan_shards``) write the split's shards
-   in parallel: the documents in id order, as one process reading the whole corpus would.
+   split, left in the object store; as the parts' sizes come in, ``pack_shards`` tasks (one per
+   part that holds a shard's first token, ``packing.plan_shards``) write the split's shards in
+   parallel: the documents in id order, as one process reading the whole corpus would.
 
 The output is a pure function of the input: parts are processed independently and named by index.
 """

@@ -174,21 +174,20 @@ def _finish_and_pack(files: list[Any], scratch: str, out: str, dup_map: Any, tok
         sizes_refs.append(size)
         streams.append(split_streams)
     seq_len, rows = dcfg.pack.seq_len, dcfg.pack.sequences_per_shard
-    sizes: list[tuple[int, int]] = []
+    sizes: tuple[list[int], list[int]] = ([], [])  # per split: the parts' stream sizes so far
     planned = [0, 0]  # per split: shards given to a task so far
     kept = [0, 0]  # per split: the first part whose stream is still held
     packing: list[Any] = []
     try:
         for k, ref in enumerate(sizes_refs):
-            sizes.append(ray.get(ref))
-            for j, split in enumerate(splits):
-                split_sizes = [n[j] for n in sizes]
-                more = k + 1 < len(sizes_refs)
-                for task in plan_shards(split_sizes, seq_len, rows, planned[j], more).tasks:
+            more = k + 1 < len(sizes_refs)
+            for j, (split, size) in enumerate(zip(splits, ray.get(ref))):
+                sizes[j].append(size)
+                for task in plan_shards(sizes[j], seq_len, rows, planned[j], more).tasks:
                     packing.append(parts.pack_shards.remote(out, split, task, dcfg.pack,
                                                             *[streams[i][j] for i in task.parts]))  # fmt: skip
                     planned[j] = task.first_shard + task.shards
-                ends = np.cumsum(split_sizes)
+                ends = np.cumsum(sizes[j])
                 while kept[j] <= k and ends[kept[j]] <= planned[j] * rows * seq_len:  # wholly before the next shard
                     streams[kept[j]][j] = None
                     kept[j] += 1
@@ -196,7 +195,7 @@ def _finish_and_pack(files: list[Any], scratch: str, out: str, dup_map: Any, tok
     except BaseException:
         _stop([*sizes_refs, *packing], [r for s in streams for r in s if r is not None])
         raise
-    plans = {s: plan_shards([n[j] for n in sizes], seq_len, rows) for j, s in enumerate(splits)}
+    plans = {s: plan_shards(sizes[j], seq_len, rows) for j, s in enumerate(splits)}
     return plans, sum(map(sum, sizes))
 
 
