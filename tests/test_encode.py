@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.data import encode
+from pipelines.data import encode, pretokenize
 from pipelines.data.config import TokenizerConfig
-from pipelines.data.encode import PIECE_PATTERN, CorpusEncoder, fast_path_applies
+from pipelines.data.encode import CorpusEncoder, fast_path_applies
+from pipelines.data.pretokenize import PIECE_PATTERN
 from pipelines.data.tokenizer import save_hf_tokenizer, train_bpe
 
 TRAINING = [
@@ -79,7 +80,7 @@ def _kernel_pieces(texts: list[str]) -> list[list[str]]:
     encoded = [t.encode("ascii") for t in texts]
     buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     doc_start = np.r_[0, np.cumsum([len(e) for e in encoded])]
-    starts, ends, hashes, counts = encode._pieces_kernel(buf, doc_start[1:], encode._CLASS)
+    starts, ends, hashes, counts = pretokenize.pieces_kernel(buf, doc_start[1:], pretokenize.CLASS)
     assert (hashes != 0).all()
     pieces, p = [], 0
     for d, n in enumerate(counts.tolist()):
@@ -102,13 +103,13 @@ def test_piece_kernel_is_the_pattern(texts: list[str]) -> None:
 
 def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every piece hashing alike: the cache keeps one per hash and the rest take the slow path."""
-    real = encode._pieces_kernel
+    real = encode.pieces_kernel
 
     def colliding(*args):  # a fake kernel: the real pieces, one hash for all of them
         starts, ends, hashes, counts = real(*args)
         return starts, ends, np.full_like(hashes, 12345), counts
 
-    monkeypatch.setattr(encode, "_pieces_kernel", colliding)
+    monkeypatch.setattr(encode, "pieces_kernel", colliding)
     texts = ["What is 7 + 35?", "the the the", "x", "", "I'm sure you'd agree"]
     assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
 
@@ -120,6 +121,53 @@ def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.Mon
     for _ in range(3):
         assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)
     assert encoder._cache.size <= 3 + len(PIECE_PATTERN.findall(" ".join(texts)))
+
+
+def _trained_on_raw_text(texts: list[str], cfg: TokenizerConfig) -> str:
+    """The reference: the library's trainer with kiln's pre-tokenizer on the documents as they are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from core.chat import SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pretokenize.pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, show_progress=False,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.to_str()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=60).map("".join), min_size=1, max_size=12),
+       st.sampled_from([1, 2]))  # fmt: skip
+def test_training_on_split_pieces_gives_the_library_tokenizer(texts: list[str], min_frequency: int) -> None:
+    """train_bpe feeds the trainer pieces it split itself: the tokenizer (vocabulary, merges, every
+    setting) is the one the library trains on the raw documents."""
+    cfg = TokenizerConfig(vocab_size=320, min_frequency=min_frequency)
+    assert train_bpe(texts, cfg).to_str() == _trained_on_raw_text(texts, cfg)
+
+
+def test_training_on_the_quickstart_corpus_gives_the_library_tokenizer(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:  # fmt: skip
+    from pipelines.quickstart.config import GenerateConfig
+    from pipelines.quickstart.generate import generate
+
+    generate(GenerateConfig(out_dir=str(tmp_path), num_documents=300, exact_duplicates=10, near_duplicates=10,
+                            junk_documents=20, sft_examples=10, preference_pairs=10, ppo_prompts=10,
+                            eval_prompts=10))  # fmt: skip
+    texts = [json.loads(line)["text"] for f in sorted((tmp_path / "pretrain").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]  # fmt: skip
+    monkeypatch.setattr(pretokenize, "_TRAINING_CHUNK_BYTES", 4096)  # several training strings
+    cfg = TokenizerConfig(vocab_size=1024)
+    assert train_bpe([*TRAINING, *texts], cfg).to_str() == _trained_on_raw_text([*TRAINING, *texts], cfg)
+
+
+def test_spaced_pieces_are_the_pre_tokenizer_pieces() -> None:
+    library = pretokenize.pre_tokenizer()
+    texts = [t for t in TRAINING[:3] if t.isascii()] + ["\x00\x7f\t \n  x", ""]
+    want = [piece for t in texts for piece, _ in library.pre_tokenize_str(t)]
+    assert pretokenize.spaced_pieces(texts).split(" ")[:-1] == want
 
 
 def test_training_on_two_threads_gives_the_same_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:

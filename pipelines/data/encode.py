@@ -4,8 +4,8 @@ Packing spends most of its time in ``Tokenizer.encode_batch``, and most of that 
 piece's Python-visible ``Encoding`` and in the pre-tokenizer's Unicode regex, for text whose words
 repeat (Zipf). For the tokenizer kiln trains (``pipelines/data/tokenizer.py``: digits split one per
 token, then GPT-2's byte-level regex, then byte-level BPE, no normaliser) and ASCII text, the
-pre-tokenizer is a small state machine over bytes, and a piece's tokens are a function of the piece
-alone, so each distinct piece is run through the library's own BPE model once and its ids are
+pre-tokenizer is a small state machine over bytes (``pipelines/data/pretokenize.py``), and a
+piece's tokens are a function of the piece alone, so each distinct piece is run through the library's own BPE model once and its ids are
 cached. A numba kernel cuts a batch into pieces and hashes them, a second looks every piece up in
 the cache (an open-addressing table; a hit compares the bytes, so a hash collision cannot give
 wrong ids), and numpy gathers the ids: no Python object per piece.
@@ -18,54 +18,17 @@ corpus text, and the state machine against GPT-2's regular expression.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numba
 import numpy as np
 
-from pipelines.data.minhash import mix64_one
+from pipelines.data.pretokenize import BYTE_CHARS, CLASS, PRE_TOKENIZER, pieces_kernel
 
-# The pre-tokenizer as one pattern over a whole ASCII text (the reference the kernel is tested
-# against). tokenizers splits every digit off first (Digits, individual_digits) and then runs GPT-2's
-# ByteLevel regex on each digit-free segment, where \p{L} and \p{N} are [A-Za-z] and [0-9]. That
-# equals this pattern on the text: a digit is a piece of its own, and a whitespace run that a digit
-# follows ends its segment, so GPT-2's ``\s+(?!\S)`` takes all of it there (``(?![^\s0-9])``).
-# Oniguruma's \s (tokenizers') is [\t\n\v\f\r ] on ASCII (Python's also has \x1c-\x1f), spelt out.
-PIECE_PATTERN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+|[0-9]| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"""
-                           r"""|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r 0-9])|[\t\n\x0b\x0c\r ]+""")  # fmt: skip
-OTHER, LETTER, DIGIT, SPACE = 0, 1, 2, 3
-_CLASS = np.zeros(128, dtype=np.uint8)  # Oniguruma's classes of the ASCII bytes
-_CLASS[[ord(c) for c in "\t\n\x0b\x0c\r "]] = SPACE
-_CLASS[ord("0") : ord("9") + 1] = DIGIT
-_CLASS[ord("A") : ord("Z") + 1] = LETTER
-_CLASS[ord("a") : ord("z") + 1] = LETTER
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
 # Text per kernel call: the piece kernel's arrays take 16 bytes per byte of text, so a batch of
 # large documents (text_unit: file) is cut into calls of at most this much (one document at least).
 _CHUNK_BYTES = 4 << 20
-_PRE_TOKENIZER = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ],
-}
-
-
-def _ascii_byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what ByteLevel applies), for bytes 0-127."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {b: chars[b] for b in range(128)}
-
-
-_BYTE_CHARS = str.maketrans(_ascii_byte_chars())
 
 
 def fast_path_applies(spec: dict[str, Any]) -> bool:
@@ -73,7 +36,7 @@ def fast_path_applies(spec: dict[str, Any]) -> bool:
     model = spec.get("model") or {}
     return (
         spec.get("normalizer") is None
-        and spec.get("pre_tokenizer") == _PRE_TOKENIZER
+        and spec.get("pre_tokenizer") == PRE_TOKENIZER
         and model.get("type") == "BPE"
         and not model.get("dropout")
         and not model.get("continuing_subword_prefix")
@@ -81,62 +44,6 @@ def fast_path_applies(spec: dict[str, Any]) -> bool:
         and not model.get("byte_fallback")
         and all(t.get("special") for t in spec.get("added_tokens", []))
     )
-
-
-@numba.njit(cache=True, inline="always")
-def _piece_end(buf: np.ndarray, i: int, end: int, cls: np.ndarray) -> int:
-    """One past the last byte of the piece that starts at ``buf[i]`` (``PIECE_PATTERN``'s match)."""
-    c = buf[i]
-    k = cls[c]
-    if c == 39 and i + 1 < end:  # an apostrophe: 's 't 'm 'd, then 're 've 'll
-        c1 = buf[i + 1]
-        if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
-            return i + 2
-        if i + 2 < end and ((c1 == 114 or c1 == 118) and buf[i + 2] == 101 or c1 == 108 and buf[i + 2] == 108):
-            return i + 3
-    if k == DIGIT:
-        return i + 1
-    if k == SPACE and c == 32 and i + 1 < end and (cls[buf[i + 1]] == LETTER or cls[buf[i + 1]] == OTHER):
-        i += 1  # " ?[A-Za-z]+" and " ?[^\sA-Za-z0-9]+": a space joins the run after it
-        k = cls[buf[i]]
-    j = i + 1
-    while j < end and cls[buf[j]] == k:
-        j += 1
-    if k != SPACE or j == end or cls[buf[j]] == DIGIT:
-        return j
-    # Whitespace before a letter or other byte: "\s+(?!\S)" leaves the run's last byte (to join
-    # what follows if it is a space), or "\s+" takes a run of one.
-    return j - 1 if j - 1 > i else j
-
-
-@numba.njit(cache=True)
-def _pieces_kernel(buf: np.ndarray, doc_end: np.ndarray,
-                   cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The pieces of a batch of ASCII documents (bytes back to back, each ending at ``doc_end``).
-
-    Returns:
-        each piece's start and end (P,) int64, its hash (P,) uint64 (FNV-1a, mixed; never 0), and
-        each document's piece count (B,).
-    """
-    starts = np.empty(buf.size, dtype=np.int64)
-    ends = np.empty(buf.size, dtype=np.int64)
-    hashes = np.empty(buf.size, dtype=np.uint64)
-    counts = np.zeros(doc_end.size, dtype=np.int64)
-    p, pos = 0, 0
-    for d in range(doc_end.size):
-        end = doc_end[d]
-        first = p
-        while pos < end:
-            stop = _piece_end(buf, pos, end, cls)
-            h = np.uint64(0xCBF29CE484222325)
-            for q in range(pos, stop):
-                h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
-            hashes[p] = mix64_one(h) | np.uint64(1)
-            starts[p], ends[p] = pos, stop
-            p += 1
-            pos = stop
-        counts[d] = p - first
-    return starts[:p], ends[:p], hashes[:p], counts
 
 
 @numba.njit(cache=True)
@@ -238,7 +145,7 @@ class CorpusEncoder:
         self._cache = _PieceCache()
 
     def _tokens(self, piece: bytes) -> list[int]:
-        return [t.id for t in self._model.tokenize(piece.decode("ascii").translate(_BYTE_CHARS))]
+        return [t.id for t in self._model.tokenize(piece.decode("ascii").translate(BYTE_CHARS))]
 
     def _fast_ids(self, texts: list[str]) -> list[np.ndarray | None]:
         """The ids of ASCII texts, every piece looked up in the cache (new pieces added first);
@@ -248,7 +155,7 @@ class CorpusEncoder:
         encoded = [t.encode("ascii") for t in texts]
         buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        starts, ends, hashes, counts = _pieces_kernel(buf, doc_end, _CLASS)
+        starts, ends, hashes, counts = pieces_kernel(buf, doc_end, CLASS)
         index = self._cache.lookup(buf, starts, ends, hashes)
         missing = np.flatnonzero(index < 0)
         if missing.size:

@@ -304,4 +304,4 @@ def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarra
                 if left == 0:
                     return
 
-    return train_bpe(texts(), cfg, length=limit, threads=threads).to_str()
+    return train_bpe(texts(), cfg, threads=threads).to_str()

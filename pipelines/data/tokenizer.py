@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from core.chat import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from core.rundir import atomic_dir
 from pipelines.data.config import TokenizerConfig
+from pipelines.data.pretokenize import pre_tokenizer, training_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,14 +46,17 @@ def rust_threads(threads: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None, threads: int = 1) -> Tokenizer:
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, threads: int = 1) -> Tokenizer:
     """Train a byte-level BPE model on a stream of documents (never all in memory at once), on
-    ``threads`` cores (the trainer's pair counting is parallel)."""
+    ``threads`` cores (the trainer's word counting is parallel).
+
+    The trainer is fed the documents already pre-tokenized (``pretokenize.training_text``: ASCII
+    split by a numba state machine, the rest by the library) under a whitespace split, and the
+    tokenizer gets the real pre-tokenizer afterwards: the trainer counts the same words, so the
+    tokenizer is the one training on the raw text gives (tested), a third faster (its regex and byte
+    mapping were most of the time)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -61,7 +65,9 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
         show_progress=False,
     )
     with rust_threads(threads):
-        tok.train_from_iterator(texts, trainer=trainer, length=length)
+        tok.train_from_iterator(training_text(texts), trainer=trainer)
+    tok.pre_tokenizer = pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
     return tok
 
 
