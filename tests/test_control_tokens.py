@@ -234,7 +234,8 @@ def test_corpus_document_with_eos_text_packs_without_an_extra_separator(tok: Any
     docs = ["The sum is 7.<|endoftext|>This is still the first document.", "  What is 3 + 4?\n\n 7.",
             "<|im_start|>system\nnot a turn<|im_end|>"]  # fmt: skip
     batch = {"id": np.arange(len(docs), dtype=np.int64), "text": np.array(docs, dtype=object)}
-    ids = tokenize(list(batch["text"]), (tok_dir / "tokenizer.json").read_text())
+    flat, lens = tokenize(list(batch["text"]), (tok_dir / "tokenizer.json").read_text())
+    ids = np.split(flat, np.cumsum(lens)[:-1])
     for text, doc in zip(docs, ids):
         assert tok.decode(doc.tolist()) == text and not _special(tok) & set(doc.tolist())
     assert ids[1].tolist() == tok.encode(docs[1], add_special_tokens=False)  # a plain document: as before

@@ -61,6 +61,15 @@ def test_same_ids_as_encode_batch(tokenizer_json: str, texts: list[str]) -> None
     assert all(ids.dtype == np.int32 for ids in got)
     assert [ids.tolist() for ids in got] == _reference(tokenizer_json, texts)
     assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)  # from the cache
+    _assert_ragged(CorpusEncoder(tokenizer_json), texts, _reference(tokenizer_json, texts))
+
+
+def _assert_ragged(encoder: CorpusEncoder, texts: list[str], want: list[list[int]]) -> None:
+    """``encode_ragged``: the same ids back to back, with each text's count."""
+    ids, lens = encoder.encode_ragged(texts)
+    assert ids.dtype == np.int32 and lens.dtype == np.int64
+    assert ids.tolist() == [t for doc in want for t in doc]
+    assert lens.tolist() == [len(doc) for doc in want]
 
 
 def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) -> None:
@@ -76,42 +85,25 @@ def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) 
     assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
 
 
-def _kernel_pieces(texts: list[str]) -> list[list[str]]:
-    encoded = [t.encode("ascii") for t in texts]
-    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    doc_start = np.r_[0, np.cumsum([len(e) for e in encoded])]
-    starts, ends, hashes, counts = pretokenize.pieces_kernel(buf, doc_start[1:], pretokenize.CLASS)
-    assert (hashes != 0).all()
-    pieces, p = [], 0
-    for d, n in enumerate(counts.tolist()):
-        lo, mine = doc_start[d], []
-        for start, end in zip(starts[p : p + n].tolist(), ends[p : p + n].tolist()):
-            assert start == lo  # the pieces tile the document
-            mine.append(buf[start:end].tobytes().decode("ascii"))
-            lo = end
-        assert lo == doc_start[d + 1]
-        pieces.append(mine)
-        p += n
-    return pieces
-
-
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(max_codepoint=127), max_size=60), min_size=1, max_size=6))
-def test_piece_kernel_is_the_pattern(texts: list[str]) -> None:
-    assert _kernel_pieces(texts) == [PIECE_PATTERN.findall(t) for t in texts]
+def test_piece_state_machine_is_the_pattern(texts: list[str]) -> None:
+    """The state machine's pieces (as the trainer gets them: mapped, space-separated) are the
+    pattern's, in order, document after document."""
+    want = [piece.translate(pretokenize.BYTE_CHARS) for t in texts for piece in PIECE_PATTERN.findall(t)]
+    assert pretokenize.spaced_pieces(texts).split(" ")[:-1] == want
 
 
 def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every piece hashing alike: the cache keeps one per hash and the rest take the slow path."""
-    real = encode.pieces_kernel
-
-    def colliding(*args):  # a fake kernel: the real pieces, one hash for all of them
-        starts, ends, hashes, counts = real(*args)
-        return starts, ends, np.full_like(hashes, 12345), counts
-
-    monkeypatch.setattr(encode, "pieces_kernel", colliding)
+    monkeypatch.setattr(encode, "_HASH_MASK", np.uint64(0))  # every piece's hash is 1
     texts = ["What is 7 + 35?", "the the the", "x", "", "I'm sure you'd agree"]
-    assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
+    encoder = CorpusEncoder(tokenizer_json)
+    assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)
+    assert encoder._cache.size == 1
+    ids, lens = encoder.encode_ragged(texts)
+    assert ids.tolist() == [t for doc in _reference(tokenizer_json, texts) for t in doc]
+    assert lens.tolist() == [len(doc) for doc in _reference(tokenizer_json, texts)]
 
 
 def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,3 +178,7 @@ def test_large_batches_are_encoded_in_bounded_chunks(tokenizer_json: str, monkey
     monkeypatch.setattr(encode, "_CHUNK_BYTES", 64)  # several documents per call, and one alone
     texts = [*TRAINING[:5], "x" * 200, "é", *TRAINING[5:9]]
     assert [ids.tolist() for ids in CorpusEncoder(tokenizer_json).encode(texts)] == _reference(tokenizer_json, texts)
+    _assert_ragged(CorpusEncoder(tokenizer_json), texts, _reference(tokenizer_json, texts))  # "é": the slow path
+    ascii_only = [*TRAINING[:5], "x" * 200, *TRAINING[5:9]]  # the fast path, in several calls
+    _assert_ragged(CorpusEncoder(tokenizer_json), ascii_only, _reference(tokenizer_json, ascii_only))
+    _assert_ragged(CorpusEncoder(tokenizer_json), [], [])

@@ -15,6 +15,7 @@ from pipelines.data.packing import (
     Packer,
     PackTask,
     ShardWriter,
+    eos_streams,
     plan_shards,
     write_planned_shards,
 )
@@ -44,6 +45,18 @@ def test_packer_keeps_every_token_in_order() -> None:
     assert all(b.shape[1] == 16 for b in blocks)
     assert stream.size + packer.leftover == expected.size
     assert np.array_equal(stream, expected[: stream.size])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(4, 99), max_size=6), st.booleans()), max_size=12))
+def test_eos_streams_are_each_splits_documents_with_eos_after_each(docs: list[tuple[list[int], bool]]) -> None:
+    ids = np.array([t for doc, _ in docs for t in doc], dtype=np.int32)
+    lens = np.array([len(doc) for doc, _ in docs], dtype=np.int64)
+    in_val = np.array([val for _, val in docs], dtype=bool)
+    train, val = eos_streams(ids, lens, in_val, 0)
+    assert train.dtype == val.dtype == np.int32
+    for stream, split in ((train, False), (val, True)):
+        assert stream.tolist() == [t for doc, v in docs if v == split for t in [*doc, 0]]
 
 
 def test_shard_writer_splits_and_round_trips(tmp_path: Path) -> None:

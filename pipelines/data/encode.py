@@ -23,12 +23,21 @@ from typing import Any
 import numba
 import numpy as np
 
-from pipelines.data.pretokenize import BYTE_CHARS, CLASS, PRE_TOKENIZER, pieces_kernel
+from pipelines.data.pretokenize import (
+    BYTE_CHARS,
+    CLASS,
+    PRE_TOKENIZER,
+    piece_end,
+    piece_hash,
+)
 
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
-# Text per kernel call: the piece kernel's arrays take 16 bytes per byte of text, so a batch of
-# large documents (text_unit: file) is cut into calls of at most this much (one document at least).
+# Text per kernel call: the index kernel's arrays take up to 40 bytes per byte of text (reserved,
+# mostly untouched), so a batch of large documents (text_unit: file) is cut into calls of at most
+# this much (one document at least).
 _CHUNK_BYTES = 4 << 20
+# ANDed into every piece's hash: all ones; a test sets 0 to make every piece collide.
+_HASH_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def fast_path_applies(spec: dict[str, Any]) -> bool:
@@ -46,29 +55,102 @@ def fast_path_applies(spec: dict[str, Any]) -> bool:
     )
 
 
+@numba.njit(cache=True, inline="always")
+def _find(buf: np.ndarray, lo: int, hi: int, h: np.uint64, slots: np.ndarray, slot_hash: np.ndarray,
+          piece_bytes: np.ndarray, piece_off: np.ndarray) -> int:  # fmt: skip
+    """The cache entry of the piece ``buf[lo:hi]`` (hash ``h``), or -1: linear probing from
+    ``h & mask``; a slot matches when its hash and the cached piece's bytes both equal the piece's."""
+    mask = np.uint64(slots.size - 1)
+    n = hi - lo
+    s = h & mask
+    while slots[s] >= 0:
+        k = slots[s]
+        if slot_hash[s] == h and piece_off[k + 1] - piece_off[k] == n:
+            base, same = piece_off[k], True
+            for q in range(n):
+                if piece_bytes[base + q] != buf[lo + q]:
+                    same = False
+                    break
+            if same:
+                return k
+        s = (s + np.uint64(1)) & mask
+    return -1
+
+
+@numba.njit(cache=True)
+def _index_kernel(buf: np.ndarray, doc_end: np.ndarray, cls: np.ndarray, hash_mask: np.uint64, slots: np.ndarray,
+                  slot_hash: np.ndarray, piece_bytes: np.ndarray,
+                  piece_off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Cut a batch of ASCII documents (bytes back to back, each ending at ``doc_end``) into pieces
+    and look each up in the cache, in one pass.
+
+    Returns:
+        each piece's cache entry or -1 (P,), each document's piece count (B,), and for the pieces
+        not found (M,): their numbers, starts, ends and hashes (M x 3 int64, then M uint64).
+    """
+    index = np.empty(buf.size, dtype=np.int64)
+    counts = np.zeros(doc_end.size, dtype=np.int64)
+    missed = np.empty((buf.size, 3), dtype=np.int64)  # reserved, touched only where pieces are new
+    miss_hash = np.empty(buf.size, dtype=np.uint64)
+    p, m, pos = 0, 0, 0
+    for d in range(doc_end.size):
+        end = doc_end[d]
+        first = p
+        while pos < end:
+            stop = piece_end(buf, pos, end, cls)
+            h = (piece_hash(buf, pos, stop) & hash_mask) | np.uint64(1)
+            k = _find(buf, pos, stop, h, slots, slot_hash, piece_bytes, piece_off)
+            index[p] = k
+            if k < 0:
+                missed[m, 0], missed[m, 1], missed[m, 2] = p, pos, stop
+                miss_hash[m] = h
+                m += 1
+            p += 1
+            pos = stop
+        counts[d] = p - first
+    return index[:p], counts, missed[:m], miss_hash[:m]
+
+
 @numba.njit(cache=True)
 def _lookup_kernel(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, hashes: np.ndarray, slots: np.ndarray,
                    slot_hash: np.ndarray, piece_bytes: np.ndarray, piece_off: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Each piece's index in the cache, or -1: linear probing from ``hash & mask``; a slot matches
-    when its hash and the cached piece's bytes both equal the piece's."""
-    mask = slots.size - 1
-    out = np.full(starts.size, -1, dtype=np.int64)
+    """Each given piece's cache entry, or -1."""
+    out = np.empty(starts.size, dtype=np.int64)
     for p in range(starts.size):
-        h, lo, n = hashes[p], starts[p], ends[p] - starts[p]
-        s = h & np.uint64(mask)
-        while slots[s] >= 0:
-            k = slots[s]
-            if slot_hash[s] == h and piece_off[k + 1] - piece_off[k] == n:
-                base, same = piece_off[k], True
-                for q in range(n):
-                    if piece_bytes[base + q] != buf[lo + q]:
-                        same = False
-                        break
-                if same:
-                    out[p] = k
-                    break
-            s = (s + np.uint64(1)) & np.uint64(mask)
+        out[p] = _find(buf, starts[p], ends[p], hashes[p], slots, slot_hash, piece_bytes, piece_off)
     return out
+
+
+@numba.njit(cache=True)
+def _gather_kernel(index: np.ndarray, counts: np.ndarray, id_off: np.ndarray,
+                   ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The pieces' cached ids back to back, each document's token count, and whether a document
+    has a piece with no entry (-1: it gets no ids here)."""
+    lens = np.zeros(counts.size, dtype=np.int64)
+    bad = np.zeros(counts.size, dtype=np.bool_)
+    total, p = 0, 0
+    for d in range(counts.size):
+        for q in range(p, p + counts[d]):
+            k = index[q]
+            if k < 0:
+                bad[d] = True
+            else:
+                lens[d] += id_off[k + 1] - id_off[k]
+        if bad[d]:
+            lens[d] = 0
+        total += lens[d]
+        p += counts[d]
+    out = np.empty(total, dtype=np.int32)
+    o, p = 0, 0
+    for d in range(counts.size):
+        if not bad[d]:
+            for q in range(p, p + counts[d]):
+                k = index[q]
+                for t in range(id_off[k], id_off[k + 1]):
+                    out[o] = ids[t]
+                    o += 1
+        p += counts[d]
+    return out, lens, bad
 
 
 @numba.njit(cache=True)
@@ -147,48 +229,55 @@ class CorpusEncoder:
     def _tokens(self, piece: bytes) -> list[int]:
         return [t.id for t in self._model.tokenize(piece.decode("ascii").translate(BYTE_CHARS))]
 
-    def _fast_ids(self, texts: list[str]) -> list[np.ndarray | None]:
-        """The ids of ASCII texts, every piece looked up in the cache (new pieces added first);
-        None for a text with a piece whose hash another cached piece has (never seen in practice)."""
+    def _fast_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ASCII texts' ids back to back (int32), each text's token count, and which texts have a
+        piece whose hash another cached piece has (never seen in practice; they get no ids here).
+        Pieces new to the cache are added first, their ids from the library's own BPE model."""
         if self._cache.size > _MAX_CACHED_WORDS:
             self._cache = _PieceCache()
+        cache = self._cache
         encoded = [t.encode("ascii") for t in texts]
         buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        starts, ends, hashes, counts = pieces_kernel(buf, doc_end, CLASS)
-        index = self._cache.lookup(buf, starts, ends, hashes)
-        missing = np.flatnonzero(index < 0)
-        if missing.size:
-            _, first = np.unique(hashes[missing], return_index=True)  # one of each new piece
-            new = missing[np.sort(first)]
-            pieces = [buf[a:b].tobytes() for a, b in zip(starts[new].tolist(), ends[new].tolist())]
-            self._cache.add(pieces, hashes[new], [self._tokens(p) for p in pieces])
-            index[missing] = self._cache.lookup(buf, starts[missing], ends[missing], hashes[missing])
-        collided = np.flatnonzero(index < 0)  # another piece's hash: those documents take the slow path
-        index[collided] = 0
-        lens = self._cache.id_off[index + 1] - self._cache.id_off[index]
-        tok_end = np.cumsum(lens)
-        ids = self._cache.ids[np.repeat(self._cache.id_off[index] - (tok_end - lens), lens)
-                              + np.arange(tok_end[-1] if tok_end.size else 0)]  # fmt: skip
-        piece_bounds = np.r_[0, np.cumsum(counts)]
-        bounds = np.r_[0, tok_end][piece_bounds]  # each document's first id, and the end
-        out: list[np.ndarray | None] = list(np.split(ids, bounds[1:-1]))
-        for d in np.unique(np.searchsorted(piece_bounds, collided, side="right") - 1).tolist():
-            out[d] = None
-        return out
+        index, counts, missed, miss_hash = _index_kernel(buf, doc_end, CLASS, _HASH_MASK, cache.slots,
+                                                         cache.slot_hash, cache.bytes, cache.byte_off)  # fmt: skip
+        if miss_hash.size:
+            _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
+            new = np.sort(first)
+            pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
+            cache.add(pieces, miss_hash[new], [self._tokens(piece) for piece in pieces])
+            # Still -1 after that: another piece has the hash (its document takes the slow path).
+            index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
+        return _gather_kernel(index, counts, cache.id_off, cache.ids)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's token ids (int32)."""
         out: list[np.ndarray | None] = [None] * len(texts)
         fast = [i for i, t in enumerate(texts) if self.fast and t.isascii()]
         for chunk in _chunks(fast, [len(texts[i]) for i in fast], _CHUNK_BYTES):
-            for i, ids in zip(chunk, self._fast_ids([texts[i] for i in chunk])):
-                out[i] = ids
+            ids, lens, bad = self._fast_ragged([texts[i] for i in chunk])
+            for i, doc_ids, b in zip(chunk, np.split(ids, np.cumsum(lens)[:-1]), bad.tolist()):
+                out[i] = None if b else doc_ids
         slow = [i for i, ids in enumerate(out) if ids is None]
         if slow:
             encoded = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
             for i, e in zip(slow, encoded):
                 out[i] = np.asarray(e.ids, dtype=np.int32)
         return out  # type: ignore[return-value]
+
+    def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids back to back (int32) and each text's token count: ``encode`` without an
+        array per text (the data stage's form: it joins them into one stream anyway)."""
+        if self.fast and all(t.isascii() for t in texts):
+            parts = [self._fast_ragged(texts[c[0] : c[-1] + 1])
+                     for c in _chunks(list(range(len(texts))), [len(t) for t in texts], _CHUNK_BYTES)]  # fmt: skip
+            if not any(bad.any() for _, _, bad in parts):
+                if not parts:
+                    return np.zeros(0, np.int32), np.zeros(0, np.int64)
+                return np.concatenate([ids for ids, _, _ in parts]), np.concatenate([lens for _, lens, _ in parts])
+        docs = self.encode(texts)
+        ids = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+        return ids.astype(np.int32, copy=False), np.fromiter(map(len, docs), np.int64, len(docs))
 
 
 def _chunks(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,6 +25,30 @@ import pyarrow.parquet as pq
 
 from core.rundir import atomic_write_bytes
 from pipelines.data.storage import resolve
+
+
+@numba.njit(cache=True)
+def eos_streams(ids: np.ndarray, lens: np.ndarray, in_val: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids (back to back, ``lens`` each) as the two splits' streams: each document of a
+    split in order, followed by ``eos``; ``in_val`` says which documents are validation."""
+    sizes = np.zeros(2, dtype=np.int64)
+    for d in range(lens.size):
+        sizes[1 if in_val[d] else 0] += lens[d] + 1
+    train = np.empty(sizes[0], dtype=np.int32)
+    val = np.empty(sizes[1], dtype=np.int32)
+    t = v = src = 0
+    for d in range(lens.size):
+        n = lens[d]
+        if in_val[d]:
+            val[v : v + n] = ids[src : src + n]
+            val[v + n] = eos
+            v += n + 1
+        else:
+            train[t : t + n] = ids[src : src + n]
+            train[t + n] = eos
+            t += n + 1
+        src += n
+    return train, val
 
 
 class Packer:

@@ -40,7 +40,7 @@ from pipelines.data.corpus import REJECTED, CorpusFile, read_file
 from pipelines.data.encode import CorpusEncoder
 from pipelines.data.filters import any_filter_on, first_failure
 from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_sets
-from pipelines.data.packing import PackTask, write_planned_shards
+from pipelines.data.packing import PackTask, eos_streams, write_planned_shards
 from pipelines.data.text import normalize
 from pipelines.data.tokenizer import train_bpe
 
@@ -223,16 +223,17 @@ def mark_duplicates(batch: dict[str, np.ndarray], dup_map: dict[str, np.ndarray]
 _ENCODERS: dict[str, CorpusEncoder] = {}
 
 
-def tokenize(texts: list[str], tokenizer_json: str) -> list[np.ndarray]:
-    """Token ids of each document (no special tokens added; "<|endoftext|>" written in a document
-    is ordinary text: only the packer puts the EOS id between documents). The tokenizer travels
+def tokenize(texts: list[str], tokenizer_json: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the documents, back to back, and each one's count (no special tokens added;
+    "<|endoftext|>" written in a document is ordinary text: only the packer puts the EOS id between
+    documents). The tokenizer travels
     with the task as its JSON (a worker on another node cannot read the driver's temporary
     directory) and is built once per worker process."""
     key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
     if key not in _ENCODERS:
         _ENCODERS.clear()
         _ENCODERS[key] = CorpusEncoder(tokenizer_json)
-    return _ENCODERS[key].encode(texts)
+    return _ENCODERS[key].encode_ragged(texts)
 
 
 def in_validation(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -256,7 +257,6 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
     fs, path = storage.resolve(part_file(storage.join(out, "documents"), index))
     rejected_fs, rejected_path = storage.resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
     streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
-    eos = np.array([eos_id], dtype=np.int32)
     with pq.ParquetWriter(path, DOCUMENTS, filesystem=fs) as writer, \
             rejected_fs.open_output_stream(rejected_path) as rejected:  # fmt: skip
         for record_batch in _annotated_batches(scratch, index, ANNOTATED.names, dcfg.batch_size):
@@ -265,9 +265,10 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
             writer.write_table(_table(batch, DOCUMENTS))
             rejected.write(_rejected_lines(batch).encode())
             kept = batch["status"] == KEPT
-            docs = tokenize(batch["text"][kept].tolist(), tokenizer_json)
-            for ids, val in zip(docs, in_validation(batch["id"][kept], dcfg.pack.validation_fraction)):
-                streams[bool(val)] += [ids, eos]
+            ids, lens = tokenize(batch["text"][kept].tolist(), tokenizer_json)
+            in_val = in_validation(batch["id"][kept], dcfg.pack.validation_fraction)
+            for split, stream in zip((False, True), eos_streams(ids, lens, in_val, eos_id)):
+                streams[split].append(stream)
     train, val = (np.concatenate(streams[v]) if streams[v] else np.zeros(0, np.int32) for v in (False, True))
     return (train.size, val.size), train, val
 

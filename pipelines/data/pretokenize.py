@@ -116,34 +116,13 @@ def piece_end(buf: np.ndarray, i: int, end: int, cls: np.ndarray) -> int:
     return j - 1 if j - 1 > i else j
 
 
-@numba.njit(cache=True)
-def pieces_kernel(buf: np.ndarray, doc_end: np.ndarray,
-                   cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The pieces of a batch of ASCII documents (bytes back to back, each ending at ``doc_end``).
-
-    Returns:
-        each piece's start and end (P,) int64, its hash (P,) uint64 (FNV-1a, mixed; never 0), and
-        each document's piece count (B,).
-    """
-    starts = np.empty(buf.size, dtype=np.int64)
-    ends = np.empty(buf.size, dtype=np.int64)
-    hashes = np.empty(buf.size, dtype=np.uint64)
-    counts = np.zeros(doc_end.size, dtype=np.int64)
-    p, pos = 0, 0
-    for d in range(doc_end.size):
-        end = doc_end[d]
-        first = p
-        while pos < end:
-            stop = piece_end(buf, pos, end, cls)
-            h = np.uint64(0xCBF29CE484222325)
-            for q in range(pos, stop):
-                h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
-            hashes[p] = mix64_one(h) | np.uint64(1)
-            starts[p], ends[p] = pos, stop
-            p += 1
-            pos = stop
-        counts[d] = p - first
-    return starts[:p], ends[:p], hashes[:p], counts
+@numba.njit(cache=True, inline="always")
+def piece_hash(buf: np.ndarray, start: int, stop: int) -> np.uint64:
+    """A piece's hash: FNV-1a of its bytes, mixed; never 0."""
+    h = np.uint64(0xCBF29CE484222325)
+    for q in range(start, stop):
+        h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
+    return mix64_one(h) | np.uint64(1)
 
 
 def _utf8_of_byte_chars() -> tuple[np.ndarray, np.ndarray]:
