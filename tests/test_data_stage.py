@@ -141,6 +141,28 @@ def test_shards_hold_every_kept_token_in_order(first_run: tuple) -> None:
     assert report["tokens"]["packed"] + report["tokens"]["leftover"] == report["tokens"]["in"]
 
 
+def _kept_sizes(cfg: KilnConfig) -> np.ndarray:
+    """UTF-8 sizes of the kept documents in id order, summed up."""
+    rows = sorted((r["id"], r["text"]) for r in pq.read_table(cfg.run.dir / "data" / "documents").to_pylist()
+                  if r["status"] == "kept")  # fmt: skip
+    return np.cumsum([len(text.encode()) for _, text in rows])
+
+
+def test_tokenizer_trains_on_the_first_kept_documents_up_to_its_bounds(first_run: tuple, corpus: Path,
+                                                                       tmp_path: Path) -> None:  # fmt: skip
+    cfg, report = first_run
+    sizes = _kept_sizes(cfg)
+    assert report["tokenizer"]["training_documents"] == report["documents"]["kept"] == sizes.size  # under both bounds
+    assert report["tokenizer"]["training_bytes"] == sizes[-1]
+    # Bytes: the first documents in id order; the one that reaches the bound is the last taken.
+    by_bytes = data.run(_config(tmp_path / "b", corpus, tokenizer={"vocab_size": 1024, "max_training_bytes": 5000}))
+    n = by_bytes["tokenizer"]["training_documents"]
+    assert sizes[n - 2] < 5000 <= sizes[n - 1] and by_bytes["tokenizer"]["training_bytes"] == sizes[n - 1]
+    by_count = data.run(_config(tmp_path / "d", corpus, tokenizer={"vocab_size": 1024, "max_training_documents": 7}))
+    assert (by_count["tokenizer"]["training_documents"], by_count["tokenizer"]["training_bytes"]) == (7, sizes[6])
+    assert by_count["documents"] == report["documents"]  # the bounds change the tokenizer, nothing else
+
+
 def test_rerun_is_a_noop(first_run: tuple) -> None:
     cfg, report = first_run
     marker = cfg.run.dir / "data" / "stage.json"

@@ -82,10 +82,12 @@ class TokenizerConfig(Section):
     path: str | None = None
     vocab_size: int = Field(default=4096, ge=300)
     min_frequency: int = Field(default=2, ge=1)
-    # Kept documents the tokenizer is trained on, the first in id order (null: all of them). A
-    # bounded sample by default, since training time grows with it (the quality cost of the bound
-    # was not measured).
+    # The tokenizer trains on the first kept documents in id order, up to both bounds (null: no
+    # bound): training time grows with the text (~1 s for 20 MB on 2 cores), vocabulary quality
+    # hardly (held-out bytes per token on Python source: 22 MB -0.2 %, 86 MB -0.07 % against 171 MB).
     max_training_documents: int | None = Field(default=20_000, ge=1)
+    # In UTF-8 bytes of text; the document that reaches the bound is the last one taken.
+    max_training_bytes: int | None = Field(default=32 << 20, ge=1)
 
 
 class PackConfig(Section):

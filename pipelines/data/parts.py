@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -284,25 +286,36 @@ def pack_shards(out: str, split: str, task: PackTask, pack: PackConfig, *streams
 # --- the tokenizer's training documents -----------------------------------------------------------
 
 
+def training_documents(scratch: str, parts: list[int], dropped: np.ndarray, max_documents: int | None,
+                       max_bytes: int | None, taken: list[int]) -> Iterator[str]:  # fmt: skip
+    """The tokenizer's training documents, streamed from scratch: the first kept documents in id
+    order up to ``max_documents`` and ``max_bytes`` of UTF-8 (the document reaching it is the last;
+    null: no bound). ``taken`` gets [documents, bytes] as they are yielded."""
+    docs_left = math.inf if max_documents is None else max_documents
+    bytes_left = math.inf if max_bytes is None else max_bytes
+    taken[:] = [0, 0]
+    for index in parts:
+        for batch in _annotated_batches(scratch, index, ["id", "text", "status"]):
+            status = batch.column(2).to_numpy(zero_copy_only=False)
+            keep = np.flatnonzero((status == "") & ~np.isin(batch.column(0).to_numpy(), dropped))
+            sizes = np.cumsum(pc.binary_length(batch.column(1)).to_numpy(zero_copy_only=False)[keep])
+            n = min(keep.size, docs_left, int(np.searchsorted(sizes, bytes_left, side="left")) + 1)
+            yield from batch.column(1).take(pa.array(keep[:n])).to_pylist()
+            size = int(sizes[n - 1]) if n else 0
+            docs_left, bytes_left = docs_left - n, bytes_left - size
+            taken[0], taken[1] = taken[0] + n, taken[1] + size
+            if docs_left <= 0 or bytes_left <= 0:
+                return
+
+
 @ray.remote(num_cpus=1)
 def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray], cfg: TokenizerConfig,
-                    kept: int, threads: int = 1) -> str:  # fmt: skip
-    """Train the BPE tokenizer on the first ``cfg.max_training_documents`` kept documents (all of
-    them when null), in id order, streamed from scratch, on ``threads`` cores (the caller runs it
-    alone, on a node with that many); returns the tokenizer's JSON."""
-    limit = kept if cfg.max_training_documents is None else min(kept, cfg.max_training_documents)
-    dropped = dup_map["dropped"]
-
-    def texts() -> Iterator[str]:
-        left = limit
-        for index in parts:
-            for batch in _annotated_batches(scratch, index, ["id", "text", "status"]):
-                status = batch.column(2).to_numpy(zero_copy_only=False)
-                keep = np.flatnonzero((status == "") & ~np.isin(batch.column(0).to_numpy(), dropped))
-                for text in batch.column(1).take(pa.array(keep[:left])).to_pylist():
-                    yield text
-                left -= min(left, keep.size)
-                if left == 0:
-                    return
-
-    return train_bpe(texts(), cfg, threads=threads).to_str()
+                    threads: int = 1) -> tuple[str, int, int]:  # fmt: skip
+    """Train the BPE tokenizer on ``training_documents`` (the config's bounds) on ``threads`` cores
+    (the caller runs it alone, on a node with that many); returns the tokenizer's JSON and the
+    documents and bytes it was trained on."""
+    taken: list[int] = []
+    docs = training_documents(scratch, parts, dup_map["dropped"], cfg.max_training_documents, cfg.max_training_bytes,
+                              taken)  # fmt: skip
+    tokenizer_json = train_bpe(docs, cfg, threads=threads).to_str()
+    return tokenizer_json, taken[0], taken[1]

@@ -287,6 +287,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
 
         # 5. Tokenizer: trained on the kept documents (a bounded sample by default), or copied.
         t = time.perf_counter()
+        training: list[int | None] = [None, None]  # documents, bytes: none when copied
         if dcfg.tokenizer.path is not None:
             copy_hf_tokenizer(Path(dcfg.tokenizer.path), work / "tokenizer")
             hf = load_tokenizer(work / "tokenizer")
@@ -298,8 +299,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             node, threads = _largest_node()
             where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
             trained = parts.train_tokenizer.options(num_cpus=1, scheduling_strategy=where).remote(
-                scratch, [f.index for f in files], dup_map, dcfg.tokenizer, kept, threads)  # fmt: skip
-            tok = Tokenizer.from_str(_get([trained])[0])
+                scratch, [f.index for f in files], dup_map, dcfg.tokenizer, threads)  # fmt: skip
+            trained_json, *training = _get([trained])[0]
+            tok = Tokenizer.from_str(trained_json)
             save_hf_tokenizer(tok, work / "tokenizer")
             # Ours: its EOS is known, and AutoTokenizer's import (seconds) is not needed to find it.
             eos_id, vocab_size = tok.token_to_id(EOS), tok.get_vocab_size(with_added_tokens=True)
@@ -338,7 +340,9 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             "filtered": dict(sorted(filtered.items())),
             "near_dedup": {"bands": bands[0], "rows_per_band": bands[1], "threshold": dcfg.dedup.threshold,
                            **{k: dup_stats[k] for k in ("candidate_pairs", "verified_pairs", "components")}},
-            "tokenizer": {"path": str(tok_dir), "vocab_size": vocab_size},
+            # Trained here: the documents and UTF-8 bytes it was trained on (null: copied).
+            "tokenizer": {"path": str(tok_dir), "vocab_size": vocab_size, "training_documents": training[0],
+                          "training_bytes": training[1]},  # fmt: skip
             "tokens": {
                 "in": tokens_in,
                 "packed": sum(sequences.values()) * seq_len,
