@@ -228,9 +228,8 @@ _ENCODERS: dict[str, CorpusEncoder] = {}
 def tokenize(texts: list[str], tokenizer_json: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the documents, back to back, and each one's count (no special tokens added;
     "<|endoftext|>" written in a document is ordinary text: only the packer puts the EOS id between
-    documents). The tokenizer travels
-    with the task as its JSON (a worker on another node cannot read the driver's temporary
-    directory) and is built once per worker process."""
+    documents). The tokenizer travels with the task as its JSON (a worker on another node cannot
+    read the driver's temporary directory) and is built once per worker process."""
     key = hashlib.blake2b(tokenizer_json.encode(), digest_size=16).hexdigest()
     if key not in _ENCODERS:
         _ENCODERS.clear()
