@@ -5,10 +5,11 @@ piece's Python-visible ``Encoding`` and in the pre-tokenizer's Unicode regex, fo
 repeat (Zipf). For the tokenizer kiln trains (``pipelines/data/tokenizer.py``: digits split one per
 token, then GPT-2's byte-level regex, then byte-level BPE, no normaliser) and ASCII text, the
 pre-tokenizer is a small state machine over bytes (``pipelines/data/pretokenize.py``), and a
-piece's tokens are a function of the piece alone, so each distinct piece is run through the library's own BPE model once and its ids are
-cached. A numba kernel cuts a batch into pieces and hashes them, a second looks every piece up in
-the cache (an open-addressing table; a hit compares the bytes, so a hash collision cannot give
-wrong ids), and numpy gathers the ids: no Python object per piece.
+piece's tokens are a function of the piece alone, so each distinct piece is run through the
+library's own BPE model once and its ids are cached. One numba pass cuts a batch into pieces,
+hashes each and looks it up in the cache (an open-addressing table; a hit compares the bytes, so a
+hash collision cannot give wrong ids); a second gathers the ids back to back with each document's
+count: no Python object per piece, and none per document in ``encode_ragged``.
 
 Anything else goes to ``encode_batch`` unchanged: another tokenizer (``data.tokenizer.path``),
 non-ASCII text. ``tests/test_encode.py`` checks the ids against ``encode_batch`` on generated and
@@ -275,9 +276,9 @@ class CorpusEncoder:
                 if not parts:
                     return np.zeros(0, np.int32), np.zeros(0, np.int64)
                 return np.concatenate([ids for ids, _, _ in parts]), np.concatenate([lens for _, lens, _ in parts])
-        docs = self.encode(texts)
+        docs = self.encode(texts)  # int32 each
         ids = np.concatenate(docs) if docs else np.zeros(0, np.int32)
-        return ids.astype(np.int32, copy=False), np.fromiter(map(len, docs), np.int64, len(docs))
+        return ids, np.fromiter(map(len, docs), np.int64, len(docs))
 
 
 def _chunks(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:
