@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -92,16 +93,75 @@ def _job_env_vars() -> dict[str, str]:
     return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
+# kiln's top-level packages, and the directory they are in. Ray's workers put the driver's working
+# directory, and its script's directory when that is on the driver's path, first on their import
+# path, ahead of the installed kiln (ray/_private/worker.py, unless the job has a runtime-env
+# working_dir): a package of one of these names there is what every worker would import.
+_KILN_PACKAGES = ("actors", "bench", "cluster", "core", "pipelines", "serving")
+_KILN_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ShadowedPackages(ValueError):
+    """A directory Ray puts first on its workers' import path has a package named like kiln's."""
+
+
+def shadowing_packages(directory: Path) -> list[str]:
+    """kiln's packages that ``directory`` (unless it is kiln's own) has one of the same name of: a
+    regular package or a module. A folder without ``__init__.py`` is a namespace portion, which a
+    regular package later on the path wins over, so it does not count."""
+    if directory.resolve() == _KILN_ROOT:
+        return []
+    return [name for name in _KILN_PACKAGES
+            if (directory / name / "__init__.py").is_file() or (directory / f"{name}.py").is_file()]  # fmt: skip
+
+
+def _worker_code_paths() -> list[Path]:
+    """The directories Ray will put first on every worker's import path for this driver."""
+    runtime_env = json.loads(os.environ.get(_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    if runtime_env.get("working_dir"):
+        return []  # a submitted job: its working directory is what Ray ships, and nothing is added
+    paths = [Path.cwd()]
+    script = Path(os.path.realpath(sys.argv[0])).parent if sys.argv and sys.argv[0] else None
+    if script is not None and str(script) in sys.path:
+        paths.append(script)
+    return paths
+
+
+def check_worker_imports() -> None:
+    """Refuse to start Ray where its workers would import another project's ``core`` (or any of
+    kiln's package names) instead of kiln's own: the driver would run kiln and every task
+    something else.
+
+    Raises:
+        ShadowedPackages: naming the directory, the packages and what to do.
+    """
+    for directory in _worker_code_paths():
+        names = shadowing_packages(directory)
+        if names:
+            listed = ", ".join(f"{n}/" if (directory / n).is_dir() else f"{n}.py" for n in names)
+            raise ShadowedPackages(
+                f"{directory} has {listed} of its own, and Ray's workers put the directory kiln runs in "
+                f"(and its script's) first on their import path: every Ray task would import "
+                f"{'that' if len(names) == 1 else 'those'} instead of kiln's. Run kiln from another "
+                f"directory (the kiln checkout, or one without packages named {', '.join(_KILN_PACKAGES)})."
+            )
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Start or join a Ray cluster once per process; a second call is a no-op.
 
     ``address: null`` starts an embedded cluster of ``num_cpus`` CPUs, except where Ray itself
     names a cluster to join: inside a submitted job (``kiln submit``, ``ray job submit``, a KubeRay
     RayJob) Ray sets ``RAY_ADDRESS`` and the driver joins the job's cluster, whose size is fixed.
+
+    Raises:
+        ShadowedPackages: the workers would import another project's package instead of kiln's
+            (``check_worker_imports``); nothing is started.
     """
     _apply_log_levels()
     if ray.is_initialized():
         return
+    check_worker_imports()
     joins = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
     # Ray refuses to merge a driver's env var with one the job's runtime env already sets (even
     # to the same value), and the job's value is already in this process's environment anyway.
