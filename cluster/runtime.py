@@ -14,8 +14,14 @@ import ray
 from cluster.config import RayConfig
 
 # Environment every Ray worker needs: DeepSpeed must pick its CPU accelerator on CPU-only nodes,
-# and Ray Data's per-operator progress bars are noise in a log.
-_WORKER_ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+# and Ray Data's per-operator progress bars are noise in a log. Serve's HTTP proxies, started in
+# the cluster, load kiln's middleware that gives their own refusals OpenAI's error shape
+# (``serving/proxy_errors.py``, whose ``CALLBACK`` this is).
+_WORKER_ENV_DEFAULTS = {
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy_errors:middlewares",
+}
 
 # Worker output (vLLM, DeepSpeed, Ray Data progress) on the driver's terminal: off by default, so a
 # stage shows its own progress bar and summary; `kiln --verbose` turns it on. Either way every

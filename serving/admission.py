@@ -1,11 +1,11 @@
 """kiln's own admission control inside a replica, so that overload is refused in OpenAI's shape.
 
 Ray Serve's proxy refuses requests beyond a deployment's ``max_ongoing_requests`` +
-``max_queued_requests`` itself, with a plain-text 503 that no supported hook can reshape (its only
-body hook is an undocumented environment variable read by the proxy process). So the replica keeps
-the limits: ``running`` requests at work in the engine, ``waiting`` more waiting for a slot, and
-the rest refused at once with an OpenAI error body. ``build_app`` gives Serve looser limits (see
-``serve_limits``) so that the replica, not the proxy, is the one that says no.
+``max_queued_requests`` itself, once its queue has filled. The replica keeps the limits instead:
+``running`` requests at work in the engine, ``waiting`` more waiting for a slot, and the rest
+refused at once with an OpenAI error body. ``build_app`` gives Serve looser limits (see
+``serve_limits``) so that the replica, not the proxy, is the one that says no; the proxy's own
+refusal past those is reshaped by ``serving.proxy_errors``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def serve_limits(running: int, waiting: int) -> tuple[int, int]:
 
     Serve lets twice kiln's limit through to each replica: the extra ones are answered 503 by the
     replica in microseconds. Serve's own queue, which counts every request of a burst still being
-    assigned, is four times kiln's limit: the backstop for a flood (its 503 is plain text). With no
+    assigned, is four times kiln's limit: the backstop for a flood. With no
     limit, Serve queues as before.
     """
     if waiting < 0:

@@ -548,13 +548,26 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
     assert first[0] == 408 and first[2]["error"]["type"] == "timeout", first
     refused = [elapsed for status, elapsed, _ in rest if status == 503]
     assert len(refused) >= 3 and max(refused) < 2.0, rest
-    # Refused by the replica, in OpenAI's shape (Serve's own proxy refusal would be plain text).
+    # Refused by the replica itself, at once (Serve's own backstop queue is further out).
     assert all(body is not None and body["error"]["code"] == "overloaded" for status, _, body in rest
                if status == 503), rest
     assert all(status in (408, 503) for status, _, _ in rest), rest
     ok = httpx.post(f"{server.url}/secure/v1/completions", json={**body, "max_tokens": 2, "n": 1}, headers=headers,
                     timeout=60)
     assert ok.status_code == 200  # and it serves again afterwards
+
+
+def test_serves_own_timeout_has_the_openai_shape(server: Server) -> None:
+    """Serve's proxy answers a client's ``x-request-timeout-seconds`` itself, before any replica
+    does; kiln's middleware in the proxy (``serving/proxy_errors.py``, loaded through Ray's callback
+    variable that every kiln cluster sets) gives that answer OpenAI's error shape."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT - 50, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-request-timeout-seconds": "0.2"},
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 408 and r.headers["content-type"] == "application/json", (r.status_code, r.text[:300])
+    error = r.json()["error"]
+    assert error["type"] == "timeout" and "timed out after 0.2s" in error["message"], error
+    assert _complete(httpx.Client(base_url=server.url, timeout=60), "x", max_tokens=2)["usage"]["completion_tokens"] == 2
 
 
 # ---- metrics -------------------------------------------------------------------------------------
