@@ -91,12 +91,15 @@ def export_worker_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime env of the Ray job this process is the driver of ({} outside a job)."""
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    return dict(json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
 def _job_env_vars() -> dict[str, str]:
     """The env_vars of the Ray job this process is the driver of ({} outside a job)."""
-    raw = os.environ.get(_JOB_CONFIG_ENV)
-    if not raw:
-        return {}
-    return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    return dict(_job_runtime_env().get("env_vars") or {})
 
 
 # kiln's top-level packages, and the directory they are in. Ray's workers put the driver's working
@@ -123,8 +126,7 @@ def shadowing_packages(directory: Path) -> list[str]:
 
 def _worker_code_paths() -> list[Path]:
     """The directories Ray will put first on every worker's import path for this driver."""
-    runtime_env = json.loads(os.environ.get(_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
-    if runtime_env.get("working_dir"):
+    if _job_runtime_env().get("working_dir"):
         return []  # a submitted job: its working directory is what Ray ships, and nothing is added
     paths = [Path.cwd()]
     script = Path(os.path.realpath(sys.argv[0])).parent if sys.argv and sys.argv[0] else None
