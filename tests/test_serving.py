@@ -557,7 +557,7 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
     assert ok.status_code == 200  # and it serves again afterwards
 
 
-def test_serves_own_timeout_has_the_openai_shape(server: Server) -> None:
+def test_serves_own_timeout_has_the_openai_shape(server: Server, http: httpx.Client) -> None:
     """Serve's proxy answers a client's ``x-request-timeout-seconds`` itself, before any replica
     does; kiln's middleware in the proxy (``serving/proxy_errors.py``, loaded through Ray's callback
     variable that every kiln cluster sets) gives that answer OpenAI's error shape."""
@@ -567,7 +567,7 @@ def test_serves_own_timeout_has_the_openai_shape(server: Server) -> None:
     assert r.status_code == 408 and r.headers["content-type"] == "application/json", (r.status_code, r.text[:300])
     error = r.json()["error"]
     assert error["type"] == "timeout" and "timed out after 0.2s" in error["message"], error
-    assert _complete(httpx.Client(base_url=server.url, timeout=60), "x", max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert _complete(http, "x", max_tokens=2)["usage"]["completion_tokens"] == 2  # and it serves again
 
 
 # ---- metrics -------------------------------------------------------------------------------------
