@@ -160,6 +160,29 @@ def test_token_logprobs_and_entropy() -> None:
     torch.testing.assert_close(ent, torch.tensor([[math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]]))
 
 
+def test_response_logits_are_the_full_forwards_response_columns() -> None:
+    """Only the response's positions go through the output layer (``logits_to_keep``); they must be
+    the very logits of a full forward at columns P - 1 .. P + A - 2, with ragged prompts (left
+    padding) and responses (right padding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.experience import Samples, collate, response_logits
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[20, 21], [22, 23, 24, 25], [26]]
+    batch = collate(Samples(prompts, responses, [[0.0] * len(r) for r in responses], ["", "", ""], 0), pad_id=0)
+    p, a = batch.prompt_len, batch.response_mask.shape[1]
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids).logits  # fmt: skip
+        kept = response_logits(model, batch)
+    assert kept.shape == (3, a, 64)
+    torch.testing.assert_close(kept, full[:, p - 1 : p - 1 + a], rtol=0, atol=1e-5)
+
+
 def test_adaptive_kl_coefficient_moves_towards_target() -> None:
     assert adaptive_kl_coef(0.1, observed_kl=1.0, target_kl=0.5, samples=100, horizon=1000) == pytest.approx(0.1 * 1.02)
     assert adaptive_kl_coef(0.1, observed_kl=0.25, target_kl=0.5, samples=100, horizon=1000) == pytest.approx(0.1 * 0.98)
