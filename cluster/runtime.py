@@ -146,7 +146,7 @@ def check_worker_imports() -> None:
     for directory in _worker_code_paths():
         names = shadowing_packages(directory)
         if names:
-            listed = ", ".join(f"{n}/" if (directory / n).is_dir() else f"{n}.py" for n in names)
+            listed = ", ".join(f"{n}/" if (directory / n / "__init__.py").is_file() else f"{n}.py" for n in names)
             raise ShadowedPackages(
                 f"{directory} has {listed} of its own, and Ray's workers put the directory kiln runs in "
                 f"(and its script's) first on their import path: every Ray task would import "

@@ -11,8 +11,9 @@ through untouched, one ``send`` wrapper call per message.
 
 Serve loads it through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (``middlewares`` below), read
 by each proxy process at start: ``cluster.runtime.worker_env`` puts it into every kiln cluster's
-environment. The variable is Ray's, not in its documentation; ``tests/test_serving.py`` sends each
-refusal through a real Serve proxy, so a Ray that drops it fails there.
+environment. The variable is Ray's, not in its documentation; ``tests/test_serving.py`` sends
+Serve's own 408 through a real Serve proxy, so a Ray that drops the variable fails there (the other
+refusals are covered on fake apps in ``tests/test_proxy_errors.py``).
 """
 
 from __future__ import annotations
