@@ -52,6 +52,22 @@ def test_jsonl_skip_policy_keeps_good_and_names_every_bad_line(tmp_path: Path) -
     assert bad[7] == "expected a JSON object, got list"
 
 
+def test_lines_pythons_json_parses_but_cannot_keep_are_rejected_not_a_crash(tmp_path: Path) -> None:
+    p = tmp_path / "c.jsonl"
+    p.write_text(
+        '{"text": "an emoji cut in half \\ud83d by a scraper"}\n'  # a lone surrogate: no UTF-8 form
+        '{"text": "x", "n": ' + "1" * 5000 + "}\n"  # past Python's 4,300-digit int parsing limit
+        '{"text": "good"}\n'
+    )
+    rows = _read_all(p)
+    assert [r["text"] for r in rows if r["status"] == ""] == ["good"]
+    bad = [(r["source"].rsplit(":", 1)[1], r["reason"]) for r in rows if r["status"] == REJECTED]
+    assert bad[0] == ("1", "field 'text' is not valid Unicode (a lone surrogate \\ud83d at character 21)")
+    assert bad[1][0] == "2" and bad[1][1].startswith("malformed JSON: Exceeds the limit (4300 digits)")
+    with pytest.raises(BadRecordError, match=rf"{p}:1: field 'text' is not valid Unicode"):
+        _read_all(p, policy="fail")
+
+
 def test_jsonl_fail_policy_names_file_and_line(tmp_path: Path) -> None:
     path = _bad_jsonl(tmp_path)
     with pytest.raises(BadRecordError, match=rf"{path}:2: malformed JSON"):
@@ -123,6 +139,33 @@ def test_paths_that_match_nothing_name_the_config_key(tmp_path: Path) -> None:
         list_corpus_files(InputConfig(paths=[str(tmp_path / "*.md")]))
     globbed = list_corpus_files(InputConfig(paths=[str(tmp_path / "*.jsonl")]))
     assert [Path(f.uri).name for f in globbed.files] == ["a.jsonl"]
+
+
+def test_globs_match_as_pythons_glob_and_existing_names_are_taken_literally(tmp_path: Path) -> None:
+    for name in ("a.jsonl", "old/b.jsonl", "old/deeper/c.jsonl", "data[1].jsonl", "corpus [v2]/d.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"text": "x"}\n')
+
+    def names(pattern: str) -> list[str]:
+        files = list_corpus_files(InputConfig(paths=[str(tmp_path / pattern)])).files
+        return [str(Path(f.uri).relative_to(tmp_path)) for f in files]
+
+    assert names("*.jsonl") == ["a.jsonl", "data[1].jsonl"]  # "*" stays within its folder
+    assert names("*/*.jsonl") == ["corpus [v2]/d.jsonl", "old/b.jsonl"]
+    assert names("**/*.jsonl") == ["a.jsonl", "corpus [v2]/d.jsonl", "data[1].jsonl", "old/b.jsonl",
+                                   "old/deeper/c.jsonl"]  # fmt: skip
+    assert names("data[1].jsonl") == ["data[1].jsonl"]  # an existing name, though "[1]" is a pattern
+    assert names("corpus [v2]") == ["corpus [v2]/d.jsonl"]
+
+
+def test_compressed_parquet_is_refused_by_name(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "t.parquet")
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
+    with pytest.raises(CorpusNotFound, match=r"paths\[0\]: '.*t\.parquet\.gz' is compressed Parquet, which is not read"):
+        list_corpus_files(InputConfig(paths=[str(tmp_path / "t.parquet.gz")]))
+    corpus = list_corpus_files(InputConfig(paths=[str(tmp_path)]))  # in a folder: listed as unread
+    assert [Path(f.uri).name for f in corpus.files] == ["t.parquet"]
+    assert [Path(u).name for u in corpus.unknown] == ["t.parquet.gz"]
 
 
 def test_directory_files_of_unknown_extension_are_listed_not_dropped(tmp_path: Path) -> None:

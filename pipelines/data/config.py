@@ -13,11 +13,13 @@ from core.config import Section
 class InputConfig(Section):
     """Which corpus files to read and how to find the text in them."""
 
-    # Files, directories or globs; local paths or URIs pyarrow's filesystems accept (s3://, gs://).
+    # Files, directories or globs (* within a folder, ** across folders); local paths or URIs
+    # pyarrow's filesystems accept (s3://, gs://).
     paths: list[str] = Field(min_length=1)
-    # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); .gz, .zst and .zstd are
-    # decompressed as they are read. Files of another extension in a directory or glob are left
-    # unread, counted and named in the report; a file named on its own must have a known one.
+    # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); JSONL and text may be
+    # .gz, .zst or .zstd, decompressed as they are read (Parquet compresses its own pages). Files
+    # of another extension in a directory or glob are left unread, counted and named in the report;
+    # a file named on its own must have a known one.
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     # Field (JSONL) or column (Parquet) holding the document text.
     text_field: str = "text"

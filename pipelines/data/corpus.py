@@ -62,16 +62,25 @@ def _compression(path: str) -> tuple[str, str | None]:
 
 
 def _format_of(path: str, configured: str) -> Format | None:
-    if configured != "auto":
-        return configured  # type: ignore[return-value]
-    name = _compression(path)[0]
-    for ext, fmt in _EXTENSIONS.items():
-        if name.endswith(ext):
-            return fmt
-    return None
+    """The file's format, or None: an unknown extension, or compressed Parquet (Parquet
+    compresses its own pages, and its reader needs random access: not a compressed stream)."""
+    name, codec = _compression(path)
+    fmt = configured if configured != "auto" else next((f for ext, f in _EXTENSIONS.items() if name.endswith(ext)), None)
+    return None if fmt == "parquet" and codec is not None else fmt  # type: ignore[return-value]
 
 
-_KNOWN = f"{', '.join(_EXTENSIONS)}, each optionally {' or '.join(_COMPRESSION)}"
+_KNOWN = f"{', '.join(_EXTENSIONS)}; JSONL and text optionally {' or '.join(_COMPRESSION)}"
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether a path's ``/``-separated parts match a pattern's, as Python's ``glob(recursive=True)``
+    does: ``*``, ``?`` and ``[...]`` within one part, never across ``/``; a ``**`` part matches any
+    number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[k:], pattern[1:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 @dataclass(frozen=True)
@@ -97,24 +106,27 @@ def list_corpus_files(cfg: InputConfig) -> Corpus:
     unknown: list[str] = []
     for i, entry in enumerate(cfg.paths):
         fs, path = resolve(entry)
+        info = fs.get_file_info(path)  # a name that exists is that file or folder, "[" in it or not
         glob_at = min((path.find(c) for c in "*?[" if c in path), default=-1)
-        if glob_at >= 0:
+        if info.type == pafs.FileType.Directory:
+            matches = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
+        elif info.type == pafs.FileType.File:
+            if _format_of(path, cfg.format) is None:
+                shown = display(entry, fs, path)
+                if _format_of(_compression(path)[0], cfg.format) == "parquet":
+                    raise CorpusNotFound(f"data.input.paths[{i}]: {shown!r} is compressed Parquet, which is not read: "
+                                         "Parquet compresses its own pages; decompress the file")  # fmt: skip
+                raise CorpusNotFound(
+                    f"data.input.paths[{i}]: cannot tell the format of {shown!r} from its "
+                    f"extension (known: {_KNOWN}); set data.input.format"
+                )
+            matches = [path]
+        elif glob_at >= 0:
             base = path[: path.rfind("/", 0, glob_at) + 1] or "/"
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            matches = [f.path for f in infos if f.is_file and fnmatch.fnmatch(f.path, path)]
+            matches = [f.path for f in infos if f.is_file and _glob_match(f.path.split("/"), path.split("/"))]
         else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.Directory:
-                matches = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
-            elif info.type == pafs.FileType.File:
-                if _format_of(path, cfg.format) is None:
-                    raise CorpusNotFound(
-                        f"data.input.paths[{i}]: cannot tell the format of {display(entry, fs, path)!r} from its "
-                        f"extension (known: {_KNOWN}); set data.input.format"
-                    )
-                matches = [path]
-            else:
-                matches = []
+            matches = []
         files = [(display(entry, fs, m), fmt) for m in sorted(matches) if (fmt := _format_of(m, cfg.format))]
         skipped = [display(entry, fs, m) for m in sorted(matches) if _format_of(m, cfg.format) is None]
         if not files and skipped:
@@ -183,6 +195,8 @@ def _parse_json_line(raw: bytes, field: str) -> tuple[str | None, str]:
     except RecursionError:
         # json's decoder recurses once per nested array/object: ~1,000 levels exhaust the stack.
         return None, "JSON nested too deeply to parse"
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (Python's int parsing limit)
+        return None, f"malformed JSON: {str(e).split(';')[0]}"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     if field not in obj:
@@ -190,6 +204,10 @@ def _parse_json_line(raw: bytes, field: str) -> tuple[str | None, str]:
     value = obj[field]
     if not isinstance(value, str):
         return None, f"field {field!r} is {type(value).__name__}, expected a string"
+    try:
+        value.isascii() or value.encode("utf-8")  # isascii: a flag in CPython, so no cost for most text
+    except UnicodeEncodeError as e:  # a \ud83d escape alone (an emoji cut in half): no UTF-8 form
+        return None, f"field {field!r} is not valid Unicode (a lone surrogate \\u{ord(value[e.start]):04x} at character {e.start})"
     return value, ""
 
 
