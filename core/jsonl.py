@@ -25,19 +25,32 @@ def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[tuple[i
             line of an input file, whose last record may matter.
 
     Raises:
-        BadRecord: a line is not JSON, or not a JSON object (``path:line: ...``).
+        BadRecord: a line is not UTF-8, not JSON (or JSON Python cannot hold: nested too deeply, an
+            integer of more than 4,300 digits), or not a JSON object (``path:line: ...``).
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # lines end at "\n" only: a stray "\r" does not shift the line numbers
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if torn_tail_ok and not line.endswith("\n"):  # only the last line can lack it
-                    warnings.warn(f"{path}:{lineno}: skipped a record cut short by a crash ({e.msg})", stacklevel=2)
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                reason = _reason(e)
+                if torn_tail_ok and not raw.endswith(b"\n"):  # only the last line can lack it
+                    warnings.warn(f"{path}:{lineno}: skipped a record cut short by a crash ({reason})", stacklevel=2)
                     return
-                raise BadRecord(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+                raise BadRecord(f"{path}:{lineno}: {reason}") from None
             if not isinstance(record, dict):
                 raise BadRecord(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
+
+
+def _reason(e: Exception) -> str:
+    """Why a line could not be parsed, in words."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to parse"
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON: {e.msg}"
+    return f"malformed JSON: {str(e).split(';')[0]}"  # e.g. Python's 4,300-digit limit on integers

@@ -74,6 +74,22 @@ def test_a_broken_line_that_is_not_the_torn_tail_is_still_an_error(tmp_path: Pat
         list(read_jsonl(tmp_path / "prompts.jsonl"))
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b'{"prompt": "caf\xe9"}', r"not valid UTF-8 \(byte 0xe9 at offset 15\)"),  # Latin-1, not UTF-8
+        (b'{"prompt": "b", "id": ' + b"9" * 5000 + b"}", r"malformed JSON: Exceeds the limit \(4300 digits\)"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to parse"),
+        (b'{"prompt": "b"}\r{"prompt": "c"}', "malformed JSON: Extra data"),  # "\r" ends no JSONL line
+    ],
+)
+def test_every_unparsable_input_line_is_a_bad_record_naming_file_and_line(tmp_path: Path, line: bytes,
+                                                                          reason: str) -> None:  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_bytes(b'{"prompt": "a"}\n' + line + b"\n")
+    with pytest.raises(BadRecord, match=rf"prompts\.jsonl:2: {reason}"):
+        list(read_jsonl(tmp_path / "prompts.jsonl"))
+
+
 def test_a_resumed_run_appends_after_a_torn_line_and_counts_each_step_once(tmp_path: Path) -> None:
     stage_dir = tmp_path / "ppo"
     path = _torn_run(stage_dir)
