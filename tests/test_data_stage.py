@@ -223,6 +223,18 @@ def test_fail_policy_stops_at_the_first_bad_record(corpus: Path, tmp_path: Path,
     assert not (cfg.run.dir / "data").exists()  # nothing half-written
 
 
+def test_a_corpus_that_leaves_no_training_sequence_fails_and_marks_nothing_finished(tmp_path: Path,
+                                                                                    ray_local: None) -> None:  # fmt: skip
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": f"too short {i}"}) + "\n" for i in range(5)))
+    cfg = parse_config({"run": {"name": "z", "root": str(tmp_path)}, "ray": {"num_cpus": 2},
+                        "data": {"input": {"paths": [str(tmp_path / "corpus")]}, "tokenizer": {"vocab_size": 300}}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"no training sequence of 256 tokens to write: 5 records in, 0 rejected, "
+                                         r"filtered \{'too_few_words': 5\}, 0 kept with 0 tokens"):  # fmt: skip
+        data.run(cfg)
+    assert not (cfg.run.dir / "data").exists()  # not finished: a rerun after a fix does the work
+
+
 def test_dedup_off_keeps_every_duplicate(first_run: tuple, corpus: Path, tmp_path: Path) -> None:
     """Both deduplications off: no grouping pass at all (it once crashed on zero key columns),
     and the documents the first run dropped as duplicates are kept."""

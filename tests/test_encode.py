@@ -182,3 +182,25 @@ def test_large_batches_are_encoded_in_bounded_chunks(tokenizer_json: str, monkey
     ascii_only = [*TRAINING[:5], "x" * 200, *TRAINING[5:9]]  # the fast path, in several calls
     _assert_ragged(CorpusEncoder(tokenizer_json), ascii_only, _reference(tokenizer_json, ascii_only))
     _assert_ragged(CorpusEncoder(tokenizer_json), [], [])
+
+
+def test_a_tokenizer_folder_without_tokenizer_json_gets_the_converted_one(tokenizer_json: str, tmp_path: Path) -> None:
+    """``data.tokenizer.path`` naming GPT-2-style files alone (vocab.json + merges.txt): the copy the
+    data stage encodes with has a tokenizer.json that encodes as transformers does."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from pipelines.data.tokenizer import copy_hf_tokenizer
+
+    src = tmp_path / "gpt2-style"
+    src.mkdir()
+    Tokenizer.from_str(tokenizer_json).model.save(str(src))  # vocab.json, merges.txt
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                           "eos_token": "<|endoftext|>"}))  # fmt: skip
+    copy_hf_tokenizer(src, tmp_path / "copy")
+    assert not (src / "tokenizer.json").exists() and (tmp_path / "copy" / "tokenizer.json").is_file()
+    copied = Tokenizer.from_file(str(tmp_path / "copy" / "tokenizer.json"))
+    text = TRAINING[0] + TRAINING[2]
+    assert copied.encode(text, add_special_tokens=False).ids == AutoTokenizer.from_pretrained(src).encode(
+        text, add_special_tokens=False
+    )

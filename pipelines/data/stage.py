@@ -57,6 +57,7 @@ from pipelines.data.minhash import MinHasher, optimal_bands
 from pipelines.data.packing import ShardPlan, plan_shards
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
 from pipelines.data.tokenizer import (
+    check_hf_tokenizer,
     copy_hf_tokenizer,
     load_tokenizer,
     save_hf_tokenizer,
@@ -219,7 +220,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     uris = [f.uri for f in files]
     _warn_unknown(corpus)
     if dcfg.tokenizer.path is not None:
-        load_tokenizer(dcfg.tokenizer.path)
+        check_hf_tokenizer(dcfg.tokenizer.path)
     bands = _bands(dcfg.dedup)
     hasher = MinHasher(bands[0] * bands[1], dcfg.dedup.ngram, dcfg.dedup.seed)
 
@@ -322,6 +323,15 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         sequences = {s: plans[s].sequences for s in splits}
         seq_len = dcfg.pack.seq_len
         filtered: Counter[str] = sum((c.filtered for c in counts), Counter())
+        if not sequences.get("train"):  # nothing is marked finished: pretraining would have no data
+            raise ValueError(
+                f"kiln data: no training sequence of {seq_len} tokens to write: {sum(c.records for c in counts):,} "
+                f"records in, {sum(c.rejected for c in counts):,} rejected, filtered {dict(filtered) or 0}, "
+                f"{kept:,} kept with {tokens_in:,} tokens. Add data or loosen data.filters / data.pack.seq_len, then rerun"
+            )
+        if not sequences.get("validation"):
+            print(f"kiln data: warning: no validation sequence (data.pack.validation_fraction "
+                  f"{dcfg.pack.validation_fraction} of {kept:,} kept documents): no held-out loss", flush=True)  # fmt: skip
         report = {
             "inputs": uris,
             # Files of a directory or glob left unread (unknown extension): the first 100 named.

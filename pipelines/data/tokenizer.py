@@ -81,13 +81,31 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
         hf.save_pretrained(str(tmp))
 
 
+def check_hf_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
+    """``load_tokenizer`` for ``data.tokenizer.path``: it must also be a fast tokenizer (one that
+    ``tokenizers`` runs), which the data stage encodes the corpus with.
+
+    Raises:
+        ValueError: no EOS token, or no fast tokenizer (naming the key and the directory).
+    """
+    tok = load_tokenizer(path)
+    if not tok.is_fast:
+        raise ValueError(f"data.tokenizer.path: {path} has no tokenizer.json and transformers has no fast "
+                         "tokenizer to convert its files to; kiln encodes the corpus with the `tokenizers` library")  # fmt: skip
+    return tok
+
+
 def copy_hf_tokenizer(src: Path, out_dir: Path) -> None:
-    """Use an existing Hugging Face tokenizer directory: checked to load, then copied."""
-    load_tokenizer(src)
+    """Use an existing Hugging Face tokenizer directory: checked to load, then copied. A directory
+    without ``tokenizer.json`` (e.g. GPT-2's ``vocab.json`` + ``merges.txt`` alone) gets the one
+    transformers converts its files to."""
+    tok = check_hf_tokenizer(src)
     with atomic_dir(out_dir) as tmp:
         for item in src.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        if not (tmp / "tokenizer.json").is_file():
+            (tmp / "tokenizer.json").write_text(tok.backend_tokenizer.to_str(), encoding="utf-8")  # type: ignore[attr-defined]
 
 
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
