@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from core.locations import remove
+
 STAGE_MARKER = "stage.json"
 
 
@@ -249,10 +251,12 @@ def finished_summary(stage_dir: Path, stage: str, digest: str, force: bool) -> d
 
 
 def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
-                  inputs: Iterable[Path | str] = ()) -> dict[str, Any] | None:  # fmt: skip
+                  inputs: Iterable[Path | str] = (), storage: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The start of every stage that checkpoints (training, PPO): the finished marker's summary (skip), or None (train).
 
-    ``force`` forgets the stage's marker, checkpoints and metrics. An unfinished stage keeps its
+    ``force`` forgets the stage's marker, checkpoints and metrics, also those in ``storage`` (the
+    stage's folder under ``run.storage_path``, a path or URI, where Ray Train keeps its checkpoints
+    then: left there, the redone stage would resume from them). An unfinished stage keeps its
     checkpoints (the run resumes from them) as long as its config is the one it started with.
 
     A stage whose ``inputs`` changed since it read them (``inputs_changed``) is redone as if
@@ -270,6 +274,8 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
             shutil.rmtree(stage_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "started.json", INPUTS):
             (stage_dir / name).unlink(missing_ok=True)
+        if storage is not None:
+            remove(storage)
     started = stage_dir / "started.json"
     if started.exists() and json.loads(started.read_text())["config_digest"] != digest:
         raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")

@@ -72,6 +72,33 @@ def test_a_stage_is_redone_when_an_input_was_written_again(tmp_path: Path, capsy
     assert prepare_stage(stage_dir, "reward_model", "d1", False, [model, data]) is None
 
 
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_redone_stage_forgets_its_checkpoints_under_run_storage_path(tmp_path: Path, uri: bool) -> None:
+    """With ``run.storage_path`` set, Ray Train keeps a stage's checkpoints there, and a run of the
+    same name resumes from them: ``--force`` (or a changed input) must delete them too, or the redone
+    stage would resume (or, finished, export the old model again). A plain resume keeps them."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("{}\n")
+    remote = tmp_path / "storage" / "run" / "sft"
+    storage = f"file://{remote}" if uri else str(remote)
+    stage_dir = tmp_path / "sft"
+
+    def checkpoint() -> Path:
+        (remote / "train" / "step-00000004").mkdir(parents=True, exist_ok=True)
+        return remote / "train" / "step-00000004"
+
+    assert prepare_stage(stage_dir, "sft", "d1", False, [data], storage) is None
+    checkpoint()
+    assert prepare_stage(stage_dir, "sft", "d1", False, [data], storage) is None  # a resume: kept
+    assert checkpoint().is_dir()
+    assert prepare_stage(stage_dir, "sft", "d1", True, [data], storage) is None  # --force: gone
+    assert not remote.exists()
+    checkpoint()
+    _bump(data)  # an input changed: redone as if forced
+    assert prepare_stage(stage_dir, "sft", "d1", False, [data], storage) is None
+    assert not remote.exists()
+
+
 def test_the_same_bytes_written_again_leave_a_finished_stage_finished(tmp_path: Path) -> None:
     """``kiln run`` regenerates the quickstart corpus every time (same seed, same bytes, new mtime):
     the SFT stage that read it stays finished. Only a content change counts."""

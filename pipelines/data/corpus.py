@@ -23,8 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.locations import resolve
 from pipelines.data.config import InputConfig
-from pipelines.data.storage import display, resolve
+from pipelines.data.storage import display
 
 Format = Literal["jsonl", "parquet", "text"]
 REJECTED = "rejected"

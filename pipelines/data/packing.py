@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.locations import resolve
 from core.rundir import atomic_write_bytes
-from pipelines.data.storage import resolve
 
 
 @numba.njit(cache=True)

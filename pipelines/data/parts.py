@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from core.locations import resolve
 from pipelines.data import storage
 from pipelines.data.config import DataConfig, FilterConfig, PackConfig, TokenizerConfig
 from pipelines.data.corpus import REJECTED, CorpusFile, read_file
@@ -138,7 +139,7 @@ def _table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
 def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, bands: tuple[int, int],
                        partitions: int, scratch: str) -> tuple[PartCounts, list[dict[str, np.ndarray]]]:  # fmt: skip
     counts = PartCounts()
-    fs, path = storage.resolve(part_file(scratch, file.index))
+    fs, path = resolve(part_file(scratch, file.index))
     ids, hashes, keys = [], [], []
     # Scratch is read back three times: on a local disk it is not compressed (snappy cost pass 1 7 %
     # of its time at 25k documents a part); in object storage the bytes cost more than the CPU.
@@ -174,7 +175,7 @@ def annotate_part(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, bands: 
 
 
 def _annotated_batches(scratch: str, index: int, columns: list[str], size: int = 4096) -> Iterator[pa.RecordBatch]:
-    fs, path = storage.resolve(part_file(scratch, index))
+    fs, path = resolve(part_file(scratch, index))
     with fs.open_input_file(path) as f:
         yield from pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns)
 
@@ -255,8 +256,8 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
     tokenised. Returns the sizes of its two token streams (small: the driver plans the packing
     from them) and the streams, per split (train, validation) in id order: each document's ids
     followed by EOS."""
-    fs, path = storage.resolve(part_file(storage.join(out, "documents"), index))
-    rejected_fs, rejected_path = storage.resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
+    fs, path = resolve(part_file(storage.join(out, "documents"), index))
+    rejected_fs, rejected_path = resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
     streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
     with pq.ParquetWriter(path, DOCUMENTS, filesystem=fs) as writer, \
             rejected_fs.open_output_stream(rejected_path) as rejected:  # fmt: skip

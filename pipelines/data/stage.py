@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 
 from cluster.runtime import init_ray
 from core.chat import EOS
+from core.locations import remove
 from core.rundir import (
     atomic_dir,
     atomic_write_json,
@@ -315,7 +316,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         plans, tokens_in = _finish_and_pack(files, scratch, out, dup_map, tokenizer_json, dcfg, eos_id)
         splits = tuple(plans)
         _collect_rejected(scratch, work)
-        storage.remove(scratch)
+        remove(scratch)
         seconds["documents_pack"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
 

@@ -15,20 +15,14 @@ renamed into place, and older tags are deleted only after that.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
+from core.locations import resolve
+
 REPORT = "data_report.json"
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The file system and the path in it of a local path or a URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def display(uri: str, fs: pafs.FileSystem, path: str) -> str:
@@ -68,13 +62,6 @@ def concatenate(files: list[str], out: BinaryIO, chunk: int = 1 << 20) -> None:
         with fs.open_input_stream(path) as src:
             while data := src.read(chunk):
                 out.write(data)
-
-
-def remove(location: str) -> None:
-    """Delete a folder (path or URI) and everything in it, if it exists."""
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
 
 
 def remove_other_versions(versions: str, keep: str) -> None:

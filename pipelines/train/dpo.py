@@ -88,7 +88,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     data = Path(dcfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"preference data {data} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data])) is not None:
+    storage = cfg.run.stage_storage(STAGE)  # Ray Train's checkpoints, when run.storage_path is set
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data], storage)) is not None:
         return done
 
     # Rows: the chat template, response-only masks; a bad pair fails here naming file:line. Then
@@ -103,7 +104,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
           f"{stats.trained_tokens}/{stats.tokens} tokens are responses), {held_out} held out; "
           f"reference log-probs stored in {dataset}", flush=True)  # fmt: skip
 
-    job = finetune_job(STAGE, "dpo", dcfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = finetune_job(STAGE, "dpo", dcfg, stage_dir, init_from, dataset, digest, storage)
     job = replace(job, lora=dcfg.lora)  # an adapter only, or every weight (null)
     outcome = fit(job, cfg.ray)
 

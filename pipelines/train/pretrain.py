@@ -26,7 +26,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     shards = pcfg.shards or shards_location(cfg.run.dir)
     tokenizer_dir = Path(pcfg.tokenizer or pcfg.model.path or cfg.run.dir / "tokenizer").resolve()
     inputs = [shards, tokenizer_dir, *([pcfg.model.path] if pcfg.model.path else [])]
-    if (done := prepare_stage(stage_dir, STAGE, digest, force, inputs)) is not None:
+    storage = cfg.run.stage_storage(STAGE)  # Ray Train's checkpoints, when run.storage_path is set
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, inputs, storage)) is not None:
         return done
 
     train_files = shard_files(shards, "train")
@@ -43,7 +44,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         arch=pcfg.model if pcfg.model.path is None else None,
         init_from=str(Path(pcfg.model.path).resolve()) if pcfg.model.path else None,
         config_digest=digest,
-        storage_path=cfg.run.stage_storage(STAGE),
+        storage_path=storage,
     )
     print(f"kiln pretrain: {len(train_files)} shard(s) from {shards}, {pcfg.num_workers} worker(s), "
           f"ZeRO-{pcfg.zero_stage}, {pcfg.max_steps} steps x {pcfg.sequences_per_step} sequences", flush=True)  # fmt: skip

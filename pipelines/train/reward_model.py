@@ -33,7 +33,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     for f in data:
         if not f.is_file():
             raise FileNotFoundError(f"preference data {f} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, *data])) is not None:
+    storage = cfg.run.stage_storage(STAGE)  # Ray Train's checkpoints, when run.storage_path is set
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, *data], storage)) is not None:
         return done
 
     tokenizer = load_tokenizer(init_from)
@@ -44,7 +45,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     print(f"kiln reward-model: {stats.records} pairs ({stats.truncated} sequences truncated), "
           f"{held_out} held out", flush=True)  # fmt: skip
 
-    job = finetune_job(STAGE, "reward", rcfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = finetune_job(STAGE, "reward", rcfg, stage_dir, init_from, dataset, digest, storage)
     job = replace(job, lora=rcfg.lora)  # adapters and the new score head, or every weight (null)
     outcome = fit(job, cfg.ray)
 

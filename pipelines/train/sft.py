@@ -30,7 +30,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     data = Path(scfg.data)
     if not data.is_file():
         raise FileNotFoundError(f"SFT data {data} not found")
-    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data])) is not None:
+    storage = cfg.run.stage_storage(STAGE)  # Ray Train's checkpoints, when run.storage_path is set
+    if (done := prepare_stage(stage_dir, STAGE, digest, force, [init_from, data], storage)) is not None:
         return done
 
     # Chat template + prompt masking, on the driver: the data is small next to pretraining's.
@@ -43,7 +44,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
           f"({stats.truncated} truncated, {stats.trained_tokens}/{stats.tokens} tokens trained), "
           f"{held_out} held out", flush=True)  # fmt: skip
 
-    job = finetune_job(STAGE, "lm", scfg, stage_dir, init_from, dataset, digest, cfg.run.stage_storage(STAGE))
+    job = finetune_job(STAGE, "lm", scfg, stage_dir, init_from, dataset, digest, storage)
     job = replace(job, lora=scfg.lora)  # an adapter only, or every weight (null)
     outcome = fit(job, cfg.ray)
 
