@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from actors.reward import RewardFunctionError, RewardScorer
+from actors.reward import RewardFunctionError, RewardScorer, Scores
 from pipelines.eval.stats import paired_mean_test
 from pipelines.quickstart.task import is_correct, parse_answer, reward
 from pipelines.rlhf.config import PpoConfig
@@ -174,6 +174,22 @@ def test_reward_function_errors_name_the_function_and_sample(ray_local: None) ->
     assert scores.valid.tolist() == [True, False] and scores.total.tolist() == [1.0, 0.0]
     ray.kill(scorer)
     ray.kill(skipping)
+
+
+def test_a_step_whose_every_sample_was_skipped_stops_before_the_weights() -> None:
+    """``on_reward_error: skip`` with every sample failed: a clear error, not NaN means that turn
+    the adaptive KL coefficient NaN (and fail every later step and every resume)."""
+    from pipelines.rlhf.ppo import NonFiniteStep, NoValidSample, check_scores
+
+    def scores(total: list[float], valid: list[bool]) -> Scores:
+        t = torch.tensor(total)
+        return Scores(total=t, model=torch.zeros_like(t), function=t, valid=torch.tensor(valid))
+
+    check_scores(scores([1.0, 0.0], [True, False]), 3)  # one skipped sample: the step goes on
+    with pytest.raises(NoValidSample, match=r"step 3: the reward failed on every one of its 2 samples"):
+        check_scores(scores([0.0, 0.0], [False, False]), 3)
+    with pytest.raises(NonFiniteStep, match="step 3: non-finite reward"):
+        check_scores(scores([float("nan"), 0.0], [True, True]), 3)
 
 
 def test_ppo_improves_reward_and_accuracy_on_held_out_prompts(ray_local: None, task: dict[str, Any]) -> None:

@@ -69,6 +69,26 @@ class NonFiniteStep(FloatingPointError):
     """NaN or inf in rewards or advantages: the step stopped before it reached the weights."""
 
 
+class NoValidSample(ValueError):
+    """``on_reward_error: skip``, and the reward failed on every sample of a step: nothing to learn from."""
+
+
+def check_scores(scores: Scores, step: int) -> None:
+    """Stop a step whose rewards cannot be learned from, before anything reaches the weights.
+
+    Raises:
+        NonFiniteStep: a reward is NaN or infinite.
+        NoValidSample: every sample was skipped (a mean over none would be NaN, and the adaptive KL
+            coefficient with it, failing every later step and every resume from the checkpoint).
+    """
+    if not torch.isfinite(scores.total).all():
+        raise NonFiniteStep(f"step {step}: non-finite reward {scores.total.tolist()}")
+    if not scores.valid.any():
+        raise NoValidSample(f"step {step}: the reward failed on every one of its {len(scores.valid)} samples (each "
+                            "named above); nothing was learned from it. Fix the reward, then rerun: the run resumes "
+                            "from its latest checkpoint")  # fmt: skip
+
+
 class ActorFailure(RuntimeError):
     """An actor died once more than ``ppo.max_failures`` allows."""
 
@@ -287,9 +307,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     t_score = time.perf_counter()
 
     # 4. advantages
+    check_scores(scores, state.step)
     mask = batch.response_mask * scores.valid.unsqueeze(1)  # (B, A) skipped samples take no part
-    if not torch.isfinite(scores.total).all():
-        raise NonFiniteStep(f"step {state.step}: non-finite reward {scores.total.tolist()}")
     seq_scores = scores.total.clamp(-p.reward_clip, p.reward_clip) if p.reward_clip else scores.total
     kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask  # (B, A)
     kl_per_sample = kl.sum(1)  # (B,)
