@@ -197,7 +197,7 @@ class EngineConfig(Section):
     # Most top log-probabilities a request may ask for.
     max_logprobs: int = Field(default=20, ge=0)
     # Engine seed (requests without their own seed sample from this stream).
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     def vllm_env(self, **overrides: str) -> dict[str, str]:
         """Environment of a process running this engine: the CPU KV cache size, the caller's own

@@ -34,6 +34,12 @@ def test_ranges_and_cross_field_rules() -> None:
         parse_config({**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"threshold": 1.5}}})
     with pytest.raises(ConfigError, match="num_bands and rows_per_band are set together"):
         parse_config({**MINIMAL, "data": {"input": {"paths": ["x"]}, "dedup": {"num_bands": None}}})
+    # Found in review: both were accepted, then failed (or did nothing) after Ray had started.
+    with pytest.raises(ConfigError, match=r"pretrain\.seed: Input should be greater than or equal to 0"):
+        parse_config({**MINIMAL, "pretrain": {"seed": -1}})
+    ppo = {"prompts": "p.jsonl", "reward_function": "m:f", "kl_coef": 0.0, "kl_target": 0.1}
+    with pytest.raises(ConfigError, match=r"ppo: .*kl_target adapts kl_coef by multiplying it"):
+        parse_config({**MINIMAL, "ppo": ppo})
 
 
 def test_rlhf_section_is_reward_model_only() -> None:

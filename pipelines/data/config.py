@@ -68,7 +68,7 @@ class DedupConfig(Section):
     # Keep only LSH candidate pairs whose exact Jaccard (on their shingle sets, computed in a
     # distributed shuffle keyed by pair) reaches the threshold. Off: every candidate is a duplicate.
     verify_candidates: bool = True
-    seed: int = 42
+    seed: int = Field(default=42, ge=0)
 
     @model_validator(mode="after")
     def _bands_together(self) -> "DedupConfig":

@@ -42,7 +42,7 @@ class EvalConfig(Section):
     # Validation sequences (<run>/data/shards/validation-*.parquet) for perplexity; 0: skip it.
     perplexity_sequences: int = Field(default=64, ge=0)
     # Seed of the sampled responses (prompt i samples with seed + i).
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     # Name of the model that is the KL reference (its own kl_to_ref is 0).
     reference: str = Field(default="sft", min_length=1)
     # The vLLM engine that generates every model's responses.

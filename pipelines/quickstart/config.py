@@ -12,7 +12,7 @@ class GenerateConfig(Section):
     """The deterministic quickstart corpus and task data (``kiln generate``)."""
 
     out_dir: str
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     # Unique pretraining documents before duplicates and junk are planted.
     num_documents: int = Field(default=4000, ge=100)
     # Exact copies planted into the corpus.

@@ -158,7 +158,7 @@ class PpoConfig(Section):
     # How Ray places the actors: DEFAULT (the local node first, then others as it fills) or
     # SPREAD (over the cluster's nodes, e.g. to use every machine's CPUs).
     scheduling_strategy: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     learner: LearnerConfig = LearnerConfig()
     critic: CriticConfig = CriticConfig(learning_rate=5.0e-5)
     rollout: RolloutConfig = RolloutConfig()
@@ -192,6 +192,9 @@ class PpoConfig(Section):
                 )
         if 2 * self.revisit_steps > self.max_steps:
             raise ValueError(f"revisit_steps ({self.revisit_steps}) may be at most half of max_steps ({self.max_steps})")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("kl_target adapts kl_coef by multiplying it, so a kl_coef of 0 stays 0: "
+                             "give a kl_coef > 0 to start from")
         if self.advantage == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("advantage grpo needs samples_per_prompt >= 2 (it compares samples of a prompt)")
         return self
@@ -220,7 +223,7 @@ class PreferencesConfig(Section):
     max_prompt_tokens: int = Field(default=256, ge=1)
     max_response_tokens: int = Field(default=256, ge=1)
     # Prompt i samples with seed + i; the pairing draws from seed too.
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     # The vLLM engine, and the Ray CPUs and GPUs of each of its actors.
     engine: EngineConfig = EngineConfig()
     num_cpus: float = Field(default=1.0, ge=0.0)

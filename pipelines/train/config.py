@@ -90,7 +90,7 @@ class TrainConfig(DeepSpeedSettings):
     # Where Ray Train places the workers' placement group bundles: PACK fills one node first,
     # SPREAD puts them on different nodes where it can (STRICT_*: must, or wait for nodes).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @property
     def grad_accum_steps(self) -> int:
