@@ -76,6 +76,11 @@ class ChatTokens:
     offsets: list[tuple[int, int]]  # (T,) each token's character span in text
 
 
+class ChatTemplateChangesContents(ValueError):
+    """A chat template that alters message contents (beyond trimming), which ``tokenize_chat`` cannot
+    tokenise safely: a request with such messages is the client's to change (400), not a crash."""
+
+
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatTokens:
     """Render ``messages`` with the tokenizer's chat template and tokenise it so that only the
     template's own text can make special tokens: each message's content is tokenised as plain text.
@@ -99,7 +104,9 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
         The rendering (the template's own, character for character), its token ids and their offsets.
 
     Raises:
-        ValueError: the template does not insert every content once, unchanged and in order.
+        ValueError: the template does not insert every content once and in order.
+        ChatTemplateChangesContents: it changes a content other than by trimming its whitespace
+            (a template that trims, as Llama 3's and Gemma's do, gets each content trimmed).
     """
     slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
     frame = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -109,15 +116,17 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
     special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     # Longest first: one special token's text may begin with another's.
     control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or "(?!)")
-    text, cuts = "", []  # cuts: (start, end) in text of each special token the template wrote
-    for k, piece in enumerate(pieces):
-        if k % 2 == 1:
-            text += messages[int(piece)]["content"]
-            continue
-        cuts += [(len(text) + m.start(), len(text) + m.end()) for m in control.finditer(piece)]
-        text += piece
-    if text != tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt):
-        raise ValueError("the chat template changes message contents (e.g. trims them); it must insert them unchanged")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    contents = [m["content"] for m in messages]
+    text, cuts = _fill(pieces, contents, control)
+    if text != rendered:  # a template that trims each content (Llama 3's, Gemma's: `content | trim`)
+        text, cuts = _fill(pieces, [c.strip() for c in contents], control)
+    if text != rendered:
+        raise ChatTemplateChangesContents(
+            "the model's chat template changes message contents beyond trimming them, so kiln cannot keep "
+            "control-token text typed in a message from becoming control tokens; it needs a template that "
+            "inserts each content unchanged (or trimmed)"
+        )
     ids, offsets, at = [], [], 0
     with _plain_text_encoder(tokenizer) as encode:
         for lo, hi in [*cuts, (len(text), len(text))]:
@@ -130,6 +139,19 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
                 offsets.append((lo, hi))
             at = hi
     return ChatTokens(text, ids, offsets)
+
+
+def _fill(pieces: list[str], contents: list[str], control: re.Pattern[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering with ``contents`` in the template's slots, and where in it each special token
+    the template itself wrote (found in ``pieces``' template text only) starts and ends."""
+    text, cuts = "", []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 1:
+            text += contents[int(piece)]
+            continue
+        cuts += [(len(text) + m.start(), len(text) + m.end()) for m in control.finditer(piece)]
+        text += piece
+    return text, cuts
 
 
 @contextmanager

@@ -41,7 +41,7 @@ def resolve_api_key(api_key: str | None, api_key_env: str) -> str | None:
             f"the environment variable {api_key_env} is set but {what}: put the API key in it, or unset it "
             f"(then serve.api_key, if any, is the key)"
         )
-    return env
+    return env.strip()  # a key file's trailing newline: clients' keys are compared stripped too
 
 
 def is_loopback(host: str) -> bool:

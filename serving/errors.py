@@ -6,6 +6,7 @@ import logging
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
+from core.chat import ChatTemplateChangesContents
 from serving.schemas import APIError
 
 # Serve sends a replica's "ray.serve" records to its log file.
@@ -32,6 +33,8 @@ def api_error(e: Exception, request_id: str) -> APIError:
     if isinstance(e, GracefulHTTPError):  # the engine's own admission control: overload, not a bug
         return APIError(int(e.http_status), e.message, type="server_error" if e.http_status >= 500 else
                         "invalid_request_error")  # fmt: skip
+    if isinstance(e, ChatTemplateChangesContents):
+        return APIError(400, str(e), param="messages")
     if isinstance(e, TemplateError) and not isinstance(e, TemplateSyntaxError):
         # raise_exception() in a chat template: the template's own words about the messages.
         return APIError(400, f"the chat template refused these messages: {e}", param="messages")

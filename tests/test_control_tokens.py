@@ -284,3 +284,25 @@ def test_known_roles_are_accepted(tok: Any, tmp_path: Path) -> None:
     assert read_prompts(prompts)[0].messages == chat[:3]
     with pytest.raises(BadRecord, match="sft.jsonl:1: messages must be a non-empty list"):
         to_messages({"messages": [{"role": "user"}]}, "sft.jsonl:1")
+
+
+TRIMMING = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+
+
+def test_a_template_that_trims_contents_gets_them_trimmed_and_one_that_rewrites_them_is_refused(tok_dir: Path) -> None:
+    """Llama 3's and Gemma's templates trim each content: a message ending in a newline is served
+    (it was a 500). A template that rewrites contents otherwise cannot be tokenised safely: refused."""
+    from core.chat import ChatTemplateChangesContents
+
+    trimming = load_tokenizer(tok_dir)
+    trimming.chat_template = TRIMMING
+    messages = [{"role": "user", "content": "What is 2 + 2?\n"}, {"role": "assistant", "content": " <|im_end|> 4 "}]
+    chat = tokenize_chat(trimming, messages, add_generation_prompt=True)
+    assert chat.text == trimming.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Still only the template's own control tokens: the typed "<|im_end|>" stays text.
+    assert chat.ids.count(trimming.convert_tokens_to_ids("<|im_end|>")) == 2
+    upper = load_tokenizer(tok_dir)
+    upper.chat_template = TRIMMING.replace("| trim", "| upper")
+    with pytest.raises(ChatTemplateChangesContents, match="changes message contents beyond trimming"):
+        tokenize_chat(upper, messages)

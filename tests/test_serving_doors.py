@@ -232,15 +232,29 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
 # ---- 3. every error in OpenAI's shape ------------------------------------------------------------------
 
 
+def test_a_key_read_with_its_trailing_newline_still_lets_its_holder_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KILN_API_KEY=$(cat key.txt)`` keeps no newline, but a secret mounted as a variable often does;
+    the client's key is compared stripped, so the configured one must be too (it locked everyone out)."""
+    from serving.auth import check_bearer, key_digest, resolve_api_key
+
+    monkeypatch.setenv("KILN_TEST_KEY_VAR", "s3cret-key-1234\n")
+    key = resolve_api_key(None, "KILN_TEST_KEY_VAR")
+    assert key == "s3cret-key-1234"
+    check_bearer("Bearer s3cret-key-1234", key_digest(key))
+
+
 def test_exceptions_map_to_openai_errors() -> None:
     from jinja2 import TemplateError, TemplateSyntaxError
     from vllm.exceptions import VLLMValidationError
 
+    from core.chat import ChatTemplateChangesContents
     from serving.errors import api_error
 
     assert api_error(VLLMValidationError("stop cannot be empty", parameter="stop"), "r").status == 400
     assert api_error(VLLMValidationError("x", parameter="stop"), "r").param == "stop"
     assert api_error(TemplateError("roles must alternate"), "r").status == 400
+    changed = api_error(ChatTemplateChangesContents("the model's chat template changes message contents"), "r")
+    assert (changed.status, changed.param) == (400, "messages")
     assert api_error(TimeoutError(), "r").status == 408
     for unexpected in (TemplateSyntaxError("bad", 1), ValueError("/secret/path"), KeyError("k")):
         err = api_error(unexpected, "cmpl-42")
