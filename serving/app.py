@@ -336,7 +336,7 @@ class LLMServer:
         structured = structured_outputs_args(req.response_format)
         params = SamplingParams(
             n=req.n,
-            # Several prompts of different lengths: each gets the room its own prompt leaves.
+            # Unset (chat: one prompt; completions default to 16): the room the prompt leaves.
             max_tokens=room if max_tokens is None else max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -426,25 +426,27 @@ class LLMServer:
         offsets = [0] * (len(job.prompts) * job.params.n)
         begun = [False] * len(offsets)
         try:
-            async with asyncio.timeout_at(deadline):
-                if job.chat:
-                    # OpenAI opens each chat choice with the role and empty content.
-                    roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(job.params.n)]
-                    yield sse({**head, "choices": roles})
-                item = first
-                while item is not None:
-                    i, out = item
-                    choices = []
-                    for o in out.outputs:
-                        index = i * job.params.n + o.index
-                        completion_tokens += len(o.token_ids)
-                        choice = self._choice(job, index, o, out.prompt_logprobs, offsets[index], delta=True,
-                                              echo=not begun[index])  # fmt: skip
-                        begun[index] = True
-                        offsets[index] += len(choice["text"]) if not job.chat else 0
-                        choices.append(choice)
-                    yield sse({**head, "choices": choices})
+            if job.chat:
+                # OpenAI opens each chat choice with the role and empty content.
+                roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(job.params.n)]
+                yield sse({**head, "choices": roles})
+            item = first
+            while item is not None:
+                i, out = item
+                choices = []
+                for o in out.outputs:
+                    index = i * job.params.n + o.index
+                    completion_tokens += len(o.token_ids)
+                    choice = self._choice(job, index, o, out.prompt_logprobs, offsets[index], delta=True,
+                                          echo=not begun[index])  # fmt: skip
+                    begun[index] = True
+                    offsets[index] += len(choice["text"]) if not job.chat else 0
+                    choices.append(choice)
+                yield sse({**head, "choices": choices})
+                # The deadline covers the wait for the engine, never a yield: held across one, it
+                # would fire in the consumer (a slow client's send) and cancel it, with no 408 event.
+                async with asyncio.timeout_at(deadline):
                     item = await anext(outputs, None)
             if job.include_usage:
                 yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})

@@ -49,8 +49,9 @@ def completion_logprobs(
         else:
             text = token_text(token_id, position[token_id])
             chosen = max(position[token_id].logprob, _MIN_LOGPROB)
+            # The chosen token and the k most likely (k + 1 entries at most, as OpenAI and vLLM).
             alternatives = {token_text(t, lp): max(lp.logprob, _MIN_LOGPROB)
-                            for t, lp in position.items() if (lp.rank or 0) <= k}  # fmt: skip
+                            for t, lp in position.items() if t == token_id or (lp.rank or 0) <= k}  # fmt: skip
         tokens.append(text)
         token_logprobs.append(chosen)
         top.append(alternatives)

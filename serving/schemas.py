@@ -151,14 +151,21 @@ class CompletionRequest(SamplingFields):
     # One prompt (a string, or a list of token ids) or several (a list of either): one choice per
     # prompt and n, in order, as vLLM's server answers.
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    # OpenAI's default for completions; null: up to the end of the context.
-    max_tokens: int | None = Field(default=16, ge=1)
+    # OpenAI's default for completions, also when sent as null (as vLLM's server takes it).
+    max_tokens: int = Field(default=16, ge=1)
     # Top log-probabilities per generated token (OpenAI allows 0-5; the engine caps it).
     logprobs: int | None = Field(default=None, ge=0)
     # Prepend the prompt to each answer (with logprobs: the prompt tokens' log-probabilities too).
     echo: bool = False
     # Fill-in-the-middle; refused, as vLLM's server refuses it for models without FIM rendering.
     suffix: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_max_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
+            return {**data, "max_tokens": 16}
+        return data
 
     @model_validator(mode="after")
     def _prompts(self) -> "CompletionRequest":

@@ -232,6 +232,42 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
 # ---- 3. every error in OpenAI's shape ------------------------------------------------------------------
 
 
+def test_a_deadline_passing_while_a_slow_client_reads_ends_the_stream_with_a_408_event() -> None:
+    """The stream's deadline covers the engine's waits, not its yields: held across a yield, it fired
+    in the consumer (a slow client's send, behind HAProxy) and cancelled it: no 408 event, no
+    [DONE]. Fakes, named so: an engine yielding a token every 10 ms, a client taking 0.2 s a chunk."""
+    import asyncio
+    import types
+
+    from vllm import SamplingParams
+
+    from serving.app import LLMServer, _Job
+
+    def delta(i: int) -> tuple[int, types.SimpleNamespace]:
+        piece = types.SimpleNamespace(index=0, text=f"t{i}", token_ids=[i], logprobs=None, finish_reason=None,
+                                      stop_reason=None)  # fmt: skip
+        return 0, types.SimpleNamespace(outputs=[piece], prompt_logprobs=None)
+
+    async def fake_engine():  # noqa: ANN202
+        for i in range(1, 100):
+            await asyncio.sleep(0.01)
+            yield delta(i)
+
+    async def slow_client() -> list[str]:
+        server = types.SimpleNamespace(_observe=lambda *a: None)
+        server._choice = types.MethodType(LLMServer.func_or_class._choice, server)
+        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], SamplingParams(n=1), None, False, True)
+        deadline = asyncio.get_running_loop().time() + 0.3
+        got = []
+        async for chunk in LLMServer.func_or_class._stream(server, job, delta(0), fake_engine(), deadline, "c", 0.0):
+            got.append(chunk)
+            await asyncio.sleep(0.2)
+        return got
+
+    events = asyncio.run(slow_client())
+    assert "the request timed out" in events[-2] and events[-1] == "data: [DONE]\n\n", events[-2:]
+
+
 def test_a_key_read_with_its_trailing_newline_still_lets_its_holder_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """``KILN_API_KEY=$(cat key.txt)`` keeps no newline, but a secret mounted as a variable often does;
     the client's key is compared stripped, so the configured one must be too (it locked everyone out)."""
@@ -325,10 +361,14 @@ def test_control_tokens_in_content_are_tokenised_as_text(tiny_tokenizer_dir: Pat
         text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=opened)
         assert tokenize_chat(tok, plain, opened).ids == tok.encode(text, add_special_tokens=False)
 
-    # A template that changes contents cannot promise contents-as-text: refused, not guessed.
+    # A template that trims contents gets them trimmed (as it renders them); one that changes them
+    # otherwise cannot promise contents-as-text: refused, not guessed (tests/test_control_tokens.py).
     tok.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim")
+    padded = [{"role": "user", "content": " padded "}]
+    assert tokenize_chat(tok, padded).text == tok.apply_chat_template(padded, tokenize=False)
+    tok.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'] | upper")
     with pytest.raises(ValueError, match="changes message contents"):
-        tokenize_chat(tok, [{"role": "user", "content": " padded "}])
+        tokenize_chat(tok, padded)
 
 
 def test_server_tokenises_message_content_as_text(http: httpx.Client, doors: Doors) -> None:

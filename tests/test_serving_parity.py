@@ -86,10 +86,16 @@ SAME_ANSWER = [
     ("/v1/completions", {"prompt": "The lazy dog", "echo": True}),
     ("/v1/completions", {"prompt": "The lazy dog", "echo": True, "logprobs": 2}),
     ("/v1/completions", {"prompt": "The lazy dog", "logprobs": 3}),
+    # The chosen token is among top_logprobs even past rank k: an echoed prompt's, or k = 0's.
+    ("/v1/completions", {"prompt": "The lazy dog", "echo": True, "logprobs": 1}),
+    ("/v1/completions", {"prompt": "The lazy dog", "logprobs": 0}),
     ("/v1/completions", {"prompt": "What is 3 + 4?", "stop_token_ids": [100, 200, 300]}),
     ("/v1/completions", {"prompt": "What is 3 + 4?", "repetition_penalty": 1.5, "min_tokens": 10}),
     ("/v1/completions", {"prompt": "What is 3 + 4?", "presence_penalty": 1.0, "frequency_penalty": 0.5}),
     ("/v1/completions", {"prompt": "What is 3 + 4?", "max_tokens": 40, "ignore_eos": True}),
+    # max_tokens null: OpenAI's default of 16, as vLLM's server takes it.
+    ("/v1/completions", {"prompt": ["What is 3 + 4?", "The quick brown fox " * 30], "max_tokens": None,
+                         "ignore_eos": True}),
     ("/v1/chat/completions", {"messages": MESSAGES}),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 40,
@@ -109,7 +115,13 @@ def _essence(path: str, body: dict) -> object:
         text = c["message"]["content"] if "message" in c else c["text"]
         lp = c.get("logprobs")
         tokens = None if lp is None else [t["token"] for t in lp["content"]] if "content" in lp else lp["tokens"]
-        choices.append((c["index"], text, c["finish_reason"], tokens))
+        if lp is None:
+            top = None
+        elif "content" in lp:
+            top = [[t["token"] for t in p["top_logprobs"]] for p in lp["content"]]
+        else:
+            top = [None if p is None else sorted(p) for p in lp["top_logprobs"]]
+        choices.append((c["index"], text, c["finish_reason"], tokens, top))
     return choices, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]
 
 
