@@ -249,3 +249,17 @@ def test_oversize_documents_are_rejected_without_being_read_whole(tmp_path: Path
     parquet = _read_all(tmp_path / "t.parquet", max_document_bytes=limit)
     assert [(r["status"], r["reason"][:11]) for r in parquet] == [("", ""), (REJECTED, "larger than"),
                                                                   (REJECTED, "'text' is n")]  # fmt: skip
+
+
+def test_a_parquet_value_that_is_not_utf8_is_a_rejected_row(tmp_path: Path) -> None:
+    """Arrow does not check a string column's UTF-8 when it reads one: a bad value crashed the
+    reader (naming no file) whatever bad_records said."""
+    data = b"good\xff\xfebad"
+    offsets = pa.py_buffer(bytes(pa.array([0, 4, 9], pa.int32()).buffers()[1]))
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(data)])}),
+                   tmp_path / "t.parquet")  # fmt: skip
+    rows = _read_all(tmp_path / "t.parquet")
+    assert [(r["source"].rsplit(":", 1)[1], r["status"], r["reason"]) for r in rows] == [
+        ("1", "", ""), ("2", REJECTED, "not valid UTF-8 (byte 0xff at offset 0)")]  # fmt: skip
+    with pytest.raises(BadRecordError, match=r"t\.parquet:2: not valid UTF-8"):
+        _read_all(tmp_path / "t.parquet", policy="fail")

@@ -255,10 +255,21 @@ def _parquet_records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, 
         for batch in reader.iter_batches(batch_size=1024, columns=[cfg.text_field]):
             column = batch.column(0)
             sizes = pc.fill_null(pc.binary_length(pc.cast(column, pa.large_string())), 0).to_numpy()
-            for value, size in zip(column.to_pylist(), sizes):
+            try:
+                values: list[Any] = column.to_pylist()
+            except UnicodeDecodeError:  # Arrow does not check UTF-8 on read: find the bad values
+                values = []
+                for i in range(len(column)):
+                    try:
+                        values.append(column[i].as_py())
+                    except UnicodeDecodeError as e:
+                        values.append(e)
+            for value, size in zip(values, sizes):
                 row += 1
                 if value is None:
                     yield row, None, f"{cfg.text_field!r} is null", b""
+                elif isinstance(value, UnicodeDecodeError):
+                    yield row, None, _not_utf8(value.object, value), value.object[:_RAW_KEEP]
                 elif size > limit:
                     yield row, None, _too_large(limit), value[:_RAW_KEEP].encode()
                 else:
