@@ -248,7 +248,7 @@ def test_a_deadline_passing_while_a_slow_client_reads_ends_the_stream_with_a_408
                                       stop_reason=None)  # fmt: skip
         return 0, types.SimpleNamespace(outputs=[piece], prompt_logprobs=None)
 
-    async def fake_engine():  # noqa: ANN202
+    async def fake_engine():
         for i in range(1, 100):
             await asyncio.sleep(0.01)
             yield delta(i)
