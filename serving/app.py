@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from core.chat import chat_stop_ids, tokenize_chat
+from core.config import format_errors
 from serving.adapters import Adapter, check_adapters, lora_engine_args, model_cards
 from serving.admission import Admission, Ticket, serve_limits
 from serving.auth import check_bearer, check_exposure, key_digest, resolve_api_key
@@ -553,7 +554,10 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
             empty, or ``host`` is not loopback and there is no key (unless
             ``allow_unauthenticated``); all before anything of Ray Serve starts.
     """
-    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    try:
+        cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    except ValidationError as e:  # pydantic's own text repeats every value given, an api_key too
+        raise ValueError(format_errors(e, "serve application args", ServeConfig)) from None
     if cfg.model is None:
         raise ValueError("serve.model: name the model directory to serve")
     model_dir = Path(cfg.model).expanduser().resolve()

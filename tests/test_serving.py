@@ -610,6 +610,10 @@ def test_build_app_options(serve_model_dir: Path, tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="serve.model"):
         build_app({})
+    # serve run / serve deploy pass a YAML's args: a mistake is named, a key is never repeated.
+    with pytest.raises(ValueError, match=r"api_key: String should have at least 8 characters \(got \*\*\*\)") as bad:
+        build_app({"model": str(serve_model_dir), "api_key": "hunter2"})
+    assert "hunter2" not in str(bad.value)
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         build_app({"model": str(tmp_path)})
     app = build_app({"model": str(serve_model_dir), "api_key": KEY, "api_key_env": "KILN_TEST_NO_SUCH_VAR",
