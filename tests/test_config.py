@@ -40,6 +40,10 @@ def test_ranges_and_cross_field_rules() -> None:
     ppo = {"prompts": "p.jsonl", "reward_function": "m:f", "kl_coef": 0.0, "kl_target": 0.1}
     with pytest.raises(ConfigError, match=r"ppo: .*kl_target adapts kl_coef by multiplying it"):
         parse_config({**MINIMAL, "ppo": ppo})
+    ppo = {"prompts": "p.jsonl", "reward_function": "m:f", "max_prompt_tokens": 64, "max_response_tokens": 32,
+           "rollout": {"engine": {"max_model_len": 80}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rollout.engine.max_model_len \(80\) is shorter than max_prompt_tokens"):
+        parse_config({**MINIMAL, "ppo": ppo})
 
 
 def test_rlhf_section_is_reward_model_only() -> None:

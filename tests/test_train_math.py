@@ -248,6 +248,9 @@ def test_split_validation_is_deterministic() -> None:
     train, val = split_validation(list(range(100)), 0.1)
     assert len(val) == 10 and set(train) | set(val) == set(range(100)) and not set(train) & set(val)
     assert split_validation(list(range(100)), 0.1) == (train, val)
+    assert val == list(range(9, 100, 10))  # 1/k: every k-th item, as before
+    # Any other fraction is held out as written (it was every round(1/f)-th: 0.4 held out half).
+    assert [len(split_validation(list(range(1000)), f)[1]) for f in (0.4, 0.3, 0.333, 0.02)] == [400, 300, 333, 20]
 
 
 # --- data order ----------------------------------------------------------------------------------

@@ -192,6 +192,10 @@ class PpoConfig(Section):
                 )
         if 2 * self.revisit_steps > self.max_steps:
             raise ValueError(f"revisit_steps ({self.revisit_steps}) may be at most half of max_steps ({self.max_steps})")
+        room = self.rollout.engine.max_model_len
+        if room is not None and room < self.max_prompt_tokens + self.max_response_tokens:
+            raise ValueError(f"rollout.engine.max_model_len ({room}) is shorter than max_prompt_tokens + "
+                             f"max_response_tokens ({self.max_prompt_tokens} + {self.max_response_tokens})")  # fmt: skip
         if self.kl_target is not None and self.kl_coef == 0:
             raise ValueError("kl_target adapts kl_coef by multiplying it, so a kl_coef of 0 stays 0: "
                              "give a kl_coef > 0 to start from")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -248,11 +249,14 @@ def dpo_rows(
 
 
 def split_validation(items: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
-    """(train, validation): every k-th item (k = round(1 / fraction)) is held out."""
+    """(train, validation): item i is held out where ``floor((i + 1) * fraction)`` steps up, so the
+    share held out is ``fraction`` (0.4 holds out 2 of 5, not every 2nd), spread evenly; ``1/k``
+    holds out every k-th item. In exact arithmetic: ``fraction`` as the decimal it was written."""
     if fraction <= 0:
         return items, []
-    k = max(2, round(1 / fraction))
-    return [x for i, x in enumerate(items) if i % k != k - 1], [x for i, x in enumerate(items) if i % k == k - 1]
+    f = Fraction(str(fraction))
+    held = [(i + 1) * f // 1 > i * f // 1 for i in range(len(items))]
+    return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
 def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
