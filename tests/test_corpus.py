@@ -263,3 +263,13 @@ def test_a_parquet_value_that_is_not_utf8_is_a_rejected_row(tmp_path: Path) -> N
         ("1", "", ""), ("2", REJECTED, "not valid UTF-8 (byte 0xff at offset 0)")]  # fmt: skip
     with pytest.raises(BadRecordError, match=r"t\.parquet:2: not valid UTF-8"):
         _read_all(tmp_path / "t.parquet", policy="fail")
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) -> None:
+    """Windows tools start UTF-8 files with a BOM: JSON's parser refused line 1, and a text file's
+    document began with U+FEFF."""
+    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfa whole file\n")
+    assert [r["text"] for r in _read_all(tmp_path / "c.jsonl")] == ["first", "second"]
+    assert [r["text"] for r in _read_all(tmp_path / "d.txt", text_unit="file")] == ["a whole file\n"]
+    assert [r["text"] for r in _read_all(tmp_path / "d.txt", text_unit="line")] == ["a whole file"]

@@ -33,6 +33,7 @@ _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text",
 }  # fmt: skip
 _COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_BOM = b"\xef\xbb\xbf"
 _RAW_KEEP = 2000  # characters of a rejected record kept for the user to inspect
 _MAX_RECORDS_PER_FILE = 1 << 32
 
@@ -285,6 +286,8 @@ def _records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | No
     limit = cfg.max_document_bytes
     with fs.open_input_stream(path, compression=_compression(path)[1]) as raw_stream:
         stream = io.BufferedReader(raw_stream)  # type: ignore[arg-type]
+        if stream.peek(3)[:3] == _BOM:  # a UTF-8 byte-order mark (Windows tools write one): not text
+            stream.read(3)
         if file.format == "text" and cfg.text_unit == "file":
             raw = stream.read(limit + 1)  # never the whole of a huge file
             if len(raw) > limit:
