@@ -123,3 +123,22 @@ def test_lsh_pipeline_against_brute_force_exact_jaccard() -> None:
     recall = len(found & truth) / len(truth)
     assert found <= truth  # verified pairs are exact
     assert recall >= 0.95
+
+
+def test_wordless_documents_get_lsh_keys_of_their_own() -> None:
+    """With the word filters off (a code corpus, say), documents of punctuation alone have no
+    shingles and so one and the same signature: they all shared every bucket, and verification
+    (Jaccard of two empty sets) made them near duplicates of each other. Identical ones are still
+    exact duplicates; worded documents still meet in their buckets."""
+    from pipelines.data.config import FilterConfig
+    from pipelines.data.parts import annotate
+
+    texts = ["!!! ??? ...", "--- *** +++ === ///", "(){}[]<>"] + ["the quick brown fox jumps over the lazy dog again"] * 2
+    n = len(texts)
+    batch = {"id": np.arange(n, dtype=np.int64) + (7 << 32), "source": np.array(["s"] * n, dtype=object),
+             "text": np.array(texts, dtype=object), "status": np.array([""] * n, dtype=object),
+             "reason": np.array([""] * n, dtype=object)}  # fmt: skip
+    off = FilterConfig(**{name: None for name in FilterConfig.model_fields})
+    _, _, keys = annotate(batch, off, MinHasher(112, 5), 14, 8, exact=True)
+    assert len({k for row in keys[:3] for k in row.tolist()}) == 3 * 14  # no bucket shared, none within a document
+    assert (keys[3] == keys[4]).all()

@@ -42,13 +42,14 @@ from pipelines.data.config import DataConfig, FilterConfig, PackConfig, Tokenize
 from pipelines.data.corpus import REJECTED, CorpusFile, read_file
 from pipelines.data.encode import CorpusEncoder
 from pipelines.data.filters import any_filter_on, first_failure
-from pipelines.data.minhash import MinHasher, band_keys, mix64, shingle_sets
+from pipelines.data.minhash import EMPTY, MinHasher, band_keys, mix64, shingle_sets
 from pipelines.data.packing import PackTask, eos_streams, write_planned_shards
 from pipelines.data.text import normalize
 from pipelines.data.tokenizer import train_bpe
 
 KEPT, FILTERED, EXACT, NEAR = "kept", "filtered", "exact_duplicate", "near_duplicate"
 DUPLICATE_KINDS = (EXACT, NEAR)  # the codes 0 and 1 of a duplicate map's ``kind``
+_WORDLESS = np.uint64(0x5EED_0F_E3E7_D0C5)  # salts a wordless document's own LSH keys
 ANNOTATED = pa.schema([("id", pa.int64()), ("source", pa.string()), ("text", pa.string()),
                        ("status", pa.string()), ("reason", pa.string())])  # fmt: skip
 DOCUMENTS = pa.schema([*ANNOTATED, ("dup_of", pa.int64()), ("dup_of_source", pa.string())])
@@ -103,7 +104,14 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
         live.append(i)
     band_key = np.zeros((n, num_bands), dtype=np.uint64)
     if live:
-        band_key[live] = band_keys(hasher.signatures([texts[i] for i in live]), num_bands, rows)
+        signatures = hasher.signatures([texts[i] for i in live])
+        band_key[live] = band_keys(signatures, num_bands, rows)
+        # A document without words has no shingles, and so the signature of every other one: it is
+        # similar to nothing (identical ones are exact duplicates). Keys of its own (its id, salted
+        # per band), or every such document of the corpus would be one bucket of candidate pairs.
+        wordless = np.asarray(live)[(signatures == EMPTY).all(axis=1)]
+        ids = batch["id"][wordless].astype(np.uint64)[:, None]
+        band_key[wordless] = mix64(ids * np.uint64(num_bands) + np.arange(num_bands, dtype=np.uint64) + _WORDLESS)
     return {**batch, "text": texts, "status": status, "reason": reason}, content_hash, band_key
 
 
