@@ -214,6 +214,12 @@ class ChatCompletionRequest(SamplingFields):
     # Newer name of max_tokens; either may be given.
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:  # as vLLM's server (and OpenAI's) refuse it
+            raise ValueError("top_logprobs: when using `top_logprobs`, `logprobs` must be set to true")
+        return self
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

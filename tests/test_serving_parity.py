@@ -142,6 +142,7 @@ SAME_MISTAKE = [
     ("/v1/completions", {"prompt": [CONTEXT * 100]}),  # out of vocabulary
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}),
     ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_schema"}}),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}),  # without logprobs: true
 ]
 
 
