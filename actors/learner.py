@@ -53,18 +53,19 @@ class PolicyLearner(DeepSpeedRank):
         return response_logits(self.engine, batch) / self.temperature  # (b, A, V)
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
-        """This rank's share of the batch: (b, A) log pi_theta(a_t) and the summed per-sample mean entropy."""
+    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the batch: (b, A) log pi_theta(a_t) and (b,) each sample's mean
+        entropy per response token."""
         self.engine.eval()
         mine = self._my_rows(batch)
-        out, entropy = [], 0.0
+        out, entropy = [], []
         for micro in self._micro_batches(mine):
             logits = self._logits(micro)
             tokens = micro.input_ids[:, micro.prompt_len :]
             out.append((token_logprobs(logits, tokens) * micro.response_mask).cpu())
-            entropy += masked_mean(entropy_from_logits(logits), micro.response_mask, dim=1).sum().item()
+            entropy.append(masked_mean(entropy_from_logits(logits), micro.response_mask, dim=1).float().cpu())
         self.engine.train()
-        return torch.cat(out), entropy
+        return torch.cat(out), torch.cat(entropy)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """LoRA only: this rank's share of (b, A) log pi_ref(a_t), the reference being this very

@@ -301,7 +301,7 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     scores: Scores = ray.get(scores_ref)
     old_parts = ray.get(old_refs)
     old_logprobs = torch.cat([lp for lp, _ in old_parts])  # (B, A)
-    entropy = sum(e for _, e in old_parts) / batch.size
+    entropies = torch.cat([e for _, e in old_parts])  # (B,)
     values = torch.cat(ray.get(value_refs)) if value_refs else torch.zeros_like(old_logprobs)  # (B, A)
     batch = batch.with_fields(old_logprobs=old_logprobs, ref_logprobs=torch.cat(ray.get(ref_refs)), values=values)
     t_score = time.perf_counter()
@@ -351,7 +351,7 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
         "reward_model_mean": scores.model[scores.valid].mean().item(),
         "kl": observed_kl,
         "kl_coef": state.kl_coef,
-        "entropy": entropy,
+        "entropy": entropies[scores.valid].mean().item(),
         "response_length": batch.response_mask.sum(1)[scores.valid].mean().item(),
         # vLLM's log-probs against the learner's for the very same tokens and weights.
         "logprob_mismatch": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
