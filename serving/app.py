@@ -426,6 +426,9 @@ class LLMServer:
         # a choice's first chunk carries its echoed prompt.
         offsets = [0] * (len(job.prompts) * job.params.n)
         begun = [False] * len(offsets)
+        # Each prompt's own log-probabilities (echo + logprobs): in delta mode vLLM attaches them to
+        # one output only, and every choice of the prompt echoes them.
+        prompt_lps: dict[int, Any] = {}
         try:
             if job.chat:
                 # OpenAI opens each chat choice with the role and empty content.
@@ -435,11 +438,13 @@ class LLMServer:
             item = first
             while item is not None:
                 i, out = item
+                if out.prompt_logprobs is not None:
+                    prompt_lps.setdefault(i, out.prompt_logprobs)
                 choices = []
                 for o in out.outputs:
                     index = i * job.params.n + o.index
                     completion_tokens += len(o.token_ids)
-                    choice = self._choice(job, index, o, out.prompt_logprobs, offsets[index], delta=True,
+                    choice = self._choice(job, index, o, prompt_lps.get(i), offsets[index], delta=True,
                                           echo=not begun[index])  # fmt: skip
                     begun[index] = True
                     offsets[index] += len(choice["text"]) if not job.chat else 0

@@ -293,6 +293,17 @@ def test_several_prompts_echo_and_suffix(http: httpx.Client) -> None:
         text = "".join(json.loads(p)["choices"][0]["text"] for p in _sse_events(list(r.iter_lines()))[:-1])
     # (An incomplete UTF-8 sequence may show as U+FFFD in one and be held back in the other.)
     assert text.replace("\ufffd", "") == (prompts[1] + singles[1]).replace("\ufffd", "")
+    # Streamed with n > 1: every choice's first chunk echoes the prompt with its log-probabilities
+    # (vLLM attaches them to one output of the request only; the second choice's were all None).
+    firsts: dict[int, dict] = {}
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": prompts[1], "echo": True,
+                                                     "logprobs": 1, "stream": True, **sampled}) as r:  # fmt: skip
+        for payload in _sse_events(list(r.iter_lines()))[:-1]:
+            for c in json.loads(payload)["choices"]:
+                firsts.setdefault(c["index"], c["logprobs"])
+    assert sorted(firsts) == [0, 1]
+    for first in firsts.values():
+        assert first["token_logprobs"][:len(ids)] == lp["token_logprobs"][:len(ids)]  # the same prompt tokens
 
     for body, param in (({"suffix": "end"}, "suffix"), ({"prompt": []}, "prompt"), ({"prompt": [[1], "x"]}, "prompt"),
                         ({"prompt": [10**6]}, "prompt")):
