@@ -32,25 +32,33 @@ def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[tuple[i
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-                reason = _reason(e)
+            record, reason = parse_json(raw)
+            if reason:
                 if torn_tail_ok and not raw.endswith(b"\n"):  # only the last line can lack it
                     warnings.warn(f"{path}:{lineno}: skipped a record cut short by a crash ({reason})", stacklevel=2)
                     return
-                raise BadRecord(f"{path}:{lineno}: {reason}") from None
+                raise BadRecord(f"{path}:{lineno}: {reason}")
             if not isinstance(record, dict):
                 raise BadRecord(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
 
 
-def _reason(e: Exception) -> str:
-    """Why a line could not be parsed, in words."""
-    if isinstance(e, UnicodeDecodeError):
-        return f"not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})"
-    if isinstance(e, RecursionError):
-        return "JSON nested too deeply to parse"
-    if isinstance(e, json.JSONDecodeError):
-        return f"malformed JSON: {e.msg}"
-    return f"malformed JSON: {str(e).split(';')[0]}"  # e.g. Python's 4,300-digit limit on integers
+def not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    """Why ``raw`` is not text, in words: the first bad byte and where it is."""
+    return f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+
+
+def parse_json(raw: bytes) -> tuple[Any, str]:
+    """(value, "") for one line of UTF-8 JSON, (None, why not) otherwise: also for JSON that Python
+    cannot hold (nested too deeply, an integer of more than 4,300 digits). The one parser of a
+    line, for this reader and the data stage's corpus reader."""
+    try:
+        return json.loads(raw.decode("utf-8")), ""
+    except UnicodeDecodeError as e:
+        return None, not_utf8(raw, e)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    except RecursionError:  # json's decoder recurses once per nested array/object: ~1,000 levels
+        return None, "JSON nested too deeply to parse"
+    except ValueError as e:  # Python's limit on the digits of an integer
+        return None, f"malformed JSON: {str(e).split(';')[0]}"

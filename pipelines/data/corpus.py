@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.jsonl import not_utf8, parse_json
 from core.locations import resolve
 from pipelines.data.config import InputConfig
 from pipelines.data.storage import display
@@ -180,25 +180,11 @@ class _Batcher:
         return batch
 
 
-def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
-    return f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
-
-
 def _parse_json_line(raw: bytes, field: str) -> tuple[str | None, str]:
     """(text, "") for a good line, (None, reason) for a bad one."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, _not_utf8(raw, e)
-    try:
-        obj: Any = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON: {e.msg} (column {e.colno})"
-    except RecursionError:
-        # json's decoder recurses once per nested array/object: ~1,000 levels exhaust the stack.
-        return None, "JSON nested too deeply to parse"
-    except ValueError as e:  # e.g. an integer of more than 4,300 digits (Python's int parsing limit)
-        return None, f"malformed JSON: {str(e).split(';')[0]}"
+    obj, reason = parse_json(raw)
+    if reason:
+        return None, reason
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     if field not in obj:
@@ -270,7 +256,7 @@ def _parquet_records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, 
                 if value is None:
                     yield row, None, f"{cfg.text_field!r} is null", b""
                 elif isinstance(value, UnicodeDecodeError):
-                    yield row, None, _not_utf8(value.object, value), value.object[:_RAW_KEEP]
+                    yield row, None, not_utf8(value.object, value), value.object[:_RAW_KEEP]
                 elif size > limit:
                     yield row, None, _too_large(limit), value[:_RAW_KEEP].encode()
                 else:
@@ -296,7 +282,7 @@ def _records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | No
             try:
                 yield 1, raw.decode("utf-8"), "", raw
             except UnicodeDecodeError as e:
-                yield 1, None, _not_utf8(raw, e), raw
+                yield 1, None, not_utf8(raw, e), raw
             return
         for number, (raw, too_long) in enumerate(_lines(stream, limit), start=1):
             if too_long:
@@ -310,7 +296,7 @@ def _records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, str | No
                 try:
                     text, reason = raw.decode("utf-8").rstrip("\n"), ""
                 except UnicodeDecodeError as e:
-                    text, reason = None, _not_utf8(raw, e)
+                    text, reason = None, not_utf8(raw, e)
             yield number, text, reason, raw
 
 

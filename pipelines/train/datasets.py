@@ -254,8 +254,8 @@ def split_validation(items: list[Any], fraction: float) -> tuple[list[Any], list
     holds out every k-th item. In exact arithmetic: ``fraction`` as the decimal it was written."""
     if fraction <= 0:
         return items, []
-    f = Fraction(str(fraction))
-    held = [(i + 1) * f // 1 > i * f // 1 for i in range(len(items))]
+    num, den = Fraction(str(fraction)).as_integer_ratio()
+    held = [(i + 1) * num // den > i * num // den for i in range(len(items))]
     return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
