@@ -22,9 +22,11 @@ from pipelines.train.config import ModelConfig, TrainConfig
 from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
 from pipelines.train.losses import (
     IGNORE,
+    accumulation_weight,
     bradley_terry_loss,
     first_predicting_position,
     lm_loss_sum,
+    lm_target_count,
     lr_multiplier,
     pairwise_correct,
 )
@@ -43,6 +45,40 @@ def test_lm_loss_shifts_and_ignores_masked_targets() -> None:
     expected = -F.log_softmax(logits[0, 0], dim=-1)[2]
     assert count.item() == 1
     assert total.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_accumulated_micro_batches_give_the_steps_token_mean_gradient() -> None:
+    """Micro batches with 2 and 10 target tokens, as DeepSpeed combines them (each loss / the micro
+    batches per step, gradients averaged over ranks): weighted, the gradient of the token mean over
+    the whole step, on one rank or two; unweighted (a mean of means) it is not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(13, 8), torch.nn.Linear(8, 13))
+    ids = torch.randint(0, 13, (4, 7))
+    labels = ids.clone()
+    labels[:2, :-1] = IGNORE  # rows 0-1: one target each; rows 2-3: six each
+    labels[2:, 1] = IGNORE
+    micro = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
+    counts = [lm_target_count(lab.numpy()) for _, lab in micro]
+    assert counts == [2, 10] and [int(lm_loss_sum(model(i), lab)[1]) for i, lab in micro] == counts
+
+    def grad(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss_sum, count = lm_loss_sum(model(ids), labels)
+    want = grad(loss_sum / count)
+    def mean(k: int) -> torch.Tensor:  # micro batch k's token-mean loss, as the worker backpropagates it
+        return lm_loss_sum(model(micro[k][0]), micro[k][1])[0] / counts[k]
+
+    one_rank = sum(grad(mean(k) * accumulation_weight(counts[k], 12, 2, 1) / 2) for k in range(2))
+    two_ranks = sum(grad(mean(k) * accumulation_weight(counts[k], 12, 1, 2)) for k in range(2)) / 2
+    torch.testing.assert_close(one_rank, want)
+    torch.testing.assert_close(two_ranks, want)
+    mean_of_means = sum(grad(mean(k) / 2) for k in range(2))
+    assert not torch.allclose(mean_of_means, want, atol=1e-3)
+    # Equal micro batches (packed pretraining rows, preference pairs): exactly 1, nothing changes.
+    assert accumulation_weight(1020, 4 * 1020, 2, 2) == 1.0
 
 
 def test_lm_loss_uniform_logits_is_log_vocab() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,32 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     target = labels[:, 1:].long()  # (B, T-1)
     loss = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, (target != IGNORE).sum()
+
+
+def lm_target_count(labels: np.ndarray) -> int:
+    """The number of target tokens ``lm_loss_sum`` counts for (B, T) ``labels`` (token ids or
+    IGNORE; a pretraining batch passes its ids: every token after the first is a target)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def accumulation_weight(units: int, step_units: float, micro_batches: int, world: int) -> float:
+    """The factor on a micro batch's mean loss that makes a step's update the mean over all of its units.
+
+    DeepSpeed divides each micro batch's loss by ``micro_batches`` and averages the gradients over
+    the ``world`` ranks: a mean of the micro batches' means, in which a target token of a micro
+    batch with few of them weighs more than one of a full one (SFT rows differ in response
+    length). Weighted by ``units * micro_batches * world / step_units``, the update is the mean over
+    the step's ``step_units`` (summed over its micro batches and ranks): the loss the metric lines
+    report (Hugging Face's ``num_items_in_batch`` fix). Equal micro batches (packed pretraining
+    rows, preference pairs) get exactly 1.
+
+    Args:
+        units: Target tokens (or pairs) of this micro batch.
+        step_units: The same summed over the step's micro batches on every rank.
+        micro_batches: Micro batches per optimizer step on each rank (gradient accumulation).
+        world: Data-parallel ranks.
+    """
+    return units * micro_batches * world / max(step_units, 1.0)
 
 
 def first_predicting_position(labels: torch.Tensor) -> int:

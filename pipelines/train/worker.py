@@ -40,10 +40,12 @@ from core.metrics import MetricsSink
 from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, TrainConfig
 from pipelines.train.engine import deepspeed_config, full_state_dict, import_deepspeed, param_groups
 from pipelines.train.losses import (
+    accumulation_weight,
     bradley_terry_loss,
     dpo_loss,
     first_predicting_position,
     lm_loss_sum,
+    lm_target_count,
     lr_multiplier,
     pairwise_correct,
     sequence_logps,
@@ -176,6 +178,14 @@ def _lm_loss(backend: str | None) -> Callable[[torch.Tensor, torch.Tensor], tupl
     float32 log-softmax over the vocabulary into the loss instead of writing (B, T, V) float32
     logits and their gradient to memory."""
     return lm_loss_sum if backend is None else torch.compile(lm_loss_sum, backend=backend)
+
+
+def _units(job: TrainJob, rows: dict[str, np.ndarray]) -> int:
+    """What a micro batch's loss is the mean over: its target tokens (``lm``) or its pairs; read
+    from the host rows, so no device sync."""
+    if job.objective == "lm":
+        return lm_target_count(rows.get("labels", rows["input_ids"]))
+    return len(rows["chosen_ids"])
 
 
 def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> dict[str, float]:
@@ -334,12 +344,17 @@ def train_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         sums: Sums = {}
         tokens = 0
-        for micro in range(cfg.grad_accum_steps):
-            epoch, positions = step_positions(step, micro, rank, cfg, epoch_rows)
-            rows = trim_padding(train.rows(epoch, positions), pad_id)
+        # The step's micro batches first: the update is the mean over all of the step's target
+        # tokens (or pairs), so each micro batch's loss is weighted by its share of them (one
+        # all-reduce of a count per step; see accumulation_weight).
+        micro_rows = [trim_padding(train.rows(*step_positions(step, micro, rank, cfg, epoch_rows)), pad_id)
+                      for micro in range(cfg.grad_accum_steps)]  # fmt: skip
+        units = [_units(job, rows) for rows in micro_rows]
+        step_units = _all_sum({"units": float(sum(units))})["units"]
+        for rows, micro_units in zip(micro_rows, units):
             batch = _to_device(rows, device)
             loss, micro_sums, t = _forward(engine, job, batch, pad_id)
-            engine.backward(loss)
+            engine.backward(loss * accumulation_weight(micro_units, step_units, cfg.grad_accum_steps, cfg.num_workers))
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums, tokens = _add(sums, micro_sums), tokens + t
         grad_norm = engine.get_global_grad_norm()
