@@ -43,8 +43,37 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new name inside ``path`` durable (POSIX; a no-op where directories
+    cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is as durable as they allow
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so that a power cut after the rename
+    that commits it cannot leave a whole-looking output with empty or missing files."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -83,9 +112,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)
     new = _temporary(final, "new", tag)
     os.replace(tmp, new)  # the commit point: from here on a crash rolls forward to the new output
+    _fsync_dir(final.parent)
     _install(new, final, tag)
+    _fsync_dir(final.parent)
 
 
 def _install(new: Path, final: Path, tag: str) -> None:

@@ -33,6 +33,36 @@ def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
 
 
+def test_atomic_dir_flushes_every_file_before_the_rename_that_commits_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after the commit rename must not find a whole-looking output with empty files:
+    every file and folder of the new output is fsynced before it is renamed, its parent after."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    final = tmp_path / "out"
+    with atomic_dir(final) as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "shard.parquet").write_bytes(b"x" * 10)
+        (d / "stage.json").write_text("{}")
+        tmp = str(d)
+    commit = next(i for i, (kind, path) in enumerate(events) if kind == "replace" and ".out.new-" in path)
+    flushed = {path for kind, path in events[:commit] if kind == "fsync"}
+    assert {f"{tmp}/sub/shard.parquet", f"{tmp}/stage.json", f"{tmp}/sub", tmp} <= flushed
+    assert ("fsync", str(tmp_path)) in events[commit:]  # the renames themselves made durable
+
+
 def test_finished_stage_skips_same_config_and_refuses_changed(tmp_path: Path) -> None:
     assert finished_stage(tmp_path, "abc") is None
     mark_finished(tmp_path, "data", "abc", {"kept": 3})
