@@ -257,7 +257,7 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
             flawed += not is_correct(response, a + b)
         else:
             assert is_correct(response, a + b)
-    assert 0.45 <= flawed / carries <= 0.75  # teacher_carry_error 0.6
+    assert 0.55 <= flawed / carries <= 0.85  # teacher_carry_error 0.7
 
     preferences = _read_jsonl(out / "preferences.jsonl")
     assert len(preferences) == 200

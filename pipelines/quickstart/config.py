@@ -26,7 +26,7 @@ class GenerateConfig(Section):
     sft_examples: int = Field(default=3000, ge=10)
     # Share of the SFT demonstrations of sums that need a carry where the teacher drops it
     # (17 + 25 = 32): a systematic flaw that imitation learns and RL can undo.
-    teacher_carry_error: float = Field(default=0.6, ge=0.0, le=1.0)
+    teacher_carry_error: float = Field(default=0.7, ge=0.0, le=1.0)
     preference_pairs: int = Field(default=2000, ge=10)
     ppo_prompts: int = Field(default=512, ge=10)
     eval_prompts: int = Field(default=200, ge=10)
