@@ -68,6 +68,7 @@ def test_accumulated_micro_batches_give_the_steps_token_mean_gradient() -> None:
 
     loss_sum, count = lm_loss_sum(model(ids), labels)
     want = grad(loss_sum / count)
+
     def mean(k: int) -> torch.Tensor:  # micro batch k's token-mean loss, as the worker backpropagates it
         return lm_loss_sum(model(micro[k][0]), micro[k][1])[0] / counts[k]
 

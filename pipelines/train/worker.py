@@ -180,12 +180,16 @@ def _lm_loss(backend: str | None) -> Callable[[torch.Tensor, torch.Tensor], tupl
     return lm_loss_sum if backend is None else torch.compile(lm_loss_sum, backend=backend)
 
 
-def _units(job: TrainJob, rows: dict[str, np.ndarray]) -> int:
-    """What a micro batch's loss is the mean over: its target tokens (``lm``) or its pairs; read
-    from the host rows, so no device sync."""
-    if job.objective == "lm":
-        return lm_target_count(rows.get("labels", rows["input_ids"]))
-    return len(rows["chosen_ids"])
+def _step_weights(micro_rows: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[float]:
+    """Each micro batch's loss weight, so that the step's update is the mean over all of its target
+    tokens (``accumulation_weight``). Only rows with ``labels`` (SFT) differ in their targets:
+    packed pretraining rows and preference pairs (every micro batch the same size) get exactly 1
+    without the all-reduce. Counted from the host rows, so no device sync."""
+    if "labels" not in micro_rows[0]:
+        return [1.0] * len(micro_rows)
+    units = [lm_target_count(rows["labels"]) for rows in micro_rows]
+    step_units = _all_sum({"units": float(sum(units))})["units"]
+    return [accumulation_weight(u, step_units, cfg.grad_accum_steps, cfg.num_workers) for u in units]
 
 
 def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> dict[str, float]:
@@ -345,16 +349,13 @@ def train_worker(config: dict[str, Any]) -> None:
         sums: Sums = {}
         tokens = 0
         # The step's micro batches first: the update is the mean over all of the step's target
-        # tokens (or pairs), so each micro batch's loss is weighted by its share of them (one
-        # all-reduce of a count per step; see accumulation_weight).
+        # tokens, so each micro batch's loss is weighted by its share of them.
         micro_rows = [trim_padding(train.rows(*step_positions(step, micro, rank, cfg, epoch_rows)), pad_id)
                       for micro in range(cfg.grad_accum_steps)]  # fmt: skip
-        units = [_units(job, rows) for rows in micro_rows]
-        step_units = _all_sum({"units": float(sum(units))})["units"]
-        for rows, micro_units in zip(micro_rows, units):
+        for rows, weight in zip(micro_rows, _step_weights(micro_rows, cfg)):
             batch = _to_device(rows, device)
             loss, micro_sums, t = _forward(engine, job, batch, pad_id)
-            engine.backward(loss * accumulation_weight(micro_units, step_units, cfg.grad_accum_steps, cfg.num_workers))
+            engine.backward(loss * weight)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums, tokens = _add(sums, micro_sums), tokens + t
         grad_norm = engine.get_global_grad_norm()
