@@ -54,20 +54,28 @@ def load_deepspeed_checkpoint(engine: Any, directory: str | Path, tag: str) -> d
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy and torch (CPU) random states as JSON values."""
+    """This process's Python, NumPy and torch random states as JSON values: the CPU generator's,
+    and the current CUDA device's when this process has initialised CUDA (a GPU worker: its dropout,
+    a LoRA adapter's included, draws from the device's generator, not the CPU's)."""
     version, python_keys, gauss = random.getstate()
     name, numpy_keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
+    state: dict[str, Any] = {
         "python": [version, list(python_keys), gauss],
         "numpy": [name, numpy_keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (after a JSON round trip)."""
+    """Restore what :func:`rng_state` returned (after a JSON round trip). A CUDA state goes to the
+    current device; on a machine without one (a GPU run resumed on CPUs) it has nothing to drive."""
     version, python_keys, gauss = state["python"]
     random.setstate((version, tuple(python_keys), gauss))
     name, numpy_keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(numpy_keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

@@ -309,3 +309,43 @@ def test_random_states_round_trip_through_json() -> None:
     torch.manual_seed(9)
     set_rng_state(saved)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+
+
+def test_a_gpu_runs_random_state_resumes_on_cpus() -> None:
+    """A checkpoint written on a GPU carries the device generator's state; resuming it on a machine
+    without CUDA restores the rest and leaves that key alone."""
+    import json
+
+    import torch
+
+    from core.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(5)
+    saved = json.loads(json.dumps(rng_state()))
+    if not torch.cuda.is_available():
+        assert "cuda" not in saved  # this process never touched a device
+        saved["cuda"] = [0] * 16  # as a GPU worker wrote it
+    draw = float(torch.rand(1))
+    torch.manual_seed(9)
+    set_rng_state(saved)
+    assert float(torch.rand(1)) == draw
+
+
+@pytest.mark.gpu
+def test_cuda_random_state_round_trips() -> None:
+    """Dropout on a GPU (a LoRA adapter's) draws from the device's generator: a resumed step must
+    draw the same mask as the uninterrupted one."""
+    import json
+
+    import torch
+
+    from core.checkpoint import rng_state, set_rng_state
+
+    torch.cuda.manual_seed(3)
+    torch.rand(4, device="cuda")  # mid-stream; CUDA initialised
+    saved = json.loads(json.dumps(rng_state()))
+    assert "cuda" in saved
+    draws = torch.rand(4, device="cuda").cpu()
+    torch.cuda.manual_seed(9)
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(4, device="cuda").cpu(), draws)
