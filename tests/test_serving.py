@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -542,7 +543,7 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
     body = {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT - 50, "n": 16, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {KEY}"}
 
-    async def main() -> list[tuple[int, float, dict | None]]:
+    async def main() -> list[Any]:
         async with httpx.AsyncClient(base_url=f"{server.url}/secure", timeout=60, headers=headers) as client:
             async def one(delay: float) -> tuple[int, float, dict | None]:
                 await asyncio.sleep(delay)
@@ -551,10 +552,17 @@ def test_overload_is_refused_fast_and_timeout_is_408(server: Server) -> None:
                 is_json = r.headers.get("content-type", "").startswith("application/json")
                 return r.status_code, time.monotonic() - t0, r.json() if is_json else None
 
-            # The first request gets a head start so it holds the only slot.
-            return await asyncio.gather(one(0.0), *(one(1.0) for _ in range(5)))
+            async def tokenize(delay: float) -> tuple[int, dict]:
+                await asyncio.sleep(delay)
+                r = await client.post("/tokenize", json={"model": MODEL, "prompt": "x"})
+                return r.status_code, r.json()
 
-    results = asyncio.run(main())
+            # The first request gets a head start so it holds the only slot; by 1.5 s another
+            # waits for it, and /tokenize (which shares the prepare thread) is admitted like them.
+            return await asyncio.gather(one(0.0), *(one(1.0) for _ in range(5)), tokenize(1.5))
+
+    *results, tokenized = asyncio.run(main())
+    assert tokenized[0] == 503 and tokenized[1]["error"]["code"] == "overloaded", tokenized
     first, rest = results[0], results[1:]
     assert first[0] == 408 and first[2]["error"]["type"] == "timeout", first
     refused = [elapsed for status, elapsed, _ in rest if status == 503]
