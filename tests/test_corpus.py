@@ -251,6 +251,21 @@ def test_oversize_documents_are_rejected_without_being_read_whole(tmp_path: Path
                                                                   (REJECTED, "'text' is n")]  # fmt: skip
 
 
+
+@pytest.mark.parametrize("column_type", [pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string())])
+def test_an_oversize_parquet_value_never_becomes_a_python_object(tmp_path: Path, column_type: pa.DataType) -> None:
+    """Arrow decodes the page that holds it (2-4x the value: README), but the reader copies only
+    its first bytes out: a Python copy of the value (the scalar, the string) came on top of that."""
+    limit = 1000
+    texts = ["before", "a" * 600 + "\u00e9" * (15 << 20), "after", None]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()).cast(column_type)}), tmp_path / "t.parquet")
+    rows, peak = _peak_bytes_while_reading(tmp_path / "t.parquet", max_document_bytes=limit)
+    assert [(r["status"], r["reason"][:11]) for r in rows] == [
+        ("", ""), (REJECTED, "larger than"), ("", ""), (REJECTED, "'text' is n")]
+    assert [rows[0]["text"], rows[2]["text"]] == ["before", "after"]
+    assert rows[1]["text"].startswith("a" * 600 + "\u00e9") and len(rows[1]["text"].encode()) <= 2000
+    assert peak < 8 << 20, peak  # Python's allocations (tracemalloc); the value is 30 MiB
+
 def test_a_parquet_value_that_is_not_utf8_is_a_rejected_row(tmp_path: Path) -> None:
     """Arrow does not check a string column's UTF-8 when it reads one: a bad value crashed the
     reader (naming no file) whatever bad_records said."""
