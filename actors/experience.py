@@ -26,6 +26,8 @@ class Samples:
         logprobs: N lists, vLLM's log-probability of each response token.
         texts: N decoded responses (stop token excluded).
         policy_version: the weight version that generated them.
+        truncated: N flags, True where the response was cut at ``max_response_tokens`` before a
+            stop token (vLLM's finish reason "length").
     """
 
     prompt_ids: list[list[int]]
@@ -33,6 +35,7 @@ class Samples:
     logprobs: list[list[float]]
     texts: list[str]
     policy_version: int
+    truncated: list[bool]
 
 
 def actor_device() -> torch.device:

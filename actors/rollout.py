@@ -104,19 +104,21 @@ class RolloutGenerator:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.adapter)
-        response_ids, logprobs, texts = [], [], []
+        response_ids, logprobs, texts, truncated = [], [], [], []
         for out in outputs:
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             response_ids.append(ids)
             logprobs.append([float(step[token].logprob) for step, token in zip(completion.logprobs, ids)])
             texts.append(completion.text)
+            truncated.append(completion.finish_reason == "length")
         return Samples(
             prompt_ids=[list(p["prompt_token_ids"]) for p in prompts],
             response_ids=response_ids,
             logprobs=logprobs,
             texts=texts,
             policy_version=self.version,
+            truncated=truncated,
         )
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:

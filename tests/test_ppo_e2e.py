@@ -215,3 +215,13 @@ def test_ppo_improves_reward_and_accuracy_on_held_out_prompts(ray_local: None, t
     # the held-out prompts (a paired test of each prompt's share of right answers, before vs after).
     assert after["accuracy"] > before["accuracy"] + 0.03, (before, after)
     assert delta > 0 and p_value < 0.05, (delta, p_value)
+
+
+def test_responses_cut_at_the_token_limit_are_counted(system: dict[str, Any]) -> None:
+    # A response is cut (vLLM's finish reason "length") only at the limit: each cut one is 8 tokens
+    # long, so a step's mean length is at least 8 x its cut share.
+    limit = system["p"].max_response_tokens
+    records = system["records"] + [system["continued"], system["replayed"], system["kl_as_loss"]]
+    for r in records:
+        assert 0 <= r["truncated"] <= 1 and r["response_length"] >= limit * r["truncated"] - 1e-6, r
+    assert any(r["truncated"] > 0 for r in records)

@@ -173,7 +173,8 @@ def test_response_logits_are_the_full_forwards_response_columns() -> None:
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[20, 21], [22, 23, 24, 25], [26]]
-    batch = collate(Samples(prompts, responses, [[0.0] * len(r) for r in responses], ["", "", ""], 0), pad_id=0)
+    samples = Samples(prompts, responses, [[0.0] * len(r) for r in responses], ["", "", ""], 0, [False] * 3)
+    batch = collate(samples, pad_id=0)
     p, a = batch.prompt_len, batch.response_mask.shape[1]
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -278,3 +279,15 @@ def test_revisit_steps_draw_the_first_steps_prompts_again_and_the_trend_pairs_th
     assert trend["reward_gain_test"] == "paired t over 12 prompts" and trend["reward_gain"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match=r"revisit_steps \(6\) may be at most half of max_steps \(10\)"):
         PpoConfig(reward_function="m:f", prompts="p", max_steps=10, revisit_steps=6)
+
+
+def test_sequence_scores_penalise_cut_responses_then_clip() -> None:
+    from pipelines.rlhf.ppo_math import sequence_scores
+
+    total = torch.tensor([1.0, 1.0, -4.5, 9.0])
+    truncated = torch.tensor([False, True, True, False])
+    torch.testing.assert_close(sequence_scores(total, truncated, None, None), total)
+    torch.testing.assert_close(sequence_scores(total, truncated, 5.0, None), torch.tensor([1.0, 1.0, -4.5, 5.0]))
+    # TRL's missing_eos_penalty: only the cut responses pay it, and the clip bounds the result.
+    torch.testing.assert_close(sequence_scores(total, truncated, 5.0, 1.0), torch.tensor([1.0, 0.0, -5.0, 5.0]))
+    torch.testing.assert_close(sequence_scores(total, truncated, None, 1.0), torch.tensor([1.0, 0.0, -5.5, 9.0]))

@@ -137,6 +137,10 @@ class PpoConfig(Section):
     clip_eps: float = Field(default=0.2, gt=0.0)
     value_clip: float | None = Field(default=0.2, gt=0.0)
     reward_clip: float | None = Field(default=5.0, gt=0.0)
+    # Subtracted from the score of a response cut at max_response_tokens before its stop token, as
+    # TRL's missing_eos_penalty: otherwise the reward model scores the cut text as if it were whole
+    # (null: none). The share of cut responses is logged every step either way (truncated).
+    missing_eos_penalty: float | None = Field(default=None, gt=0.0)
     # Passes over each rollout batch, and optimizer steps (mini-batches) per pass.
     ppo_epochs: int = Field(default=2, ge=1)
     minibatches_per_epoch: int = Field(default=2, ge=1)

@@ -56,6 +56,7 @@ from pipelines.rlhf.ppo_math import (
     kl_estimate,
     masked_mean,
     masked_whiten,
+    sequence_scores,
     token_rewards,
 )
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
@@ -309,7 +310,8 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     # 4. advantages
     check_scores(scores, state.step)
     mask = batch.response_mask * scores.valid.unsqueeze(1)  # (B, A) skipped samples take no part
-    seq_scores = scores.total.clamp(-p.reward_clip, p.reward_clip) if p.reward_clip else scores.total
+    truncated = torch.tensor(samples.truncated, dtype=torch.bool)  # (B,)
+    seq_scores = sequence_scores(scores.total, truncated, p.reward_clip, p.missing_eos_penalty)
     kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask  # (B, A)
     kl_per_sample = kl.sum(1)  # (B,)
     # The KL penalty is either part of the reward, or a loss term the learner adds (kl_penalty).
@@ -353,6 +355,7 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
         "kl_coef": state.kl_coef,
         "entropy": entropies[scores.valid].mean().item(),
         "response_length": batch.response_mask.sum(1)[scores.valid].mean().item(),
+        "truncated": truncated[scores.valid].float().mean().item(),  # cut at max_response_tokens
         # vLLM's log-probs against the learner's for the very same tokens and weights.
         "logprob_mismatch": masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask).item(),
         "logprob_mismatch_max": ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).max().item(),

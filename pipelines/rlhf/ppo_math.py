@@ -79,6 +79,22 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> t
     return masked_mean(torch.expm1(delta) - delta, mask)
 
 
+def sequence_scores(
+    total: torch.Tensor, truncated: torch.Tensor, reward_clip: float | None, missing_eos_penalty: float | None
+) -> torch.Tensor:
+    """The score each sample's advantage starts from: its reward, less ``missing_eos_penalty`` where
+    the response was cut before its stop token (TRL's), then clipped to +-``reward_clip``.
+
+    Args:
+        total: (B,) rewards.
+        truncated: (B,) bool, the responses cut at the token limit.
+        reward_clip: bound of the result's magnitude (None: unclipped).
+        missing_eos_penalty: subtracted from a cut response's reward (None: nothing).
+    """
+    scores = total - missing_eos_penalty * truncated.to(total.dtype) if missing_eos_penalty else total
+    return scores.clamp(-reward_clip, reward_clip) if reward_clip else scores
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: ``-kl_coef * kl`` everywhere, plus the sequence score on the last token.
 
