@@ -11,6 +11,8 @@ refusal past those is reshaped by ``serving.proxy_errors``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from serving.schemas import APIError
 
@@ -45,6 +47,15 @@ class Admission:
                            type="server_error", code="overloaded")  # fmt: skip
         self.admitted += 1
         return Ticket(self)
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[Ticket]:
+        """A ticket held for the block, for work that needs no engine slot (``/tokenize``)."""
+        ticket = self.admit()
+        try:
+            yield ticket
+        finally:
+            ticket.release()
 
 
 class Ticket:

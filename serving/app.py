@@ -503,25 +503,18 @@ class LLMServer:
     # ---- /tokenize, /detokenize ---------------------------------------------------------------
 
     async def _tokenizer_route(self, request: Request, work: Callable[[bytes], dict[str, Any]]) -> Response:
-        """Authenticate, admit, read the body and run ``work(raw)`` on the prepare thread.
-
-        Admitted like a completion (it holds a place, never an engine slot): the prepare thread
-        tokenises completions' prompts too, so an unbounded flood of large bodies here would queue
-        ahead of them and hold their bodies in memory; past the limit it is refused with 503.
-        """
-        ticket: Ticket | None = None
+        """Authenticate, admit, read the body and run ``work(raw)`` on the prepare thread. Admitted
+        like a completion (a place, never an engine slot): completions' prompts wait for the same
+        thread, so a flood of large bodies here must be refused (503), not queued ahead of them."""
         try:
             check_bearer(request.headers.get("authorization"), self.key_sha256)
-            ticket = self.admission.admit()
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                raw = await _read_body(request, self.cfg.max_request_bytes)
-                body = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, work, raw)
+            with self.admission.place():
+                async with asyncio.timeout(self.cfg.request_timeout_s):
+                    raw = await _read_body(request, self.cfg.max_request_bytes)
+                    body = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, work, raw)
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             err = api_error(e, f"tokenize-{uuid.uuid4().hex}")
             return JSONResponse(err.body(), status_code=err.status)
-        finally:
-            if ticket is not None:
-                ticket.release()
         return JSONResponse(body)
 
     def _tokenize(self, raw: bytes) -> dict[str, Any]:

@@ -458,6 +458,11 @@ def test_admission_limits() -> None:
         third.release()
         second.release()
         assert admission.admitted == 0
+        with admission.place(), admission.place():  # /tokenize's: a place, no slot
+            assert admission.admitted == 2
+            with pytest.raises(APIError):
+                admission.admit()
+        assert admission.admitted == 0
         assert [admission.admit() for _ in range(2)]
 
     asyncio.run(main())
