@@ -263,6 +263,20 @@ def test_reward_trend_without_shared_prompts_is_welch_on_step_means() -> None:
     assert reward_trend([{"reward_mean": m} for m in means])["reward_gain_test"] == "Welch over step means"
 
 
+
+def test_a_short_run_compares_windows_that_share_no_step() -> None:
+    """Six steps, window 5: the windows were steps 0-4 and 1-5, sharing four steps (a paired test
+    over the four prompts they both drew, gain 0, p 1): now steps 0-2 against 3-5."""
+    from pipelines.rlhf.trend import reward_trend
+
+    steps = _steps([[s] for s in range(6)], lambda s, i: s / 5)
+    trend = reward_trend(steps)
+    assert trend["reward_first_steps"]["steps"] == trend["reward_last_steps"]["steps"] == 3
+    assert trend["reward_gain_test"] == "Welch over step means" and trend["reward_gain"] == pytest.approx(0.6)
+    assert trend["reward_gain_p"] < 0.05
+    one = reward_trend(steps[:1])  # one step: no window at all
+    assert one["reward_first_steps"]["steps"] == 0 and math.isnan(one["reward_gain"])
+
 def test_revisit_steps_draw_the_first_steps_prompts_again_and_the_trend_pairs_them() -> None:
     """ppo.revisit_steps: the last steps replay the first steps' prompts; every other step draws
     new ones; the trend over those windows is paired over the replayed prompts."""

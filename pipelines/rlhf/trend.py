@@ -32,9 +32,11 @@ def reward_trend(steps: list[dict[str, Any]], window: int = 5) -> dict[str, Any]
     which prompts it drew. When both windows drew the same prompts (``ppo.revisit_steps``, or a
     prompt set the run cycles through once per window), the gain is a paired t-test over those prompts, each prompt's
     mean reward in the first window against the last: the prompts' own difficulty cancels.
-    Otherwise it is Welch's test on the step means.
+    Otherwise it is Welch's test on the step means. A run of fewer than ``2 x window`` steps gets
+    windows of half its steps: a step in both windows would be counted as evidence on both sides.
     """
-    first, last = steps[:window], steps[-window:]
+    window = min(window, len(steps) // 2)
+    first, last = steps[:window], steps[len(steps) - window :]
     out: dict[str, Any] = {}
     for name, part in (("reward_first_steps", first), ("reward_last_steps", last)):
         means = [m["reward_mean"] for m in part]
