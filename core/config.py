@@ -108,18 +108,23 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel] | 
 
     The value is left out where it could be a secret: a :func:`is_secret` field (found from
     ``model``, the validated class, or by name), an unknown key (a misspelt ``api_kee`` is still a
-    key), and a whole mapping.
+    key), and anything but a scalar (a mapping or list may hold a secret under any name: an
+    indentation slip turns ``serve`` into a list of ``api_key`` mappings); only its type is named.
+    A shown value is cut at 200 characters (YAML aliases can expand a small file enormously).
     """
     lines = [f"{source}: invalid config ({error.error_count()} problem(s))"]
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
         got = item.get("input")
-        if isinstance(got, dict) or item["type"] == "extra_forbidden":
+        if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict):
             shown = ""
         elif _shows_secret(model, item["loc"]):
             shown = f" (got {REDACTED})"
+        elif not isinstance(got, str | int | float | bool | None):
+            shown = f" (got a {type(got).__name__})"
         else:
-            shown = f" (got {got!r})"
+            text = repr(got)
+            shown = f" (got {text if len(text) <= 200 else text[:200] + '...'})"
         lines.append(f"  {path}: {item['msg']}{shown}")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.config import RayConfig
 from core.config import ConfigError, Section, format_errors, redacted_dump
@@ -38,6 +38,15 @@ class RunConfig(Section):
     # (s3://bucket/kiln). Required on multi-node clusters, where a node's local disk is not seen
     # by the others (``kiln submit`` refuses a remote cluster without it); null: under root.
     storage_path: str | None = Field(default=None, min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, name: str) -> str:
+        # "." would make the run's folder the root itself, each stage folder another run's whole
+        # folder (a run named "report" lost to the report); ".." would leave the root.
+        if set(name) == {"."}:
+            raise ValueError(f"{name!r} names no folder of its own; use letters or digits")
+        return name
 
     @property
     def dir(self) -> Path:
@@ -165,13 +174,42 @@ def _config_chain(path: Path) -> list[tuple[Path, Any]]:
         chain.append((nxt, _read_yaml(nxt)))
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (the second replaced the first
+    without a word: a second ``serve:`` block dropped the first one's ``api_key``). Keys that a
+    ``<<`` merge brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"key {key!r} given twice", key_node.start_mark)  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
+        # A tag's own constructor failing (``!!int sk-...``): its message quotes the value, which
+        # may be a secret, and names no line. Only the kind of failure is shown.
+        raise ConfigError(f"{path}: not valid YAML: a tagged value that is not of its tag's form, "
+                          f"or nesting too deep ({type(e).__name__})") from None  # fmt: skip
     except yaml.YAMLError as e:
         # The problem and its position, not yaml's whole message: that quotes the offending line,
         # which may hold a secret.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,22 @@ def test_eval_section_is_strict() -> None:
         parse_config({"run": {"name": "t"}, "eval": {"engine": {"dtyp": "float32"}}}, "c.yaml")
     with pytest.raises(ConfigError, match=r"eval\.metric_function: Value error, expected 'module:function'"):
         parse_config({"run": {"name": "t"}, "eval": {"metric_function": "no_colon"}}, "c.yaml")
+
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+def test_a_run_name_of_dots_is_refused(name: str) -> None:
+    """"." made the run's folder the runs root (each stage folder another run's whole folder: the
+    report stage replaced a run named "report"); ".." left the root."""
+    with pytest.raises(ConfigError, match=rf"run\.name: Value error, '{re.escape(name)}' names no folder of its own"):
+        parse_config({"run": {"name": name}}, "c.yaml")
+    assert parse_config({"run": {"name": ".hidden.run"}}, "c.yaml").run.name == ".hidden.run"
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """The duplicate-key check leaves YAML's << merges alone (the quickstart's grpo section is one)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: x\nppo: &rl\n  prompts: p.jsonl\n  reward_function: m:f\n  max_steps: 7\n"
+                    "grpo:\n  <<: *rl\n  advantage: grpo\n  max_steps: 9\n")
+    config = load_config(path)
+    assert config.ppo.max_steps == 7 and config.grpo.max_steps == 9 and config.grpo.prompts == "p.jsonl"

@@ -71,6 +71,37 @@ def test_yaml_errors_name_the_position_not_the_line(tmp_path: Path) -> None:
     assert KEY not in str(e.value)
 
 
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # A tag whose constructor fails quoted the value in its own exception (a traceback).
+        (f"serve:\n  model: m\n  api_key: !!int {KEY}\n", r"c\.yaml: not valid YAML: a tagged value .*\(ValueError\)"),
+        (f"serve:\n  model: m\n  api_key: !!float {KEY}\n", r"c\.yaml: not valid YAML: a tagged value .*\(ValueError\)"),
+        # An indentation slip: serve becomes a list holding the key, shown as a list, not its items.
+        (f"serve:\n  - api_key: {KEY}\n", r"serve: Input should be a valid dictionary .*\(got a list\)"),
+        (f"serve: {KEY}\n", r"serve: Input should be a valid dictionary .*\(got '"),  # a scalar: shown
+        # A second serve block replaced the first (and its key) without a word.
+        (f"serve:\n  model: m\n  api_key: {KEY}\nserve:\n  model: n\n", r"c\.yaml:6:1: not valid YAML: .*key 'serve' given twice"),
+    ],
+)
+def test_bad_yaml_never_echoes_a_secret_it_cannot_name(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: x\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert re.search(problem, str(e.value), re.M), str(e.value)
+    if "got '" not in problem:
+        assert KEY not in str(e.value)
+
+
+def test_a_value_shown_in_an_error_is_cut_short(tmp_path: Path) -> None:
+    """YAML aliases make a small file's values enormous; an error shows 200 characters of one."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({"run": {"name": "x" * 10_000 + "/"}}, "c.yaml")
+    line = str(e.value).splitlines()[1]
+    assert line.startswith("  run.name: String should match pattern") and line.endswith("...)") and len(line) < 400
+
 def test_serve_override_errors_never_echo_the_api_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_config(tmp_path, api_key=KEY)))
