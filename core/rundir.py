@@ -282,6 +282,10 @@ def finished_summary(stage_dir: Path, stage: str, digest: str, force: bool) -> d
     return None
 
 
+# started.json's digest while --force clears a stage (see prepare_stage).
+_RESETTING = "reset in progress"
+
+
 def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
                   inputs: Iterable[Path | str] = (), storage: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The start of every stage that checkpoints (training, PPO): the finished marker's summary (skip), or None (train).
@@ -301,15 +305,21 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
     force = force or inputs_changed(stage_dir, stage, stamps)
     if (done := finished_summary(stage_dir, stage, digest, force)) is not None:
         return done
+    started = stage_dir / "started.json"
     if force:
+        # Marked first, cleared last: a reset that fails part-way (an object store's error) leaves
+        # the mark, so the next run cannot resume from the checkpoints it did not get to delete.
+        if stage_dir.exists():
+            atomic_write_json(started, {"config_digest": _RESETTING})
         for name in ("ray", "checkpoints", "tensorboard", "model", "dataset"):  # "checkpoints": PPO's
             shutil.rmtree(stage_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "started.json", INPUTS):
-            (stage_dir / name).unlink(missing_ok=True)
         if storage is not None:
             remove(storage)
-    started = stage_dir / "started.json"
-    if started.exists() and json.loads(started.read_text())["config_digest"] != digest:
+        for name in ("metrics.jsonl", INPUTS, "started.json"):
+            (stage_dir / name).unlink(missing_ok=True)
+    if started.exists() and (was := json.loads(started.read_text())["config_digest"]) != digest:
+        if was == _RESETTING:
+            raise StageConfigChanged(f"{stage_dir}: a reset (--force) of it did not finish; rerun with --force")
         raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")
     atomic_write_json(started, {"config_digest": digest})
     record_inputs(stage_dir, stamps)

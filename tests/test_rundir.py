@@ -129,6 +129,31 @@ def test_a_redone_stage_forgets_its_checkpoints_under_run_storage_path(tmp_path:
     assert not remote.exists()
 
 
+
+def test_a_reset_that_fails_part_way_cannot_be_resumed_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--force`` removed started.json before the stage's storage: an object store's error between
+    the two left config A's checkpoints with no check, and the next run under config B resumed them."""
+    import core.rundir as rundir
+
+    remote = tmp_path / "storage" / "sft"
+    stage_dir = tmp_path / "sft"
+    assert prepare_stage(stage_dir, "sft", "A", False, storage=str(remote)) is None
+    (remote / "checkpoint_000009").mkdir(parents=True)
+
+    def failing(uri: str) -> None:
+        raise OSError("the object store said no")
+
+    monkeypatch.setattr(rundir, "remove", failing)
+    with pytest.raises(OSError):
+        prepare_stage(stage_dir, "sft", "B", True, storage=str(remote))
+    assert (remote / "checkpoint_000009").is_dir()  # still there, so no run may start on it
+    with pytest.raises(StageConfigChanged, match=r"a reset \(--force\) of it did not finish; rerun with --force"):
+        prepare_stage(stage_dir, "sft", "B", False, storage=str(remote))
+    monkeypatch.undo()
+    assert prepare_stage(stage_dir, "sft", "B", True, storage=str(remote)) is None
+    assert not remote.exists()
+    assert prepare_stage(stage_dir, "sft", "B", False, storage=str(remote)) is None  # and it resumes as B
+
 def test_the_same_bytes_written_again_leave_a_finished_stage_finished(tmp_path: Path) -> None:
     """``kiln run`` regenerates the quickstart corpus every time (same seed, same bytes, new mtime):
     the SFT stage that read it stays finished. Only a content change counts."""
