@@ -204,8 +204,12 @@ def _link_ray_logs(cfg: KilnConfig) -> None:
     print(f"kiln: Ray worker logs (vLLM, DeepSpeed) in {link}", file=sys.stderr)
 
 
-def _save_config(cfg: KilnConfig) -> None:
-    atomic_write_text(cfg.run.dir / "config.yaml", dump_config(cfg))
+def _save_config(cfg: KilnConfig) -> str | None:
+    """Write the run's ``config.yaml`` (secrets redacted); returns what it held before (None: nothing)."""
+    path = cfg.run.dir / "config.yaml"
+    before = path.read_text(encoding="utf-8") if path.is_file() else None
+    atomic_write_text(path, dump_config(cfg))
+    return before
 
 
 def _run_all(cfg: KilnConfig, force: bool) -> None:
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kiln: {e}", file=sys.stderr)
         return 2
-    _save_config(cfg)
+    saved_before = _save_config(cfg)
     configure_output(args.verbose)
     # DeepSpeed's accelerator follows the config (cuda when a section trains on GPUs), for this
     # process and, through init_ray's worker environment, for every Ray worker.
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         # (file and line), not the remote traceback.
         cause = getattr(e, "cause", None) or e
         print(f"kiln {args.command}: error: {cause}", file=sys.stderr)
+        if isinstance(e, StageConfigChanged) and saved_before is not None:
+            # Refused: the run's record stays the config its finished stages were made with.
+            atomic_write_text(cfg.run.dir / "config.yaml", saved_before)
         return 1
     _link_ray_logs(cfg)
     if args.command == "run" and args.serve:

@@ -246,3 +246,26 @@ def test_sft_redoes_itself_when_the_pretrained_model_was_retrained(tiny_llama_di
     _bump(model / "config.json")
     with pytest.raises(Trained):
         sft.run(cfg)
+
+
+
+def test_a_refused_stage_leaves_the_runs_saved_config_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kiln data b.yaml`` on a run whose data stage finished under a.yaml refuses (use --force);
+    it had already replaced the run's config.yaml with b.yaml's, so the record no longer matched
+    what its finished stages were made with."""
+    import yaml
+
+    from pipelines.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "x"}\n')
+    config = {"run": {"name": "r", "root": str(tmp_path / "runs")}, "data": {"input": {"paths": [str(corpus)]}}}
+    run_dir = tmp_path / "runs" / "r"
+    mark_finished(run_dir / "data", "data", "a-digest", {"kept": 1})
+    (run_dir / "config.yaml").write_text("the config the data stage finished with\n")
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["data", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "kiln data: error:" in err and "--force" in err, err  # refused, naming the way out
+    assert (run_dir / "config.yaml").read_text() == "the config the data stage finished with\n"
