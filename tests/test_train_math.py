@@ -155,8 +155,13 @@ def test_sft_multi_turn_trains_every_assistant_turn(tok) -> None:  # noqa: ANN00
 def test_sft_rows_truncate_count_reject_and_pack(tok) -> None:  # noqa: ANN001
     short = ("a:1", {"prompt": "What is 1 + 1?", "response": "2"})
     long = ("a:2", {"prompt": "What is 1 + 1? " * 10, "response": "2"})
-    rows, stats = sft_rows(tok, [short, long], seq_len=40, overlong="truncate", packing=False)
+    cut = ("a:3", {"prompt": "What is 1 + 1?", "response": "2 " * 40})
+    rows, stats = sft_rows(tok, [short, cut], seq_len=40, overlong="truncate", packing=False)
     assert rows["input_ids"].shape == (2, 40) and stats.truncated == 1
+    assert 0 < (rows["labels"][1] != IGNORE).sum() < 40  # the response's head is learnt
+    # A prompt that fills seq_len leaves no response token: a row with nothing to learn, left out.
+    rows, stats = sft_rows(tok, [short, long], seq_len=40, overlong="truncate", packing=False)
+    assert rows["input_ids"].shape == (1, 40) and stats.records == 1 and stats.extra == {"no_target": 1}
     assert (rows["labels"][0] != IGNORE).sum() == 2  # "2" and <|im_end|>
     assert rows["input_ids"][0, -1] == tok.pad_token_id and rows["labels"][0, -1] == IGNORE
     with pytest.raises(BadRecord, match="a:2"):
@@ -178,6 +183,35 @@ def test_preference_rows_keep_the_response_end(tok) -> None:  # noqa: ANN001
     assert "Hello" in tok.decode(rows["chosen_ids"][0].tolist())
     assert rows["rejected_ids"][0, -1] == tok.pad_token_id
 
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"prompt": 5, "chosen": "a", "rejected": "b"}, "p:3: prompt must be a string or a list of messages, got int"),
+        ({"prompt": "q", "chosen": None, "rejected": "b"}, "p:3: chosen must be a string or a list of messages, got NoneType"),
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "p:3: chosen and rejected are identical"),
+        ({"prompt": "q", "chosen": [], "rejected": "b"}, "p:3: chosen is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": "  "}, "p:3: rejected is empty"),
+        ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+         "p:3: chosen has no assistant message to compare"),
+        ({"prompt": "q", "chosen": "a"}, r"p:3: missing \['rejected'\]"),
+    ],
+)
+def test_bad_preference_records_name_file_and_line(tok, record: dict, problem: str) -> None:  # noqa: ANN001
+    """A number or null crashed with a bare TypeError; an empty or identical pair became a row (the
+    reward model learnt to prefer a bare prompt): the reward model and DPO refuse them alike."""
+    from pipelines.train.datasets import dpo_rows
+
+    for encode in (preference_rows, dpo_rows):
+        with pytest.raises(BadRecord, match=problem):
+            encode(tok, [("p:3", record)], seq_len=32, overlong="truncate")
+
+
+def test_a_conversation_opening_with_the_assistant_trains_no_role_header(tok) -> None:  # noqa: ANN001
+    ids, labels = encode_chat(tok, [{"role": "assistant", "content": "hello there"},
+                                    {"role": "user", "content": "bye"}])  # fmt: skip
+    assert _trained_text(tok, ids, labels) == "hello there<|im_end|>"
 
 def test_trim_padding_cuts_to_the_longest_row() -> None:
     pad = 0

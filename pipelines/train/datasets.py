@@ -34,6 +34,7 @@ from core.rundir import atomic_dir, atomic_write_bytes
 from pipelines.train.losses import IGNORE  # label of a token that carries no loss
 
 Overlong = Literal["truncate", "reject"]
+_MARK = "\ue000"  # a private-use character, to find where a template puts a message's content
 Message = dict[str, str]
 
 
@@ -92,7 +93,10 @@ def encode_chat(
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < train_from:
             continue
-        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        if i:
+            start = len(_render(tokenizer, messages[:i], generation_prompt=True))
+        else:  # no earlier turn to render: the content starts where a marker's rendering puts it
+            start = _render(tokenizer, [{**message, "content": _MARK}]).index(_MARK)
         end = len(_render(tokenizer, messages[: i + 1]).rstrip())
         spans.append((start, end))
     ids = chat.ids
@@ -132,6 +136,9 @@ def sft_rows(
         ids, labels = encode_chat(tokenizer, to_messages(record, where))
         ids, cut = _fit(ids, seq_len, overlong, where, keep="head")
         labels = labels[: len(ids)]
+        if all(label == IGNORE for label in labels):  # its prompt fills seq_len: nothing to learn
+            stats.extra["no_target"] = stats.extra.get("no_target", 0) + 1
+            continue
         stats.records += 1
         stats.truncated += cut
         stats.tokens += len(ids)
@@ -148,6 +155,30 @@ def sft_rows(
         label_arr[i, : len(labels)] = labels
     stats.rows = len(rows)
     return {"input_ids": input_ids, "labels": label_arr}, stats
+
+
+def _check_pair(record: dict[str, Any], where: str) -> None:
+    """A preference record's keys and values, before encoding (reward-model and DPO rows alike).
+
+    Raises:
+        BadRecord: naming ``file:line``: a key is missing, a value is neither text nor a list of
+            messages, a response is empty or has no assistant message, or the two responses are
+            identical (the pair prefers nothing).
+    """
+    missing = {"prompt", "chosen", "rejected"} - set(record)
+    if missing:
+        raise BadRecord(f"{where}: missing {sorted(missing)}")
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(record[key], str | list):
+            raise BadRecord(f"{where}: {key} must be a string or a list of messages, got {type(record[key]).__name__}")
+    if record["chosen"] == record["rejected"]:
+        raise BadRecord(f"{where}: chosen and rejected are identical (the pair prefers nothing)")
+    for side in ("chosen", "rejected"):
+        if _is_empty(record[side]):
+            raise BadRecord(f"{where}: {side} is empty")
+        if isinstance(record[side], list) and not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                      for m in record[side]):  # fmt: skip
+            raise BadRecord(f"{where}: {side} has no assistant message to compare")
 
 
 def _conversation(prompt: Any, response: Any, where: str) -> list[Message]:
@@ -167,6 +198,10 @@ def preference_rows(
 ) -> tuple[dict[str, np.ndarray], EncodeStats]:
     """Encode preference records into right-padded chosen/rejected rows.
 
+    Raises:
+        BadRecord: naming ``file:line`` (``_check_pair``), or a sequence longer than ``seq_len``
+            under ``overlong: reject``.
+
     Returns:
         ({"chosen_ids": (N, seq_len) int32, "rejected_ids": (N, seq_len) int32}, stats)
     """
@@ -174,9 +209,7 @@ def preference_rows(
     pad = tokenizer.pad_token_id
     out = {k: np.full((len(records), seq_len), pad, dtype=np.int32) for k in ("chosen_ids", "rejected_ids")}
     for i, (where, record) in enumerate(records):
-        missing = {"prompt", "chosen", "rejected"} - set(record)
-        if missing:
-            raise BadRecord(f"{where}: missing {sorted(missing)}")
+        _check_pair(record, where)
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
             ids = tokenize_chat(tokenizer, messages).ids
@@ -194,7 +227,7 @@ def _is_empty(response: Any) -> bool:
         return not response.strip()
     if isinstance(response, list):
         return all(not (isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"].strip()) for m in response)
-    return False  # a wrong type is named by _check_messages
+    return False  # a wrong type is named by _check_pair
 
 
 def dpo_rows(
@@ -210,9 +243,9 @@ def dpo_rows(
     (the response's end is kept) or, with ``overlong: reject``, fail naming the record.
 
     Raises:
-        BadRecord: naming ``file:line``: a key is missing, a response is empty or has no assistant
-            message, chosen and rejected are identical (the pair prefers nothing), or a sequence
-            is longer than ``seq_len`` under ``overlong: reject``.
+        BadRecord: naming ``file:line``: what ``_check_pair`` refuses, a response with nothing
+            left to compare after truncation, or a sequence longer than ``seq_len`` under
+            ``overlong: reject``.
 
     Returns:
         ({"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels": (N, seq_len) int32}, stats);
@@ -223,14 +256,8 @@ def dpo_rows(
                                      dtype=np.int32)
            for side in ("chosen", "rejected") for kind in ("ids", "labels")}  # fmt: skip
     for i, (where, record) in enumerate(records):
-        missing = {"prompt", "chosen", "rejected"} - set(record)
-        if missing:
-            raise BadRecord(f"{where}: missing {sorted(missing)}")
-        if record["chosen"] == record["rejected"]:
-            raise BadRecord(f"{where}: chosen and rejected are identical (the pair prefers nothing)")
+        _check_pair(record, where)
         for side in ("chosen", "rejected"):
-            if _is_empty(record[side]):
-                raise BadRecord(f"{where}: {side} is empty")
             messages = _conversation(record["prompt"], record[side], where)
             prompt_messages = 1 if isinstance(record["prompt"], str) else len(record["prompt"])
             ids, labels = encode_chat(tokenizer, messages, train_from=prompt_messages)

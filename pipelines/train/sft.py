@@ -43,12 +43,15 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     print(f"kiln sft: {stats.records} examples -> {stats.rows} rows of {scfg.seq_len} tokens "
           f"({stats.truncated} truncated, {stats.trained_tokens}/{stats.tokens} tokens trained), "
           f"{held_out} held out", flush=True)  # fmt: skip
+    if no_target := stats.extra.get("no_target"):
+        print(f"kiln sft: {no_target} example(s) left out: the prompt fills seq_len {scfg.seq_len}, no response "
+              "token is left to learn (raise sft.seq_len)", flush=True)  # fmt: skip
 
     job = finetune_job(STAGE, "lm", scfg, stage_dir, init_from, dataset, digest, storage)
     job = replace(job, lora=scfg.lora)  # an adapter only, or every weight (null)
     outcome = fit(job, cfg.ray)
 
-    report = {**summary(outcome), "examples": stats.records, "truncated": stats.truncated}
+    report = {**summary(outcome), "examples": stats.records, "truncated": stats.truncated, **stats.extra}
     mark_finished(stage_dir, STAGE, digest, report)
     print(f"kiln sft: done {report}", flush=True)
     return report
