@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -103,7 +104,8 @@ def _shows_secret(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> bool:
     return False
 
 
-def format_errors(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+def format_errors(error: ValidationError, source: str, model: type[BaseModel] | None = None,
+                  locate: Callable[[tuple[Any, ...]], str | None] | None = None) -> str:
     """A validation error as one line per problem: the key's path, the problem, the value given.
 
     The value is left out where it could be a secret: a :func:`is_secret` field (found from
@@ -111,6 +113,7 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel] | 
     key), and anything but a scalar (a mapping or list may hold a secret under any name: an
     indentation slip turns ``serve`` into a list of ``api_key`` mappings); only its type is named.
     A shown value is cut at 200 characters (YAML aliases can expand a small file enormously).
+    ``locate`` maps a key's path to where it was written (``file:line``), which then leads its line.
     """
     lines = [f"{source}: invalid config ({error.error_count()} problem(s))"]
     for item in error.errors():
@@ -125,7 +128,8 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel] | 
         else:
             text = repr(got)
             shown = f" (got {text if len(text) <= 200 else text[:200] + '...'})"
-        lines.append(f"  {path}: {item['msg']}{shown}")
+        where = locate(tuple(item["loc"])) if locate is not None else None
+        lines.append(f"  {where + ': ' if where else ''}{path}: {item['msg']}{shown}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,18 +113,58 @@ class KilnConfig(Section):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def parse_config(data: Any, source: str = "<config>") -> KilnConfig:
+def parse_config(data: Any, source: str = "<config>", files: list[Path] | None = None) -> KilnConfig:
     """Validate a plain mapping (as loaded from YAML) into the typed tree.
 
     Raises:
-        ConfigError: naming ``source`` and each offending key's path.
+        ConfigError: naming ``source`` and each offending key's path, and where ``files`` (the
+            YAML it was read from, the file itself first) wrote it, as ``file:line``.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
         return KilnConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source, KilnConfig)) from None
+        raise ConfigError(format_errors(e, source, KilnConfig, _locator(files) if files else None)) from None
+
+
+def _locator(files: list[Path]) -> Callable[[tuple[Any, ...]], str | None]:
+    """``file:line`` of the deepest part of a key's path that one of ``files`` writes (on a tie the
+    earlier file: it overrides the ones it extends). Each file is parsed again only on an error."""
+    tables: dict[Path, dict[tuple[Any, ...], int]] = {}
+
+    def locate(loc: tuple[Any, ...]) -> str | None:
+        best: tuple[int, Path, int] | None = None
+        for file in files:
+            table = tables.setdefault(file, _key_lines(file))
+            depth = next((d for d in range(len(loc), 0, -1) if loc[:d] in table), 0)
+            if depth and (best is None or depth > best[0]):
+                best = (depth, file, table[loc[:depth]])
+        return f"{best[1]}:{best[2]}" if best else None
+
+    return locate
+
+
+def _key_lines(path: Path) -> dict[tuple[Any, ...], int]:
+    """The line of every mapping key and list item of a YAML file, by its path in the tree."""
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[Any, ...]) -> None:
+        items: list[tuple[Any, yaml.Node, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):  # a << merge's keys are found where they were written
+            items = [(k.value, k, v) for k, v in node.value
+                     if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]  # fmt: skip
+        elif isinstance(node, yaml.SequenceNode):
+            items = [(i, v, v) for i, v in enumerate(node.value)]
+        for key, mark_node, value in items:
+            lines[(*prefix, key)] = mark_node.start_mark.line + 1
+            walk(value, (*prefix, key))
+
+    try:
+        walk(yaml.compose(path.read_text(encoding="utf-8"), Loader=_Loader), ())
+    except (OSError, ValueError, yaml.YAMLError):
+        pass  # read and parsed once already; no lines is no worse than before
+    return lines
 
 
 def load_config(path: str | Path) -> KilnConfig:
@@ -145,7 +186,7 @@ def load_config(path: str | Path) -> KilnConfig:
         data.pop("extends", None)
     files = [f for f, _ in chain]
     source = str(path) if len(files) == 1 else f"{path} (extends {', '.join(str(f) for f in files[1:])})"
-    return parse_config(data, source)
+    return parse_config(data, source, files)
 
 
 def config_files(path: str | Path) -> list[Path]:

@@ -145,3 +145,20 @@ def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
                     "grpo:\n  <<: *rl\n  advantage: grpo\n  max_steps: 9\n")
     config = load_config(path)
     assert config.ppo.max_steps == 7 and config.grpo.max_steps == 9 and config.grpo.prompts == "p.jsonl"
+
+def test_errors_name_the_file_and_line_that_wrote_the_key(tmp_path: Path) -> None:
+    """A key path alone leaves the user to find it; in an extends chain, also the file it is in."""
+    base = tmp_path / "base.yaml"
+    base.write_text("run:\n  name: x\npretrain:\n  learning_rate: -1\n  model:\n    hidden_size: big\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nrun:\n  bogus: 1\ndata:\n  input:\n    format: auto\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{child} (extends {base}): invalid config (4 problem(s))"
+    assert f"  {child}:3: run.bogus: Extra inputs are not permitted" in lines
+    assert f"  {base}:4: pretrain.learning_rate: Input should be greater than 0 (got -1)" in lines
+    assert f"  {base}:6: pretrain.model.hidden_size: Input should be a valid integer (got 'big')" in lines
+    assert f"  {child}:5: data.input.paths: Field required" in lines  # missing: where its mapping is
+    with pytest.raises(ConfigError, match=r"^<config>: invalid config .*\n  run\.name: Field required$"):
+        parse_config({"run": {}})  # no file: the key path alone
