@@ -243,12 +243,25 @@ def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:
     marker = stage_dir / STAGE_MARKER
     if not marker.exists():
         return None
-    info = json.loads(marker.read_text())
+    info = _read_record(marker)
     if info.get("config_digest") != digest:
         raise StageConfigChanged(
             f"{stage_dir} finished with a different config (digest {info.get('config_digest')}, "
             f"now {digest}); rerun with --force to redo it"
         )
+    return info
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A stage's own JSON record (``stage.json``, ``started.json``), or a ValueError naming it."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: unreadable stage record ({type(e).__name__}); rerun with --force to redo "
+                         "the stage") from None  # fmt: skip
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: unreadable stage record (a JSON {type(info).__name__}, not an object); "
+                         "rerun with --force to redo the stage")  # fmt: skip
     return info
 
 
@@ -317,7 +330,7 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
             remove(storage)
         for name in ("metrics.jsonl", INPUTS, "started.json"):
             (stage_dir / name).unlink(missing_ok=True)
-    if started.exists() and (was := json.loads(started.read_text())["config_digest"]) != digest:
+    if started.exists() and (was := _read_record(started).get("config_digest")) != digest:
         if was == _RESETTING:
             raise StageConfigChanged(f"{stage_dir}: a reset (--force) of it did not finish; rerun with --force")
         raise StageConfigChanged(f"{stage_dir} has checkpoints from another config; rerun with --force to start over")

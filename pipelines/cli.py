@@ -197,10 +197,18 @@ def _link_ray_logs(cfg: KilnConfig) -> None:
     if logs is None:
         return
     link = cfg.run.dir / "logs" / "ray"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(Path(logs).resolve(), target_is_directory=True)
+    try:  # called on the way out of a failed stage too: it must not hide that stage's error
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():  # a real folder (a run copied with its logs): kept
+            print(f"kiln: Ray worker logs (vLLM, DeepSpeed) in {logs} ({link} is a folder; left as it is)",
+                  file=sys.stderr)  # fmt: skip
+            return
+        link.symlink_to(Path(logs).resolve(), target_is_directory=True)
+    except OSError as e:
+        print(f"kiln: Ray worker logs (vLLM, DeepSpeed) in {logs} (could not link {link}: {e.strerror})", file=sys.stderr)
+        return
     print(f"kiln: Ray worker logs (vLLM, DeepSpeed) in {link}", file=sys.stderr)
 
 

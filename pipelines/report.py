@@ -100,6 +100,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ReportInputError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ReportInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ReportInputError(f"{path}: JSON nested too deeply to parse") from None
     if not isinstance(obj, dict):
         raise ReportInputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

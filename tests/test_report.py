@@ -290,6 +290,12 @@ def test_malformed_json_files_are_named(tmp_path: Path) -> None:
     (run / "data" / "data_report.json").write_text('{"documents":\n  {"in": 1,}\n}')
     with pytest.raises(ReportInputError, match=r"data/data_report\.json:2: malformed JSON"):
         write_report(run)
+    (run / "data" / "data_report.json").write_bytes(b'{"documents": "\xff"}')  # was a bare codec error
+    with pytest.raises(ReportInputError, match=r"data/data_report\.json: not UTF-8 text \(byte 15\)"):
+        write_report(run)
+    (run / "data" / "data_report.json").write_text("[" * 100_000)  # was a RecursionError traceback
+    with pytest.raises(ReportInputError, match=r"data/data_report\.json: JSON nested too deeply"):
+        write_report(run)
 
 
 def test_failure_midway_keeps_the_previous_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,3 +269,41 @@ def test_a_refused_stage_leaves_the_runs_saved_config_alone(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "kiln data: error:" in err and "--force" in err, err  # refused, naming the way out
     assert (run_dir / "config.yaml").read_text() == "the config the data stage finished with\n"
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe{}", b"[" * 100_000])
+def test_an_unreadable_stage_record_names_itself_and_the_way_out(tmp_path: Path, content: bytes) -> None:
+    """A hand-edited or foreign stage.json / started.json gave a bare JSON error (no path) or an
+    AttributeError traceback."""
+    stage_dir = tmp_path / "sft"
+    stage_dir.mkdir()
+    for name in ("stage.json", "started.json"):
+        (stage_dir / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{stage_dir / name}: unreadable stage record .*rerun with --force"):
+            prepare_stage(stage_dir, "sft", "d1", False)
+        (stage_dir / name).unlink()
+    (stage_dir / "stage.json").write_bytes(content)
+    (stage_dir / "started.json").write_bytes(content)
+    assert prepare_stage(stage_dir, "sft", "d1", True) is None  # --force starts over
+    assert prepare_stage(stage_dir, "sft", "d1", False) is None
+
+
+def test_a_real_logs_folder_is_kept_and_hides_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """``<run>/logs/ray`` as a real folder (a run copied with its logs): unlinking it raised
+    IsADirectoryError inside the failed stage's error handler, hiding the stage's own error."""
+    import pipelines.cli as cli
+    from pipelines.config import parse_config
+
+    session = tmp_path / "session" / "logs"
+    session.mkdir(parents=True)
+    monkeypatch.setattr(cli, "ray_log_dir", lambda: str(session))
+    cfg = parse_config({"run": {"name": "r", "root": str(tmp_path / "runs")}})
+    (tmp_path / "runs" / "r" / "logs" / "ray").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "logs" / "ray" / "worker.out").write_text("kept")
+    cli._link_ray_logs(cfg)
+    assert (tmp_path / "runs" / "r" / "logs" / "ray" / "worker.out").read_text() == "kept"
+    assert f"in {session} (" in capsys.readouterr().err
+    (tmp_path / "runs" / "r" / "logs" / "ray" / "worker.out").unlink()
+    (tmp_path / "runs" / "r" / "logs" / "ray").rmdir()
+    cli._link_ray_logs(cfg)  # and the usual case: a link to the session's logs
+    assert (tmp_path / "runs" / "r" / "logs" / "ray").resolve() == session.resolve()
