@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,24 @@ Secret = Annotated[str, SecretMark()]
 # for a field whose author forgot it): ``api_key``, ``token``, ``password``, ``secret`` and the
 # names ending in ``_<one of those>``. ``api_key_env`` (a variable's name) and ``max_tokens`` are not.
 _SECRET_NAME = re.compile(r"(^|_)(api_key|token|password|passwd|secret|credentials?)$")
+
+
+# scheme://key:secret@...: how pyarrow's filesystems (s3://) take credentials in a URI.
+_URI_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+
+
+def no_uri_credentials(uri: str) -> str:
+    """A field validator: refuse a URI with credentials in it (the config is saved in the run
+    directory and its values shown in errors and logs)."""
+    if _URI_CREDENTIALS.match(uri):
+        raise ValueError("a URI with credentials in it (scheme://key:secret@...) would be saved in the run "
+                         "directory and shown in logs; give them to the filesystem through its environment "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)")  # fmt: skip
+    return uri
+
+
+# A local path or a URI (s3://bucket/x), not empty, that carries no credentials (no_uri_credentials).
+PathOrUri = Annotated[str, Field(min_length=1), AfterValidator(no_uri_credentials)]
 
 
 def _marked(annotation: Any) -> bool:
@@ -121,7 +139,7 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel] | 
         got = item.get("input")
         if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict):
             shown = ""
-        elif _shows_secret(model, item["loc"]):
+        elif _shows_secret(model, item["loc"]) or (isinstance(got, str) and _URI_CREDENTIALS.match(got)):
             shown = f" (got {REDACTED})"
         elif not isinstance(got, str | int | float | bool | None):
             shown = f" (got a {type(got).__name__})"

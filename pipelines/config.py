@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.config import RayConfig
-from core.config import ConfigError, Section, format_errors, redacted_dump
+from core.config import ConfigError, PathOrUri, Section, format_errors, redacted_dump
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
@@ -38,7 +38,7 @@ class RunConfig(Section):
     # Shared storage for checkpoints: a path every node mounts, or an object-store URI
     # (s3://bucket/kiln). Required on multi-node clusters, where a node's local disk is not seen
     # by the others (``kiln submit`` refuses a remote cluster without it); null: under root.
-    storage_path: str | None = Field(default=None, min_length=1)
+    storage_path: PathOrUri | None = None
 
     @field_validator("name")
     @classmethod

@@ -95,6 +95,24 @@ def test_bad_yaml_never_echoes_a_secret_it_cannot_name(tmp_path: Path, text: str
         assert KEY not in str(e.value)
 
 
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"run": {"name": "x", "storage_path": "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/kiln"}}, "run.storage_path"),
+        ({"run": {"name": "x"}, "data": {"input": {"paths": ["a.jsonl", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@b/c"]}}},
+         "data.input.paths.1"),
+    ],
+)
+def test_a_uri_with_credentials_is_refused_without_being_shown(config: dict[str, Any], where: str) -> None:
+    """pyarrow takes s3://key:secret@bucket; in a config it would be saved to the run directory."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(config, "c.yaml")
+    assert re.search(rf"^  {re.escape(where)}: Value error, a URI with credentials in it .* \(got \*\*\*\)$",
+                     str(e.value), re.M), str(e.value)  # fmt: skip
+    assert "wJalrXUtnFEMI" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+    assert parse_config({"run": {"name": "x", "storage_path": "s3://bucket/kiln"}}).run.storage_path == "s3://bucket/kiln"
+
 def test_a_value_shown_in_an_error_is_cut_short(tmp_path: Path) -> None:
     """YAML aliases make a small file's values enormous; an error shows 200 characters of one."""
     with pytest.raises(ConfigError) as e:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.config import Section
+from core.config import PathOrUri, Section
 
 
 class InputConfig(Section):
@@ -15,7 +15,7 @@ class InputConfig(Section):
 
     # Files, directories or globs (* within a folder, ** across folders); local paths or URIs
     # pyarrow's filesystems accept (s3://, gs://).
-    paths: list[str] = Field(min_length=1)
+    paths: list[PathOrUri] = Field(min_length=1)
     # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); JSONL and text may be
     # .gz, .zst or .zstd, decompressed as they are read (Parquet compresses its own pages). Files
     # of another extension in a directory or glob are left unread, counted and named in the report;
