@@ -288,3 +288,31 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) 
     assert [r["text"] for r in _read_all(tmp_path / "c.jsonl")] == ["first", "second"]
     assert [r["text"] for r in _read_all(tmp_path / "d.txt", text_unit="file")] == ["a whole file\n"]
     assert [r["text"] for r in _read_all(tmp_path / "d.txt", text_unit="line")] == ["a whole file"]
+
+
+def test_a_file_gone_after_listing_stops_the_stage(tmp_path: Path) -> None:
+    """It was one rejected record ("cannot read file"), the stage finished without its records and
+    a rerun skipped it as done."""
+    from pipelines.data.corpus import CorpusFileGone
+
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b"}\n')
+    cfg = InputConfig(paths=[str(tmp_path)])
+    files = list_corpus_files(cfg).files
+    (tmp_path / "b.jsonl").unlink()
+    assert [b["text"].tolist() for b in read_file(files[0], cfg, "skip", batch_size=2)] == [["a"]]
+    with pytest.raises(CorpusFileGone, match=r"b\.jsonl: listed as an input but cannot be opened now"):
+        list(read_file(files[1], cfg, "skip", batch_size=2))
+
+
+def test_a_parquet_file_with_two_text_columns_is_one_rejected_record(tmp_path: Path) -> None:
+    pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), tmp_path / "t.parquet")
+    rows = _read_all(tmp_path / "t.parquet")
+    assert [(r["status"], r["reason"]) for r in rows] == [(REJECTED, "2 columns are named 'text' (1 rows not read)")]
+
+
+def test_a_rejected_parquet_values_kept_text_is_its_own(tmp_path: Path) -> None:
+    """With max_document_bytes under 2,000 the kept head of an oversize value ran into the next rows."""
+    pq.write_table(pa.table({"text": ["a", "C" * 100, "d" * 10]}), tmp_path / "t.parquet")
+    rows = _read_all(tmp_path / "t.parquet", max_document_bytes=50)
+    assert [(r["status"], r["text"]) for r in rows] == [("", "a"), (REJECTED, "C" * 100), ("", "d" * 10)]

@@ -204,3 +204,17 @@ def test_a_tokenizer_folder_without_tokenizer_json_gets_the_converted_one(tokeni
     assert copied.encode(text, add_special_tokens=False).ids == AutoTokenizer.from_pretrained(src).encode(
         text, add_special_tokens=False
     )
+
+
+def test_a_copied_tokenizers_truncation_and_padding_are_not_applied_to_documents(tokenizer_json: str) -> None:
+    """A tokenizer.json from data.tokenizer.path (a BERT-style one) may truncate and pad: the slow
+    path (non-ASCII documents) cut them to max_length and padded the rest into the shards."""
+    from tokenizers import Tokenizer
+
+    configured = Tokenizer.from_str(tokenizer_json)
+    configured.enable_truncation(max_length=5)
+    configured.enable_padding(pad_id=0, pad_token="<|endoftext|>")
+    texts = ["café au lait, the quick brown fox", "é", "x y"]
+    ids, lens = CorpusEncoder(configured.to_str()).encode_ragged(texts)
+    want = _reference(tokenizer_json, texts)
+    assert lens.tolist() == [len(w) for w in want] and ids.tolist() == [t for w in want for t in w]

@@ -46,6 +46,11 @@ class CorpusNotFound(FileNotFoundError):
     """A configured input path that matches no file."""
 
 
+class CorpusFileGone(FileNotFoundError):
+    """A file listed at the start that cannot be opened now (deleted, or its permissions changed):
+    the stage stops rather than finish without its records."""
+
+
 @dataclass(frozen=True)
 class CorpusFile:
     """One input file. ``index`` is its position in the sorted list of all inputs."""
@@ -229,6 +234,9 @@ def _parquet_records(file: CorpusFile, cfg: InputConfig) -> Iterator[tuple[int, 
     with fs.open_input_file(path) as f:
         reader = pq.ParquetFile(f)
         schema, rows = reader.schema_arrow, reader.metadata.num_rows
+        if (columns := schema.names.count(cfg.text_field)) > 1:
+            yield 0, None, f"{columns} columns are named {cfg.text_field!r} ({rows:,} rows not read)", b""
+            return
         if cfg.text_field not in schema.names:
             reason = f"no column {cfg.text_field!r} (columns: {schema.names}); set data.input.text_field"
             yield 0, None, f"{reason} ({rows:,} rows not read)", b""
@@ -274,7 +282,7 @@ def _python_values(column: pa.Array, oversize: np.ndarray) -> list[Any]:
     for i in range(len(column)):
         if oversize[i]:
             start = int(offsets[i])
-            values.append(data[start : start + _RAW_KEEP].to_pybytes())
+            values.append(data[start : min(start + _RAW_KEEP, int(offsets[i + 1]))].to_pybytes())
             continue
         try:
             values.append(column[i].as_py())
@@ -343,6 +351,9 @@ def read_file(
                 out.add(number, text)
             if out.full():
                 yield out.take()
+    except (FileNotFoundError, PermissionError) as e:
+        raise CorpusFileGone(f"{file.uri}: listed as an input but cannot be opened now ({type(e).__name__}: "
+                             f"{e.strerror or e}); the stage stops rather than finish without its records") from e
     except (OSError, pa.ArrowInvalid, EOFError) as e:
         # Unreadable as a whole (corrupt gzip or zstd, not Parquet, ...): one rejected record for it.
         if bad_records == "fail":

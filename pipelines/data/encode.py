@@ -223,6 +223,10 @@ class CorpusEncoder:
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.tokenizer.encode_special_tokens = True
+        # A copied tokenizer (data.tokenizer.path) may carry truncation or padding, made for model
+        # inputs: documents must be encoded whole and unpadded, as the fast path does.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.fast = fast_path_applies(json.loads(tokenizer_json))
         self._model = self.tokenizer.model
         self._cache = _PieceCache()
