@@ -67,6 +67,7 @@ def function_rewards(
     """
     values = torch.zeros(len(responses))
     valid = torch.ones(len(responses), dtype=torch.bool)
+    first_error = ""  # skipped samples: the first one's error is named, the rest counted
     for i, (prompt, response, extra) in enumerate(zip(prompts, responses, fields)):
         try:
             value = float(call_with_timeout(lambda: fn(prompt, response, **extra), timeout_s))  # noqa: B023 - called at once
@@ -82,9 +83,13 @@ def function_rewards(
                 ) from None
             if timed_out:  # a thread left running deserves a line in the log
                 print(f"kiln: reward function {spec} {what}: {cause}; sample skipped", file=sys.stderr, flush=True)
+            first_error = first_error or f"{what} (response={response!r:.200}): {cause}"
             valid[i] = False
             continue
         values[i] = value
+    if first_error:
+        print(f"kiln: reward function {spec} failed on {int((~valid).sum())} of {len(responses)} samples, skipped "
+              f"(on_reward_error: skip); the first {first_error}", file=sys.stderr, flush=True)  # fmt: skip
     return values, valid
 
 

@@ -305,3 +305,73 @@ def test_sequence_scores_penalise_cut_responses_then_clip() -> None:
     # TRL's missing_eos_penalty: only the cut responses pay it, and the clip bounds the result.
     torch.testing.assert_close(sequence_scores(total, truncated, 5.0, 1.0), torch.tensor([1.0, 0.0, -5.0, 5.0]))
     torch.testing.assert_close(sequence_scores(total, truncated, None, 1.0), torch.tensor([1.0, 0.0, -5.5, 9.0]))
+
+
+def test_held_out_figures_leave_skipped_samples_out_and_name_a_failing_metric(monkeypatch: pytest.MonkeyPatch,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The held-out reward averaged skipped samples in as 0 (on_reward_error: skip), and the metric
+    ran bare in the controller: a raise ended the run with a KeyError naming nothing."""
+    from types import SimpleNamespace
+
+    import pipelines.rlhf.ppo as ppo
+    from actors.experience import Samples
+    from actors.reward import Scores, function_rewards
+    from pipelines.rlhf.config import PpoConfig
+    from pipelines.rlhf.prompts import Prompt
+
+    samples = Samples([[1]] * 4, [[2]] * 4, [[0.0]] * 4, ["1", "3", "x", "4"], 0, [False] * 4)
+    total = torch.tensor([2.0, 0.0, 0.0, 2.0])
+    scores = Scores(total=total, model=total, function=torch.zeros(4), valid=torch.tensor([True, False, False, True]))
+    fake_reward_actor = SimpleNamespace(score=SimpleNamespace(remote=lambda *args: scores))  # a named fake: no Ray
+    monkeypatch.setattr(ppo, "generate", lambda *args, **kw: samples)
+    monkeypatch.setattr(ppo.ray, "get", lambda value: value)
+    prompts = [Prompt(f"What is {i} + 1?", [1], {"answer": i + 1}, f"eval.jsonl:{i + 1}") for i in range(4)]
+    p = PpoConfig(prompts="p.jsonl", reward_function="m:f", metric_function="pipelines.quickstart.task:correct")
+    from pipelines.quickstart.task import correct
+
+    out = ppo.evaluate(SimpleNamespace(reward=fake_reward_actor), prompts, p, correct)
+    assert out == {"reward": 2.0, "prompts": 4, "skipped": 2, "accuracy": 0.5}  # "1" and "4" are right
+
+    def broken(prompt: str, response: str, **fields: object) -> bool:
+        return fields["missing"] == response
+
+    with pytest.raises(ValueError, match=r"metric function m:broken failed on eval\.jsonl:1 \(response '1'\): KeyError"):
+        ppo.evaluate(SimpleNamespace(reward=fake_reward_actor), prompts, p.model_copy(update={"metric_function": "m:broken"}),
+                     broken)  # fmt: skip
+
+    # Skipped training samples: the first failure is named, the rest counted.
+    values, valid = function_rewards(broken, "m:broken", ["q"] * 3, ["a", "b", "c"], [{}] * 3, 5.0, True)
+    assert valid.tolist() == [False] * 3
+    err = capsys.readouterr().err
+    assert "reward function m:broken failed on 3 of 3 samples, skipped" in err and "KeyError: 'missing'" in err
+
+
+def test_a_rollout_restarted_between_the_check_and_the_call_samples_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray restarted the rollout actor after the version check and before ``generate``: the step
+    went on with samples of the initial weights, silently off-policy."""
+    from types import SimpleNamespace
+
+    import pipelines.rlhf.ppo as ppo
+    from actors.experience import Samples
+    from pipelines.rlhf.config import PpoConfig
+
+    engine = {"version": 3}
+    calls: list[str] = []
+
+    def sample(*args: object) -> Samples:
+        calls.append(f"generate@{engine['version']}")
+        if len(calls) == 1:  # restarted just before this call: it samples its initial weights
+            engine["version"] = 0
+        return Samples([[1]], [[2]], [[0.0]], ["x"], engine["version"], [False])
+
+    def load(weights: object, version: int) -> None:
+        calls.append(f"load {version}")
+        engine["version"] = version
+
+    fake_rollout = SimpleNamespace(generate=SimpleNamespace(remote=sample), load_weights=SimpleNamespace(remote=load))
+    actors = SimpleNamespace(version=3, weights={}, rollout=fake_rollout)  # a named fake: no Ray
+    monkeypatch.setattr(ppo.ray, "get", lambda value: value)
+    monkeypatch.setattr(ppo, "_rollout_version", lambda a: engine["version"])
+    p = PpoConfig(prompts="p.jsonl", reward_function="m:f")
+    assert ppo.generate(actors, [[1]], p, seed=0).policy_version == 3
+    assert calls == ["generate@3", "load 3", "generate@3"]

@@ -50,6 +50,22 @@ def grade(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response:
     raise ValueError(f"metric function {spec} returned {value!r} on {prompt.where}; it must return a bool (or 0/1)")
 
 
+def metric_score(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response: str,
+                 timeout_s: float = 60.0) -> float:  # fmt: skip
+    """The metric function's value for one response, averaged into an accuracy: a bool or a
+    number in [0, 1] (PPO's held-out ``accuracy``).
+
+    Raises:
+        ValueError: the function raised, timed out, or returned anything else; names the function
+            and the prompt's line.
+    """
+    value = _call("metric", metric, spec, prompt, response, timeout_s)
+    if isinstance(value, bool | np.bool_ | int | float | np.number) and 0 <= float(value) <= 1:
+        return float(value)
+    raise ValueError(f"metric function {spec} returned {value!r} on {prompt.where}; it must return a bool or a "
+                     "number in [0, 1]")  # fmt: skip
+
+
 def reward(fn: Callable[..., Any], spec: str, prompt: PromptRecord, response: str, timeout_s: float = 60.0) -> float:
     """The reward function's value for one response.
 

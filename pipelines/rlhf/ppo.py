@@ -59,7 +59,8 @@ from pipelines.rlhf.ppo_math import (
     sequence_scores,
     token_rewards,
 )
-from pipelines.rlhf.prompts import prompt_ids, read_prompts
+from pipelines.eval.scoring import metric_score
+from pipelines.rlhf.prompts import Prompt, PromptRecord, drawn_step, load_prompts, prompt_indices
 from pipelines.rlhf.trend import prompt_rewards, reward_trend
 from pipelines.train.modeling import check_context, check_lora_targets, check_model_dir
 
@@ -85,60 +86,13 @@ def check_scores(scores: Scores, step: int) -> None:
     if not torch.isfinite(scores.total).all():
         raise NonFiniteStep(f"step {step}: non-finite reward {scores.total.tolist()}")
     if not scores.valid.any():
-        raise NoValidSample(f"step {step}: the reward failed on every one of its {len(scores.valid)} samples (each "
-                            "named above); nothing was learned from it. Fix the reward, then rerun: the run resumes "
+        raise NoValidSample(f"step {step}: the reward failed on every one of its {len(scores.valid)} samples (the "
+                            "first named above); nothing was learned from it. Fix the reward, then rerun: the run resumes "
                             "from its latest checkpoint")  # fmt: skip
 
 
 class ActorFailure(RuntimeError):
     """An actor died once more than ``ppo.max_failures`` allows."""
-
-
-# --- inputs ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompt:
-    """One prompt: as given (string or chat messages), its token ids, and its other fields."""
-
-    prompt: Any
-    ids: list[int]
-    fields: dict[str, Any]
-
-
-def load_prompts(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Prompt], int]:
-    """Prompts of a JSONL file, chat template applied; those over ``max_tokens`` are skipped.
-
-    Returns:
-        (prompts, skipped count).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        BadRecord: a line is not JSON or has no usable ``prompt`` (naming file:line).
-    """
-    records = read_prompts(path)
-    ids = prompt_ids(tokenizer, records)
-    kept = [Prompt(r.prompt, i, r.fields) for r, i in zip(records, ids) if len(i) <= max_tokens]
-    return kept, len(records) - len(kept)
-
-
-def drawn_step(step: int, max_steps: int, revisit: int) -> int:
-    """Whose prompts step ``step`` (0-based) draws: its own, or, in the last ``revisit`` steps,
-    those of the first ``revisit`` again (``ppo.revisit_steps``)."""
-    first_revisit = max_steps - revisit
-    return step - first_revisit if revisit and step >= first_revisit else step
-
-
-def prompt_indices(step: int, count: int, total: int, seed: int) -> list[int]:
-    """Prompts of one step: positions ``[step * count, (step + 1) * count)`` of seeded per-epoch permutations."""
-    orders: dict[int, torch.Tensor] = {}  # a step spans at most two epochs
-    out = []
-    for position in range(step * count, (step + 1) * count):
-        epoch, offset = divmod(position, total)
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(orders[epoch][offset]))
-    return out
 
 
 # --- the actors --------------------------------------------------------------------------------
@@ -255,12 +209,16 @@ def generate(actors: Actors, prompt_ids: list[list[int]], p: PpoConfig, seed: in
             if actors.version and _rollout_version(actors) != actors.version:
                 print(f"kiln: rollout actor restarted; re-sending policy version {actors.version}", flush=True)
                 ray.get(actors.rollout.load_weights.remote(actors.weights, actors.version))
-            return ray.get(actors.rollout.generate.remote(prompt_ids, 1 if greedy else p.samples_per_prompt, seed, greedy))
+            samples = ray.get(actors.rollout.generate.remote(prompt_ids, 1 if greedy else p.samples_per_prompt, seed, greedy))
+            if samples.policy_version == actors.version:
+                return samples
+            # Restarted between the check and the call: it sampled the initial weights. Again.
         except ray.exceptions.ActorUnavailableError:
             # Died mid-call and is being restarted (max_restarts): wait, resync, sample again.
             if attempt == p.rollout.max_restarts:
                 raise
-    raise AssertionError("unreachable")
+    raise RuntimeError(f"the rollout actor sampled with other weights than version {actors.version} "
+                       f"{p.rollout.max_restarts + 1} times (restarted each time?)")
 
 
 # --- one step -----------------------------------------------------------------------------------
@@ -377,12 +335,17 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
 
 
 def evaluate(actors: Actors, prompts: list[Prompt], p: PpoConfig, metric: Any) -> dict[str, float]:
-    """Greedy responses to held-out prompts: mean reward, and the metric function's mean as ``accuracy``."""
+    """Greedy responses to held-out prompts: mean reward (of the samples the reward did not skip),
+    and the metric function's mean as ``accuracy`` (each call within ``reward_timeout_s``; one that
+    fails names the function and the prompt's ``file:line``)."""
     samples = generate(actors, [q.ids for q in prompts], p, seed=0, greedy=True)
     scores: Scores = ray.get(actors.reward.score.remote([q.prompt for q in prompts], samples.texts, [q.fields for q in prompts]))
-    out = {"reward": scores.total.mean().item(), "prompts": len(prompts)}
+    out = {"reward": scores.total[scores.valid].mean().item(), "prompts": len(prompts)}  # nan if none is valid
+    if skipped := int((~scores.valid).sum()):
+        out["skipped"] = skipped
     if metric is not None:
-        out["accuracy"] = sum(float(metric(q.prompt, t, **q.fields)) for q, t in zip(prompts, samples.texts)) / len(prompts)
+        out["accuracy"] = sum(metric_score(metric, str(p.metric_function), PromptRecord(q.prompt, q.fields, q.where), t,
+                                           p.reward_timeout_s) for q, t in zip(prompts, samples.texts)) / len(prompts)  # fmt: skip
     return out
 
 
@@ -472,7 +435,8 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         raise ValueError(f"ppo: {len(prompts)} usable prompts in {p.prompts} ({skipped} over max_prompt_tokens), "
                          f"fewer than prompts_per_step ({p.prompts_per_step})")  # fmt: skip
     eval_prompts = load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)[0] if p.eval_prompts else []
-    inputs = [policy, critic_init, Path(p.prompts), *([reward_model] if reward_model else [])]
+    inputs = [policy, critic_init, Path(p.prompts), *([reward_model] if reward_model else []),
+              *([Path(p.eval_prompts)] if p.eval_prompts else [])]
     if (done := prepare_stage(stage_dir, stage, digest, force, inputs)) is not None:
         return done
     print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
@@ -550,6 +514,7 @@ def _train(
         with StageProgress(stage, p.max_steps, ("reward_mean", "kl", "eval_accuracy")) as bar:
             bar.update({"step": state.step})
             while state.step < p.max_steps:
+                failed = state.step + 1  # the step a dead actor is reported in, whichever phase it died in
                 try:
                     if fault is not None:
                         fault(actors, state.step)
@@ -572,7 +537,7 @@ def _train(
                     # step): the replay is exact.
                     if (role := dead_role(actors, error)) is None:
                         raise
-                    failed, recoveries = state.step + 1, recoveries + 1
+                    recoveries += 1
                     if recoveries > p.max_failures:
                         raise ActorFailure(f"{stage}: the {role} died during step {failed}, failure {recoveries} of "
                                            f"at most {p.max_failures} (ppo.max_failures)") from error  # fmt: skip
