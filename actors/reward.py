@@ -83,13 +83,13 @@ def function_rewards(
                 ) from None
             if timed_out:  # a thread left running deserves a line in the log
                 print(f"kiln: reward function {spec} {what}: {cause}; sample skipped", file=sys.stderr, flush=True)
-            first_error = first_error or f"{what} (response={response!r:.200}): {cause}"
+            first_error = first_error or f"sample {i} (response={response!r:.200}): {cause}"
             valid[i] = False
             continue
         values[i] = value
     if first_error:
         print(f"kiln: reward function {spec} failed on {int((~valid).sum())} of {len(responses)} samples, skipped "
-              f"(on_reward_error: skip); the first {first_error}", file=sys.stderr, flush=True)  # fmt: skip
+              f"(on_reward_error: skip); the first: {first_error}", file=sys.stderr, flush=True)  # fmt: skip
     return values, valid
 
 

@@ -61,6 +61,13 @@ SECRET_EXCLUDES = [
     ".ssh/",
     ".aws/",
     ".kube/",
+    ".envrc",
+    "*credentials*.json",
+    "*service-account*.json",
+    "secrets.*",
+    ".npmrc",
+    ".docker/",
+    ".huggingface/",
 ]
 
 # Never uploaded either: local environment, run outputs and caches. Ray caps a working directory
@@ -88,6 +95,42 @@ _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class SubmitError(RuntimeError):
     """The job cannot be submitted (nothing was submitted); the message says why and what to do."""
+
+
+def dashboard_address(address: str) -> str:
+    """``--address`` checked and rebuilt as ``scheme://host[:port]``, read with the parser the HTTP
+    client uses (urllib3's): nothing else in it, so the host kiln checks is the host the request,
+    and the token with it, goes to (``http://REMOTE\\@127.0.0.1`` read as loopback by one parser
+    and sent to REMOTE by the other).
+
+    Raises:
+        SubmitError: not ``http(s)://HOST[:PORT]`` alone.
+    """
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    refused = SubmitError(f"--address {address!r}: expected the Ray dashboard's URL alone, http(s)://HOST:PORT "
+                          "(no user, path, query, backslash or space)")  # fmt: skip
+    if any(c in address for c in "\\@") or any(c.isspace() for c in address):
+        raise refused
+    try:
+        url = parse_url(address)
+    except LocationParseError:
+        raise refused from None
+    if (url.scheme or "").lower() not in ("http", "https") or not url.host or url.path not in (None, "", "/") \
+            or url.query is not None or url.fragment is not None:  # fmt: skip
+        raise refused
+    return f"{url.scheme.lower()}://{url.host.lower()}{f':{url.port}' if url.port is not None else ''}"
+
+
+def bypass_proxy(address: str) -> None:
+    """Plain http to this machine must not go through ``HTTP_PROXY`` (the token would reach the
+    proxy host in clear text): its host joins ``NO_PROXY`` for this process."""
+    if urlparse(address).scheme != "http" or not is_loopback(address):
+        return
+    hosts = [h.strip() for name in ("no_proxy", "NO_PROXY") for h in os.environ.get(name, "").split(",") if h.strip()]
+    joined = ",".join(dict.fromkeys([*hosts, urlparse(address).hostname or ""]))  # both spellings: either may be read
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = joined
 
 
 def is_loopback(address: str) -> bool:
@@ -194,6 +237,24 @@ def _relative_config(config_path: Path, working_dir: Path) -> str:
         ) from None
 
 
+def left_out_of_upload(path: Path, working_dir: Path) -> bool:
+    """Whether Ray's upload of ``working_dir`` leaves ``path`` out, asked of Ray's own matchers as its
+    upload walks: kiln's excludes, then each folder's .gitignore / .rayignore on the way down
+    (a run's saved ``runs/<name>/config.yaml`` is one: ``runs/`` is never uploaded)."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    excludes = [_get_excludes(working_dir, WORKING_DIR_EXCLUDES)]
+    current = working_dir
+    for part in ("", *path.relative_to(working_dir).parts):
+        current = current / part if part else current
+        if current.is_dir():
+            excludes += get_excludes_from_ignore_files(current, include_gitignore=gitignore)
+        if current != working_dir and any(exclude(current) for exclude in excludes):
+            return True
+    return False
+
+
 def _client(address: str, token: str | None) -> JobSubmissionClient:
     # Ray's job and state SDKs are imported only when submitting: `kiln --help` stays fast.
     from ray.exceptions import AuthenticationError
@@ -206,7 +267,7 @@ def _client(address: str, token: str | None) -> JobSubmissionClient:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError:
         raise SubmitError(_auth_help(address, token)) from None
-    except ConnectionError as e:
+    except (ConnectionError, RuntimeError) as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {address}: {e}") from None
 
 
@@ -272,9 +333,9 @@ def submit(
         ConfigError: the config is invalid (nothing submitted).
         SubmitError: the job cannot be submitted (nothing submitted).
     """
-    if urlparse(address).scheme not in ("http", "https"):
-        raise SubmitError(f"--address {address!r}: expected the Ray dashboard's URL, http://HOST:8265")
+    address = dashboard_address(address)
     check_transport(address, insecure)
+    bypass_proxy(address)
     config_path = Path(config_path)
     cfg = load_config(config_path)
     check_storage(cfg, address)
@@ -282,6 +343,10 @@ def submit(
     rel_config = _relative_config(config_path, wd)
     for extended in config_files(config_path)[1:]:
         _relative_config(extended, wd)  # the job reads the files a config extends too
+    for file in config_files(config_path):
+        if left_out_of_upload(file.resolve(), wd):
+            raise SubmitError(f"{file} is not uploaded with {wd} (WORKING_DIR_EXCLUDES, or a .gitignore / "
+                              ".rayignore on its way): the job could not read it. Move it, e.g. into configs/")  # fmt: skip
     token = auth_token()
     client = _client(address, token)
     # A loopback address can still reach a multi-node cluster (a port-forward to its head).

@@ -35,7 +35,9 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
 
     thread = threading.Thread(target=run, name="kiln-user-call", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    # threading cannot wait longer than TIMEOUT_MAX (join(inf) raised OverflowError after fn had
+    # started, blamed on the user's function): a longer limit is no limit.
+    thread.join(None if timeout_s >= threading.TIMEOUT_MAX else timeout_s)
     if not outcome:
         raise CallTimeout(f"no result after {timeout_s:g} s")
     ok, value = outcome[0]

@@ -292,3 +292,13 @@ def test_reward_timeout_reaches_the_reward_actor(ray_local: None, tmp_path: Path
     finally:
         ray.kill(stopping)
         ray.kill(skipping)
+
+
+
+def test_a_timeout_too_long_to_wait_for_is_no_limit() -> None:
+    """``reward_timeout_s: .inf`` passed the config and made every call fail with OverflowError
+    (threading cannot wait that long), blamed on the user's function."""
+    from core.calls import call_with_timeout
+
+    assert call_with_timeout(lambda: 7, float("inf")) == 7
+    assert call_with_timeout(lambda: 8, 1e10) == 8

@@ -6,6 +6,7 @@ uploads of the real project directory.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -235,13 +236,73 @@ def test_secret_files_in_the_working_dir_are_never_uploaded(tmp_path: Path) -> N
     planted = [".env", ".env.production", "configs/prod.env", "server.pem", "cluster/tls.key", "id_rsa", "id_rsa.pub",
                "id_ed25519", ".ray/auth_token", "configs/auth_token", "cluster/kuberay/auth_token.txt", ".ssh/config",
                ".aws/credentials", ".kube/config", ".netrc", ".git-credentials", "deploy/client.p12",
-               ".venv/bin/python", "runs/old/config.yaml", ".git/config", "pipelines/__pycache__/cli.cpython-311.pyc"]  # fmt: skip
+               ".venv/bin/python", "runs/old/config.yaml", ".git/config", "pipelines/__pycache__/cli.cpython-311.pyc",
+               ".envrc", "gcp-credentials.json", "deploy/my-service-account.json", "secrets.yaml", ".npmrc",
+               ".docker/config.json", ".huggingface/token"]  # fmt: skip
     for name in planted:
         (wd / name).parent.mkdir(parents=True, exist_ok=True)
         (wd / name).write_text("secret\n")
     uploaded = _uploaded(wd, tmp_path)
     assert not set(planted) & uploaded, sorted(set(planted) & uploaded)
     assert {"pipelines/cli.py", "configs/quickstart.yaml", "cluster/kuberay/rayjob.yaml"} <= uploaded
+
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://192.0.2.2:18265\\@127.0.0.1:8265",  # urllib reads loopback, requests sends to 192.0.2.2
+        "http://user:pass@127.0.0.1:8265",
+        "http://127.0.0.1:8265/api",
+        "http://127.0.0.1:8265?x=1",
+        "http://127.0.0.1 :8265",
+        "ray://127.0.0.1:10001",
+    ],
+)
+def test_an_address_read_two_ways_is_refused(address: str) -> None:
+    """kiln checked the host urllib.parse read; Ray's client (requests) sends to the host urllib3
+    reads: with a backslash they differ, and the token went in clear text to another machine."""
+    from cluster.submit import SubmitError, dashboard_address
+
+    with pytest.raises(SubmitError, match="expected the Ray dashboard's URL alone"):
+        dashboard_address(address)
+    assert dashboard_address("HTTPS://Head.Example:8265/") == "https://head.example:8265"  # Ray wants lowercase
+    assert dashboard_address("http://[::1]:8265") == "http://[::1]:8265"
+
+
+def test_plain_http_to_this_machine_skips_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set, requests sent http://127.0.0.1 through the proxy: the token in clear."""
+    import requests
+
+    from cluster.submit import bypass_proxy
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert requests.utils.get_environ_proxies("http://127.0.0.1:8265/api/version")  # the proxy, before
+    bypass_proxy("http://127.0.0.1:8265")
+    assert not requests.utils.get_environ_proxies("http://127.0.0.1:8265/api/version")
+    assert requests.utils.get_environ_proxies("http://internal.example/") == {}  # what was there stays
+    bypass_proxy("https://head.example:8265")  # https through a proxy is a tunnel: left alone
+    assert "head.example" not in requests.utils.get_environ_proxies("https://x") and "head" not in os.environ["NO_PROXY"]
+
+
+def test_a_config_the_upload_leaves_out_is_refused_before_submitting(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A run's saved runs/<name>/config.yaml passed every check, and the job failed on the cluster
+    after the upload: runs/ is never uploaded."""
+    from cluster.submit import left_out_of_upload
+
+    wd = tmp_path / "wd"
+    config = {"run": {"name": "t"}}
+    for name in ("runs/exp/config.yaml", "configs/build/gpu.yaml", "configs/ok.yaml", "ignored/c.yaml"):
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text(yaml.safe_dump(config))
+    (wd / ".gitignore").write_text("ignored/\n")
+    assert [left_out_of_upload(wd / n, wd) for n in ("runs/exp/config.yaml", "configs/build/gpu.yaml", "configs/ok.yaml",
+                                                     "ignored/c.yaml")] == [True, True, False, True]  # fmt: skip
+    assert main(["submit", str(wd / "runs/exp/config.yaml"), "--address", "http://127.0.0.1:1", "--working-dir", str(wd)]) == 2
+    assert "runs/exp/config.yaml is not uploaded with" in capsys.readouterr().err
 
 
 # --- checkpoints -------------------------------------------------------------------------------
