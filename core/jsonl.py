@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +63,15 @@ def parse_json(raw: bytes) -> tuple[Any, str]:
         return None, "JSON nested too deeply to parse"
     except ValueError as e:  # Python's limit on the digits of an integer
         return None, f"malformed JSON: {str(e).split(';')[0]}"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and the ``NaN`` that
+    Python writes by default is refused by strict parsers (``jq``, JavaScript's ``JSON.parse``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -24,7 +24,7 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
-from core.jsonl import BadRecord, read_jsonl
+from core.jsonl import BadRecord, json_safe, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,7 +51,7 @@ class MetricsSink:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN / inf as null
             f.flush()
             os.fsync(f.fileno())
         step = record.get("step", 0)

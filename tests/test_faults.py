@@ -302,3 +302,20 @@ def test_a_timeout_too_long_to_wait_for_is_no_limit() -> None:
 
     assert call_with_timeout(lambda: 7, float("inf")) == 7
     assert call_with_timeout(lambda: 8, 1e10) == 8
+
+
+def test_metric_lines_and_json_outputs_are_strict_json(tmp_path: Path) -> None:
+    """Python wrote a NaN held-out loss and an inf gradient norm as NaN / Infinity: not JSON to jq or
+    JavaScript's JSON.parse. They are null now, and every reader here takes null as no value."""
+    from core.metrics import MetricsSink, read_metrics
+    from core.rundir import atomic_write_json
+
+    MetricsSink(tmp_path, enabled=True).write({"step": 1, "loss": 2.0, "grad_norm": float("inf"),
+                                               "val_loss": float("nan"), "prompt_rewards": [[3, float("-inf")]]})  # fmt: skip
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "step": 1, "loss": 2.0, "grad_norm": None, "val_loss": None, "prompt_rewards": [[3, None]]}
+    assert read_metrics(tmp_path) == [json.loads(line)]
+    atomic_write_json(tmp_path / "s.json", {"p": float("nan"), "ci": (0.1, float("inf"))})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"p": None, "ci": [0.1, None]}
