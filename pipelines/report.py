@@ -122,13 +122,14 @@ def _step_records(stage_dir: Path) -> list[dict[str, Any]]:
 
 
 def _read_eval(path: Path) -> dict[str, Any] | None:
-    """``ppo/eval.json``, checked: ``before`` and ``after`` objects of numbers."""
+    """``ppo/eval.json``, checked: ``before`` and ``after`` objects of numbers (or null: no value,
+    e.g. the reward when the reward function skipped every held-out sample)."""
     obj = read_json(path)
     if obj is None:
         return None
     for side in ("before", "after"):
         values = obj.get(side)
-        if not isinstance(values, dict) or not all(_is_number(v) for v in values.values()):
+        if not isinstance(values, dict) or not all(_is_number(v) or v is None for v in values.values()):
             raise ReportInputError(f"{path}: '{side}' must be an object of numbers, got {values!r}")
     return obj
 

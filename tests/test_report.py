@@ -283,6 +283,8 @@ def test_malformed_json_files_are_named(tmp_path: Path) -> None:
     (run / "ppo" / "eval.json").write_text(json.dumps({"before": {"reward": "high"}, "after": {}}))
     with pytest.raises(ReportInputError, match=r"ppo/eval\.json: 'before' must be an object of numbers"):
         write_report(run)
+    (run / "ppo" / "eval.json").write_text(json.dumps({"before": {"reward": None, "prompts": 4}, "after": {}}))
+    assert "held-out reward — →" in write_report(run).read_text()  # null: no value (every sample skipped)
     (run / "ppo" / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
     (run / "eval" / "summary.json").write_text(json.dumps({"models": [{"n": 200}]}))
     with pytest.raises(ReportInputError, match=r"eval/summary\.json: 'models' must be a list of objects"):
