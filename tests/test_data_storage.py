@@ -56,3 +56,14 @@ def test_is_file_takes_paths_and_uris(tmp_path: Path) -> None:
     _shards(uri)
     assert storage.is_file(f"{uri}/train-00000.parquet") and storage.is_file(f"{tmp_path}/store/shards/train-00000.parquet")
     assert not storage.is_file(f"{uri}/train-00009.parquet") and not storage.is_file(f"{uri}")
+
+
+def test_shards_past_five_digits_stay_in_shard_order(tmp_path: Path) -> None:
+    """Names are padded to five digits and were sorted as strings: train-100000 came between
+    train-10000 and train-10001 (~52B tokens of shards at the defaults)."""
+    numbers = [2, 10000, 10001, 99999, 100000, 100001]
+    for n in numbers:
+        (tmp_path / f"train-{n:05d}.parquet").write_bytes(b"")
+    (tmp_path / "validation-00000.parquet").write_bytes(b"")
+    assert [Path(f).name for f in storage.shard_files(f"file://{tmp_path}", "train")] == [
+        f"train-{n:05d}.parquet" for n in numbers]

@@ -15,6 +15,7 @@ renamed into place, and older tags are deleted only after that.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,11 +42,13 @@ def join(location: str, *parts: str) -> str:
 
 
 def files_in(location: str, suffix: str = "") -> list[str]:
-    """The files directly in a folder (path or URI) whose name ends with ``suffix``, by name;
-    [] when the folder does not exist."""
+    """The files directly in a folder (path or URI) whose name ends with ``suffix``, by name with
+    numbers in order (``train-99999`` before ``train-100000``: shard and part numbers are padded to
+    five digits, and a larger corpus passes that); [] when the folder does not exist."""
     fs, path = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(display(location, fs, f.path) for f in infos if f.is_file and f.base_name.endswith(suffix))
+    names = [display(location, fs, f.path) for f in infos if f.is_file and f.base_name.endswith(suffix)]
+    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
 
 
 def make_dirs(*locations: str) -> None:
