@@ -341,9 +341,8 @@ def submit(
     check_storage(cfg, address)
     wd = Path(working_dir).resolve() if working_dir is not None else PROJECT_ROOT
     rel_config = _relative_config(config_path, wd)
-    for extended in config_files(config_path)[1:]:
-        _relative_config(extended, wd)  # the job reads the files a config extends too
-    for file in config_files(config_path):
+    for file in config_files(config_path):  # the job reads the files a config extends too
+        _relative_config(file, wd)
         if left_out_of_upload(file.resolve(), wd):
             raise SubmitError(f"{file} is not uploaded with {wd} (WORKING_DIR_EXCLUDES, or a .gitignore / "
                               ".rayignore on its way): the job could not read it. Move it, e.g. into configs/")  # fmt: skip

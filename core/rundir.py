@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from core.jsonl import json_safe
+from core.jsonl import json_safe, parse_json
 from core.locations import remove
 
 STAGE_MARKER = "stage.json"
@@ -255,11 +255,9 @@ def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:
 
 def _read_record(path: Path) -> dict[str, Any]:
     """A stage's own JSON record (``stage.json``, ``started.json``), or a ValueError naming it."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: unreadable stage record ({type(e).__name__}); rerun with --force to redo "
-                         "the stage") from None  # fmt: skip
+    info, why = parse_json(path.read_bytes())
+    if why:
+        raise ValueError(f"{path}: unreadable stage record ({why}); rerun with --force to redo the stage")
     if not isinstance(info, dict):
         raise ValueError(f"{path}: unreadable stage record (a JSON {type(info).__name__}, not an object); "
                          "rerun with --force to redo the stage")  # fmt: skip
