@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from core.config import ConfigError
 from pipelines.config import KilnConfig, parse_config
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.eval.generation import GeneratorPool
+from pipelines.eval.generation import GeneratorPool, Responses
 from pipelines.rlhf import preferences
 from pipelines.rlhf.preferences import comparison_pairs
 from pipelines.train.datasets import preference_rows
@@ -110,7 +110,38 @@ def test_pool_shards_keep_each_prompts_seed(prompts: int, replicas: int) -> None
     calls: list[tuple[Any, ...]] = []
     pool.actors = [_FakeActor(calls) for _ in range(replicas)]
     ids = [[i] for i in range(prompts)]
-    pool.submit(ids, 3, 1.0, 5, seed=100)
+    pool.submit(ids, 3, 1.0, 5, seeds=[100 + i for i in range(prompts)])
     assert [p for call in calls for p in call[0]] == ids, "every prompt once, in order"
-    assert all(call[4] == 100 + call[0][0][0] for call in calls), "a shard's seed is its first prompt's"
+    assert all(call[4] == [100 + p[0] for p in call[0]] for call in calls), "each prompt with its own seed"
     assert len(calls) == min(prompts, replicas)
+
+
+class _FakePool:
+    """A fake generator pool (test double): records each call's seeds, answers 'e' and 'x' per prompt."""
+
+    seeds: list[int] = []
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 seeds: list[int]) -> Any:  # fmt: skip
+        _FakePool.seeds = list(seeds)
+        return Responses(token_ids=[[[1], [2]] for _ in prompt_ids], texts=[["e", "x"] for _ in prompt_ids])
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_skipped_prompt_moves_no_other_prompts_seed(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_llama_dir, tmp_path / "prefrun" / "sft" / "model")
+    prompts = [{"prompt": "short", "letter": "e"}, {"prompt": "long " * 200, "letter": "e"},
+               {"prompt": "short too", "letter": "e"}]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    monkeypatch.setattr(preferences, "GeneratorPool", _FakePool)
+    monkeypatch.setattr(preferences, "init_ray", lambda *a: None)
+    report = preferences.run(_config(tmp_path, seed=7))
+    assert report["skipped_too_long"] == 1 and report["prompts"] == 2
+    assert _FakePool.seeds == [7, 9], "the third prompt keeps seed + 2 though the second was skipped"

@@ -99,7 +99,7 @@ class EvalGenerator:
         self.llm.reset_prefix_cache()
 
     def generate(
-        self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int
+        self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seeds: list[int]
     ) -> Responses:
         """``n`` responses to every prompt, all prompts in one batch.
 
@@ -108,18 +108,20 @@ class EvalGenerator:
             n: responses per prompt (1 for greedy decoding).
             temperature: 0 decodes greedily.
             max_tokens: most tokens per response; generation also stops at ``<|im_end|>``.
-            seed: prompt ``i`` samples from seed ``seed + i``, so a rerun draws the same responses.
+            seeds: one per prompt, its sampler's seed, so a rerun draws the same responses.
         """
         from vllm import SamplingParams, TokensPrompt  # see __init__
 
         if temperature == 0.0 and n != 1:
             raise ValueError(f"greedy decoding gives one response per prompt, asked for {n}")
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         params = [
             SamplingParams(
-                n=n, temperature=temperature, max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=seed + i
+                n=n, temperature=temperature, max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=seed
             )
-            for i in range(len(prompts))
+            for seed in seeds
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return Responses(
@@ -149,8 +151,8 @@ class GeneratorPool:
     vLLM's CPU engine steps in one thread, and a small model's step is mostly its scheduler's
     Python, so one engine keeps one core busy however many it may use; a second engine on the
     other core cut the quickstart's preference sampling from 95 s to 63 s. Each ``generate`` cuts the prompts into
-    contiguous near-equal shards, one per actor, and prompt ``i`` keeps seed ``seed + i`` wherever
-    it lands, so the draws do not depend on the number of replicas (the logits may differ in the
+    contiguous near-equal shards, one per actor, and each prompt keeps its own seed wherever it
+    lands, so the draws do not depend on the number of replicas (the logits may differ in the
     last bits, as vLLM batches other prompts beside each one).
 
     Args:
@@ -167,19 +169,21 @@ class GeneratorPool:
         return [actor.load_weights.remote(str(model_dir)) for actor in self.actors]
 
     def submit(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-               seed: int) -> list[ray.ObjectRef]:  # fmt: skip
+               seeds: list[int]) -> list[ray.ObjectRef]:  # fmt: skip
         """Queue one ``EvalGenerator.generate`` per shard of ``prompt_ids``; ``merge(ray.get(refs))``
         is the responses in prompt order. Actors left without a prompt get no call."""
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         shards = [s for s in split(len(prompt_ids), len(self.actors)) if s.stop > s.start]
         return [
-            actor.generate.remote(prompt_ids[s], n, temperature, max_tokens, seed + s.start)
+            actor.generate.remote(prompt_ids[s], n, temperature, max_tokens, seeds[s])
             for actor, s in zip(self.actors, shards)
         ]
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 seed: int) -> Responses:  # fmt: skip
+                 seeds: list[int]) -> Responses:  # fmt: skip
         """``EvalGenerator.generate`` over every engine at once, the responses in prompt order."""
-        return merge(ray.get(self.submit(prompt_ids, n, temperature, max_tokens, seed)))
+        return merge(ray.get(self.submit(prompt_ids, n, temperature, max_tokens, seeds)))
 
     def close(self) -> None:
         """Kill every engine's actor (the engine goes with its process)."""

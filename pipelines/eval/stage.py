@@ -202,8 +202,9 @@ class Generators:
         else:
             self.close()
             self.pool, self.key, engine = start_generators(e, target.path, self.max_model_len), key, "started"
-        greedy = self.pool.submit(ids, 1, 0.0, e.max_response_tokens, e.seed)
-        sampled = self.pool.submit(ids, e.samples_per_prompt, e.temperature, e.max_response_tokens, e.seed)
+        seeds = [e.seed + i for i in range(len(ids))]  # prompt i samples with seed + i
+        greedy = self.pool.submit(ids, 1, 0.0, e.max_response_tokens, seeds)
+        sampled = self.pool.submit(ids, e.samples_per_prompt, e.temperature, e.max_response_tokens, seeds)
         return Generation(engine, loads, greedy, sampled)
 
     def close(self) -> None:

@@ -9,7 +9,8 @@ the labeller. Read top to bottom:
      before any actor starts; prompts longer than ``max_prompt_tokens`` are skipped and counted;
   1. sampling — ``num_replicas`` vLLM actors (the evaluation's generators) sample
      ``samples_per_prompt`` responses to every prompt, each actor a contiguous share of the prompts
-     in one batch, prompt ``i`` from seed ``seed + i``;
+     in one batch, the file's prompt ``i`` (from 0) from seed ``seed + i`` (skipping a prompt
+     moves no other prompt's draws);
   2. labelling — the function accepts or rejects each distinct response once;
   3. pairing — each prompt with both kinds gives up to ``pairs_per_prompt`` pairs, each a distinct
      rejected response under an accepted one (``comparison_pairs``, pure);
@@ -87,7 +88,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     pool = GeneratorPool(policy, p.engine, max_model_len, p.num_cpus, p.num_gpus, p.num_replicas)
     try:
-        texts = pool.generate([ids[i] for i in keep], p.samples_per_prompt, p.temperature, p.max_response_tokens, p.seed).texts
+        seeds = [p.seed + i for i in keep]  # by the prompt's place in the file, not among the kept ones
+        texts = pool.generate([ids[i] for i in keep], p.samples_per_prompt, p.temperature, p.max_response_tokens, seeds).texts
     finally:
         pool.close()
 
