@@ -17,7 +17,7 @@ import torch
 
 from actors.reward import RewardFunctionError, RewardScorer, Scores
 from pipelines.eval.stats import paired_mean_test
-from pipelines.quickstart.task import is_correct, parse_answer, reward
+from pipelines.quickstart.task import is_correct, operands, parse_answer, reward
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo import (
     Actors,
@@ -81,8 +81,8 @@ def _sampled_eval(actors: Actors, prompts: list[Prompt], p: PpoConfig, samples: 
     out = generate(actors, [q.ids for q in prompts], p.model_copy(update={"samples_per_prompt": samples}), seed=12345)
     fields = [q for q in prompts for _ in range(samples)]
     rewards = [reward(q.prompt, t, **q.fields) for q, t in zip(fields, out.texts)]
-    correct = [is_correct(t, q.fields["answer"]) for q, t in zip(fields, out.texts)]
-    answered = [parse_answer(t) is not None for t in out.texts]
+    correct = [is_correct(q.prompt, t, q.fields["answer"]) for q, t in zip(fields, out.texts)]
+    answered = [parse_answer(t, *operands(q.prompt)) is not None for q, t in zip(fields, out.texts)]
     n = len(out.texts)
     per_prompt = [sum(correct[i : i + samples]) / samples for i in range(0, n, samples)]
     return {"reward": sum(rewards) / n, "accuracy": sum(correct) / n, "answered": sum(answered) / n, "per_prompt": per_prompt}

@@ -13,7 +13,15 @@ import pytest
 from pipelines.data.text import jaccard, words
 from pipelines.quickstart.config import GenerateConfig
 from pipelines.quickstart.generate import JUNK_KINDS, generate
-from pipelines.quickstart.task import format_answer, format_prompt, has_carry, is_correct, parse_answer, reward
+from pipelines.quickstart.task import (
+    format_answer,
+    format_prompt,
+    has_carry,
+    is_correct,
+    operands,
+    parse_answer,
+    reward,
+)
 
 _PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
 _ARITHMETIC = re.compile(r"What is (\d+) \+ (\d+)\? \d+ \+ \d+ = (\d+)\.|(\d+) plus (\d+) equals (\d+)\.")
@@ -205,18 +213,45 @@ def test_junk_is_what_its_kind_says(docs: dict[str, str], truth: dict[str, Any])
 
 
 def test_task_functions_on_hand_made_cases() -> None:
-    assert format_prompt(12, 7) == "What is 12 + 7?"
+    assert format_prompt(12, 7) == "What is 12 + 7?" and operands("What is 12 + 7?") == (12, 7)
     assert format_answer(12, 7, 19) == "12 + 7 = 19."
-    assert parse_answer("12 + 7 = 19.") == 19, "the answer follows the '='"
-    assert parse_answer("19") == 19
-    assert parse_answer("The answer is -3.") == -3
-    assert parse_answer("12 + 7 = 19 = 20") == 19
-    assert parse_answer("12 + 7 =") is None
-    assert parse_answer("I am not sure.") is None
-    assert is_correct("12 + 7 = 19.", 19)
-    assert not is_correct("12 + 7 = 18.", 19)
-    assert not is_correct("12 + 7 equals nineteen", 19)
+    assert parse_answer("12 + 7 = 19.", 12, 7) == 19, "the answer follows the '='"
+    assert parse_answer("7 + 12 = 19", 12, 7) == 19, "the operands in either order"
+    assert parse_answer(" 19. ", 12, 7) == 19, "the bare sum"
+    assert parse_answer("12 + 7 =", 12, 7) is None
+    assert parse_answer("I am not sure.", 12, 7) is None
+    assert is_correct("What is 12 + 7?", "12 + 7 = 19.", 19)
+    assert not is_correct("What is 12 + 7?", "12 + 7 = 18.", 19)
+    assert not is_correct("What is 12 + 7?", "12 + 7 equals nineteen", 19)
     assert has_carry(17, 25) and not has_carry(12, 7) and has_carry(5, 5)
+    assert operands([{"role": "system", "content": "Add."}, {"role": "user", "content": "What is 2 + 3?"}]) == (2, 3)
+    with pytest.raises(ValueError, match="not a quickstart prompt"):
+        operands("What is 2 plus 3?")
+    with pytest.raises(ValueError, match="not the sum"):
+        is_correct("What is 12 + 7?", "19", 20)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "2 + 5 = 6.",  # a false equation with the right number: other operands
+        "9 +  = 6.",  # an operand missing
+        "2 + 4 = 6.5",  # a decimal
+        "2 + 4 = 6. Or 7.",  # trailing text
+        "= 6, 5, 7",  # guesses listed
+        "6 or 16",
+        "6/1",
+        "The answer is 6.",
+        "-6",
+        "\u0666",  # Arabic-Indic six: int() reads it, the grader does not
+        "\uff16",  # a fullwidth six
+        "2 + 4 = " + "6" * 5000,  # no ValueError from int()'s digit limit: no answer
+    ],
+)
+def test_no_grade_by_format_or_guesses(response: str) -> None:
+    """Only a whole answer counts: the equation with the prompt's own operands, or the bare sum."""
+    assert not is_correct("What is 2 + 4?", response, 6)
+    assert reward("What is 2 + 4?", response, 6) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -224,7 +259,7 @@ def test_task_functions_on_hand_made_cases() -> None:
     [
         ("12 + 7 = 19.", 1.0),
         ("19", 1.0),
-        ("Adding the two numbers together gives 19, which is the sum.", 0.9),
+        ("Adding the two numbers together gives 19, which is the sum.", 0.0),  # not an answer's form
         ("I do not know.", 0.0),
         ("12 + 7 = 9.", 0.0),  # a dropped ten earns nothing: no partial credit
         ("12 + 7 = 20.", 0.0),
@@ -253,10 +288,10 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
         if has_carry(a, b):
             carries += 1
             # The teacher's one flaw: a dropped carry, on carry sums only.
-            assert parse_answer(response) in (a + b, a + b - 10)
-            flawed += not is_correct(response, a + b)
+            assert parse_answer(response, a, b) in (a + b, a + b - 10)
+            flawed += not is_correct(prompt, response, a + b)
         else:
-            assert is_correct(response, a + b)
+            assert is_correct(prompt, response, a + b)
     assert 0.55 <= flawed / carries <= 0.85  # teacher_carry_error 0.7
 
     preferences = _read_jsonl(out / "preferences.jsonl")
@@ -265,9 +300,9 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
     assert 0.6 <= len(same) / len(preferences) <= 0.9
     for row in preferences:
         a, b = _pair(row["prompt"])
-        assert is_correct(row["chosen"], a + b) and row["chosen"] == format_answer(a, b, a + b)
-        assert not is_correct(row["rejected"], a + b)
-        guess = parse_answer(row["rejected"])
+        assert is_correct(row["prompt"], row["chosen"], a + b) and row["chosen"] == format_answer(a, b, a + b)
+        assert not is_correct(row["prompt"], row["rejected"], a + b)
+        guess = parse_answer(row["rejected"], a, b)
         if row["same_format"]:
             assert row["rejected"].startswith(f"{a} + {b} = ") and guess is not None and guess >= 0
         else:
@@ -277,9 +312,9 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
     # A wrong tens digit is as often too high as too low, on sums with a carry too: "the larger
     # sum wins" is no shortcut for the reward model.
     for carry in (True, False):
-        tens = [parse_answer(r["rejected"]) - sum(_pair(r["prompt"])) for r in same
+        tens = [parse_answer(r["rejected"], *_pair(r["prompt"])) - sum(_pair(r["prompt"])) for r in same
                 if has_carry(*_pair(r["prompt"])) == carry
-                and (parse_answer(r["rejected"]) - sum(_pair(r["prompt"]))) % 10 == 0]  # fmt: skip
+                and (parse_answer(r["rejected"], *_pair(r["prompt"])) - sum(_pair(r["prompt"]))) % 10 == 0]  # fmt: skip
         assert len(tens) > 15 and 0.25 <= sum(d > 0 for d in tens) / len(tens) <= 0.75, (carry, tens)
 
     for name in ("ppo_prompts.jsonl", "eval_prompts.jsonl"):

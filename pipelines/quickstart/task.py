@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 
-_INTEGER = re.compile(r"-?\d+")
-
-# Answers longer than this many (whitespace-separated) words lose LENGTH_PENALTY of their reward.
-MAX_SHORT_WORDS = 8
-LENGTH_PENALTY = 0.1
+# A prompt as ``format_prompt`` writes it, and the two answers the grader accepts as stating a sum:
+# the equation with the prompt's operands (either order) or the bare sum. ASCII digits only, spaces
+# and the final period optional; anything else states no sum. Numbers of at most nine digits.
+_PROMPT = re.compile(r"What is ([0-9]{1,9}) \+ ([0-9]{1,9})\?")
+_EQUATION = re.compile(r"\s*([0-9]{1,9})\s*\+\s*([0-9]{1,9})\s*=\s*([0-9]{1,9})\s*\.?\s*")
+_BARE = re.compile(r"\s*([0-9]{1,9})\s*\.?\s*")
 
 
 def format_prompt(a: int, b: int) -> str:
@@ -42,51 +43,71 @@ def has_carry(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 
 
-def parse_answer(response: str) -> int | None:
-    """The answer a response gives: the first integer after its first ``=``, or, without an
-    ``=``, its first integer.
+def operands(prompt: str | list[dict[str, str]]) -> tuple[int, int]:
+    """The operands of a prompt ``format_prompt`` wrote (as text, or as the last user turn of chat
+    messages).
+
+    Raises:
+        ValueError: naming the prompt, when it is not ``"What is {a} + {b}?"``.
+    """
+    if isinstance(prompt, list):
+        prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
+    match = _PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
+    if match is None:
+        raise ValueError(f"not a quickstart prompt ('What is A + B?'): {prompt[:80]!r}")
+    return int(match[1]), int(match[2])
+
+
+def parse_answer(response: str, a: int, b: int) -> int | None:
+    """The sum a response to ``a + b`` states, when it is a whole answer and nothing else.
+
+    Accepted: ``"{a} + {b} = {s}."`` with the prompt's operands in either order, or the bare
+    ``"{s}"`` (spaces and the final period optional, ASCII digits). Anything else states no sum:
+    other operands (``"2 + 5 = 7."`` for ``2 + 4``, a false equation), more numbers (``"42 or 32"``),
+    trailing or leading words, a sign, a decimal. So a grade cannot be had by format or by
+    listing guesses.
 
     Args:
         response: The model's text.
+        a: The prompt's first operand.
+        b: The prompt's second operand.
 
     Returns:
-        The stated answer, or None when there is none.
+        The stated sum, or None.
     """
-    _, eq, after = response.partition("=")
-    match = _INTEGER.search(after if eq else response)
-    return int(match.group()) if match else None
+    if (match := _EQUATION.fullmatch(response)) is not None:
+        same_operands = sorted((int(match[1]), int(match[2]))) == sorted((a, b))
+        return int(match[3]) if same_operands else None
+    match = _BARE.fullmatch(response)
+    return int(match[1]) if match is not None else None
 
 
-def is_correct(response: str, answer: int) -> bool:
-    """Whether the response states the right sum (``parse_answer(response) == answer``).
+def is_correct(prompt: str | list[dict[str, str]], response: str, answer: int) -> bool:
+    """Whether the response to ``prompt`` states ``answer`` (``parse_answer``); ``answer`` must be
+    the prompt's sum.
+
+    Raises:
+        ValueError: the prompt is not the quickstart's, or ``answer`` is not its sum.
+    """
+    a, b = operands(prompt)
+    if answer != a + b:
+        raise ValueError(f"answer {answer} is not the sum of {prompt!r}")
+    return parse_answer(response, a, b) == answer
+
+
+def reward(prompt: str | list[dict[str, str]], response: str, answer: int) -> float:
+    """The programmatic reward for the addition task: 1.0 for the right sum stated as a whole
+    answer (``parse_answer``), 0.0 otherwise. No partial credit: a sum off by ten (a dropped
+    carry) is as wrong as any other, and a format alone earns nothing.
 
     Args:
+        prompt: The prompt (its operands are checked against the equation the response states).
         response: The model's text.
         answer: The true sum.
     """
-    return parse_answer(response) == answer
+    return 1.0 if is_correct(prompt, response, answer) else 0.0
 
 
-def reward(prompt: str, response: str, answer: int) -> float:
-    """The programmatic reward for the addition task; a pure function in [0, 1].
-
-    1.0 for the right sum, 0.0 for a wrong one or none; a response of more than
-    ``MAX_SHORT_WORDS`` words loses ``LENGTH_PENALTY``. No partial credit: a sum off by ten (a
-    dropped carry) is as wrong as any other, and a format alone earns nothing.
-
-    Args:
-        prompt: The prompt (unused; part of the ``module:function`` reward interface).
-        response: The model's text.
-        answer: The true sum.
-
-    Returns:
-        The reward.
-    """
-    if not is_correct(response, answer):
-        return 0.0
-    return 1.0 - (LENGTH_PENALTY if len(response.split()) > MAX_SHORT_WORDS else 0.0)
-
-
-def correct(prompt: str, response: str, answer: int) -> bool:
+def correct(prompt: str | list[dict[str, str]], response: str, answer: int) -> bool:
     """The task metric, in the ``module:function`` form PPO's evaluation calls: ``is_correct``."""
-    return is_correct(response, answer)
+    return is_correct(prompt, response, answer)
