@@ -90,7 +90,8 @@ def run_root(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tin
     vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
     rows = np.random.default_rng(0).integers(0, vocab, size=(10, 32))
     write_rows(run / "data" / "shards" / "validation-00000.parquet", {"input_ids": rows})
-    prompts = [{"prompt": f"What is {a} + {a + 3}?", "letter": LETTERS[a % len(LETTERS)]} for a in range(16)]
+    # The first prompt twice: samples of two prompts must not share random streams (see below).
+    prompts = [{"prompt": f"What is {a} + {a + 3}?", "letter": LETTERS[a % len(LETTERS)]} for a in [0, *range(15)]]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     pairs = [{"prompt": f"What is {a} + 1?", "chosen": f"{a + 1}", "rejected": f"{a + 2}", "same_format": a % 2 == 0}
              for a in range(12)]  # fmt: skip
@@ -158,6 +159,10 @@ def test_accuracy_matches_the_responses_and_reload_changes_outputs(
             sum(has_letter(r["prompt"], s, r["fields"]["letter"]) for s in r["samples"]) for r in rows
         ]
         assert entry["sampled_accuracy"] == pytest.approx(np.mean([r["sampled_correct"] / 4 for r in rows]))
+        # The same prompt twice draws other samples: no sample of the second copy repeats one of
+        # the first's random streams (vLLM seeds a request's j-th sample with its seed + j).
+        first, second = rows[0]["samples"], rows[1]["samples"]
+        assert rows[0]["prompt"] == rows[1]["prompt"] and first[1:] != second[:3] and first != second
     # The weights really were swapped: the perturbed model answers differently.
     assert [r["response"] for r in responses["base"]] != [r["response"] for r in responses["sft"]]
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from core.config import ConfigError
 from pipelines.config import KilnConfig, parse_config
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.eval.generation import GeneratorPool, Responses
+from pipelines.eval.generation import GeneratorPool, Responses, sample_seeds
 from pipelines.rlhf import preferences
 from pipelines.rlhf.preferences import comparison_pairs
 from pipelines.train.datasets import preference_rows
@@ -117,7 +117,7 @@ def test_pool_shards_keep_each_prompts_seed(prompts: int, replicas: int) -> None
 
 
 class _FakePool:
-    """A fake generator pool (test double): records each call's seeds, answers 'e' and 'x' per prompt."""
+    """A fake generator pool (test double): records each call's seeds, answers 'e', 'x' and ' '."""
 
     seeds: list[int] = []
 
@@ -127,7 +127,7 @@ class _FakePool:
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seeds: list[int]) -> Any:  # fmt: skip
         _FakePool.seeds = list(seeds)
-        return Responses(token_ids=[[[1], [2]] for _ in prompt_ids], texts=[["e", "x"] for _ in prompt_ids])
+        return Responses(token_ids=[[[1], [2], []] for _ in prompt_ids], texts=[["e", "x", " "] for _ in prompt_ids])
 
     def close(self) -> None:
         pass
@@ -144,4 +144,14 @@ def test_a_skipped_prompt_moves_no_other_prompts_seed(
     monkeypatch.setattr(preferences, "init_ray", lambda *a: None)
     report = preferences.run(_config(tmp_path, seed=7))
     assert report["skipped_too_long"] == 1 and report["prompts"] == 2
-    assert _FakePool.seeds == [7, 9], "the third prompt keeps seed + 2 though the second was skipped"
+    assert report["empty_responses"] == 2 and report["distinct_responses"] == 4, "empty answers are left out"
+    rows = [json.loads(line) for line in Path(report["path"]).read_text().splitlines()]
+    assert rows == [{"prompt": q, "chosen": "e", "rejected": "x"} for q in ("short", "short too")]
+    assert _FakePool.seeds == [7, 7 + 2 * 8], "the third prompt keeps its seed though the second was skipped"
+
+
+@given(st.integers(0, 1000), st.lists(st.integers(0, 50), unique=True, max_size=12), st.integers(1, 9))
+def test_no_two_samples_share_a_random_stream(seed: int, positions: list[int], n: int) -> None:
+    # vLLM seeds a request's j-th sample with its seed + j.
+    streams = [s + j for s in sample_seeds(seed, positions, n) for j in range(n)]
+    assert len(set(streams)) == len(streams)

@@ -41,7 +41,7 @@ class EvalConfig(Section):
     max_response_tokens: int = Field(default=32, ge=1)
     # Validation sequences (<run>/data/shards/validation-*.parquet) for perplexity; 0: skip it.
     perplexity_sequences: int = Field(default=64, ge=0)
-    # Seed of the sampled responses (prompt i samples with seed + i).
+    # Seed of the sampled responses (prompt i draws its k samples from seed + i * k onwards).
     seed: int = Field(default=0, ge=0)
     # Name of the model that is the KL reference (its own kl_to_ref is 0).
     reference: str = Field(default="sft", min_length=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,14 @@ class EvalGenerator:
             token_ids=[[list(c.token_ids) for c in out.outputs] for out in outputs],
             texts=[[c.text for c in out.outputs] for out in outputs],
         )
+
+
+def sample_seeds(seed: int, positions: Iterable[int], n: int) -> list[int]:
+    """Each prompt's request seed when it draws ``n`` samples: the prompt at ``position`` gets
+    ``seed + position * n``. vLLM seeds a request's ``j``-th sample with its seed + ``j``, so seeds
+    ``seed + position`` would give prompt ``i``'s sample ``j + 1`` and prompt ``i + 1``'s sample
+    ``j`` one random stream; spaced by ``n``, no two samples share one."""
+    return [seed + position * n for position in positions]
 
 
 def new_generator(model_dir: Path, engine: EngineConfig, max_model_len: int, num_cpus: float, num_gpus: float) -> Any:

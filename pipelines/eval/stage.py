@@ -48,7 +48,7 @@ from core.rundir import (
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.config import EvalConfig
-from pipelines.eval.generation import GeneratorPool, Responses, engine_key, merge
+from pipelines.eval.generation import GeneratorPool, Responses, engine_key, merge, sample_seeds
 from pipelines.eval.inputs import (
     STAGE_MODELS,
     Target,
@@ -202,9 +202,9 @@ class Generators:
         else:
             self.close()
             self.pool, self.key, engine = start_generators(e, target.path, self.max_model_len), key, "started"
-        seeds = [e.seed + i for i in range(len(ids))]  # prompt i samples with seed + i
-        greedy = self.pool.submit(ids, 1, 0.0, e.max_response_tokens, seeds)
-        sampled = self.pool.submit(ids, e.samples_per_prompt, e.temperature, e.max_response_tokens, seeds)
+        n, positions = e.samples_per_prompt, range(len(ids))
+        greedy = self.pool.submit(ids, 1, 0.0, e.max_response_tokens, sample_seeds(e.seed, positions, 1))
+        sampled = self.pool.submit(ids, n, e.temperature, e.max_response_tokens, sample_seeds(e.seed, positions, n))
         return Generation(engine, loads, greedy, sampled)
 
     def close(self) -> None:

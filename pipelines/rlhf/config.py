@@ -230,8 +230,8 @@ class PreferencesConfig(Section):
     # Longer prompts (tokens, chat template included) are skipped and counted.
     max_prompt_tokens: int = Field(default=256, ge=1)
     max_response_tokens: int = Field(default=256, ge=1)
-    # The file's prompt i samples with seed + i (a skipped prompt moves no other's draws); the
-    # pairing draws from seed too.
+    # The file's prompt i draws its samples from seed + i * samples_per_prompt onwards (a skipped
+    # prompt moves no other's draws); the pairing draws from seed too.
     seed: int = Field(default=0, ge=0)
     # The vLLM engine, and the Ray CPUs and GPUs of each of its actors.
     engine: EngineConfig = EngineConfig()

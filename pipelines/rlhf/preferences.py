@@ -9,9 +9,11 @@ the labeller. Read top to bottom:
      before any actor starts; prompts longer than ``max_prompt_tokens`` are skipped and counted;
   1. sampling — ``num_replicas`` vLLM actors (the evaluation's generators) sample
      ``samples_per_prompt`` responses to every prompt, each actor a contiguous share of the prompts
-     in one batch, the file's prompt ``i`` (from 0) from seed ``seed + i`` (skipping a prompt
-     moves no other prompt's draws);
-  2. labelling — the function accepts or rejects each distinct response once;
+     in one batch, the file's prompt ``i`` (from 0) from seed ``seed + i * samples_per_prompt``
+     (``sample_seeds``: no two samples share a random stream, and skipping a prompt moves no
+     other prompt's draws);
+  2. labelling — the function accepts or rejects each distinct response once (empty ones are
+     left out and counted: the reward model's reader refuses them);
   3. pairing — each prompt with both kinds gives up to ``pairs_per_prompt`` pairs, each a distinct
      rejected response under an accepted one (``comparison_pairs``, pure);
   4. output — ``<run>/preferences/pairs.jsonl`` (``{"prompt", "chosen", "rejected"}``, the reward
@@ -38,7 +40,7 @@ from core.rundir import (
 )
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.eval.generation import GeneratorPool
+from pipelines.eval.generation import GeneratorPool, sample_seeds
 from pipelines.eval.scoring import grade
 from pipelines.rlhf.prompts import prompt_ids, read_prompts
 from pipelines.train.modeling import check_context, check_model_dir
@@ -88,17 +90,19 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     pool = GeneratorPool(policy, p.engine, max_model_len, p.num_cpus, p.num_gpus, p.num_replicas)
     try:
-        seeds = [p.seed + i for i in keep]  # by the prompt's place in the file, not among the kept ones
+        seeds = sample_seeds(p.seed, keep, p.samples_per_prompt)  # by the prompt's place in the file
         texts = pool.generate([ids[i] for i in keep], p.samples_per_prompt, p.temperature, p.max_response_tokens, seeds).texts
     finally:
         pool.close()
 
     # 2-3. Labels and pairs.
     rng = random.Random(p.seed)
-    rows, distinct, accepted, prompts_paired = [], 0, 0, 0
+    rows, distinct, accepted, prompts_paired, empty = [], 0, 0, 0, 0
     for i, responses in zip(keep, texts, strict=True):
         q = prompts[i]
-        unique = sorted(set(responses))
+        # An empty answer is left out: the reward model's reader refuses pairs with one (as DPO's).
+        unique = sorted({r for r in responses if r.strip()})
+        empty += sum(not r.strip() for r in responses)
         labels = [grade(label, p.label_function, q, r) for r in unique]
         pairs = comparison_pairs(unique, labels, p.pairs_per_prompt, rng)
         distinct, accepted = distinct + len(unique), accepted + sum(labels)
@@ -113,6 +117,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     report = {"pairs": len(rows), "path": str(path), "prompts": len(keep), "skipped_too_long": len(prompts) - len(keep),
               "prompts_paired": prompts_paired, "distinct_responses": distinct, "accepted": accepted,
+              "empty_responses": empty,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     mark_finished(stage_dir, STAGE, digest, report)
     print(f"kiln preferences: done {report}", flush=True)
