@@ -198,6 +198,10 @@ def _stage_seconds(stage: StageData) -> Any:
     return seconds
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _data_results(report: dict[str, Any]) -> str:
     docs, seqs = report.get("documents") or {}, report.get("sequences") or {}
     return (
@@ -228,13 +232,24 @@ def _training_results(stage: StageData) -> str:
 
 
 def _ppo_results(stage: StageData) -> str:
+    """Steps; the rollout reward's mean over the first and the last window of steps (the stage's own
+    trend window, with its test's p; one step alone swings with the prompts it drew); the mean KL
+    over the last window; the held-out before / after."""
     parts = []
     if stage.records:
-        parts += [
-            f"{_fmt(stage.records[-1]['step'])} steps",
-            f"reward {_fmt(stage.first('reward_mean'))} → {_fmt(stage.last('reward_mean'))}",
-            f"KL {_fmt(stage.last('kl'))}",
-        ]
+        rewards, kls = stage.series("reward_mean")[1], stage.series("kl")[1]
+        trend = stage.summary.get("reward_first_steps") or {}
+        window = trend.get("steps") if _is_number(trend.get("steps")) else min(5, len(rewards) // 2)
+        window = max(1, int(window))
+        steps = "step" if window == 1 else f"{window} steps"
+        parts.append(f"{_fmt(stage.records[-1]['step'])} steps")
+        if rewards:
+            gain_p = stage.summary.get("reward_gain_p")
+            p_text = f", p = {_fmt(gain_p)}" if _is_number(gain_p) else ""
+            parts.append(f"reward {_fmt(_mean(rewards[:window]))} → {_fmt(_mean(rewards[-window:]))} "
+                         f"(first → last {steps}{p_text})")  # fmt: skip
+        if kls:
+            parts.append(f"KL {_fmt(_mean(kls[-window:]))} (last {steps})")
     if stage.report:
         before, after = stage.report["before"], stage.report["after"]
         parts.append(
@@ -458,6 +473,7 @@ def _eval_section(summary: dict[str, Any]) -> list[str]:
              f"{_fmt(prompts)} held-out prompts. Accuracy: greedy decoding, 95 % Wilson interval; "
              f"pass@{summary.get('k', 'k')}: {summary.get('k', 'k')} samples per prompt at temperature "
              f"{summary.get('temperature', '—')}; reward and RM score: means over the greedy responses; "
+             f"ppl: perplexity on the data stage's validation shards (pretraining text, not the task); "
              f"KL: per-response k1 estimate against {summary.get('reference', 'the reference')}.", ""]  # fmt: skip
     lines += _table(model_header(summary), [model_cells(m) for m in summary["models"]])
     if summary.get("comparisons"):

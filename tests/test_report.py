@@ -194,10 +194,24 @@ def test_table_has_the_final_numbers(full_report: Path) -> None:
         "| dpo | finished | 1 min 20 s | 20 steps, loss 0.625 → 0.375, val loss 0.4375, val accuracy 81.2%, "
         "9,500 tokens/s |"
     )
+    # No trend in the stage's summary: windows of half the run (here one step each).
     assert _row(markdown, "ppo") == (
-        "| ppo | finished | 1 h 2 min | 3 steps, reward 0.1 → 0.6, KL 0.05, held-out reward 0.2 → 0.7, "
-        "accuracy 10.0% → 55.0% (64 prompts) |"
+        "| ppo | finished | 1 h 2 min | 3 steps, reward 0.1 → 0.6 (first → last step), KL 0.05 (last step), "
+        "held-out reward 0.2 → 0.7, accuracy 10.0% → 55.0% (64 prompts) |"
     )
+
+
+def test_rl_rows_give_the_stages_reward_trend_not_single_steps(tmp_path: Path) -> None:
+    """One step's reward swings with its prompts: the row gives the trend windows' means and p."""
+    run = make_fake_run(tmp_path, ("ppo",))
+    records = [{**FAKE_PPO_METRICS[0], "step": s, "reward_mean": r, "kl": k}
+               for s, r, k in zip(range(1, 7), [0.5, 0.1, 0.3, 0.6, 0.8, 0.4], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])]  # fmt: skip
+    _write_jsonl(run / "ppo" / "metrics.jsonl", records)
+    _mark(run / "ppo", "ppo", {"seconds": 60.0, "reward_first_steps": {"steps": 2, "mean": 0.3},
+                               "reward_last_steps": {"steps": 2, "mean": 0.6}, "reward_gain_p": 0.0123})  # fmt: skip
+    markdown = write_report(run).read_text()
+    assert "| ppo | finished | 1 min 0 s | 6 steps, reward 0.3 → 0.6 (first → last 2 steps, p = 0.0123), " \
+           "KL 0.45 (last 2 steps)," in markdown
 
 
 def test_eval_table_has_every_model_and_comparison(full_report: Path) -> None:
@@ -206,7 +220,7 @@ def test_eval_table_has_every_model_and_comparison(full_report: Path) -> None:
         "| eval | finished | 2 min 5 s | 3 models on 200 held-out prompts; best greedy accuracy ppo "
         "60.0% [53.0%, 66.5%] (table below) |"
     )
-    assert "| model | accuracy [95% CI] | pass@8 | reward | RM score | val ppl | KL to sft |" in markdown
+    assert "| model | accuracy [95% CI] | pass@8 | reward | RM score | ppl (pretraining val) | KL to sft |" in markdown
     assert _row(markdown, "base", "Evaluation") == "| base | 5.0% [2.8%, 9.0%] | 25.0% | 0.125 | -1.5 | 42.52 | 3.25 |"
     assert _row(markdown, "sft", "Evaluation") == "| sft | 43.0% [36.2%, 50.0%] | 81.2% | 0.5 | 0.75 | 45 | 0 |"
     assert _row(markdown, "ppo", "Evaluation") == "| ppo | 60.0% [53.0%, 66.5%] | 87.5% | 0.7 | 1.25 | — | 0.375 |"

@@ -30,7 +30,7 @@ def _with_ci(value: Any, ci: Any, fmt: Callable[[Any], str]) -> str:
 def model_header(summary: dict[str, Any]) -> list[str]:
     """Column names of the model table."""
     k = summary.get("k", "k")
-    return ["model", "accuracy [95% CI]", f"pass@{k}", "reward", "RM score", "val ppl",
+    return ["model", "accuracy [95% CI]", f"pass@{k}", "reward", "RM score", "ppl (pretraining val)",
             f"KL to {summary.get('reference', 'ref')}"]  # fmt: skip
 
 
