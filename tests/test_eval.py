@@ -23,7 +23,7 @@ from core.config import ConfigError
 from core.rundir import StageConfigChanged, mark_finished
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
-from pipelines.eval.inputs import parse_models
+from pipelines.eval.inputs import parse_models, stage_models
 from pipelines.eval.scoring import grade, load_causal_lm, response_logprobs, reward
 from pipelines.eval.stats import mean_interval, wilson_interval
 from pipelines.eval.summary import ModelScores, comparison_pairs, model_entry, pairwise_entry
@@ -209,12 +209,31 @@ def test_rerun_is_a_no_op(evaluated: tuple[KilnConfig, dict[str, Any], float], m
 
 
 def test_changed_stage_models_are_evaluated_again_but_another_setup_is_refused(tmp_path: Path) -> None:
-    """A stage added (a config extending this one) or a model retrained: `kiln run` re-evaluates the
-    run's models; another eval set-up or a --models list still needs --force."""
-    mark_finished(tmp_path, "eval", "aaaa-bbbb", {})
-    assert stage._only_stage_models_changed(tmp_path, "aaaa-cccc", custom=False)
-    assert not stage._only_stage_models_changed(tmp_path, "aaaa-cccc", custom=True)
-    assert not stage._only_stage_models_changed(tmp_path, "dddd-bbbb", custom=False)
+    """A stage added (a config extending this one), a model retrained or a data file edited: `kiln
+    run` evaluates again; another eval set-up or another --models list still needs --force."""
+    mark_finished(tmp_path, "eval", "aaaa-bbbb-eeee", {})
+    assert stage._redo_without_force(tmp_path, "aaaa-cccc-eeee", custom=False)
+    assert not stage._redo_without_force(tmp_path, "aaaa-cccc-eeee", custom=True)
+    assert not stage._redo_without_force(tmp_path, "dddd-bbbb-eeee", custom=False)
+    assert stage._redo_without_force(tmp_path, "aaaa-bbbb-ffff", custom=True), "only the data changed"
+    mark_finished(tmp_path, "eval", "aaaa-bbbb", {})  # written before the data part existed
+    assert stage._redo_without_force(tmp_path, "aaaa-bbbb-ffff", custom=True)
+
+
+def test_an_edited_prompts_file_or_new_validation_shards_make_the_evaluation_stale(run_root: Path) -> None:
+    cfg = _config(run_root, "evalrun")
+    inputs = stage.resolve_inputs(cfg)
+    targets = stage_models(cfg.run.dir)
+    before = stage.eval_digest(cfg, inputs, targets, custom=False).split("-")
+    prompts = run_root / "prompts.jsonl"
+    text = prompts.read_text()
+    try:
+        prompts.write_text(text.replace("What is 1 +", "What is 2 +"))
+        edited = stage.eval_digest(cfg, inputs, targets, custom=False).split("-")
+    finally:
+        prompts.write_text(text)
+    assert edited[:2] == before[:2] and edited[2] != before[2]
+    assert stage.eval_digest(cfg, inputs, targets, custom=False).split("-") == before
 
 
 def test_missing_prompts_fail_before_any_actor(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +274,22 @@ def test_cli_reports_a_bad_models_item(tmp_path: Path, capsys: pytest.CaptureFix
     config.write_text(f"run:\n  name: cli\n  root: {tmp_path}\neval:\n  prompts: p.jsonl\n")
     assert main(["eval", str(config), "--models", "good=x", "oops"]) == 1
     assert "--models: 'oops' is not name=path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "why"), [('{"vocab_size": 8,\n}', "malformed JSON"), ("[1]", "a JSON list")])
+def test_cli_names_a_models_malformed_config_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, why: str
+) -> None:
+    from pipelines.cli import main
+
+    model = tmp_path / "bad"
+    model.mkdir()
+    (model / "config.json").write_text(text)
+    (model / "model.safetensors").write_bytes(b"")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run:\n  name: cli\n  root: {tmp_path}\neval:\n  prompts: p.jsonl\n")
+    assert main(["eval", str(config), "--models", f"bad={model}"]) == 1
+    assert f"{model / 'config.json'}: not a model config ({why}" in capsys.readouterr().err
 
 
 # --- the pure parts, on hand-built values ------------------------------------------------------------

@@ -43,9 +43,11 @@ from core.rundir import (
     atomic_write_json,
     atomic_write_text,
     finished_summary,
+    input_stamps,
     mark_finished,
 )
 from pipelines.config import KilnConfig
+from pipelines.data.storage import shard_files, shards_location
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.config import EvalConfig
 from pipelines.eval.generation import GeneratorPool, Responses, engine_key, merge, sample_seeds
@@ -62,7 +64,7 @@ from pipelines.eval.summary import ModelScores, comparison, comparison_pairs, mo
 from pipelines.eval.table import format_table
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.prompts import PromptRecord, prompt_ids, read_prompts
-from pipelines.train.modeling import check_model_dir
+from pipelines.train.modeling import check_model_dir, model_config
 
 STAGE = "eval"
 # The reward scorer runs one small forward pass per model: a quarter CPU keeps it beside the
@@ -121,10 +123,11 @@ def _hash(payload: Any) -> str:
 
 
 def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: bool) -> str:
-    """What makes a finished evaluation stale, as ``<set-up>-<models>``: the set-up is the ``eval:``
-    section, the resolved inputs and whether the models were given (``--models``) or are the run's
-    stage models; the models part is each model's name, directory and weights' modification time,
-    and the reward model's."""
+    """What makes a finished evaluation stale, as ``<set-up>-<models>-<data>``: the set-up is the
+    ``eval:`` section, the resolved inputs and whether the models were given (``--models``) or are
+    the run's stage models; the models part is each model's name, directory and weights'
+    modification time, and the reward model's; the data part is what the prompts file, the
+    preference pairs and the validation shards hold (``core.rundir.stamp``)."""
     setup = {
         "eval": cfg.digest(STAGE),
         "inputs": {k: str(v) if v is not None else None for k, v in vars(inputs).items()},
@@ -134,14 +137,19 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
         "reward_model": _stamp(inputs.reward_model) if inputs.reward_model else None,
         "models": [[t.name, str(t.path), _stamp(t.path)] for t in targets],
     }
-    return f"{_hash(setup)}-{_hash(models)}"
+    files = [inputs.prompts, inputs.preferences, *shard_files(shards_location(cfg.run.dir), "validation")]
+    data = input_stamps(str(f) for f in files if f is not None)
+    return f"{_hash(setup)}-{_hash(models)}-{_hash(data)}"
 
 
-def _only_stage_models_changed(stage_dir: Path, digest: str, custom: bool) -> bool:
-    """Whether a finished evaluation of the run's stage models is stale only because those models
-    changed (a stage added, e.g. by a config that extends this one, or a model retrained)."""
-    recorded = str(json.loads((stage_dir / STAGE_MARKER).read_text()).get("config_digest", ""))
-    return not custom and recorded.split("-")[0] == digest.split("-")[0]
+def _redo_without_force(stage_dir: Path, digest: str, custom: bool) -> bool:
+    """Whether a stale finished evaluation is redone without ``--force``: its set-up is the same
+    and only the data changed (an edited prompts file, new validation shards), or the run's own
+    stage models changed (a stage added, e.g. by a config that extends this one, or a model
+    retrained). Another set-up, or another ``--models`` list, needs ``--force``."""
+    recorded = str(json.loads((stage_dir / STAGE_MARKER).read_text()).get("config_digest", "")).split("-")
+    setup, models = digest.split("-")[:2]
+    return recorded[0] == setup and (not custom or recorded[1:2] == [models])
 
 
 def _same_vocabulary(a: Path, b: Path) -> bool:
@@ -343,7 +351,7 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     reward_fn = load_function(inputs.reward_function) if inputs.reward_function else None
     max_model_len = e.engine.max_model_len or e.max_prompt_tokens + e.max_response_tokens
     for t in targets:
-        positions = json.loads((t.path / "config.json").read_text()).get("max_position_embeddings", max_model_len)
+        positions = model_config(t.path).get("max_position_embeddings", max_model_len)
         if max_model_len > positions:
             raise ValueError(f"eval: a context of {max_model_len} tokens (max_prompt_tokens + max_response_tokens) "
                              f"exceeds {t.name}'s max_position_embeddings ({positions}) in {t.path}")  # fmt: skip
@@ -366,9 +374,9 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     except StageConfigChanged:
         # The run's own models changed under the same set-up: their evaluation is redone (it is
         # derived from the models alone); another set-up or model list needs --force.
-        if _only_stage_models_changed(stage_dir, digest, custom):
-            print(f"kiln eval: the run's models changed since {stage_dir} was written (a stage added or a model "
-                  "retrained); evaluating them again", flush=True)  # fmt: skip
+        if _redo_without_force(stage_dir, digest, custom):
+            print(f"kiln eval: the models or the data changed since {stage_dir} was written (a stage added, a "
+                  "model retrained, a prompts or data file edited); evaluating again", flush=True)  # fmt: skip
         else:
             raise StageConfigChanged(
                 f"{stage_dir} holds an evaluation of other models (another --models list) or under another eval "

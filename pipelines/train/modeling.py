@@ -12,10 +12,9 @@ serving need nothing new) with the adapter alone in PEFT format in ``adapter/`` 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -29,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from core.jsonl import parse_json
 from pipelines.train.config import LoraSettings, ModelConfig
 
 Head = Literal["lm", "reward"]
@@ -61,13 +61,28 @@ def check_model_dir(path: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: the directory or its config/weights are missing.
+        ValueError: its config.json is not a JSON object (naming the file).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} not found (no config.json)")
+    model_config(path)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(f"model directory {path} has no weights (*.safetensors)")
     return path
+
+
+def model_config(model_dir: Path) -> dict[str, Any]:
+    """A model directory's ``config.json``.
+
+    Raises:
+        ValueError: naming the file, when it is not a JSON object.
+    """
+    path = Path(model_dir) / "config.json"
+    config, why = parse_json(path.read_bytes())
+    if why or not isinstance(config, dict):
+        raise ValueError(f"{path}: not a model config ({why or f'a JSON {type(config).__name__}, not an object'})")
+    return config
 
 
 def check_context(model_dir: Path, tokens: int, where: str) -> None:
@@ -77,7 +92,7 @@ def check_context(model_dir: Path, tokens: int, where: str) -> None:
     Raises:
         ValueError: naming ``where`` (the config section) and both numbers.
     """
-    positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    positions = model_config(model_dir).get("max_position_embeddings")
     if positions is not None and tokens > positions:
         raise ValueError(f"{where}: max_prompt_tokens + max_response_tokens ({tokens}) exceed the policy's "
                          f"max_position_embeddings ({positions})")  # fmt: skip
