@@ -228,9 +228,11 @@ class EngineConfig(Section):
 
     def vllm_env(self, **overrides: str) -> dict[str, str]:
         """Environment of a process running this engine: the CPU KV cache size, the caller's own
-        ``VLLM_*`` settings (e.g. VLLM_CPU_OMP_THREADS_BIND), then ``overrides``."""
+        ``VLLM_*`` settings (e.g. VLLM_CPU_OMP_THREADS_BIND), then ``overrides``. Never
+        ``VLLM_API_KEY`` (vLLM's own server's key, no engine setting): a Ray runtime env is stored
+        in the cluster's state in the clear."""
         env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+        env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_") and k != "VLLM_API_KEY"})
         return {**env, **overrides}
 
     def vllm_args(self) -> dict[str, Any]:

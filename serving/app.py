@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import metrics
@@ -59,6 +59,7 @@ from serving.schemas import (
     TokenizeRequest,
     validation_error,
 )
+from serving.streaming import ClosingStream, holding, read_body
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -116,33 +117,6 @@ def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
         return schema.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e) from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is over ``limit`` bytes: a declared
-    Content-Length over it before any byte is read, a chunked body at the chunk that passes it."""
-    too_large = APIError(413, f"the request body is over {limit} bytes (serve.max_request_bytes)",
-                         code="request_too_large")  # fmt: skip
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-async def _holding(ticket: Ticket, outputs: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
-    """The engine's outputs, giving the admission ticket back when they end or are closed (a
-    stream the client left before it began is closed by the event loop's async-generator hook)."""
-    try:
-        async for out in outputs:
-            yield out
-    finally:
-        ticket.release()
-        await outputs.aclose()
 
 
 @serve.deployment
@@ -262,24 +236,24 @@ class LLMServer:
             check_bearer(request.headers.get("authorization"), self.key_sha256)
             ticket = self.admission.admit()  # 503 at once when the replica is full
             async with asyncio.timeout_at(deadline):
-                raw = await _read_body(request, self.cfg.max_request_bytes)
+                raw = await read_body(request, self.cfg.max_request_bytes)
                 job = await loop.run_in_executor(self.prepare_thread, self._prepare, raw, schema, request_id)
                 await ticket.start()
-                outputs = _holding(ticket, self._generate(job))
+                outputs = holding(ticket, self._generate(job))
                 if job.stream:
                     # The first output before the 200: the engine's own checks of the request run
                     # when it is added, and their 400 must come as a status, not inside a stream.
                     first = await anext(outputs)
                     streaming = True
-                    return StreamingResponse(
-                        self._stream(job, first, outputs, deadline, route, started),
-                        media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                    )
+                    return ClosingStream(self._stream(job, first, outputs, deadline, route, started), outputs,
+                                         lambda: self._observe(route, 499, started, 0))  # fmt: skip
                 body = await self._complete(job, outputs)
         except ClientDisconnect:
             self._observe(route, 499, started, 0)  # nobody left to answer
             return Response(status_code=499)
+        except asyncio.CancelledError:  # the client left and Serve cancelled the request
+            self._observe(route, 499, started, 0)
+            raise
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             err = api_error(e, request_id)
             self._observe(route, err.status, started, 0)
@@ -410,7 +384,7 @@ class LLMServer:
 
     async def _stream(
         self, job: _Job, first: Any, outputs: AsyncGenerator[Any, None], deadline: float, route: str, started: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Server-Sent Events: one chunk per engine step, then usage (if asked) and ``[DONE]``.
 
         The 200 is sent by now, so an error travels as the last event, as in OpenAI's API.
@@ -456,8 +430,9 @@ class LLMServer:
                     item = await anext(outputs, None)
             if job.include_usage:
                 yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})
-        except asyncio.CancelledError:
-            # The client went away: vLLM's generate() aborts the request when it is closed below.
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away (the send cancelled, or ClosingStream closing this generator):
+            # vLLM's generate() aborts the request when it is closed below.
             status = 499
             raise
         except Exception as e:  # noqa: BLE001 - answered as the stream's last event
@@ -465,10 +440,10 @@ class LLMServer:
             status = err.status
             yield sse(err.body())
         finally:
-            # Closing the engine's generator aborts the request if it is still running; shielded
-            # so that a cancelled stream (the client left) still gets that far.
-            await asyncio.shield(outputs.aclose())
+            # Counted before any await: a cancelled stream's next await is cancelled too. Closing the
+            # engine's generator aborts the request if it is still running (shielded, to get that far).
             self._observe(route, status, started, completion_tokens)
+            await asyncio.shield(outputs.aclose())
         yield "data: [DONE]\n\n"
 
     # ---- response pieces ----------------------------------------------------------------------
@@ -510,8 +485,10 @@ class LLMServer:
             check_bearer(request.headers.get("authorization"), self.key_sha256)
             with self.admission.place():
                 async with asyncio.timeout(self.cfg.request_timeout_s):
-                    raw = await _read_body(request, self.cfg.max_request_bytes)
+                    raw = await read_body(request, self.cfg.max_request_bytes)
                     body = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, work, raw)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody left to answer
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             err = api_error(e, f"tokenize-{uuid.uuid4().hex}")
             return JSONResponse(err.body(), status_code=err.status)
@@ -580,7 +557,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         if cfg.autoscaling is not None
         else {"num_replicas": cfg.num_replicas}
     )
-    env = {"TOKENIZERS_PARALLELISM": "false", **cfg.engine.vllm_env(), **cfg.ingress_env()}
+    # The replica gets the key's digest only (below): not the variable that holds it, either.
+    engine_env = {k: v for k, v in cfg.engine.vllm_env().items() if k != cfg.api_key_env}
+    env = {"TOKENIZERS_PARALLELISM": "false", **engine_env, **cfg.ingress_env()}
     # The replica refuses overload itself (in OpenAI's shape); Serve's limits are looser.
     max_ongoing, max_queued = serve_limits(cfg.max_ongoing_requests, cfg.max_queued_requests)
     return LLMServer.options(

@@ -30,11 +30,15 @@ def resolve_api_key(api_key: str | None, api_key_env: str) -> str | None:
 
     Raises:
         ValueError: the variable is set but empty or shorter than 8 characters (an empty
-            ``KILN_API_KEY=`` means a key was meant, so it must not switch authentication off).
+            ``KILN_API_KEY=`` means a key was meant, so it must not switch authentication off), or
+            ``serve.api_key`` is, once its surrounding whitespace is cut (never shown).
     """
     env = os.environ.get(api_key_env)
     if env is None:
-        return api_key
+        if api_key is not None and len(api_key.strip()) < MIN_KEY_CHARS:
+            raise ValueError(f"serve.api_key is shorter than {MIN_KEY_CHARS} characters without its surrounding "
+                             "whitespace")  # fmt: skip
+        return api_key.strip() if api_key is not None else None  # a YAML block's newline: as the variable's
     if len(env.strip()) < MIN_KEY_CHARS:
         what = "empty" if not env.strip() else f"shorter than {MIN_KEY_CHARS} characters"
         raise ValueError(

@@ -105,7 +105,7 @@ class SamplingFields(_Request):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # vLLM extension: 0 or -1 switch it off.
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=2**63 - 1)  # past int64 vLLM's encoder failed after registering the request
     stop: str | list[str] | None = None
     # A non-negative int64: the engine's generators take no more, and vLLM reads -1 as "no seed".
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)

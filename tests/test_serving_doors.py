@@ -268,6 +268,95 @@ def test_a_deadline_passing_while_a_slow_client_reads_ends_the_stream_with_a_408
     assert "the request timed out" in events[-2] and events[-1] == "data: [DONE]\n\n", events[-2:]
 
 
+@pytest.mark.parametrize("left", ["mid-stream, during a slow send", "before the first chunk"])
+def test_a_client_leaving_a_stream_aborts_it_frees_its_place_and_is_counted(left: str) -> None:
+    """Starlette cancels a stream's sending task when the client leaves and left the body parked
+    at a yield: the generation ran on, the admission ticket stayed taken until the garbage
+    collector came, and nothing (or a 200) was counted. Fakes, named so: an engine yielding a token
+    every 10 ms (it records being closed), a client that reads slowly and leaves after 0.3 s."""
+    import asyncio
+    import types
+
+    from vllm import SamplingParams
+
+    from serving.admission import Admission
+    from serving.app import LLMServer, _Job
+    from serving.streaming import ClosingStream, holding
+
+    closed, counted = [], []
+
+    def delta(i: int) -> tuple[int, types.SimpleNamespace]:
+        piece = types.SimpleNamespace(index=0, text=f"t{i}", token_ids=[i], logprobs=None, finish_reason=None,
+                                      stop_reason=None)  # fmt: skip
+        return 0, types.SimpleNamespace(outputs=[piece], prompt_logprobs=None)
+
+    async def fake_engine():
+        try:
+            for i in range(1, 1000):
+                await asyncio.sleep(0.01)
+                yield delta(i)
+        finally:
+            closed.append(True)
+
+    async def client() -> Admission:
+        admission = Admission(2, 2)
+        ticket = admission.admit()
+        await ticket.start()
+        outputs = holding(ticket, fake_engine())
+        first = await anext(outputs)
+        server = types.SimpleNamespace(_observe=lambda route, status, *a: counted.append(status))
+        server._choice = types.MethodType(LLMServer.func_or_class._choice, server)
+        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], SamplingParams(n=1), None, False, True)
+        deadline = asyncio.get_running_loop().time() + 60
+        body = LLMServer.func_or_class._stream(server, job, first, outputs, deadline, "c", 0.0)
+        response = ClosingStream(body, outputs, lambda: server._observe("c", 499))
+
+        async def receive() -> dict:
+            await asyncio.sleep(0.3 if left.startswith("mid") else 0.0)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(0.2)
+            elif not left.startswith("mid"):
+                await asyncio.sleep(1.0)  # the client is gone before the first chunk is sent
+
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return admission
+
+    admission = asyncio.run(client())
+    assert closed == [True], "the generation was aborted"
+    assert admission.admitted == 0, "its place was given back"
+    assert counted == [499], counted
+
+
+def test_a_config_api_key_is_compared_without_its_surrounding_whitespace() -> None:
+    """A YAML block scalar (``api_key: |``) keeps a newline: it locked every client out."""
+    from serving.auth import check_bearer, key_digest, resolve_api_key
+
+    key = resolve_api_key("s3cret-key-1234\n", "KILN_NO_SUCH_KEY_VAR")
+    assert key == "s3cret-key-1234"
+    check_bearer("Bearer s3cret-key-1234", key_digest(key))
+    with pytest.raises(ValueError, match="shorter than 8 characters") as e:
+        resolve_api_key("  short \n     ", "KILN_NO_SUCH_KEY_VAR")
+    assert "short" not in str(e.value).replace("shorter", "")
+
+
+def test_no_api_key_travels_in_the_replicas_runtime_env(serve_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The replica gets the key's digest; kiln forwards the caller's VLLM_* settings to its engine,
+    and a key kept in a VLLM_* variable (or vLLM's own server's VLLM_API_KEY) went with them."""
+    from serving.app import build_app
+
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-server-secret-1")
+    monkeypatch.setenv("VLLM_KILN_KEY", "kiln-secret-key-2")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    app = build_app({"model": str(serve_model_dir), "api_key_env": "VLLM_KILN_KEY", "engine": ENGINE})
+    env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0", "engine settings still travel"
+    assert "vllm-server-secret-1" not in str(app._bound_deployment.__dict__) and "VLLM_API_KEY" not in env
+    assert "kiln-secret-key-2" not in str(env) and "VLLM_KILN_KEY" not in env
+
+
 def test_a_key_read_with_its_trailing_newline_still_lets_its_holder_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """``KILN_API_KEY=$(cat key.txt)`` keeps no newline, but a secret mounted as a variable often does;
     the client's key is compared stripped, so the configured one must be too (it locked everyone out)."""
@@ -306,6 +395,7 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "seed": BIG_SEED}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "seed": -5}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**64}, 400, "top_k"),  # vLLM's encoder raised after registering it
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, None),  # vLLM's own validation (names no param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "please refuse"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "please crash"}]}, 500, None),
