@@ -55,6 +55,86 @@ def test_zero_training_starts_without_building_deepspeeds_shm_op(tmp_path: Path)
     assert not extensions.exists() or not any(extensions.rglob("*.so")), sorted(extensions.rglob("*"))
 
 
+# Two ZeRO-3 ranks of a reward model loaded from disk, as kiln's workers build it. Rank 1's pairs
+# have sides of different widths, rank 0's not.
+_ZERO3_PAIRS = r"""
+import datetime, json, os, sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def rank_main(rank, port, tokenizer_dir, model_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    from transformers import AutoTokenizer
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.losses import bradley_terry_loss
+    from pipelines.train.modeling import build_model
+    from pipelines.train.worker import _pair_scores, start_engine
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_model("reward", tok, path=model_dir)
+    loaded_training = model.training
+    cfg = TrainConfig(num_workers=2, zero_stage=3, micro_batch_per_worker=2, sequences_per_step=4, warmup_steps=0)
+    engine = start_engine(model, cfg)
+    torch.manual_seed(0)
+    chosen, rejected = torch.randint(5, 100, (2, 16)), torch.randint(5, 100, (2, 16))
+    if rank == 1:
+        chosen[:, 10:] = tok.pad_token_id
+    for _ in range(2):
+        c, r, _ = _pair_scores(engine, chosen, rejected, tok.pad_token_id, one_forward=True)
+        engine.backward(bradley_terry_loss(c, r))
+        engine.step()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"loaded_training": loaded_training, "engine_training": engine.module.training}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_main, args=(port, *sys.argv[1:]), nprocs=2)
+"""
+
+
+@pytest.mark.slow
+def test_zero3_reward_model_ranks_whose_pairs_differ_in_width_train_together(
+    tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    """Every ZeRO-3 forward gathers the parameters from all ranks together: a rank whose chosen
+    and rejected sides differed in width ran two forwards where the others ran one, and the ranks
+    waited on each other until gloo's timeout (30 min under Ray Train). And a model loaded with
+    ``from_pretrained`` trained in eval mode (activation checkpointing skipped) until its first
+    evaluation. Real DeepSpeed, two gloo processes, a reward model wide enough (256) that ZeRO-3
+    partitions and gathers its parameters."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         pad_token_id=tok.pad_token_id, num_labels=1)  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(str(tmp_path / "rm"), safe_serialization=True)
+    tok.save_pretrained(str(tmp_path / "rm"))
+    script = tmp_path / "zero3_pairs.py"
+    script.write_text(_ZERO3_PAIRS)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), str(tiny_tokenizer_dir), str(tmp_path / "rm"),
+                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        state = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert state == {"loaded_training": False, "engine_training": True}, state
+
+
 def test_arch_suffixes_are_dropped_for_deepspeed() -> None:
     assert deepspeed_arch_list("9.0a") == "9.0"
     assert deepspeed_arch_list("8.0;9.0a+PTX 10.0f") == "8.0;9.0+PTX 10.0"

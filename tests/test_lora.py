@@ -7,6 +7,7 @@ whose log-probs match the learner's; held-out reward rises).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -128,10 +129,23 @@ def test_unknown_target_module_fails_before_any_worker_naming_the_modules(stage:
     }  # fmt: skip
     cfg = parse_config({"run": {"name": "bad", "root": str(tmp_path / "runs")}, stage: sections[stage]})
     key = "ppo.learner.lora.target_modules" if stage == "ppo" else f"{stage}.lora.target_modules"
+    head = "score" if stage == "reward_model" else "lm_head"  # the reward model has a score head instead
+    names = sorted(["down_proj", "gate_proj", "k_proj", head, "o_proj", "q_proj", "up_proj", "v_proj"])
     with pytest.raises(ValueError, match=rf"{key}: \['attention\.wq'\] match no linear module .*"
-                                         rf"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
+                                         + re.escape(str(names))):
         {"sft": sft.run, "dpo": dpo.run, "reward_model": reward_model.run, "ppo": ppo.run}[stage](cfg)
     assert not (cfg.run.dir / stage).exists()  # checked before the data, before any worker or actor
+
+
+def test_reward_model_lora_targets_are_checked_on_the_reward_model(tiny_llama_dir: Path) -> None:
+    """lm_head passed the driver's check, then failed in every Ray worker (peft: no such module)."""
+    from pipelines.train.config import LoraSettings
+    from pipelines.train.modeling import check_lora_targets
+
+    with pytest.raises(ValueError, match=r"reward_model\.lora\.target_modules: \['lm_head'\] match no linear"):
+        check_lora_targets(LoraSettings(target_modules=["lm_head"]), tiny_llama_dir, "reward_model.lora.target_modules",
+                           head="reward")  # fmt: skip
+    check_lora_targets(LoraSettings(target_modules=["q_proj", "score"]), tiny_llama_dir, "k", head="reward")
 
 
 def test_lora_export_is_a_peft_adapter_and_the_merged_model(tiny_llama_dir: Path, tmp_path: Path) -> None:

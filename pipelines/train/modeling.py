@@ -180,9 +180,10 @@ def unmatched_targets(targets: list[str], module_names: list[str]) -> list[str]:
     return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
 
 
-def check_lora_targets(lora: LoraSettings, model_dir: str | Path, key: str) -> None:
+def check_lora_targets(lora: LoraSettings, model_dir: str | Path, key: str, head: Head = "lm") -> None:
     """Fail before any worker starts if a ``target_modules`` entry matches no linear module of the
-    model in ``model_dir``. Cheap: the model is built on the meta device from its ``config.json``.
+    model the workers build from ``model_dir`` (with ``head``: a reward model has a ``score`` head
+    and no ``lm_head``). Cheap: the model is built on the meta device from its ``config.json``.
 
     Args:
         key: the entry's key path for the message, e.g. ``sft.lora.target_modules``.
@@ -192,7 +193,11 @@ def check_lora_targets(lora: LoraSettings, model_dir: str | Path, key: str) -> N
     """
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
+        if head == "reward":
+            config.num_labels = 1
+            skeleton: PreTrainedModel = LlamaForSequenceClassification(config)
+        else:
+            skeleton = LlamaForCausalLM(config)
     linear = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = unmatched_targets(list(lora.target_modules), linear)
     if missing:

@@ -28,7 +28,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     rcfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(rcfg.init_from or cfg.run.dir / "sft" / "model").resolve())
     if rcfg.lora is not None:
-        check_lora_targets(rcfg.lora, init_from, f"{STAGE}.lora.target_modules")
+        check_lora_targets(rcfg.lora, init_from, f"{STAGE}.lora.target_modules", head="reward")
     data = [Path(f) for f in ([rcfg.data] if isinstance(rcfg.data, str) else rcfg.data)]
     for f in data:
         if not f.is_file():

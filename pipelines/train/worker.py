@@ -110,7 +110,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _pair_scores(
-    engine: Any, chosen: torch.Tensor, rejected: torch.Tensor, pad_id: int | None
+    engine: Any, chosen: torch.Tensor, rejected: torch.Tensor, pad_id: int | None, one_forward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Reward scores of both sides of B pairs: ((B,), (B,), tokens processed).
 
@@ -118,14 +118,37 @@ def _pair_scores(
     per side, each cut to its own longest row. The quickstart's long "ramble"
     rejects made every batch 48 tokens wide while its chosen answers end by 36: per side, 13 %
     fewer tokens. The score is read at each row's last real token, so the cut changes no score
-    beyond float rounding.
+    beyond float rounding. ``one_forward`` (ZeRO-3, whose every forward gathers the parameters
+    from all ranks together, so each rank must run as many as the others whatever its rows): the
+    narrower side is padded to the wider and both go through one forward.
     """
     chosen, rejected = cut_to_longest(chosen, pad_id), cut_to_longest(rejected, pad_id)
+    if one_forward and chosen.shape[1] != rejected.shape[1]:
+        width = max(chosen.shape[1], rejected.shape[1])
+        chosen, rejected = (torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id or 0)
+                            for ids in (chosen, rejected))  # fmt: skip
     if chosen.shape[1] == rejected.shape[1]:
         both = torch.cat([chosen, rejected])  # (2B, T)
         return *engine(input_ids=both).logits.squeeze(-1).chunk(2), both.numel()
     scores = [engine(input_ids=ids).logits.squeeze(-1) for ids in (chosen, rejected)]  # (B,) each
     return scores[0], scores[1], chosen.numel() + rejected.numel()
+
+
+def start_engine(model: torch.nn.Module, cfg: TrainConfig) -> Any:
+    """The DeepSpeed engine around ``model`` (torch.distributed already set up), in training mode:
+    ``from_pretrained`` returns a model in eval mode, its dropout off and activation checkpointing
+    skipped (transformers checkpoints only while training) until the first evaluation switched it."""
+    deepspeed = import_deepspeed()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.weight_decay),
+        config=deepspeed_config(cfg, cfg.micro_batch_per_worker, cfg.grad_accum_steps, cfg.num_workers),
+        dist_init_required=False,  # Ray Train already set up torch.distributed (gloo / NCCL)
+    )
+    if cfg.torch_compile is not None:
+        engine.compile(backend=cfg.torch_compile)  # nn.Module.compile: parameter names unchanged
+    engine.train()
+    return engine
 
 
 def _forward(
@@ -150,7 +173,8 @@ def _forward(
         return loss_sum / count.clamp(min=1), {"loss": loss_sum.detach(), "count": count}, ids.numel()
     pairs = len(batch["chosen_ids"])
     if job.objective == "reward":
-        chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id)
+        chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id,
+                                                one_forward=job.train.zero_stage == 3)  # fmt: skip
         loss = bradley_terry_loss(chosen, rejected)
         return loss, {"loss": loss.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum()}, tokens
     both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
@@ -278,8 +302,6 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (``train_loop_per_worker``): build, restore, train, export."""
-    deepspeed = import_deepspeed()
-
     job: TrainJob = config["job"]
     cfg = job.train
     ctx = ray.train.get_context()
@@ -306,14 +328,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # Base weights frozen: only the adapters reach the optimizer (param_groups keeps trainable
         # parameters). The HF export is the merged model, with the adapter beside it.
         model = apply_lora(model, job.lora)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.weight_decay),
-        config=deepspeed_config(cfg, cfg.micro_batch_per_worker, cfg.grad_accum_steps, cfg.num_workers),
-        dist_init_required=False,  # Ray Train already set up torch.distributed (gloo / NCCL)
-    )
-    if cfg.torch_compile is not None:
-        engine.compile(backend=cfg.torch_compile)  # nn.Module.compile: parameter names unchanged
+    engine = start_engine(model, cfg)
 
     # 2. Resume: the step is the data position; the LR is a function of the step.
     step = 0
