@@ -172,6 +172,10 @@ def test_max_records_reads_only_the_first_pairs(tok, tmp_path: Path) -> None:  #
                                             add_columns=reference, max_records=4)  # fmt: skip
     assert stats.records + held_out == 4 and sum(scored) == 4
     assert pq.read_table(folder / "train.parquet").num_rows == stats.records
+    # A resumed stage keeps the dataset it wrote: no second reference pass, the same figures back.
+    again = write_dataset(tmp_path / "dpo", data, lambda r: dpo_rows(tok, r, 64, "truncate"), 0.25,
+                          add_columns=reference, max_records=4)  # fmt: skip
+    assert again == (folder, stats, held_out) and sum(scored) == 4
     with pytest.raises(BadRecord, match=rf"{data}:7"):
         write_dataset(tmp_path / "all", data, lambda r: dpo_rows(tok, r, 64, "truncate"), 0.25)
 

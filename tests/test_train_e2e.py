@@ -294,16 +294,18 @@ def test_killed_worker_restarts_and_stopped_run_continues(trained: dict[str, Any
     """Kill 1: Ray Train restarts the workers from the latest checkpoint (max_failures: 1).
     Kill 2: failures exhausted, the run stops. Running the same command again finishes it.
     Every logged loss after each resume matches the uninterrupted run: same data, same weights.
+    Checkpoints every 6 steps, metric lines every 5: a resume at 12 must carry steps 11 and 12
+    into the line of step 15 (it averaged only 13-15 when the window was not saved).
     """
     import ray.train
 
     from pipelines.train import pretrain
 
-    section = _pretrain_section(workspace["shards"], workspace["tokenizer"], max_failures=1)
+    section = _pretrain_section(workspace["shards"], workspace["tokenizer"], max_failures=1, checkpoint_every_steps=6)
     cfg = _config(workspace, "fault", pretrain=section)
     stage_dir = cfg.run.dir / "pretrain"
     done = threading.Event()
-    _kill_workers(stage_dir, after_checkpoints=[10, 20], done=done)
+    _kill_workers(stage_dir, after_checkpoints=[12, 24], done=done)
     try:
         with pytest.raises(ray.train.TrainingFailedError):
             pretrain.run(cfg)
@@ -314,7 +316,7 @@ def test_killed_worker_restarts_and_stopped_run_continues(trained: dict[str, Any
 
     events = [m for m in read_metrics(stage_dir) if "event" in m]
     resumes = [m["step"] for m in events if m["event"] == "resume"]
-    assert resumes == [10, 20], events
+    assert resumes == [12, 24], events
     assert summary["steps"] == 40
     ours, ref = _losses(stage_dir), _losses(trained["cfg"].run.dir / "pretrain")
     assert sorted(ours) == sorted(ref) == [5, 10, 15, 20, 25, 30, 35, 40]

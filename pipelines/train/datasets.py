@@ -17,8 +17,9 @@ stage adds the reference's summed log-probs as float columns.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,9 @@ from pipelines.train.losses import IGNORE  # label of a token that carries no lo
 Overlong = Literal["truncate", "reject"]
 _MARK = "\ue000"  # a private-use character, to find where a template puts a message's content
 Message = dict[str, str]
+
+
+DATASET_STATS = "stats.json"  # beside the Parquet files: what write_dataset returns, for a resumed stage
 
 
 @dataclass
@@ -321,7 +325,14 @@ def write_dataset(
     Returns:
         (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
         part's stats, the number of held-out records).
+
+    A dataset already in ``stage_dir`` is kept (a resumed stage; ``prepare_stage`` removes it when
+    the stage is forced or an input changed): encoding again cost DPO its whole reference pass.
     """
+    folder = stage_dir / "dataset"
+    if (folder / DATASET_STATS).is_file():
+        saved = json.loads((folder / DATASET_STATS).read_text())
+        return folder, EncodeStats(**saved["stats"]), int(saved["held_out"])
     files = [data] if isinstance(data, Path) else data
     every = ((f"{f}:{lineno}", record) for f in files for lineno, record in read_jsonl(f))
     records = list(itertools.islice(every, max_records))
@@ -331,8 +342,9 @@ def write_dataset(
     if add_columns is not None:
         train_rows = {**train_rows, **add_columns(train_rows)}
         val_rows = {**val_rows, **add_columns(val_rows)}
-    with atomic_dir(stage_dir / "dataset") as tmp:
+    with atomic_dir(folder) as tmp:
         write_rows(tmp / "train.parquet", train_rows)
         if val_records and len(next(iter(val_rows.values()))):
             write_rows(tmp / "validation.parquet", val_rows)
-    return stage_dir / "dataset", stats, len(val_records)
+        (tmp / DATASET_STATS).write_text(json.dumps({"stats": asdict(stats), "held_out": len(val_records)}))
+    return folder, stats, len(val_records)

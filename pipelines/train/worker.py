@@ -279,12 +279,15 @@ def _evaluate(
     return _metrics(_all_sum(sums), job.objective, held_out=True)
 
 
-def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: dict[str, Any], export: bool) -> None:
+def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: dict[str, Any], export: bool,
+                     window: dict[str, Any]) -> None:  # fmt: skip
     """Write this rank's part of the checkpoint to a temp dir and hand it to Ray Train.
 
     Ray Train merges every rank's directory into one checkpoint folder in storage: the DeepSpeed
     files (rank 0's model states, each rank's optimizer partition), per-rank RNG states, rank 0's
-    ``trainer_state.json``, and on the final step the consolidated HF export. Nothing in it is a
+    ``trainer_state.json`` (with ``window``: the metric sums since the last metric line, so a
+    resumed run's next line averages the same steps as an uninterrupted run's), and on the final
+    step the consolidated HF export. Nothing in it is a
     pickle that a load must trust (``core.checkpoint``): RNG states are JSON.
     """
     with tempfile.TemporaryDirectory(prefix=f"kiln-ckpt-{rank}-") as tmp:
@@ -294,7 +297,8 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
         (root / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
         state = full_state_dict(engine, rank) if export else None
         if rank == 0:
-            (root / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": job.config_digest}))
+            (root / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": job.config_digest,
+                                                                  "window": window}))  # fmt: skip
             if state is not None:
                 save_hf_model(engine.module, state, job.tokenizer_dir, root / EXPORT_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:08d}")
@@ -333,6 +337,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # 2. Resume: the step is the data position; the LR is a function of the step.
     step = 0
     checkpoint = ray.train.get_checkpoint()
+    resumed_window: dict[str, Any] = {}
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             saved = json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
@@ -341,6 +346,7 @@ def train_worker(config: dict[str, Any]) -> None:
             load_deepspeed_checkpoint(engine, Path(ckpt_dir) / "ds", CHECKPOINT_TAG)
             set_rng_state(json.loads((Path(ckpt_dir) / f"rng-rank{rank}.json").read_text()))
             step = saved["step"]
+            resumed_window = saved.get("window") or {}
     else:
         _seed_all(cfg.seed + rank)
     # Where every rank runs (Ray node ids, rank order): the stage summary reports the nodes used.
@@ -354,8 +360,9 @@ def train_worker(config: dict[str, Any]) -> None:
     epoch_rows = train.total // cfg.sequences_per_step * cfg.sequences_per_step
 
     # 3. The loop. One optimizer step = grad_accum_steps micro batches on every rank.
-    window: dict[str, float] = {}  # sums since the last metric line
-    timing = {"tokens": 0, "seconds": 0.0}
+    # Sums since the last metric line (a checkpoint between two lines carries them over a resume).
+    window: dict[str, float] = dict(resumed_window.get("sums", {}))
+    timing = {"tokens": 0, "seconds": 0.0, **resumed_window.get("timing", {})}
     while step < cfg.max_steps:
         lr = cfg.learning_rate * lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for group in engine.optimizer.param_groups:
@@ -401,7 +408,8 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics.write(record)
         if step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps:
             # 4. The last checkpoint also carries the consolidated HF export.
-            _save_checkpoint(engine, job, step, rank, record, export=step == cfg.max_steps)
+            _save_checkpoint(engine, job, step, rank, record, export=step == cfg.max_steps,
+                             window={"sums": window, "timing": timing})  # fmt: skip
         elif record:
             ray.train.report(record)
     metrics.write({"event": "finished", "step": step, "time": time.time()})
