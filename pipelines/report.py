@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,10 +199,6 @@ def _stage_seconds(stage: StageData) -> Any:
     return seconds
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _data_results(report: dict[str, Any]) -> str:
     docs, seqs = report.get("documents") or {}, report.get("sequences") or {}
     return (
@@ -246,10 +243,10 @@ def _ppo_results(stage: StageData) -> str:
         if rewards:
             gain_p = stage.summary.get("reward_gain_p")
             p_text = f", p = {_fmt(gain_p)}" if _is_number(gain_p) else ""
-            parts.append(f"reward {_fmt(_mean(rewards[:window]))} → {_fmt(_mean(rewards[-window:]))} "
-                         f"(first → last {steps}{p_text})")  # fmt: skip
+            first, last = statistics.fmean(rewards[:window]), statistics.fmean(rewards[-window:])
+            parts.append(f"reward {_fmt(first)} → {_fmt(last)} (first → last {steps}{p_text})")
         if kls:
-            parts.append(f"KL {_fmt(_mean(kls[-window:]))} (last {steps})")
+            parts.append(f"KL {_fmt(statistics.fmean(kls[-window:]))} (last {steps})")
     if stage.report:
         before, after = stage.report["before"], stage.report["after"]
         parts.append(

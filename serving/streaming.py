@@ -12,7 +12,7 @@ never counted (or counted as a 200).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -65,16 +65,17 @@ class ClosingStream(StreamingResponse):
                  on_unstarted: Callable[[], None]) -> None:  # fmt: skip
         self.began = False
         self._body, self._outputs, self._on_unstarted = body, outputs, on_unstarted
-        super().__init__(self._tracked(), media_type="text/event-stream",
+        self._events = self._tracked()
+        super().__init__(self._events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
-    async def _tracked(self) -> AsyncIterator[str]:
+    async def _tracked(self) -> AsyncGenerator[str, None]:
         self.began = True
         try:
             async for event in self._body:
                 yield event
         finally:
-            await self._body.aclose()  # this iterator closed (not only the response's end) closes the body
+            await self._body.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -86,5 +87,5 @@ class ClosingStream(StreamingResponse):
     async def _close(self) -> None:
         if not self.began:
             self._on_unstarted()
-        await self._body.aclose()
-        await self._outputs.aclose()
+        await self._events.aclose()  # closes the body once it has begun
+        await self._outputs.aclose()  # a body that never began never closed them

@@ -54,7 +54,7 @@ def operands(prompt: str | list[dict[str, str]]) -> tuple[int, int]:
         prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
     match = _PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
     if match is None:
-        raise ValueError(f"not a quickstart prompt ('What is A + B?'): {prompt[:80]!r}")
+        raise ValueError(f"not a quickstart prompt ('What is A + B?'): {str(prompt)[:80]!r}")
     return int(match[1]), int(match[2])
 
 
@@ -63,7 +63,7 @@ def parse_answer(response: str, a: int, b: int) -> int | None:
 
     Accepted: ``"{a} + {b} = {s}."`` with the prompt's operands in either order, or the bare
     ``"{s}"`` (spaces and the final period optional, ASCII digits). Anything else states no sum:
-    other operands (``"2 + 5 = 7."`` for ``2 + 4``, a false equation), more numbers (``"42 or 32"``),
+    other operands (``"2 + 5 = 6."`` for ``2 + 4``: the right number in a false equation), more numbers (``"42 or 32"``),
     trailing or leading words, a sign, a decimal. So a grade cannot be had by format or by
     listing guesses.
 
