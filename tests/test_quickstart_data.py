@@ -324,6 +324,23 @@ def test_task_data_is_labelled_correctly(out: Path) -> None:
     assert held == [_pair(row["prompt"]) for row in _read_jsonl(out / "eval_prompts.jsonl")]
 
 
+def _tens_share(rows: list[dict[str, Any]]) -> float:
+    same = [row for row in rows if row["same_format"]]
+    misses = [parse_answer(r["rejected"], *_pair(r["prompt"])) - sum(_pair(r["prompt"])) for r in same]
+    return sum(abs(m) == 10 for m in misses) / len(misses)
+
+
+def test_tens_share_moves_the_training_pairs_and_not_the_held_out_ones(tmp_path: Path) -> None:
+    shares, held_out = [], []
+    for share in (0.5, 0.9):
+        root = tmp_path / str(share)
+        generate(_small(root).model_copy(update={"preference_pairs": 2000, "preference_tens_share": share}))
+        shares.append(_tens_share(_read_jsonl(root / "preferences.jsonl")))
+        held_out.append((root / "eval_preferences.jsonl").read_bytes())
+    assert 0.45 <= shares[0] <= 0.55 and 0.86 <= shares[1] <= 0.94, shares
+    assert held_out[0] == held_out[1]
+
+
 def test_eval_pairs_are_held_out_from_everything(
     out: Path, docs: dict[str, str], truth: dict[str, Any]
 ) -> None:

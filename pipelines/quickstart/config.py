@@ -28,5 +28,8 @@ class GenerateConfig(Section):
     # (17 + 25 = 32): a systematic flaw that imitation learns and RL can undo.
     teacher_carry_error: float = Field(default=0.7, ge=0.0, le=1.0)
     preference_pairs: int = Field(default=2000, ge=10)
+    # Share of the written pairs' wrong sums (same format) that miss the tens digit; the rest miss
+    # the units digit. The held-out pairs kiln eval scores keep one half (eval_preferences.jsonl).
+    preference_tens_share: float = Field(default=0.5, ge=0.0, le=1.0)
     ppo_prompts: int = Field(default=512, ge=10)
     eval_prompts: int = Field(default=200, ge=10)

@@ -318,13 +318,13 @@ def teacher_answer(rng: random.Random, a: int, b: int, carry_error: float) -> st
     return format_answer(a, b, value)
 
 
-def _wrong_value(rng: random.Random, a: int, b: int) -> int:
-    # Half the wrong sums miss the tens digit by one, the rest the units digit by 1..9. A tens miss
-    # is as often too high as too low, with or without a carry (a dropped carry, an extra one):
-    # with only dropped carries, "the larger tens digit wins" is a shortcut a reward model learns
-    # instead of the carry (90 % right on dropped carries, 42 % on an extra ten), and RL on it
-    # learnt to add ten where it should not (README, The quickstart task).
-    if rng.random() < 0.5:
+def _wrong_value(rng: random.Random, a: int, b: int, tens_share: float = 0.5) -> int:
+    # ``tens_share`` of the wrong sums miss the tens digit by one, the rest the units digit by 1..9.
+    # A tens miss is as often too high as too low, with or without a carry (a dropped carry, an
+    # extra one): with only dropped carries, "the larger tens digit wins" is a shortcut a reward
+    # model learns instead of the carry (90 % right on dropped carries, 42 % on an extra ten), and
+    # RL on it learnt to add ten where it should not (README, The quickstart task).
+    if rng.random() < tens_share:
         return a + b + (rng.choice((-10, 10)) if a + b >= 10 else 10)
     offset = rng.randint(1, 9) * rng.choice((-1, 1))
     return a + b + (offset if a + b + offset >= 0 else -offset)
@@ -343,16 +343,16 @@ def sft_example(rng: random.Random, a: int, b: int, carry_error: float) -> dict[
     return {"prompt": prompt, "response": response}
 
 
-def preference_pair(rng: random.Random, a: int, b: int) -> dict[str, Any]:
+def preference_pair(rng: random.Random, a: int, b: int, tens_share: float = 0.5) -> dict[str, Any]:
     """A right (chosen) and a worse (rejected) response to the same prompt.
 
     Three rejects in four state a wrong sum in the same format as the chosen one
-    (``same_format: true``): the reward model must check the sum, not the shape. The rest hedge
-    without answering.
+    (``same_format: true``), ``tens_share`` of them with the tens digit wrong: the reward model
+    must check the sum, not the shape. The rest hedge without answering.
     """
     same_format = rng.random() < 0.75
     if same_format:
-        rejected = format_answer(a, b, _wrong_value(rng, a, b))
+        rejected = format_answer(a, b, _wrong_value(rng, a, b, tens_share))
     else:
         rejected = " ".join(rng.sample(_RAMBLES, rng.randint(1, 2)))
     return {
@@ -432,7 +432,9 @@ def build_task_data(
 ) -> dict[str, list[dict[str, Any]]]:
     """The task files' rows by file name; each file draws from its own stream.
 
-    ``eval_preferences.jsonl`` pairs are built on the held-out pairs, for ``kiln eval`` only.
+    ``eval_preferences.jsonl`` pairs are built on the held-out pairs, for ``kiln eval`` only,
+    with half the wrong sums missing the tens digit whatever ``preference_tens_share`` is: the
+    held-out measure stays the same when the training pairs' mix changes.
     """
     sft, preferences, ppo, held = (_rng(cfg.seed, name) for name in ("sft", "preferences", "ppo", "eval_preferences"))
     return {
@@ -440,7 +442,7 @@ def build_task_data(
             sft_example(sft, *sft.choice(train_pairs), cfg.teacher_carry_error) for _ in range(cfg.sft_examples)
         ],
         "preferences.jsonl": [
-            preference_pair(preferences, *preferences.choice(train_pairs))
+            preference_pair(preferences, *preferences.choice(train_pairs), cfg.preference_tens_share)
             for _ in range(cfg.preference_pairs)
         ],
         "ppo_prompts.jsonl": [
