@@ -174,7 +174,7 @@ def recover_interrupted(folder: Path) -> None:
         _recover(folder / name, temporaries)
 
 
-INPUTS = "inputs.json"  # what a stage read, path -> stamp, written as it starts
+INPUTS = "inputs.json"  # what a stage read, input key (_input_key) -> stamp, written as it starts
 
 
 # An input of up to this many bytes in all is stamped by its content (a deterministic step that
@@ -217,13 +217,29 @@ def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:
     return {str(p): stamp(Path(p)) for p in inputs}
 
 
+def _input_key(stage_dir: Path, path: str) -> str:
+    """An input's key in the stage's record: an input inside the run directory (the stage folder's
+    parent) by its place there (``<run>/sft/model``), so that a run directory moved or copied
+    elsewhere still knows its own upstream stages (stages name them by absolute path); any other
+    input, object-store URIs included, by its path as given."""
+    if "://" in path:
+        return path
+    try:
+        inside = Path(path).resolve().relative_to(stage_dir.parent.resolve())
+    except ValueError:
+        return path
+    return f"<run>/{inside.as_posix()}"
+
+
 def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
     """Whether an input the stage read when it last started (an upstream stage's model folder, a data
     file) changed since, e.g. by ``kiln sft --force``; says which. ``stamps``: ``input_stamps`` now.
     An input that is gone now (deleted to save space) or an object-store URI is no evidence either way."""
     recorded = json.loads((stage_dir / INPUTS).read_text()) if (stage_dir / INPUTS).exists() else {}
     for path, now in stamps.items():
-        if path in recorded and now and now != recorded[path]:
+        # A record written before inputs were keyed by their place in the run holds the path as given.
+        then = recorded.get(_input_key(stage_dir, path), recorded.get(path))
+        if then is not None and now and now != then:
             print(f"kiln {stage}: {path} changed since this stage read it (an upstream stage redone, or a data "
                   "file edited); redoing the stage", flush=True)  # fmt: skip
             return True
@@ -232,7 +248,7 @@ def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
 
 def record_inputs(stage_dir: Path, stamps: dict[str, str]) -> None:
     """Remember the ``input_stamps`` of what the stage is about to read (``inputs_changed`` compares them)."""
-    atomic_write_json(stage_dir / INPUTS, stamps)
+    atomic_write_json(stage_dir / INPUTS, {_input_key(stage_dir, path): s for path, s in stamps.items()})
 
 
 def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -199,6 +200,35 @@ def test_a_deleted_input_leaves_a_finished_stage_finished(tmp_path: Path) -> Non
     assert not inputs_changed(stage_dir, "pretrain", input_stamps([shards, "s3://bucket/shards"]))
     assert prepare_stage(stage_dir, "pretrain", "d1", False, [shards]) == {"steps": 10}
     assert stamp(shards) == ""
+
+
+def test_a_moved_run_directory_still_knows_its_upstream_stages(tmp_path: Path) -> None:
+    """Stages name their upstream models by absolute path; a run directory moved or copied
+    elsewhere (another clone, a renamed folder) must still redo a stage whose input was retrained."""
+    run = tmp_path / "here" / "runs" / "q"
+    model = run / "reward_model" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    prepare_stage(run / "rlhf", "rlhf", "d1", False, [model.resolve()])
+    mark_finished(run / "rlhf", "rlhf", "d1", {"steps": 30})
+    moved = tmp_path / "there" / "runs" / "q"
+    shutil.copytree(run, moved)
+    stamps = input_stamps([(moved / "reward_model" / "model").resolve()])
+    assert not inputs_changed(moved / "rlhf", "rlhf", stamps)
+    _bump(moved / "reward_model" / "model" / "config.json")
+    assert inputs_changed(moved / "rlhf", "rlhf", input_stamps([(moved / "reward_model" / "model").resolve()]))
+
+
+def test_a_record_keyed_by_the_path_as_given_is_still_read(tmp_path: Path) -> None:
+    model = tmp_path / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    stage_dir = tmp_path / "ppo"
+    stage_dir.mkdir()
+    (stage_dir / "inputs.json").write_text(json.dumps(input_stamps([model])))  # the old record
+    assert not inputs_changed(stage_dir, "ppo", input_stamps([model]))
+    _bump(model / "config.json")
+    assert inputs_changed(stage_dir, "ppo", input_stamps([model]))
 
 
 def test_an_interrupted_stage_resumes_only_from_the_same_inputs(tmp_path: Path) -> None:
