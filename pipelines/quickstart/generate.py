@@ -318,7 +318,11 @@ def teacher_answer(rng: random.Random, a: int, b: int, carry_error: float) -> st
     return format_answer(a, b, value)
 
 
-def _wrong_value(rng: random.Random, a: int, b: int, tens_share: float = 0.5) -> int:
+# The held-out pairs' share of tens-digit misses, fixed so that kiln eval measures one thing.
+HELD_OUT_TENS_SHARE = 0.5
+
+
+def _wrong_value(rng: random.Random, a: int, b: int, tens_share: float) -> int:
     # ``tens_share`` of the wrong sums miss the tens digit by one, the rest the units digit by 1..9.
     # A tens miss is as often too high as too low, with or without a carry (a dropped carry, an
     # extra one): with only dropped carries, "the larger tens digit wins" is a shortcut a reward
@@ -343,7 +347,7 @@ def sft_example(rng: random.Random, a: int, b: int, carry_error: float) -> dict[
     return {"prompt": prompt, "response": response}
 
 
-def preference_pair(rng: random.Random, a: int, b: int, tens_share: float = 0.5) -> dict[str, Any]:
+def preference_pair(rng: random.Random, a: int, b: int, tens_share: float) -> dict[str, Any]:
     """A right (chosen) and a worse (rejected) response to the same prompt.
 
     Three rejects in four state a wrong sum in the same format as the chosen one
@@ -433,8 +437,8 @@ def build_task_data(
     """The task files' rows by file name; each file draws from its own stream.
 
     ``eval_preferences.jsonl`` pairs are built on the held-out pairs, for ``kiln eval`` only,
-    with half the wrong sums missing the tens digit whatever ``preference_tens_share`` is: the
-    held-out measure stays the same when the training pairs' mix changes.
+    with ``HELD_OUT_TENS_SHARE`` whatever ``preference_tens_share`` is: the held-out measure stays
+    the same when the training pairs' mix changes.
     """
     sft, preferences, ppo, held = (_rng(cfg.seed, name) for name in ("sft", "preferences", "ppo", "eval_preferences"))
     return {
@@ -451,7 +455,7 @@ def build_task_data(
         # Every training pair once: the prompts kiln preferences samples the SFT model on.
         "preference_prompts.jsonl": [_prompt_row(a, b) for a, b in train_pairs],
         "eval_prompts.jsonl": [_prompt_row(a, b) for a, b in eval_pairs],
-        "eval_preferences.jsonl": [preference_pair(held, a, b) for a, b in eval_pairs],
+        "eval_preferences.jsonl": [preference_pair(held, a, b, HELD_OUT_TENS_SHARE) for a, b in eval_pairs],
     }
 
 
