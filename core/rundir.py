@@ -217,18 +217,22 @@ def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:
     return {str(p): stamp(Path(p)) for p in inputs}
 
 
-def _input_key(stage_dir: Path, path: str) -> str:
-    """An input's key in the stage's record: an input inside the run directory (the stage folder's
-    parent) by its place there (``<run>/sft/model``), so that a run directory moved or copied
-    elsewhere still knows its own upstream stages (stages name them by absolute path); any other
-    input, object-store URIs included, by its path as given."""
+def run_key(run_dir: Path, path: str) -> str:
+    """A path as a stage records it: inside the run directory by its place there (``<run>/sft/model``),
+    so that a run directory moved or copied elsewhere still knows its own upstream stages (stages
+    name them by absolute path); any other path, object-store URIs included, as given."""
     if "://" in path:
         return path
     try:
-        inside = Path(path).resolve().relative_to(stage_dir.parent.resolve())
+        inside = Path(path).resolve().relative_to(run_dir.resolve())
     except ValueError:
         return path
     return f"<run>/{inside.as_posix()}"
+
+
+def _input_key(stage_dir: Path, path: str) -> str:
+    """An input's key in the stage's record: ``run_key`` in the stage folder's run directory."""
+    return run_key(stage_dir.parent, path)
 
 
 def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.config import ConfigError
-from core.rundir import StageConfigChanged, mark_finished
+from core.rundir import STAGE_MARKER, StageConfigChanged, mark_finished
 from pipelines.config import KilnConfig, parse_config
 from pipelines.eval import stage
 from pipelines.eval.inputs import parse_models, stage_models
@@ -206,6 +206,46 @@ def test_rerun_is_a_no_op(evaluated: tuple[KilnConfig, dict[str, Any], float], m
     # Another model list is another evaluation: refused without --force.
     with pytest.raises(StageConfigChanged, match="other models .* --force"):
         stage.run(cfg, models=[f"sft={cfg.run.dir / 'sft' / 'model'}"])
+
+
+def test_a_moved_run_directory_keeps_its_evaluation(
+    evaluated: tuple[KilnConfig, dict[str, Any], float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run directory copied elsewhere (``cp -r``: new paths, new modification times) is
+    still evaluated: `kiln eval` there skips instead of refusing "another eval config"."""
+    cfg, _, _ = evaluated
+    root = cfg.run.dir.parent
+    shutil.copytree(cfg.run.dir, root / "moved", copy_function=shutil.copy)  # mtimes not kept
+
+    def no_actor(*args: Any) -> None:
+        raise AssertionError("a finished evaluation started an actor")
+
+    monkeypatch.setattr(stage, "start_generators", no_actor)
+    monkeypatch.setattr(stage, "start_scorer", no_actor)
+    assert stage.run(_config(root, "moved"))["models"] == ["base", "sft"]
+
+
+def test_an_older_record_is_adopted_not_redone(
+    evaluated: tuple[KilnConfig, dict[str, Any], float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory evaluated by kiln before the portable digest (absolute paths, weights'
+    modification times): the record is re-keyed in place, neither refused nor evaluated again."""
+    cfg, _, _ = evaluated
+    root = cfg.run.dir.parent
+    shutil.copytree(cfg.run.dir, root / "older")
+    older = _config(root, "older")
+    inputs, targets = stage.resolve_inputs(older), stage_models(older.run.dir)
+    marker = older.run.dir / "eval" / STAGE_MARKER
+    before = stage.eval_digest(older, inputs, targets, False, portable=False)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "config_digest": before}))
+
+    def no_actor(*args: Any) -> None:
+        raise AssertionError("a finished evaluation started an actor")
+
+    monkeypatch.setattr(stage, "start_generators", no_actor)
+    monkeypatch.setattr(stage, "start_scorer", no_actor)
+    assert stage.run(older)["models"] == ["base", "sft"]
+    assert json.loads(marker.read_text())["config_digest"] == stage.eval_digest(older, inputs, targets, False)
 
 
 def test_changed_stage_models_are_evaluated_again_but_another_setup_is_refused(tmp_path: Path) -> None:

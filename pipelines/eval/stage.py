@@ -45,6 +45,8 @@ from core.rundir import (
     finished_summary,
     input_stamps,
     mark_finished,
+    run_key,
+    stamp,
 )
 from pipelines.config import KilnConfig
 from pipelines.data.storage import shard_files, shards_location
@@ -112,8 +114,9 @@ def resolve_inputs(cfg: KilnConfig) -> Inputs:
     )
 
 
-def _stamp(model_dir: Path) -> int:
-    """The newest modification time of a model's config and weights (a retrained model changes it)."""
+def _mtime_stamp(model_dir: Path) -> int:
+    """The newest modification time of a model's config and weights: the models' stamp in the
+    digest kiln wrote before it was portable (``eval_digest(portable=False)``)."""
     files = [model_dir / "config.json", *model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")]
     return max(f.stat().st_mtime_ns for f in files if f.is_file())
 
@@ -122,24 +125,48 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: bool) -> str:
+def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: bool, portable: bool = True) -> str:
     """What makes a finished evaluation stale, as ``<set-up>-<models>-<data>``: the set-up is the
     ``eval:`` section, the resolved inputs and whether the models were given (``--models``) or are
-    the run's stage models; the models part is each model's name, directory and weights'
-    modification time, and the reward model's; the data part is what the prompts file, the
-    preference pairs and the validation shards hold (``core.rundir.stamp``)."""
+    the run's stage models; the models part is each model's name, directory and stamp, and the
+    reward model's; the data part is what the prompts file, the preference pairs and the
+    validation shards hold (``core.rundir.stamp``).
+
+    Paths inside the run directory are written by their place there (``core.rundir.run_key``) and
+    models stamped like any input (by content up to 64 MiB), so a run directory moved or copied
+    elsewhere keeps its evaluation. ``portable=False``: the digest kiln wrote before (absolute
+    paths, the weights' modification times), which an older run directory's record holds."""
+    where: Callable[[Path], str] = (lambda p: run_key(cfg.run.dir, str(p))) if portable else str
+    model_stamp: Callable[[Path], Any] = stamp if portable else _mtime_stamp
     setup = {
         "eval": cfg.digest(STAGE),
-        "inputs": {k: str(v) if v is not None else None for k, v in vars(inputs).items()},
+        "inputs": {k: where(v) if v is not None else None for k, v in vars(inputs).items()},
         "custom": custom,
     }
     models = {
-        "reward_model": _stamp(inputs.reward_model) if inputs.reward_model else None,
-        "models": [[t.name, str(t.path), _stamp(t.path)] for t in targets],
+        "reward_model": model_stamp(inputs.reward_model) if inputs.reward_model else None,
+        "models": [[t.name, where(t.path), model_stamp(t.path)] for t in targets],
     }
     files = [inputs.prompts, inputs.preferences, *shard_files(shards_location(cfg.run.dir), "validation")]
     data = input_stamps(str(f) for f in files if f is not None)
+    if portable:
+        data = {where(Path(f)): s for f, s in data.items()}
     return f"{_hash(setup)}-{_hash(models)}-{_hash(data)}"
+
+
+def _adopt_older_record(stage_dir: Path, digest: str, older: str) -> None:
+    """A finished evaluation recorded under ``older``, the digest kiln wrote before it was portable
+    (``eval_digest(portable=False)``) for this very set-up, models and data: re-keyed to ``digest``
+    in place, so that upgrading kiln neither refuses nor redoes it."""
+    marker = stage_dir / STAGE_MARKER
+    if not marker.exists() or digest == older:
+        return
+    try:
+        info = json.loads(marker.read_bytes())
+    except ValueError:
+        return  # finished_summary names an unreadable record
+    if isinstance(info, dict) and info.get("config_digest") == older:
+        atomic_write_json(marker, {**info, "config_digest": digest})
 
 
 def _redo_without_force(stage_dir: Path, digest: str, custom: bool) -> bool:
@@ -368,6 +395,8 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     ids_by_model = {name: [ids[i] for i in keep] for name, ids in ids_by_model.items()}
     custom = models is not None
     digest = eval_digest(cfg, inputs, targets, custom)
+    if not force:
+        _adopt_older_record(stage_dir, digest, eval_digest(cfg, inputs, targets, custom, portable=False))
     try:
         if (done := finished_summary(stage_dir, STAGE, digest, force)) is not None:
             return done
