@@ -216,6 +216,19 @@ def test_kl_loss_is_k3_of_the_current_policy_and_pulls_it_back() -> None:
     assert kl_loss(ref, ref, mask).item() == 0.0
 
 
+def test_kl_loss_stays_finite_where_the_policy_all_but_rules_out_a_padding_token() -> None:
+    # The learner's log-probs are unmasked: at padding, log p(pad) can sit far below float32's
+    # exp range while the reference's is 0 there. The loss and its gradient ignore padding.
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    sharp = torch.tensor([[-1.0, -2.0, -200.0]], requires_grad=True)
+    loss = kl_loss(sharp, ref, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sharp.grad).all()
+    assert loss.item() == kl_loss(torch.tensor([[-1.0, -2.0, 0.0]]), ref, mask).item()
+    assert sharp.grad[0, 2].item() == 0.0
+
+
 # --- the rollout-reward trend (pipelines.rlhf.trend) ---------------------------------------------
 
 

@@ -74,8 +74,12 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> t
         logp: (B, A) log pi_theta(a_t), with gradients.
         ref_logp: (B, A) log pi_ref(a_t).
         mask: (B, A) response mask.
+
+    Padding is masked before the exponential: the learner's ``logp`` is not masked (the
+    reference's is 0 there), and a pad token the policy puts below e^-88.7 would make float32's
+    ``expm1`` infinite and ``inf * 0`` a NaN loss.
     """
-    delta = ref_logp - logp
+    delta = (ref_logp - logp) * mask
     return masked_mean(torch.expm1(delta) - delta, mask)
 
 
