@@ -176,6 +176,28 @@ def test_reward_function_errors_name_the_function_and_sample(ray_local: None) ->
     ray.kill(skipping)
 
 
+def test_held_out_prompts_all_over_the_limit_fail_before_any_actor(
+    task: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held-out file none of whose prompts fits max_prompt_tokens is an error naming it, not a
+    run that silently measures nothing."""
+    import json
+
+    from pipelines.config import parse_config
+    from pipelines.rlhf import ppo
+
+    def no_actor(*args: Any) -> None:
+        raise AssertionError("Ray started before the inputs were checked")
+
+    monkeypatch.setattr(ppo, "init_ray", no_actor)
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "What is 1 + 2? " * 12, "answer": 3}) + "\n" for _ in range(3)))
+    section = _ppo_config(task, eval_prompts=str(long), policy=str(task["policy"])).model_dump(mode="json")
+    cfg = parse_config({"run": {"name": "r", "root": str(tmp_path)}, "ppo": section})
+    with pytest.raises(ValueError, match=r"every one of the 3 prompts in .*long\.jsonl is over max_prompt_tokens \(32\)"):
+        ppo.run(cfg)
+
+
 def test_a_step_whose_every_sample_was_skipped_stops_before_the_weights() -> None:
     """``on_reward_error: skip`` with every sample failed: a clear error, not NaN means that turn
     the adaptive KL coefficient NaN (and fail every later step and every resume)."""

@@ -434,13 +434,17 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     if len(prompts) < p.prompts_per_step:
         raise ValueError(f"ppo: {len(prompts)} usable prompts in {p.prompts} ({skipped} over max_prompt_tokens), "
                          f"fewer than prompts_per_step ({p.prompts_per_step})")  # fmt: skip
-    eval_prompts = load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)[0] if p.eval_prompts else []
+    eval_prompts, eval_skipped = (load_prompts(Path(p.eval_prompts), tokenizer, p.max_prompt_tokens)
+                                  if p.eval_prompts else ([], 0))  # fmt: skip
+    if p.eval_prompts and not eval_prompts:
+        raise ValueError(f"{stage}: every one of the {eval_skipped} prompts in {p.eval_prompts} is over max_prompt_tokens "
+                         f"({p.max_prompt_tokens}): nothing to measure the policy on")  # fmt: skip
     inputs = [policy, critic_init, Path(p.prompts), *([reward_model] if reward_model else []),
               *([Path(p.eval_prompts)] if p.eval_prompts else [])]
     if (done := prepare_stage(stage_dir, stage, digest, force, inputs)) is not None:
         return done
-    print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out; "
-          f"{p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
+    print(f"kiln {stage}: {len(prompts)} prompts ({skipped} skipped as too long), {len(eval_prompts)} held out "
+          f"({eval_skipped} skipped); {p.advantage} advantages, {p.samples_per_step} samples per step", flush=True)  # fmt: skip
 
     # 1. Actors; resume from the latest checkpoint, or measure the starting policy. ``_train``
     #    starts the actors (again after one dies) and tears them down however the run ends.
