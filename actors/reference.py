@@ -15,6 +15,13 @@ from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo_math import token_logprobs
 
 
+def reference_dtype(ppo: PpoConfig) -> torch.dtype:
+    """The learner's compute dtype (DeepSpeed trains in bf16 on GPUs, float32 on CPUs): a float32
+    reference beside a bf16 learner would make the KL measure the rounding, not the drift (non-zero
+    at step 1, where the policy is the reference)."""
+    return torch.bfloat16 if ppo.learner.use_gpu else torch.float32
+
+
 @ray.remote
 class ReferencePolicy:
     """A frozen causal LM; answers log pi_ref(a_t) for every response token.
@@ -28,7 +35,7 @@ class ReferencePolicy:
         torch.set_num_threads(ppo.reference.threads)
         # A GPU when Ray gave the actor one (ppo.reference.num_gpus; it sets CUDA_VISIBLE_DEVICES to it).
         self.device = actor_device()
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=reference_dtype(ppo)).to(self.device).eval()
         self.temperature = ppo.temperature
 
     @torch.no_grad()

@@ -216,6 +216,16 @@ def test_kl_loss_is_k3_of_the_current_policy_and_pulls_it_back() -> None:
     assert kl_loss(ref, ref, mask).item() == 0.0
 
 
+def test_the_reference_computes_in_the_learners_dtype() -> None:
+    # bf16 learner (DeepSpeed on a GPU) beside a float32 reference: a KL of rounding at step 1.
+    from actors.reference import reference_dtype
+    from pipelines.rlhf.config import PpoConfig
+
+    cpu = PpoConfig(reward_function="m:f", prompts="p")
+    gpu = PpoConfig(reward_function="m:f", prompts="p", learner={"use_gpu": True})
+    assert (reference_dtype(cpu), reference_dtype(gpu)) == (torch.float32, torch.bfloat16)
+
+
 def test_kl_loss_stays_finite_where_the_policy_all_but_rules_out_a_padding_token() -> None:
     # The learner's log-probs are unmasked: at padding, log p(pad) can sit far below float32's
     # exp range while the reference's is 0 there. The loss and its gradient ignore padding.
