@@ -45,6 +45,10 @@ def load_function(spec: str) -> Callable[..., Any]:
     return fn
 
 
+# Reward-function calls in a row that may time out under ``on_reward_error: skip`` before the run stops.
+MAX_TIMEOUTS_IN_A_ROW = 3
+
+
 def function_rewards(
     fn: Callable[..., Any], spec: str, prompts: list[Any], responses: list[str], fields: list[dict[str, Any]],
     timeout_s: float, skip_errors: bool,
@@ -63,11 +67,13 @@ def function_rewards(
 
     Raises:
         RewardFunctionError: a call raised, returned a non-finite value or timed out, and errors
-            are not skipped; it names the function, the sample and what went wrong.
+            are not skipped, or ``MAX_TIMEOUTS_IN_A_ROW`` calls in a row timed out (skipped or
+            not); it names the function, the sample and what went wrong.
     """
     values = torch.zeros(len(responses))
     valid = torch.ones(len(responses), dtype=torch.bool)
     first_error = ""  # skipped samples: the first one's error is named, the rest counted
+    hung = 0  # timeouts in a row
     for i, (prompt, response, extra) in enumerate(zip(prompts, responses, fields)):
         try:
             value = float(call_with_timeout(lambda: fn(prompt, response, **extra), timeout_s))  # noqa: B023 - called at once
@@ -75,11 +81,15 @@ def function_rewards(
                 raise ValueError(f"returned {value}")
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
             timed_out = isinstance(e, CallTimeout)
+            hung = hung + 1 if timed_out else 0
             what = f"{'timed out' if timed_out else 'failed'} on sample {i}"
             cause = f"{e} (ppo.reward_timeout_s); the call was abandoned" if timed_out else f"{type(e).__name__}: {e}"
-            if not skip_errors:
+            if not skip_errors or hung == MAX_TIMEOUTS_IN_A_ROW:
+                # Skipping a function that hangs on every call would cost timeout_s per sample and
+                # leave a thread behind for each: after a few in a row it is the function, not a sample.
+                again = f"; {hung} calls in a row timed out, so it is stopped (on_reward_error: skip)" if skip_errors else ""
                 raise RewardFunctionError(
-                    f"reward function {spec} {what} (prompt={prompt!r}, response={response!r}): {cause}"
+                    f"reward function {spec} {what} (prompt={prompt!r}, response={response!r}): {cause}{again}"
                 ) from None
             if timed_out:  # a thread left running deserves a line in the log
                 print(f"kiln: reward function {spec} {what}: {cause}; sample skipped", file=sys.stderr, flush=True)
@@ -87,6 +97,7 @@ def function_rewards(
             valid[i] = False
             continue
         values[i] = value
+        hung = 0
     if first_error:
         print(f"kiln: reward function {spec} failed on {int((~valid).sum())} of {len(responses)} samples, skipped "
               f"(on_reward_error: skip); the first: {first_error}", file=sys.stderr, flush=True)  # fmt: skip

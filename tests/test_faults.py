@@ -261,6 +261,21 @@ def test_a_hung_reward_call_is_skipped_and_counted_and_later_calls_go_on(
     assert capfd.readouterr().err.count("timed out on sample") == 2  # each abandoned call leaves a line in the log
 
 
+def test_a_reward_function_that_hangs_on_every_call_stops_even_when_errors_are_skipped(
+    hanging_reward: Callable[..., float],
+) -> None:
+    from actors.reward import MAX_TIMEOUTS_IN_A_ROW, RewardFunctionError, function_rewards
+
+    # Timeouts apart are skipped (above); this many in a row stop the run instead of costing
+    # timeout_s and an abandoned thread for every one of the step's samples.
+    responses = ["hang", "ok", *["hang"] * MAX_TIMEOUTS_IN_A_ROW, "never called"]
+    t0 = time.monotonic()
+    with pytest.raises(RewardFunctionError, match=rf"timed out on sample {1 + MAX_TIMEOUTS_IN_A_ROW} .*"
+                                                  rf"{MAX_TIMEOUTS_IN_A_ROW} calls in a row timed out, so it is stopped"):
+        function_rewards(hanging_reward, "tasks:grade", ["p"] * len(responses), responses, [{}] * len(responses), 0.2, True)
+    assert time.monotonic() - t0 < 0.2 * (MAX_TIMEOUTS_IN_A_ROW + 1) + 2
+
+
 def test_reward_timeout_reaches_the_reward_actor(ray_local: None, tmp_path: Path) -> None:
     import ray
 
