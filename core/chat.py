@@ -77,7 +77,7 @@ class ChatTokens:
 
 
 class ChatTemplateChangesContents(ValueError):
-    """A chat template that alters message contents (beyond trimming), which ``tokenize_chat`` cannot
+    """A chat template that alters message contents (beyond trimming) or their order, which ``tokenize_chat`` cannot
     tokenise safely: a request with such messages is the client's to change (400), not a crash."""
 
 
@@ -104,15 +104,16 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation
         The rendering (the template's own, character for character), its token ids and their offsets.
 
     Raises:
-        ValueError: the template does not insert every content once and in order.
-        ChatTemplateChangesContents: it changes a content other than by trimming its whitespace
+        ChatTemplateChangesContents: the template does not insert every content once and in order
+            (a template that merges the system message into a later turn), or it changes a content
+            other than by trimming its whitespace
             (a template that trims, as Llama 3's and Gemma's do, gets each content trimmed).
     """
     slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
     frame = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=add_generation_prompt)
     pieces = _SLOT_RE.split(frame)  # template text, "0", template text, "1", ..., template text
     if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
-        raise ValueError("the chat template must insert every message's content once, in order")
+        raise ChatTemplateChangesContents("the chat template must insert every message's content once, in order")
     special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     # Longest first: one special token's text may begin with another's.
     control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or "(?!)")

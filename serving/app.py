@@ -101,6 +101,8 @@ class _Job:
     stream: bool
     # Completions' echo: each prompt's text, prepended to its choices' text; None: no echo.
     echo_texts: list[str] | None = None
+    # Echo without generation (max_tokens 0): the engine makes one token, the answer shows none.
+    echo_only: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -298,21 +300,25 @@ class LLMServer:
                 param=prompt_param,
                 code="context_length_exceeded",
             )
-        if max_tokens is not None and max_tokens > room:
+        # More to generate than the whole context is refused; what only the prompt's length leaves
+        # no room for is cut to the room, as vLLM's server does (finish_reason "length").
+        if max_tokens is not None and max_tokens > self.max_model_len:
             raise APIError(
                 400,
-                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
-                f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} to generate).",
+                f"This model's maximum context length is {self.max_model_len} tokens; max_tokens "
+                f"({max_tokens}) cannot be greater.",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        echo_only = echo_texts is not None and max_tokens == 0
         if logprobs is not None and logprobs > self.cfg.engine.max_logprobs:
             raise APIError(400, f"at most {self.cfg.engine.max_logprobs} logprobs", param="logprobs")
         structured = structured_outputs_args(req.response_format)
         params = SamplingParams(
             n=req.n,
-            # Unset (chat: one prompt; completions default to 16): the room the prompt leaves.
-            max_tokens=room if max_tokens is None else max_tokens,
+            # Unset (chat: one prompt; completions default to 16): the room the prompt leaves; more
+            # than that room: the room.
+            max_tokens=room if max_tokens is None else 1 if echo_only else min(max_tokens, room),
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -332,7 +338,7 @@ class LLMServer:
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
         return _Job(chat, request_id, req.model or self.model_name, lora, int(time.time()), prompts, params, logprobs,
-                    req.include_usage, req.stream, echo_texts)  # fmt: skip
+                    req.include_usage, req.stream, echo_texts, echo_only)  # fmt: skip
 
     def _check_model(self, model: str | None) -> LoRARequest | None:
         """The adapter a request's ``model`` names (None: the base model, or no name); 404 if none."""
@@ -461,7 +467,10 @@ class LLMServer:
                         "logprobs": lp, "finish_reason": finish}
             return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
                     "finish_reason": finish}
+        # Echo without generation: the prompt alone (the engine's one token is counted, not shown).
         text, token_ids, positions = o.text, list(o.token_ids), list(o.logprobs or [])
+        if job.echo_only:
+            text, token_ids, positions = "", [], []
         if job.echo_texts is not None and echo:
             prompt = job.prompts[index // job.params.n]
             text = job.echo_texts[index // job.params.n] + text

@@ -63,6 +63,18 @@ class _Request(BaseModel):
     # strict: no "5" -> 5 coercion; ignore: unknown OpenAI fields (user, metadata, ...) are fine.
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        """An explicit null for an optional field with a default is that default, as OpenAI's and
+        vLLM's servers read it (the official client sends ``"temperature": null`` for
+        ``temperature=None``); a required field's null stays an error."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields.items()
+        defaulted = {f.alias or name for name, f in fields if not f.is_required() and f.default is not None}
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -151,8 +163,9 @@ class CompletionRequest(SamplingFields):
     # One prompt (a string, or a list of token ids) or several (a list of either): one choice per
     # prompt and n, in order, as vLLM's server answers.
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    # OpenAI's default for completions, also when sent as null (as vLLM's server takes it).
-    max_tokens: int = Field(default=16, ge=1)
+    # OpenAI's default for completions, also when sent as null (as vLLM's server takes it). 0 with
+    # echo: the prompt scored, nothing generated (vLLM's server's "echo without generation").
+    max_tokens: int = Field(default=16, ge=0)
     # Top log-probabilities per generated token (OpenAI allows 0-5; the engine caps it).
     logprobs: int | None = Field(default=None, ge=0)
     # Prepend the prompt to each answer (with logprobs: the prompt tokens' log-probabilities too).
@@ -160,15 +173,10 @@ class CompletionRequest(SamplingFields):
     # Fill-in-the-middle; refused, as vLLM's server refuses it for models without FIM rendering.
     suffix: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_max_tokens(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
-            return {**data, "max_tokens": 16}
-        return data
-
     @model_validator(mode="after")
     def _prompts(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo: the prompt scored, nothing generated)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be empty")
         if isinstance(self.prompt, list) and len(self.prompt) > MAX_PROMPTS:

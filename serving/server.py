@@ -88,7 +88,11 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
             print(f"kiln serve: LoRA adapters of '{name}', each a model of its own: {', '.join(cfg.adapters)}",
                   flush=True)  # fmt: skip
         if first_prompt is not None:
-            print(f"kiln serve: asked {first_prompt!r}, the model answered {ask(cfg, first_prompt)!r}", flush=True)
+            try:
+                said = f"the model answered {ask(cfg, first_prompt)!r}"
+            except (OSError, ValueError, KeyError) as e:  # urllib's errors are OSErrors; a body not OpenAI's
+                said = f"no answer ({e}); the server keeps serving"
+            print(f"kiln serve: asked {first_prompt!r}, {said}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -306,6 +306,14 @@ def test_several_prompts_echo_and_suffix(http: httpx.Client) -> None:
     for first in firsts.values():
         assert first["token_logprobs"][:len(ids)] == lp["token_logprobs"][:len(ids)]  # the same prompt tokens
 
+    # Echo without generation (max_tokens 0): the prompt alone, streamed too; the engine's one token counted.
+    scored = _complete(http, prompts[1], max_tokens=0, echo=True, logprobs=1)
+    assert scored["choices"][0]["text"] == prompts[1] and scored["usage"]["completion_tokens"] == 1
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": prompts[1], "max_tokens": 0,
+                                                     "echo": True, "stream": True}) as r:  # fmt: skip
+        assert "".join(json.loads(p)["choices"][0]["text"] for p in _sse_events(list(r.iter_lines()))[:-1]) == prompts[1]
+
     for body, param in (({"suffix": "end"}, "suffix"), ({"prompt": []}, "prompt"), ({"prompt": [[1], "x"]}, "prompt"),
                         ({"prompt": [10**6]}, "prompt")):
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
@@ -481,7 +489,7 @@ def test_admission_limits() -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": CONTEXT + 1}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x " * (CONTEXT + 10)}, 400, "prompt"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "y " * CONTEXT}]}, 400,
          "messages"),

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_serving import ENGINE, MODEL, _free_port, serve_model_dir  # noqa: F401 - serve_model_dir: fixture
 
-from core.chat import CHAT_TEMPLATE, SPECIAL_TOKENS, tokenize_chat
+from core.chat import CHAT_TEMPLATE, SPECIAL_TOKENS, ChatTemplateChangesContents, tokenize_chat
 
 TIMEOUT_S = 10.0
 LIMIT = 1 << 20  # serve.max_request_bytes' default
@@ -372,7 +372,6 @@ def test_exceptions_map_to_openai_errors() -> None:
     from jinja2 import TemplateError, TemplateSyntaxError
     from vllm.exceptions import VLLMValidationError
 
-    from core.chat import ChatTemplateChangesContents
     from serving.errors import api_error
 
     assert api_error(VLLMValidationError("stop cannot be empty", parameter="stop"), "r").status == 400
@@ -459,6 +458,11 @@ def test_control_tokens_in_content_are_tokenised_as_text(tiny_tokenizer_dir: Pat
     tok.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'] | upper")
     with pytest.raises(ValueError, match="changes message contents"):
         tokenize_chat(tok, padded)
+    # One that reorders them (as templates that fold the system message into a later turn do): the
+    # same refusal, answered 400 by the server (it was a plain ValueError, a 500).
+    tok.chat_template = CHAT_TEMPLATE.replace("for message in messages", "for message in messages | reverse")
+    with pytest.raises(ChatTemplateChangesContents, match="once, in order"):
+        tokenize_chat(tok, messages)
 
 
 def test_server_tokenises_message_content_as_text(http: httpx.Client, doors: Doors) -> None:

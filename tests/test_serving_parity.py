@@ -96,7 +96,15 @@ SAME_ANSWER = [
     # max_tokens null: OpenAI's default of 16, as vLLM's server takes it.
     ("/v1/completions", {"prompt": ["What is 3 + 4?", "The quick brown fox " * 30], "max_tokens": None,
                          "ignore_eos": True}),
+    # More than the prompt leaves: cut to the room (both servers), not refused.
+    ("/v1/completions", {"prompt": "What is 3 + 4?", "max_tokens": CONTEXT, "ignore_eos": True}),
+    # Echo without generation: the prompt scored.
+    ("/v1/completions", {"prompt": "The lazy dog", "echo": True, "logprobs": 1, "max_tokens": 0}),
+    # null: the field's default (the official client sends null for a None argument).
+    ("/v1/completions", {"prompt": "What is 3 + 4?", "top_p": None, "presence_penalty": None, "echo": None,
+                         "stream": None}),
     ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": None, "top_p": None, "frequency_penalty": None}),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 40,
                               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}),
