@@ -77,6 +77,39 @@ def test_both_signals_end_the_wait() -> None:
             signal.signal(sig, handler)
 
 
+def test_a_first_question_that_fails_leaves_the_server_serving(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kiln run --serve` asks one question once Serve is up; a failed request (an HTTP error, a
+    timeout) is reported and the server keeps serving until Ctrl-C. Serve's start and stop are
+    fakes here (the real ones are in the tests below): only the control flow is under test."""
+    import urllib.error
+
+    from serving import server
+    from serving.config import ServeConfig
+
+    def failing_ask(cfg: ServeConfig, prompt: str) -> str:
+        raise urllib.error.HTTPError("http://127.0.0.1:8000/v1/chat/completions", 400, "Bad Request", None, None)  # type: ignore[arg-type]
+
+    waited: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:  # the serving wait: Ctrl-C after it began
+        waited.append(seconds)
+        raise KeyboardInterrupt
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(server, "ask", failing_ask)
+    monkeypatch.setattr(server, "stop_on_signals", lambda: None)
+    monkeypatch.setattr(server.serve, "start", lambda **kw: None)
+    monkeypatch.setattr(server.serve, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(server.time, "sleep", fake_sleep)
+    monkeypatch.setattr(server, "shutdown_serve", lambda: stopped.append(True))
+    server.serve_forever(object(), ServeConfig(model="m"), first_prompt="What is 2 + 11?")  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "asked 'What is 2 + 11?', no answer (HTTP Error 400: Bad Request); the server keeps serving" in out
+    assert waited and stopped == [True] and "shutting down" in out
+
+
 @pytest.mark.slow
 def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")
