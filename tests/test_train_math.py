@@ -5,6 +5,7 @@ No Ray and no model: tensors with known answers, and the tiny real tokenizer.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,53 @@ def test_bad_preference_records_name_file_and_line(tok, record: dict, problem: s
     for encode in (preference_rows, dpo_rows):
         with pytest.raises(BadRecord, match=problem):
             encode(tok, [("p:3", record)], seq_len=32, overlong="truncate")
+
+
+def test_a_template_that_refuses_a_record_or_a_tokenizer_without_pad_is_named(tiny_tokenizer_dir: Path) -> None:
+    """A model's chat template that raises on one record (Gemma's "System role not supported",
+    Mistral's alternation) named no record; a tokenizer without a pad token (Llama 3's) crashed
+    with a bare TypeError after encoding everything. SFT, the reward model and DPO alike."""
+    import copy
+
+    from core.chat import CHAT_TEMPLATE
+    from pipelines.train.datasets import dpo_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    picky = copy.deepcopy(tok)
+    picky.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                           "{% endif %}" + CHAT_TEMPLATE)  # fmt: skip
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(BadRecord, match="s:4: the chat template refused this record: System role not supported"):
+        sft_rows(picky, [("s:3", {"prompt": "Hi", "response": "Hello"}),
+                         ("s:4", {"messages": [*system, {"role": "assistant", "content": "Hello"}]})],
+                 seq_len=40, overlong="truncate", packing=False)  # fmt: skip
+    pair = {"prompt": system, "chosen": "Hello", "rejected": "Go away"}
+    for encode in (preference_rows, dpo_rows):
+        with pytest.raises(BadRecord, match="p:9: the chat template refused this record"):
+            encode(picky, [("p:9", pair)], seq_len=32, overlong="truncate")
+
+    unpadded = copy.deepcopy(tok)
+    unpadded.pad_token = None
+    assert unpadded.pad_token_id is None
+    with pytest.raises(ValueError, match="has no pad token"):
+        sft_rows(unpadded, [("s:1", {"prompt": "Hi", "response": "Hello"})], seq_len=40, overlong="truncate",
+                 packing=False)  # fmt: skip
+    for encode in (preference_rows, dpo_rows):
+        with pytest.raises(ValueError, match="has no pad token"):
+            encode(unpadded, [("p:1", {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"})], seq_len=32,
+                   overlong="truncate")  # fmt: skip
+
+
+def test_held_out_examples_left_out_are_counted(tok, tmp_path: Path) -> None:  # noqa: ANN001
+    """SFT held-out examples whose prompt fills seq_len were dropped from validation but still
+    counted as held out, and not among the examples left out."""
+    from pipelines.train.datasets import write_dataset
+
+    data = tmp_path / "sft.jsonl"
+    fits, fills = {"prompt": "What is 1 + 1?", "response": "2"}, {"prompt": "What is 1 + 1? " * 10, "response": "2"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [fits, fills, fits, fills]))  # every 2nd held out
+    _, stats, held_out = write_dataset(tmp_path / "sft", data, lambda r: sft_rows(tok, r, 40, "truncate", False), 0.5)
+    assert (stats.records, held_out, stats.extra) == (2, 0, {"no_target": 2})  # both held out: left out
 
 
 def test_a_conversation_opening_with_the_assistant_trains_no_role_header(tok) -> None:  # noqa: ANN001

@@ -16,9 +16,10 @@ stage adds the reference's summed log-probs as float columns.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -27,9 +28,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from core.chat import check_messages, tokenize_chat
+from core.chat import ChatTemplateChangesContents, check_messages, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 from core.rundir import atomic_dir, atomic_write_bytes
 from pipelines.train.losses import IGNORE  # label of a token that carries no loss
@@ -52,6 +54,27 @@ class EncodeStats:
     trained_tokens: int = 0
     rows: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad token id, or a ValueError naming the tokenizer: rows are padded with it
+    and the reward model reads its score at the last token before it, so none cannot be guessed
+    (the end-of-sequence token, the usual stand-in, also ends real responses)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no pad token, which kiln pads rows with: "
+                         "add one to it (tokenizer.add_special_tokens({'pad_token': '<pad>'}), then save it with the "
+                         "model, resizing the embeddings) or start from a model whose tokenizer has one")  # fmt: skip
+    return int(tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def _record(where: str) -> Iterator[None]:
+    """A chat template's refusal of one record (its ``raise_exception``, a template that reorders
+    or rewrites contents) as a BadRecord naming ``file:line``."""
+    try:
+        yield
+    except (TemplateError, ChatTemplateChangesContents) as e:
+        raise BadRecord(f"{where}: the chat template refused this record: {e}") from None
 
 
 def to_messages(record: dict[str, Any], where: str) -> list[Message]:
@@ -135,9 +158,11 @@ def sft_rows(
         ({"input_ids": (N, seq_len) int32, "labels": (N, seq_len) int32}, stats)
     """
     stats = EncodeStats()
+    pad = pad_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for where, record in records:
-        ids, labels = encode_chat(tokenizer, to_messages(record, where))
+        with _record(where):
+            ids, labels = encode_chat(tokenizer, to_messages(record, where))
         ids, cut = _fit(ids, seq_len, overlong, where, keep="head")
         labels = labels[: len(ids)]
         if all(label == IGNORE for label in labels):  # its prompt fills seq_len: nothing to learn
@@ -152,7 +177,7 @@ def sft_rows(
             rows[-1][1].extend(labels)
         else:
             rows.append((list(ids), list(labels)))
-    input_ids = np.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=np.int32)
+    input_ids = np.full((len(rows), seq_len), pad, dtype=np.int32)
     label_arr = np.full((len(rows), seq_len), IGNORE, dtype=np.int32)
     for i, (ids, labels) in enumerate(rows):
         input_ids[i, : len(ids)] = ids
@@ -210,13 +235,14 @@ def preference_rows(
         ({"chosen_ids": (N, seq_len) int32, "rejected_ids": (N, seq_len) int32}, stats)
     """
     stats = EncodeStats()
-    pad = tokenizer.pad_token_id
+    pad = pad_id(tokenizer)
     out = {k: np.full((len(records), seq_len), pad, dtype=np.int32) for k in ("chosen_ids", "rejected_ids")}
     for i, (where, record) in enumerate(records):
         _check_pair(record, where)
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
-            ids = tokenize_chat(tokenizer, messages).ids
+            with _record(where):
+                ids = tokenize_chat(tokenizer, messages).ids
             ids, cut = _fit(ids, seq_len, overlong, where, keep="tail")
             stats.truncated += cut
             stats.tokens += len(ids)
@@ -256,15 +282,16 @@ def dpo_rows(
         ``stats.trained_tokens`` counts response tokens, ``stats.truncated`` cut sequences.
     """
     stats = EncodeStats()
-    out = {f"{side}_{kind}": np.full((len(records), seq_len), tokenizer.pad_token_id if kind == "ids" else IGNORE,
-                                     dtype=np.int32)
+    pad = pad_id(tokenizer)
+    out = {f"{side}_{kind}": np.full((len(records), seq_len), pad if kind == "ids" else IGNORE, dtype=np.int32)
            for side in ("chosen", "rejected") for kind in ("ids", "labels")}  # fmt: skip
     for i, (where, record) in enumerate(records):
         _check_pair(record, where)
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
             prompt_messages = 1 if isinstance(record["prompt"], str) else len(record["prompt"])
-            ids, labels = encode_chat(tokenizer, messages, train_from=prompt_messages)
+            with _record(where):
+                ids, labels = encode_chat(tokenizer, messages, train_from=prompt_messages)
             kept, cut = _fit(ids, seq_len, overlong, f"{where}: {side}", keep="tail")
             labels = labels[len(labels) - len(kept) :]
             if all(label == IGNORE for label in labels):
@@ -324,7 +351,8 @@ def write_dataset(
 
     Returns:
         (the dataset folder with ``train.parquet`` and maybe ``validation.parquet``, the training
-        part's stats, the number of held-out records).
+        part's stats (``extra``'s counts of records left out cover both parts), the number of
+        held-out records encoded).
 
     A dataset already in ``stage_dir`` is kept (a resumed stage; ``prepare_stage`` removes it when
     the stage is forced or an input changed): encoding again cost DPO its whole reference pass.
@@ -338,7 +366,9 @@ def write_dataset(
     records = list(itertools.islice(every, max_records))
     train_records, val_records = split_validation(records, validation_fraction)
     train_rows, stats = encode(train_records)
-    val_rows, _ = encode(val_records)
+    val_rows, val_stats = encode(val_records)
+    for key, count in val_stats.extra.items():  # records left out (SFT's no_target): counted in both parts
+        stats.extra[key] = stats.extra.get(key, 0) + count
     if add_columns is not None:
         train_rows = {**train_rows, **add_columns(train_rows)}
         val_rows = {**val_rows, **add_columns(val_rows)}
@@ -346,5 +376,5 @@ def write_dataset(
         write_rows(tmp / "train.parquet", train_rows)
         if val_records and len(next(iter(val_rows.values()))):
             write_rows(tmp / "validation.parquet", val_rows)
-        (tmp / DATASET_STATS).write_text(json.dumps({"stats": asdict(stats), "held_out": len(val_records)}))
-    return folder, stats, len(val_records)
+        (tmp / DATASET_STATS).write_text(json.dumps({"stats": asdict(stats), "held_out": val_stats.records}))
+    return folder, stats, val_stats.records
