@@ -128,6 +128,22 @@ def test_unreadable_file_is_one_rejected_record_or_an_error(tmp_path: Path) -> N
         _read_all(tmp_path, policy="fail")
 
 
+def test_a_file_cut_short_keeps_what_was_read_and_names_where_it_stopped(tmp_path: Path) -> None:
+    """A compressed file cut short (an interrupted download) was "cannot read file", record 0, while
+    the records before the cut went into the shards: the reason now says where reading stopped."""
+    lines = b"".join(json.dumps({"text": f"document number {i} " + "word " * 20}).encode() + b"\n" for i in range(4000))
+    whole = gzip.compress(lines)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    rows = _read_all(tmp_path)
+    kept, bad = [r for r in rows if r["status"] == ""], [r for r in rows if r["status"] == REJECTED]
+    assert 0 < len(kept) < 4000 and [r["text"] for r in kept] == [f"document number {i} " + "word " * 20
+                                                                  for i in range(len(kept))]  # fmt: skip
+    assert len(bad) == 1 and bad[0]["source"].endswith(f"cut.jsonl.gz:{len(kept) + 1}")
+    assert f"cannot read past record {len(kept)}, the rest of the file is lost" in bad[0]["reason"]
+    with pytest.raises(BadRecordError, match=rf"cut\.jsonl\.gz:{len(kept) + 1}: cannot read past record {len(kept)}"):
+        _read_all(tmp_path, policy="fail")
+
+
 def test_paths_that_match_nothing_name_the_config_key(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(CorpusNotFound, match=r"data.input.paths\[1\]: no corpus files match"):

@@ -333,13 +333,15 @@ def read_file(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream one file as column batches: id, source, text, status ("" or "rejected"), reason.
 
-    A record the file as a whole makes bad (unreadable, no text column) is record 0 of the file.
+    A record the file as a whole makes bad (unreadable, no text column) is record 0 of the file; a
+    file unreadable past record n (cut short) keeps records 1..n and rejects record n + 1.
 
     Raises:
         BadRecordError: with ``bad_records == "fail"``, at the first bad record, naming the
             file and line (or row).
     """
     out = _Batcher(file, batch_size)
+    number = 0  # the last record read
     try:
         for number, text, reason, raw in _records(file, cfg):
             if text is None:
@@ -356,8 +358,12 @@ def read_file(
                              f"{e.strerror or e}); the stage stops rather than finish without its records") from e
     except (OSError, pa.ArrowInvalid, EOFError) as e:
         # Unreadable as a whole (corrupt gzip or zstd, not Parquet, ...): one rejected record for it.
+        # Unreadable past a point (a compressed file cut short, a corrupt page): the records before
+        # it are kept, and the rejected record is the next one, saying the rest is lost.
+        where, why = (("", f"cannot read file: {e}") if not number else
+                      (f":{number + 1}", f"cannot read past record {number}, the rest of the file is lost: {e}"))  # fmt: skip
         if bad_records == "fail":
-            raise BadRecordError(f"{file.uri}: cannot read file: {e}") from e
-        out.add(0, "", REJECTED, f"cannot read file: {e}")
+            raise BadRecordError(f"{file.uri}{where}: {why}") from e
+        out.add(number + 1 if number else 0, "", REJECTED, why)
     if out.ids:
         yield out.take()
