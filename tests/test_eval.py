@@ -364,6 +364,11 @@ def test_metric_must_grade_right_or_wrong() -> None:
     prompt = PromptRecord("What is 1 + 1?", {"letter": "e"}, "p.jsonl:7")
     assert grade(has_letter, "test_eval:has_letter", prompt, "yes") is True
     assert grade(lambda p, r, letter: 0, "m:f", prompt, "no") is False
+    # numpy's 0 and 1 (a metric written as (pred == gold).sum()) grade as Python's do.
+    assert grade(lambda p, r, letter: np.int64(1), "m:f", prompt, "no") is True
+    assert grade(lambda p, r, letter: np.float32(0.0), "m:f", prompt, "no") is False
+    with pytest.raises(ValueError, match="must return a bool"):
+        grade(lambda p, r, letter: np.int64(2), "m:f", prompt, "no")
     with pytest.raises(ValueError, match=r"metric function m:f returned 0\.5 on p\.jsonl:7"):
         grade(lambda p, r, letter: 0.5, "m:f", prompt, "no")
     with pytest.raises(ValueError, match=r"metric function m:f failed on p\.jsonl:7 .*KeyError"):

@@ -232,6 +232,12 @@ def test_a_template_that_refuses_a_record_or_a_tokenizer_without_pad_is_named(ti
         with pytest.raises(BadRecord, match="p:9: the chat template refused this record"):
             encode(picky, [("p:9", pair)], seq_len=32, overlong="truncate")
 
+    # PPO's, the evaluation's and kiln preferences' prompts alike.
+    from pipelines.rlhf.prompts import PromptRecord, prompt_ids
+
+    with pytest.raises(BadRecord, match="q:2: the chat template refused this prompt: System role not supported"):
+        prompt_ids(picky, [PromptRecord("Hi", {}, "q:1"), PromptRecord(system, {}, "q:2")])
+
     unpadded = copy.deepcopy(tok)
     unpadded.pad_token = None
     assert unpadded.pad_token_id is None

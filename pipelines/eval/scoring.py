@@ -45,7 +45,8 @@ def grade(metric: Callable[..., Any], spec: str, prompt: PromptRecord, response:
             (accuracy, pass@k and McNemar's test count right answers); names the function and the prompt's line.
     """
     value = _call("metric", metric, spec, prompt, response, timeout_s)
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, float)) and value in (0, 1)):
+    # numpy's 0/1 (a metric computed as (pred == gold).sum()) counts like Python's.
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"metric function {spec} returned {value!r} on {prompt.where}; it must return a bool (or 0/1)")
 

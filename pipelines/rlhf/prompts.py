@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
-from core.chat import check_messages, tokenize_chat
+from core.chat import ChatTemplateChangesContents, check_messages, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 
 
@@ -54,8 +55,19 @@ def read_prompts(path: Path) -> list[PromptRecord]:
 
 def prompt_ids(tokenizer: Any, prompts: list[PromptRecord]) -> list[list[int]]:
     """Each prompt's token ids: the chat template with the assistant turn opened (what is sampled),
-    contents tokenised as text (``<|im_start|>`` typed in a prompt cannot open a turn)."""
-    return [tokenize_chat(tokenizer, q.messages, add_generation_prompt=True).ids for q in prompts]
+    contents tokenised as text (``<|im_start|>`` typed in a prompt cannot open a turn).
+
+    Raises:
+        BadRecord: the chat template refused a prompt (its ``raise_exception``, or it reorders or
+            rewrites contents), naming the prompt's ``file:line``.
+    """
+    out = []
+    for q in prompts:
+        try:
+            out.append(tokenize_chat(tokenizer, q.messages, add_generation_prompt=True).ids)
+        except (TemplateError, ChatTemplateChangesContents) as e:
+            raise BadRecord(f"{q.where}: the chat template refused this prompt: {e}") from None
+    return out
 
 
 # --- PPO's prompts: tokenised, and drawn by step ------------------------------------------------
