@@ -262,6 +262,29 @@ def test_held_out_examples_left_out_are_counted(tok, tmp_path: Path) -> None:  #
     assert (stats.records, held_out, stats.extra) == (2, 0, {"no_target": 2})  # both held out: left out
 
 
+def test_a_held_out_split_smaller_than_one_evaluation_batch_is_said(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workers evaluate whole batches: 10 held-out pairs under a 16-pair batch gave no val_
+    figures, silently, while the stage reported 10 pairs held out."""
+    from pipelines.train.config import RewardModelConfig
+    from pipelines.train.datasets import write_rows
+    from pipelines.train.trainer import check_inputs
+    from pipelines.train.worker import TrainJob
+
+    rows = lambda n: {k: np.zeros((n, 8), dtype=np.int32) for k in ("chosen_ids", "rejected_ids")}  # noqa: E731
+    write_rows(tmp_path / "train.parquet", rows(64))
+    write_rows(tmp_path / "validation.parquet", rows(10))
+    cfg = RewardModelConfig(data="x.jsonl", micro_batch_per_worker=8, num_workers=2, sequences_per_step=16)
+    job = TrainJob(stage="reward_model", objective="reward", train=cfg, stage_dir=str(tmp_path),
+                   tokenizer_dir=str(tiny_llama_dir), train_files=(str(tmp_path / "train.parquet"),),
+                   validation_files=(str(tmp_path / "validation.parquet"),), init_from=str(tiny_llama_dir))  # fmt: skip
+    check_inputs(job)
+    assert "10 held-out rows, fewer than one evaluation batch (micro_batch_per_worker x num_workers = 16)" in (
+        capsys.readouterr().out
+    )
+
+
 def test_a_conversation_opening_with_the_assistant_trains_no_role_header(tok) -> None:  # noqa: ANN001
     ids, labels = encode_chat(tok, [{"role": "assistant", "content": "hello there"},
                                     {"role": "user", "content": "bye"}])  # fmt: skip

@@ -74,6 +74,13 @@ def check_inputs(job: TrainJob) -> None:
         raise ValueError(
             f"{job.stage}: {stream.total} training rows, fewer than sequences_per_step ({job.train.sequences_per_step})"
         )
+    if job.validation_files:
+        held_out = RowStream(job.validation_files, job.columns, 0, shuffle=False).total
+        per_batch = job.train.micro_batch_per_worker * job.train.num_workers
+        if held_out < per_batch:  # the workers evaluate whole batches (worker._evaluate): none here
+            print(f"kiln {job.stage}: {held_out} held-out rows, fewer than one evaluation batch (micro_batch_per_worker "
+                  f"x num_workers = {per_batch}): no val_ figures; raise validation_fraction or lower "
+                  "micro_batch_per_worker", flush=True)  # fmt: skip
     seq_len = pq.read_schema(job.train_files[0]).field(stream.columns[0]).type.list_size
     if job.arch is not None:
         max_positions = job.arch.max_position_embeddings
