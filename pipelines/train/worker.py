@@ -381,14 +381,17 @@ def train_worker(config: dict[str, Any]) -> None:
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             sums, tokens = _add(sums, micro_sums), tokens + t
         grad_norm = engine.get_global_grad_norm()
-        sums = _all_sum(sums)  # note: a sync point, once per optimizer step
+        # A sync point, once per optimizer step. The ranks' tokens too: trimmed to their own
+        # longest rows, they differ between ranks (SFT, reward model, DPO).
+        sums = _all_sum({**sums, "tokens": float(tokens)})
+        step_tokens = sums.pop("tokens")
         timing["seconds"] += time.perf_counter() - t0
         step += 1
         if not math.isfinite(sums["loss"]):
             metrics.write({"event": "non_finite_loss", "step": step, "loss": str(sums["loss"] / max(sums["count"], 1))})
             return  # every rank sees the same all-reduced value, so all stop here together
         window = _add(window, sums)
-        timing["tokens"] += tokens * cfg.num_workers
+        timing["tokens"] += step_tokens
 
         record: dict[str, Any] = {}
         if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
