@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from core.jsonl import BadRecord
 
 EOS = "<|endoftext|>"
@@ -79,6 +81,16 @@ class ChatTokens:
 class ChatTemplateChangesContents(ValueError):
     """A chat template that alters message contents (beyond trimming) or their order, which ``tokenize_chat`` cannot
     tokenise safely: a request with such messages is the client's to change (400), not a crash."""
+
+
+@contextmanager
+def template_refusals(where: str, what: str = "record") -> Iterator[None]:
+    """A chat template's refusal of one record (its ``raise_exception``, a template that reorders or
+    rewrites contents) as a BadRecord naming ``where`` (``file:line``)."""
+    try:
+        yield
+    except (TemplateError, ChatTemplateChangesContents) as e:
+        raise BadRecord(f"{where}: the chat template refused this {what}: {e}") from None
 
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatTokens:

@@ -174,7 +174,7 @@ def recover_interrupted(folder: Path) -> None:
         _recover(folder / name, temporaries)
 
 
-INPUTS = "inputs.json"  # what a stage read, input key (_input_key) -> stamp, written as it starts
+INPUTS = "inputs.json"  # what a stage read, input key (run_key) -> stamp, written as it starts
 
 
 # An input of up to this many bytes in all is stamped by its content (a deterministic step that
@@ -230,11 +230,6 @@ def run_key(run_dir: Path, path: str) -> str:
     return f"<run>/{inside.as_posix()}"
 
 
-def _input_key(stage_dir: Path, path: str) -> str:
-    """An input's key in the stage's record: ``run_key`` in the stage folder's run directory."""
-    return run_key(stage_dir.parent, path)
-
-
 def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
     """Whether an input the stage read when it last started (an upstream stage's model folder, a data
     file) changed since, e.g. by ``kiln sft --force``; says which. ``stamps``: ``input_stamps`` now.
@@ -242,7 +237,7 @@ def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
     recorded = json.loads((stage_dir / INPUTS).read_text()) if (stage_dir / INPUTS).exists() else {}
     for path, now in stamps.items():
         # A record written before inputs were keyed by their place in the run holds the path as given.
-        then = recorded.get(_input_key(stage_dir, path), recorded.get(path))
+        then = recorded.get(run_key(stage_dir.parent, path), recorded.get(path))
         if then is not None and now and now != then:
             print(f"kiln {stage}: {path} changed since this stage read it (an upstream stage redone, or a data "
                   "file edited); redoing the stage", flush=True)  # fmt: skip
@@ -252,7 +247,7 @@ def inputs_changed(stage_dir: Path, stage: str, stamps: dict[str, str]) -> bool:
 
 def record_inputs(stage_dir: Path, stamps: dict[str, str]) -> None:
     """Remember the ``input_stamps`` of what the stage is about to read (``inputs_changed`` compares them)."""
-    atomic_write_json(stage_dir / INPUTS, {_input_key(stage_dir, path): s for path, s in stamps.items()})
+    atomic_write_json(stage_dir / INPUTS, {run_key(stage_dir.parent, path): s for path, s in stamps.items()})
 
 
 def finished_stage(stage_dir: Path, digest: str) -> dict[str, Any] | None:

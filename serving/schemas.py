@@ -8,6 +8,7 @@ built in ``serving.app`` (they are on the hot path of every streamed token).
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,9 +72,15 @@ class _Request(BaseModel):
         ``temperature=None``); a required field's null stays an error."""
         if not isinstance(data, dict):
             return data
-        fields = cls.model_fields.items()
-        defaulted = {f.alias or name for name, f in fields if not f.is_required() and f.default is not None}
+        defaulted = _defaulted_fields(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+@functools.cache
+def _defaulted_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """A request schema's optional fields with a non-null default, by their JSON names (once per
+    schema, not per request)."""
+    return frozenset(f.alias or name for name, f in cls.model_fields.items() if not f.is_required() and f.default is not None)
 
 
 class StreamOptions(_Request):

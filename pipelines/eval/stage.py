@@ -154,18 +154,20 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
     return f"{_hash(setup)}-{_hash(models)}-{_hash(data)}"
 
 
-def _adopt_older_record(stage_dir: Path, digest: str, older: str) -> None:
-    """A finished evaluation recorded under ``older``, the digest kiln wrote before it was portable
-    (``eval_digest(portable=False)``) for this very set-up, models and data: re-keyed to ``digest``
-    in place, so that upgrading kiln neither refuses nor redoes it."""
+def _adopt_older_record(stage_dir: Path, digest: str, older: Callable[[], str]) -> None:
+    """A finished evaluation recorded under ``older()``, the digest kiln wrote before it was
+    portable (``eval_digest(portable=False)``) for this very set-up, models and data: re-keyed to
+    ``digest`` in place, so that upgrading kiln neither refuses nor redoes it. ``older`` (which
+    stamps the inputs again) is computed only when the record holds another digest."""
     marker = stage_dir / STAGE_MARKER
-    if not marker.exists() or digest == older:
+    if not marker.exists():
         return
     try:
         info = json.loads(marker.read_bytes())
     except ValueError:
         return  # finished_summary names an unreadable record
-    if isinstance(info, dict) and info.get("config_digest") == older:
+    recorded = info.get("config_digest") if isinstance(info, dict) else None
+    if recorded is not None and recorded != digest and recorded == older():
         atomic_write_json(marker, {**info, "config_digest": digest})
 
 
@@ -396,7 +398,7 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     custom = models is not None
     digest = eval_digest(cfg, inputs, targets, custom)
     if not force:
-        _adopt_older_record(stage_dir, digest, eval_digest(cfg, inputs, targets, custom, portable=False))
+        _adopt_older_record(stage_dir, digest, lambda: eval_digest(cfg, inputs, targets, custom, portable=False))
     try:
         if (done := finished_summary(stage_dir, STAGE, digest, force)) is not None:
             return done

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2 import TemplateError
 
-from core.chat import ChatTemplateChangesContents, check_messages, tokenize_chat
+from core.chat import check_messages, template_refusals, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 
 
@@ -63,10 +62,8 @@ def prompt_ids(tokenizer: Any, prompts: list[PromptRecord]) -> list[list[int]]:
     """
     out = []
     for q in prompts:
-        try:
+        with template_refusals(q.where, "prompt"):
             out.append(tokenize_chat(tokenizer, q.messages, add_generation_prompt=True).ids)
-        except (TemplateError, ChatTemplateChangesContents) as e:
-            raise BadRecord(f"{q.where}: the chat template refused this prompt: {e}") from None
     return out
 
 

@@ -16,10 +16,9 @@ stage adds the reference's summed log-probs as float columns.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -28,10 +27,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from core.chat import ChatTemplateChangesContents, check_messages, tokenize_chat
+from core.chat import check_messages, template_refusals, tokenize_chat
 from core.jsonl import BadRecord, read_jsonl
 from core.rundir import atomic_dir, atomic_write_bytes
 from pipelines.train.losses import IGNORE  # label of a token that carries no loss
@@ -65,16 +63,6 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
                          "add one to it (tokenizer.add_special_tokens({'pad_token': '<pad>'}), then save it with the "
                          "model, resizing the embeddings) or start from a model whose tokenizer has one")  # fmt: skip
     return int(tokenizer.pad_token_id)
-
-
-@contextlib.contextmanager
-def _record(where: str) -> Iterator[None]:
-    """A chat template's refusal of one record (its ``raise_exception``, a template that reorders
-    or rewrites contents) as a BadRecord naming ``file:line``."""
-    try:
-        yield
-    except (TemplateError, ChatTemplateChangesContents) as e:
-        raise BadRecord(f"{where}: the chat template refused this record: {e}") from None
 
 
 def to_messages(record: dict[str, Any], where: str) -> list[Message]:
@@ -161,7 +149,7 @@ def sft_rows(
     pad = pad_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for where, record in records:
-        with _record(where):
+        with template_refusals(where):
             ids, labels = encode_chat(tokenizer, to_messages(record, where))
         ids, cut = _fit(ids, seq_len, overlong, where, keep="head")
         labels = labels[: len(ids)]
@@ -241,7 +229,7 @@ def preference_rows(
         _check_pair(record, where)
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
-            with _record(where):
+            with template_refusals(where):
                 ids = tokenize_chat(tokenizer, messages).ids
             ids, cut = _fit(ids, seq_len, overlong, where, keep="tail")
             stats.truncated += cut
@@ -290,7 +278,7 @@ def dpo_rows(
         for side in ("chosen", "rejected"):
             messages = _conversation(record["prompt"], record[side], where)
             prompt_messages = 1 if isinstance(record["prompt"], str) else len(record["prompt"])
-            with _record(where):
+            with template_refusals(where):
                 ids, labels = encode_chat(tokenizer, messages, train_from=prompt_messages)
             kept, cut = _fit(ids, seq_len, overlong, f"{where}: {side}", keep="tail")
             labels = labels[len(labels) - len(kept) :]
