@@ -17,17 +17,23 @@ from collections.abc import Iterator
 from serving.schemas import APIError
 
 
+# Serve's max_ongoing_requests for a replica that queues without limit itself: more than any
+# burst, so Serve's router never holds a request back (its value only has to be an int).
+UNLIMITED = 1 << 20
+
+
 def serve_limits(running: int, waiting: int) -> tuple[int, int]:
     """Serve's ``(max_ongoing_requests, max_queued_requests)`` around a replica that admits
     ``running`` + ``waiting`` requests itself (``waiting`` -1: no limit).
 
     Serve lets twice kiln's limit through to each replica: the extra ones are answered 503 by the
     replica in microseconds. Serve's own queue, which counts every request of a burst still being
-    assigned, is four times kiln's limit: the backstop for a flood. With no
-    limit, Serve queues as before.
+    assigned, is four times kiln's limit: the backstop for a flood. With no queue limit kiln admits
+    every request and queues it on its slots, so Serve hands every request on (``UNLIMITED``): its
+    own queue would hold ``/healthz`` and ``/v1/models`` behind a burst of generations.
     """
     if waiting < 0:
-        return running, -1
+        return UNLIMITED, -1
     return 2 * (running + waiting), 4 * (running + waiting)
 
 

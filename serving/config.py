@@ -62,7 +62,8 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig | None = None
     # Requests one replica works on at once (vLLM batches them; too low starves the batch).
     max_ongoing_requests: int = Field(default=64, ge=1)
-    # Requests waiting for a replica beyond that; more are refused at once with 503 (-1: no limit).
+    # Requests waiting for a replica beyond that; more are refused at once with 503 (-1: no limit;
+    # the replica then queues every request itself, so /healthz never waits behind generations).
     max_queued_requests: int = Field(default=64, ge=-1)
     # Seconds a request may run (reading its body, tokenising, generating) before it is aborted
     # and answered 408.

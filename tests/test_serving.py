@@ -441,10 +441,12 @@ def test_engine_metrics_exported_to_prometheus(http: httpx.Client) -> None:
 
 
 def test_admission_limits() -> None:
-    from serving.admission import Admission, serve_limits
+    from serving.admission import UNLIMITED, Admission, serve_limits
     from serving.schemas import APIError
 
-    assert serve_limits(4, 2) == (12, 24) and serve_limits(4, -1) == (4, -1)
+    # No queue limit: Serve passes every request on to the replica, which queues generations on its
+    # slots, so /healthz never waits behind them in Serve's own queue.
+    assert serve_limits(4, 2) == (12, 24) and serve_limits(4, -1) == (UNLIMITED, -1)
 
     async def main() -> None:
         admission = Admission(running=1, waiting=1)
