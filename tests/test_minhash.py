@@ -93,6 +93,24 @@ def test_bucket_pairs_cliques_and_stars() -> None:
     assert bucket_pairs(keys, ids).tolist() == [[1, 2], [1, 3], [2, 3], [4, 8]]
     big = bucket_pairs(np.zeros(5, dtype=np.uint64), np.array([9, 8, 7, 6, 5]), max_clique=3)
     assert big.tolist() == [[5, 6], [5, 7], [5, 8], [5, 9]]  # a star to the smallest id
+    wide = np.array([[5, 1], [5, 2], [5, 1], [7, 1]], dtype=np.uint64)  # (N, 2): a bucket needs both words equal
+    assert bucket_pairs(wide, np.array([4, 3, 2, 1])).tolist() == [[2, 4]]
+
+
+def test_exact_dedup_compares_all_128_bits_of_the_content_hash() -> None:
+    """Two different documents whose content hashes share their first 64 bits (at a billion
+    documents a few-in-a-hundred chance with 64-bit keys) are not exact duplicates; the same
+    content is, through the shuffle's slices, whatever partition slice each row comes in."""
+    from pipelines.data.dedup import partition_pairs
+    from pipelines.data.parts import group_keys, split_by_partition
+
+    ids = np.array([10, 11, 12, 13], dtype=np.int64)
+    content = np.array([[1, 100], [1, 200], [1, 100], [2, 100]], dtype=np.uint64)  # 10 and 12 the same text
+    rows = group_keys(ids, content, np.zeros((4, 0), np.uint64), exact=True, near=False)
+    (part,) = split_by_partition(rows, 1)
+    halves = [{k: v[:2] for k, v in part.items()}, {k: v[2:] for k, v in part.items()}]
+    exact_pairs, candidates = partition_pairs(*halves)
+    assert exact_pairs.tolist() == [[10, 12]] and candidates.size == 0
 
 
 def test_components_keep_smallest_id() -> None:

@@ -29,17 +29,23 @@ def empty_map() -> dict[str, np.ndarray]:
     return {"dropped": np.zeros(0, np.int64), "dup_of": np.zeros(0, np.int64), "kind": np.zeros(0, np.int8)}
 
 
-@ray.remote(num_cpus=1)
-def group_partition(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs sharing a key within one shuffle partition (a key never spans partitions).
+def partition_pairs(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs sharing a key within one shuffle partition (a key never spans partitions): exact
+    pairs share all 128 bits of the content hash (``key`` and ``check``), candidates an LSH key.
 
     Returns:
         exact pairs (E0, 2) and LSH candidate pairs (E1, 2), int64, smaller id first.
     """
     key = np.concatenate([s["key"] for s in slices])
+    check = np.concatenate([s["check"] for s in slices])
     ids = np.concatenate([s["id"] for s in slices])
     kind = np.concatenate([s["kind"] for s in slices])
-    return bucket_pairs(key[kind == 0], ids[kind == 0]), bucket_pairs(key[kind == 1], ids[kind == 1])
+    exact, near = kind == 0, kind == 1
+    return (bucket_pairs(np.stack([key[exact], check[exact]], axis=1), ids[exact]),
+            bucket_pairs(key[near], ids[near]))  # fmt: skip
+
+
+group_partition = ray.remote(num_cpus=1)(partition_pairs)
 
 
 def repoint(pairs: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -244,18 +244,24 @@ def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = 16) -> np.
     them without a quadratic blow-up.
 
     Args:
-        keys: (N,) bucket keys; ids: (N,) int64 document ids.
+        keys: (N,) bucket keys, or (N, W) keys of W words each (a bucket: all W equal);
+            ids: (N,) int64 document ids.
 
     Returns:
         (E, 2) int64 pairs, smaller id first, unique.
     """
-    if keys.size < 2:
+    if ids.size < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    order = np.lexsort((ids, keys))
-    k, i = keys[order], ids[order]
-    new = np.r_[True, k[1:] != k[:-1]]
+    if keys.ndim == 1:
+        order = np.lexsort((ids, keys))
+        k, i = keys[order], ids[order]
+        new = np.r_[True, k[1:] != k[:-1]]
+    else:  # np.lexsort sorts on its last key first
+        order = np.lexsort((ids, *keys.T[::-1]))
+        k, i = keys[order], ids[order]
+        new = np.r_[True, (k[1:] != k[:-1]).any(axis=1)]
     run_start = np.flatnonzero(new)
-    run_len = np.diff(np.r_[run_start, k.size])
+    run_len = np.diff(np.r_[run_start, i.size])
     pairs = []
     for size in np.unique(run_len[(run_len >= 2) & (run_len <= max_clique)]):
         first = run_start[run_len == size]  # (R,)

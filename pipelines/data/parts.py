@@ -82,13 +82,14 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
     batch of records.
 
     Returns:
-        the batch with normalised text and updated status / reason; the content hash (B,) uint64
-        and the LSH band keys (B, bands) uint64 of each record, zero for rejected and filtered ones
-        (and every content hash zero without ``exact``).
+        the batch with normalised text and updated status / reason; the content hash (B, 2)
+        uint64 (128 bits: at a billion documents 64 would make two different ones the same key
+        with odds of a few in a hundred) and the LSH band keys (B, bands) uint64 of each record,
+        zero for rejected and filtered ones (and every content hash zero without ``exact``).
     """
     n = len(batch["id"])
     texts, status, reason = batch["text"].copy(), batch["status"].copy(), batch["reason"].copy()
-    content_hash = np.zeros(n, dtype=np.uint64)
+    content_hash = np.zeros((n, 2), dtype=np.uint64)
     live = []
     check = any_filter_on(filters)
     for i in range(n):
@@ -100,7 +101,8 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
             status[i], reason[i] = FILTERED, failed
             continue
         if exact:
-            content_hash[i] = int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little")
+            digest = hashlib.blake2b(texts[i].encode(), digest_size=16).digest()
+            content_hash[i] = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
         live.append(i)
     band_key = np.zeros((n, num_bands), dtype=np.uint64)
     if live:
@@ -118,18 +120,23 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
 def group_keys(ids: np.ndarray, content_hash: np.ndarray, band_key: np.ndarray, exact: bool,
                near: bool) -> dict[str, np.ndarray]:  # fmt: skip
     """Rows to group on: the content hash (kind 0) and, if near, one LSH key per band (kind 1).
-    The kind is mixed into the key, so one shuffle serves both groupings."""
-    keys, owners, kinds = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int8)]
+    The kind is mixed into the key, so one shuffle serves both groupings; ``check`` holds the
+    content hash's other 64 bits (zero for LSH keys), which exact grouping compares too."""
+    keys, checks = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    owners, kinds = [np.zeros(0, np.int64)], [np.zeros(0, np.int8)]
     if exact:
-        keys.append(content_hash)
+        keys.append(content_hash[:, 0])
+        checks.append(content_hash[:, 1])
         owners.append(ids)
         kinds.append(np.zeros(ids.size, dtype=np.int8))
     if near:
         keys.append(band_key.reshape(-1))
+        checks.append(np.zeros(band_key.size, np.uint64))
         owners.append(np.repeat(ids, band_key.shape[1]))
         kinds.append(np.ones(band_key.size, dtype=np.int8))
     kind = np.concatenate(kinds)
-    return {"key": mix64(np.concatenate(keys) ^ kind.astype(np.uint64)), "id": np.concatenate(owners), "kind": kind}
+    return {"key": mix64(np.concatenate(keys) ^ kind.astype(np.uint64)), "check": np.concatenate(checks),
+            "id": np.concatenate(owners), "kind": kind}
 
 
 def split_by_partition(rows: dict[str, np.ndarray], partitions: int) -> list[dict[str, np.ndarray]]:
@@ -164,7 +171,7 @@ def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, ba
             hashes.append(content_hash[live])
             keys.append(band_key[live])
     rows = group_keys(np.concatenate(ids or [np.zeros(0, np.int64)]),
-                      np.concatenate(hashes or [np.zeros(0, np.uint64)]),
+                      np.concatenate(hashes or [np.zeros((0, 2), np.uint64)]),
                       np.concatenate(keys or [np.zeros((0, bands[0]), np.uint64)]),
                       dcfg.dedup.exact, dcfg.dedup.near)  # fmt: skip
     return counts, split_by_partition(rows, partitions)
