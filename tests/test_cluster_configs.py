@@ -147,6 +147,11 @@ def test_launcher_runs_the_projects_ray_and_python_and_installs_kiln() -> None:
     assert _extra_installed(install) in EXTRAS
     for local_only in (".venv", "runs", ".git"):
         assert local_only in cfg["rsync_exclude"], f"{local_only} would be copied to every node"
+    from cluster.submit import SECRET_EXCLUDES
+
+    # What kiln submit never uploads, the launcher never copies (but the token's own file mount).
+    missing = [p for p in SECRET_EXCLUDES if p not in cfg["rsync_exclude"] and p != "*auth_token*"]
+    assert missing == [], f"{missing} would be copied to every node"
 
 
 def test_launcher_starts_ray_with_token_auth_on_every_node() -> None:
