@@ -47,8 +47,10 @@ Secret = Annotated[str, SecretMark()]
 _SECRET_NAME = re.compile(r"(^|_)(api_key|token|password|passwd|secret|credentials?)$")
 
 
-# scheme://key:secret@...: how pyarrow's filesystems (s3://) take credentials in a URI.
-_URI_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+# scheme://key:secret@...: how pyarrow's filesystems (s3://) take credentials in a URI. The secret
+# runs to the first "@" whatever it holds (an AWS secret key often has a "/"); the key before the
+# ":" has no "/", so a path with ":" and "@" in it (s3://bucket/a:b/c@d) is not taken for one.
+_URI_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:[^@]*@")
 
 
 def no_uri_credentials(uri: str) -> str:

@@ -130,7 +130,8 @@ _MODEL_STAGES = ("ppo", "sft", "pretrain")
 
 
 def final_model_dir(cfg: KilnConfig) -> Path:
-    """The model of the last stage of the run that wrote one (``<run>/<stage>/model``).
+    """The run's model to serve: PPO's, else SFT's, else pretraining's (``<run>/<stage>/model``).
+    GRPO's, RL on the reward model's and DPO's are served by naming them in ``serve.model``.
 
     Raises:
         ConfigError: no stage of the run has written a model yet.
@@ -327,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _link_ray_logs(cfg)
     if args.command == "run" and args.serve:
-        _serve_target(args.config, first_prompt=_first_prompt(cfg))
+        try:
+            _serve_target(args.config, first_prompt=_first_prompt(cfg))
+        except (ConfigError, FileNotFoundError, ValueError) as e:  # as `kiln serve` says them
+            print(f"kiln run: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,26 @@ class RunConfig(Section):
     # (s3://bucket/kiln). Required on multi-node clusters, where a node's local disk is not seen
     # by the others (``kiln submit`` refuses a remote cluster without it); null: under root.
     storage_path: PathOrUri | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, root: str) -> str:
+        # Path() would fold s3://bucket/runs into a local folder named "s3:"; "~" is not expanded.
+        if "://" in root:
+            raise ValueError("run.root is a folder on the machine the driver runs on (on a cluster: a shared "
+                             "mount); object storage (s3://, gs://) goes in run.storage_path")  # fmt: skip
+        if root.startswith("~"):
+            raise ValueError("'~' is not expanded in run.root; give the folder's absolute path (or a relative one)")
+        return root
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_storage(cls, path: str | None) -> str | None:
+        # Ray Train expands "~" and refuses a relative path; kiln would clean up and write elsewhere.
+        if path is not None and "://" not in path and not os.path.isabs(path):
+            raise ValueError("a local run.storage_path must be an absolute path (with no '~'), the same on every "
+                             "node, or a URI such as s3://bucket/kiln")  # fmt: skip
+        return path
 
     @field_validator("name")
     @classmethod

@@ -31,7 +31,8 @@ class AutoscalingConfig(Section):
 class ServeConfig(Section):
     """An OpenAI-compatible HTTP endpoint for one Hugging Face-format model directory."""
 
-    # Model directory (HF format); null: the run's final model (the last stage that wrote one).
+    # Model directory (HF format); null: the run's final model (ppo/, else sft/, else pretrain/;
+    # name a GRPO, RLHF or DPO model's directory here to serve it).
     model: str | None = None
     # Name clients pass as "model"; null: the model directory's name.
     model_name: str | None = None

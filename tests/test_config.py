@@ -138,6 +138,36 @@ def test_a_run_name_of_dots_is_refused(name: str) -> None:
     assert parse_config({"run": {"name": ".hidden.run"}}, "c.yaml").run.name == ".hidden.run"
 
 
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ({"root": "s3://bucket/runs"}, r"run\.root: Value error, run\.root is a folder on the machine the driver runs on"),
+        ({"root": "~/runs"}, r"run\.root: Value error, '~' is not expanded in run\.root"),
+        ({"storage_path": "~/ckpt"}, r"run\.storage_path: Value error, a local run\.storage_path must be an absolute"),
+        ({"storage_path": "ckpt"}, r"run\.storage_path: Value error, a local run\.storage_path must be an absolute"),
+    ],
+)
+def test_run_locations_kiln_and_ray_train_would_read_differently_are_refused(run: dict[str, str], message: str) -> None:
+    """Path() folded s3://bucket/runs into a local folder "s3:"; Ray Train expands "~" in
+    storage_path where kiln did not (so --force cleaned one folder and training resumed from
+    another), and refuses a relative one only once training starts."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"run": {"name": "t", **run}}, "c.yaml")
+    ok = parse_config({"run": {"name": "t", "root": "runs", "storage_path": "/shared/ckpt"}}, "c.yaml")
+    assert ok.run.dir == Path("runs/t") and ok.run.storage_path == "/shared/ckpt"
+
+
+def test_kiln_run_serve_without_a_model_is_an_error_line_not_a_traceback(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run:\n  name: t\n  root: {tmp_path / 'runs'}\n")
+    assert main(["run", str(config), "--serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kiln run: error: serve.model is not set and the run has no final model yet"), err
+
+
 def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
     """The duplicate-key check leaves YAML's << merges alone (the quickstart's grpo section is one)."""
     path = tmp_path / "c.yaml"
