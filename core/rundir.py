@@ -342,7 +342,7 @@ def prepare_stage(stage_dir: Path, stage: str, digest: str, force: bool,
             shutil.rmtree(stage_dir / name, ignore_errors=True)
         if storage is not None:
             remove(storage)
-        for name in ("metrics.jsonl", INPUTS, "started.json"):
+        for name in ("metrics.jsonl", "eval.json", INPUTS, "started.json"):  # "eval.json": the RL stages'
             (stage_dir / name).unlink(missing_ok=True)
     if started.exists() and (was := _read_record(started).get("config_digest")) != digest:
         if was == _RESETTING:

@@ -53,13 +53,15 @@ class StageData:
         marker: its ``stage.json`` (None: not finished).
         records: per-step metric records, sorted by step, one per step.
         report: the data stage's ``data_report.json``; ``ppo/eval.json`` for PPO; ``eval/summary.json``
-            for the evaluation.
+            for the evaluation (the RL stages' and the evaluation's only once they are finished).
+        started: it has begun (its folder holds anything), measured or not.
     """
 
     name: str
     marker: dict[str, Any] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    started: bool = False
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -69,7 +71,7 @@ class StageData:
     def status(self) -> str:
         if self.marker is not None:
             return "finished"
-        return "not finished" if self.records or self.report else "not run"
+        return "not finished" if self.records or self.report or self.started else "not run"
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """Steps and values of ``key`` over the records that have it as a number."""
@@ -151,14 +153,20 @@ def _read_eval_summary(path: Path) -> dict[str, Any] | None:
 
 def load_run(run_dir: Path) -> dict[str, StageData]:
     """Every stage's inputs, read and checked (see the module docstring), keyed by stage name."""
-    stages = {name: StageData(name, marker=read_json(run_dir / name / STAGE_MARKER)) for name in STAGES}
+    stages = {name: StageData(name, marker=read_json(run_dir / name / STAGE_MARKER),
+                              started=(run_dir / name).is_dir() and any((run_dir / name).iterdir()))
+              for name in STAGES}  # fmt: skip
     for name in TRAINED_STAGES:
         stages[name].records = _step_records(run_dir / name)
     data = stages["data"]
     data.report = read_json(run_dir / "data" / "data_report.json") or (data.summary or None)
+    # Held-out results count once their stage is marked: those of a stage being redone (or that
+    # failed before its marker) are the previous model's, not the one whose steps the row shows.
     for name in RL_STAGES:
-        stages[name].report = _read_eval(run_dir / name / "eval.json")
-    stages["eval"].report = _read_eval_summary(run_dir / "eval" / "summary.json")
+        if stages[name].marker is not None:
+            stages[name].report = _read_eval(run_dir / name / "eval.json")
+    if stages["eval"].marker is not None:
+        stages["eval"].report = _read_eval_summary(run_dir / "eval" / "summary.json")
     return stages
 
 
@@ -268,7 +276,7 @@ def _eval_results(summary: dict[str, Any]) -> str:
 
 
 def _results(stage: StageData) -> str:
-    if stage.status == "not run":
+    if stage.marker is None and not stage.records and not stage.report:  # not run, or nothing measured yet
         return "—"
     if stage.name == "data":
         return _data_results(stage.report) if stage.report else "—"

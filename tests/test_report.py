@@ -252,6 +252,21 @@ def test_missing_and_unfinished_stages_are_noted(tmp_path: Path) -> None:
     assert "`ppo_reward_kl.png` (ppo: not run)" in markdown and "`ppo_before_after.png` (ppo: not run)" in markdown
     assert _row(markdown, "eval") == "| eval | not run | — | — |" and "`eval_accuracy.png` (eval: not run)" in markdown
 
+    # PPO being redone (--force, a changed input): the old held-out results are not this model's,
+    # and a stage that began but measured nothing yet has still begun.
+    _write_jsonl(run / "ppo" / "metrics.jsonl", [{"event": "start", "time": 1.0}])
+    (run / "ppo" / "eval.json").write_text(json.dumps(FAKE_PPO_EVAL))
+    (run / "reward_model").mkdir()
+    (run / "reward_model" / "started.json").write_text('{"config_digest": "fake"}')
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(json.dumps(FAKE_EVAL_SUMMARY))  # no marker: a previous eval's
+    markdown = write_report(run).read_text()
+    assert _row(markdown, "ppo") == "| ppo | not finished | — | — |"
+    assert _row(markdown, "reward_model") == "| reward_model | not finished | — | — |"
+    assert _row(markdown, "eval") == "| eval | not finished | — | — |"
+    assert "`ppo_before_after.png` (ppo: no data for this plot)" in markdown
+    assert "`eval_accuracy.png` (eval: no data for this plot)" in markdown
+
     # An empty run directory still gets a report that says so.
     empty = tmp_path / "empty-run"
     empty.mkdir()

@@ -122,8 +122,9 @@ def test_a_redone_stage_forgets_its_checkpoints_under_run_storage_path(tmp_path:
     checkpoint()
     assert prepare_stage(stage_dir, "sft", "d1", False, [data], storage) is None  # a resume: kept
     assert checkpoint().is_dir()
+    (stage_dir / "eval.json").write_text("{}")  # an RL stage's held-out results, of the model being redone
     assert prepare_stage(stage_dir, "sft", "d1", True, [data], storage) is None  # --force: gone
-    assert not remote.exists()
+    assert not remote.exists() and not (stage_dir / "eval.json").exists()
     checkpoint()
     _bump(data)  # an input changed: redone as if forced
     assert prepare_stage(stage_dir, "sft", "d1", False, [data], storage) is None
