@@ -220,7 +220,8 @@ def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:
 def run_key(run_dir: Path, path: str) -> str:
     """A path as a stage records it: inside the run directory by its place there (``<run>/sft/model``),
     so that a run directory moved or copied elsewhere still knows its own upstream stages (stages
-    name them by absolute path); any other path, object-store URIs included, as given."""
+    name them by absolute path; a copy must keep mtimes, which ``stamp`` reads above 64 MiB); any
+    other path, object-store URIs included, as given."""
     if "://" in path:
         return path
     try:
