@@ -469,3 +469,22 @@ def test_the_train_loop_entry_imports_nothing_heavy() -> None:
             "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules); "
             "assert not heavy, heavy")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_checkpoint_of_the_pickled_rng_format_is_refused_before_any_worker_starts(tmp_path: Path, uri: bool) -> None:
+    """Checkpoints written before random states were JSON hold rng-rank*.pt: each worker failed
+    on the missing rng-rank*.json with a bare FileNotFoundError, retried max_failures times."""
+    from pipelines.train.trainer import check_resumable
+
+    train = tmp_path / "ray" / "train"
+    where = f"file://{train}" if uri else str(train)
+    check_resumable(where)  # no checkpoint yet
+    (train / "step-00000004").mkdir(parents=True)
+    (train / "step-00000004" / "rng-rank0.json").write_text("{}")
+    (train / "checkpoint_manager_snapshot.json").write_text("{}")
+    check_resumable(where)  # today's format
+    (train / "step-00000008").mkdir()
+    (train / "step-00000008" / "rng-rank0.pt").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match=r"step-00000008 is a checkpoint of an older kiln .* rerun the stage with --force"):
+        check_resumable(where)

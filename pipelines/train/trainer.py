@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from cluster.config import RayConfig
 from cluster.runtime import init_ray
+from core.locations import resolve
 from core.metrics import read_metrics
 from core.progress import StageProgress
 from core.rundir import atomic_dir
@@ -90,6 +92,25 @@ def check_inputs(job: TrainJob) -> None:
         raise ValueError(f"{job.stage}: sequences of {seq_len} tokens exceed the model's max_position_embeddings ({max_positions})")
 
 
+def check_resumable(train_storage: str) -> None:
+    """Refuse, before any worker starts, checkpoints that kiln cannot resume: those written before
+    random states were saved as JSON (``rng-rank*.pt``, pickles that ``core.checkpoint`` does not
+    load). Each worker would fail on them, and Ray Train retry it ``max_failures`` times.
+
+    Raises:
+        ValueError: naming the checkpoint and the way out (``--force``).
+    """
+    fs, root = resolve(train_storage)
+    for ckpt in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if ckpt.type != pafs.FileType.Directory or not ckpt.base_name.startswith("step-"):
+            continue
+        names = {f.base_name for f in fs.get_file_info(pafs.FileSelector(ckpt.path))}
+        if "rng-rank0.pt" in names and "rng-rank0.json" not in names:
+            raise ValueError(f"{storage.display(train_storage, fs, ckpt.path)} is a checkpoint of an older kiln "
+                             "(its random states are pickles, rng-rank*.pt) and cannot be resumed; rerun the "
+                             "stage with --force")  # fmt: skip
+
+
 def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
     """Train (or resume) with Ray Train and copy the exported HF model to ``<stage_dir>/model``.
 
@@ -98,8 +119,10 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
         ray.train.TrainingFailedError: workers failed more than ``max_failures`` times.
     """
     check_inputs(job)
-    init_ray(ray_cfg)
     stage_dir = Path(job.stage_dir)
+    train_storage = job.storage_path or str(stage_dir / "ray")
+    check_resumable(storage.join(train_storage, "train"))
+    init_ray(ray_cfg)
     cfg = job.train
     t0 = time.perf_counter()
     os.environ.setdefault(POLL_ENV, POLL_S)
@@ -114,7 +137,7 @@ def fit(job: TrainJob, ray_cfg: RayConfig) -> TrainOutcome:
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=job.storage_path or str(stage_dir / "ray"),
+            storage_path=train_storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
