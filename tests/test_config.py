@@ -164,8 +164,10 @@ def test_kiln_run_serve_without_a_model_is_an_error_line_not_a_traceback(tmp_pat
     config = tmp_path / "c.yaml"
     config.write_text(f"run:\n  name: t\n  root: {tmp_path / 'runs'}\n")
     assert main(["run", str(config), "--serve"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("kiln run: error: serve.model is not set and the run has no final model yet"), err
+    err = capsys.readouterr().err  # Ray's own lines too, when an earlier test started it in this process
+    assert "Traceback" not in err, err
+    assert any(line.startswith("kiln run: error: serve.model is not set and the run has no final model yet")
+               for line in err.splitlines()), err
 
 
 def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
