@@ -155,9 +155,10 @@ class PpoConfig(Section):
     checkpoint_every_steps: int = Field(default=10, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     # Dead actors the run survives (any role: a learner or critic rank, the reference, the reward
-    # scorer, a rollout actor past rollout.max_restarts): each time the controller kills the other
-    # actors, starts them all again and resumes from the latest checkpoint (the steps since are
-    # replayed exactly). One more ends the run; 0: the first ends it.
+    # scorer, a rollout actor past rollout.max_restarts): each time the controller restarts the
+    # dead actor's group (every actor before the first checkpoint), keeps the rest, and resumes
+    # from the latest checkpoint (the steps since are replayed exactly). One more ends the run; 0:
+    # the first ends it.
     max_failures: int = Field(default=3, ge=0)
     # How Ray places the actors: DEFAULT (the local node first, then others as it fills) or
     # SPREAD (over the cluster's nodes, e.g. to use every machine's CPUs).
