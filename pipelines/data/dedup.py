@@ -31,18 +31,17 @@ def empty_map() -> dict[str, np.ndarray]:
 
 def partition_pairs(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """All pairs sharing a key within one shuffle partition (a key never spans partitions): exact
-    pairs share all 128 bits of the content hash (``key`` and ``check``), candidates an LSH key.
+    pairs share all 128 bits of the content hash (``exact_key`` and ``exact_check``), candidates an
+    LSH key (``near_key``); ``slices`` are ``parts.split_by_partition``'s, one per part.
 
     Returns:
         exact pairs (E0, 2) and LSH candidate pairs (E1, 2), int64, smaller id first.
     """
-    key = np.concatenate([s["key"] for s in slices])
-    check = np.concatenate([s["check"] for s in slices])
-    ids = np.concatenate([s["id"] for s in slices])
-    kind = np.concatenate([s["kind"] for s in slices])
-    exact, near = kind == 0, kind == 1
-    return (bucket_pairs(np.stack([key[exact], check[exact]], axis=1), ids[exact]),
-            bucket_pairs(key[near], ids[near]))  # fmt: skip
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([s[name] for s in slices])
+
+    exact_keys = np.stack([column("exact_key"), column("exact_check")], axis=1)
+    return bucket_pairs(exact_keys, column("exact_id")), bucket_pairs(column("near_key"), column("near_id"))
 
 
 group_partition = ray.remote(num_cpus=1)(partition_pairs)

@@ -119,32 +119,33 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
 
 def group_keys(ids: np.ndarray, content_hash: np.ndarray, band_key: np.ndarray, exact: bool,
                near: bool) -> dict[str, np.ndarray]:  # fmt: skip
-    """Rows to group on: the content hash (kind 0) and, if near, one LSH key per band (kind 1).
-    The kind is mixed into the key, so one shuffle serves both groupings; ``check`` holds the
-    content hash's other 64 bits (zero for LSH keys), which exact grouping compares too."""
-    keys, checks = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
-    owners, kinds = [np.zeros(0, np.int64)], [np.zeros(0, np.int8)]
-    if exact:
-        keys.append(content_hash[:, 0])
-        checks.append(content_hash[:, 1])
-        owners.append(ids)
-        kinds.append(np.zeros(ids.size, dtype=np.int8))
-    if near:
-        keys.append(band_key.reshape(-1))
-        checks.append(np.zeros(band_key.size, np.uint64))
-        owners.append(np.repeat(ids, band_key.shape[1]))
-        kinds.append(np.ones(band_key.size, dtype=np.int8))
-    kind = np.concatenate(kinds)
-    return {"key": mix64(np.concatenate(keys) ^ kind.astype(np.uint64)), "check": np.concatenate(checks),
-            "id": np.concatenate(owners), "kind": kind}
+    """Rows to group on, two kinds in one shuffle: ``exact_*`` (if exact) one per document, keyed on
+    the content hash's first 64 bits with the other 64 as ``exact_check`` (exact grouping compares
+    both); ``near_*`` (if near) one per document and band, keyed on its LSH key. Keys are mixed
+    with their kind (0 / 1), so the two kinds spread over the partitions independently."""
+    none_u, none_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return {
+        "exact_key": mix64(content_hash[:, 0]) if exact else none_u,
+        "exact_check": content_hash[:, 1] if exact else none_u,
+        "exact_id": ids if exact else none_i,
+        "near_key": mix64(band_key.reshape(-1) ^ np.uint64(1)) if near else none_u,
+        "near_id": np.repeat(ids, band_key.shape[1]) if near else none_i,
+    }
 
 
 def split_by_partition(rows: dict[str, np.ndarray], partitions: int) -> list[dict[str, np.ndarray]]:
-    """``rows`` cut into ``partitions`` slices by key: equal keys always land in one slice."""
-    which = (rows["key"] % np.uint64(partitions)).astype(np.int64)
-    order = np.argsort(which, kind="stable")
-    bounds = np.searchsorted(which[order], np.arange(partitions + 1))
-    return [{k: v[order[bounds[p] : bounds[p + 1]]] for k, v in rows.items()} for p in range(partitions)]
+    """``group_keys``' rows cut into ``partitions`` slices by key, each kind (``exact_*``, ``near_*``)
+    on its own ``<kind>_key``: equal keys always land in one slice."""
+    slices: list[dict[str, np.ndarray]] = [{} for _ in range(partitions)]
+    for kind in ("exact", "near"):
+        which = (rows[f"{kind}_key"] % np.uint64(partitions)).astype(np.int64)
+        order = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[order], np.arange(partitions + 1))
+        for name in (n for n in rows if n.startswith(f"{kind}_")):
+            column = rows[name][order]
+            for p in range(partitions):
+                slices[p][name] = column[bounds[p] : bounds[p + 1]]
+    return slices
 
 
 def _table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
