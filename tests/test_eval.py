@@ -248,6 +248,30 @@ def test_an_older_record_is_adopted_not_redone(
     assert json.loads(marker.read_text())["config_digest"] == stage.eval_digest(older, inputs, targets, False)
 
 
+def test_an_evaluation_redone_for_changed_models_forgets_the_old_one_before_it_starts(
+    evaluated: tuple[KilnConfig, dict[str, Any], float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SFT model retrained: the evaluation is redone without --force; if that fails, the report
+    must not show the old models' table as the finished evaluation."""
+    from pipelines.report import load_run
+
+    cfg, _, _ = evaluated
+    root = cfg.run.dir.parent
+    shutil.copytree(cfg.run.dir, root / "retrained")
+    redo = _config(root, "retrained")
+    with (redo.run.dir / "sft" / "model" / "config.json").open("a") as f:
+        f.write("\n")  # other bytes: another model as far as the stamps go
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "start_generators", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(redo)
+    assert not (redo.run.dir / "eval" / STAGE_MARKER).exists()
+    assert load_run(redo.run.dir)["eval"].status == "not finished"
+
+
 def test_changed_stage_models_are_evaluated_again_but_another_setup_is_refused(tmp_path: Path) -> None:
     """A stage added (a config extending this one), a model retrained or a data file edited: `kiln
     run` evaluates again; another eval set-up or another --models list still needs --force."""

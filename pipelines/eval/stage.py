@@ -47,6 +47,7 @@ from core.rundir import (
     mark_finished,
     run_key,
     stamp,
+    unmark,
 )
 from pipelines.config import KilnConfig
 from pipelines.data.storage import shard_files, shards_location
@@ -408,6 +409,7 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
         if _redo_without_force(stage_dir, digest, custom):
             print(f"kiln eval: the models or the data changed since {stage_dir} was written (a stage added, a "
                   "model retrained, a prompts or data file edited); evaluating again", flush=True)  # fmt: skip
+            unmark(stage_dir)  # as --force: an evaluation that fails now leaves no finished stale one
         else:
             raise StageConfigChanged(
                 f"{stage_dir} holds an evaluation of other models (another --models list) or under another eval "
