@@ -165,7 +165,12 @@ def first_batch(model_dir: Path, prompts_path: Path, p: Any) -> tuple[list[list[
 
 
 def rollout_vllm(model_dir: Path, prompt_ids: list[list[int]], p: Any, max_model_len: int, repeats: int) -> dict[str, Any]:
-    """vLLM tokens/s with the rollout actor's engine arguments; exactly ``max_response_tokens`` per sample."""
+    """vLLM tokens/s with the rollout actor's engine arguments; exactly ``max_response_tokens`` per sample.
+
+    The engine core runs in a process of its own (vLLM's default), where the rollout actor runs it
+    in the actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): in this benchmark's process,
+    after its other imports, vLLM 0.32's in-process engine fails at start-up (its CPU platform's
+    triton kernel override). The step's own "generate" row is the real actor's."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
     engine, n = p.rollout.engine, p.max_response_tokens
