@@ -18,6 +18,9 @@ earliest document of its connected component of duplicate edges), and includes s
   place of the default SHA-1; ``shingle_set`` (the one shared Python shingler) on every text inside ``MinHash.generator``,
   each kept as ``LeanMinHash``; all inserted through ``MinHashLSH.insertion_session``; one ``query``
   each (every candidate is a duplicate edge, unverified); components.
+* ``datasketch x2`` (not a baseline): the same on both cores, as a user would spread it: a pool
+  of two processes reads, shingles and sketches one shard at a time; this process indexes the
+  sketches in stream order as they arrive. Its ratio is still against one-process datasketch.
 * ``rensa`` (0.5.0, Rust, one core here), its dedup API ``RMinHashDeduplicator`` with LSH, per
   batch of 4,096: ``shingle_set`` on every text, ``RMinHash.from_token_sets``, ``add_pairs`` (drops
   a document whose sketch estimate against an indexed one is >= 0.8), ``get_duplicate_sets`` of the
@@ -158,6 +161,57 @@ def run_datasketch(corpus: Corpus) -> MethodRun:
     dropped, kept = duplicate_map(edges)
     seconds, peak = time.perf_counter() - t, _high_water_mb()
     return MethodRun(seconds, startup, peak, peak, dropped, kept)
+
+
+def _datasketch_shard(path: str) -> tuple[np.ndarray, str, float]:
+    """One shard read, shingled and sketched by datasketch (MurmurHash3), in a pool worker: its
+    documents' hash values (docs, NUM_PERM), their scheme, and the worker's peak RSS in MB so far."""
+    import mmh3
+    from datasketch import MinHash
+
+    murmur = functools.partial(mmh3.hash, signed=False)
+    with open(path, "rb") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    sketches = list(MinHash.generator(map(shingle_set, texts), num_perm=NUM_PERM, seed=SEED, hashfunc=murmur))
+    if not sketches:
+        return np.zeros((0, NUM_PERM), np.uint64), "", _high_water_mb()
+    return np.stack([m.hashvalues for m in sketches]), sketches[0].scheme, _high_water_mb()
+
+
+def _datasketch_worker_ready(_: int) -> int:
+    import mmh3  # noqa: F401  (the imports are start-up, as the other peers' are)
+    import datasketch  # noqa: F401
+
+    time.sleep(0.2)  # both workers up, not one task run twice
+    return os.getpid()
+
+
+def run_datasketch_2(corpus: Corpus) -> MethodRun:
+    """datasketch on both cores, as a user would spread it: a pool of two processes reads, shingles
+    and sketches one shard at a time (MurmurHash3), and this process indexes the sketches in
+    stream order as they come (LeanMinHash, one insertion session, one query each)."""
+    t = time.perf_counter()
+    from datasketch import LeanMinHash, MinHashLSH
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_datasketch_worker_ready, range(2)))
+        startup = time.perf_counter() - t
+        t = time.perf_counter()
+        lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, params=(BANDS, ROWS))
+        sketches: list[Any] = []
+        worker_peaks: list[float] = []
+        with lsh.insertion_session() as session:
+            for values, scheme, peak in pool.map(_datasketch_shard, map(str, sorted(corpus.shard_dir.glob("*.jsonl")))):
+                worker_peaks.append(peak)
+                for row in values:
+                    m = LeanMinHash(seed=SEED, hashvalues=row, scheme=scheme)
+                    session.insert(len(sketches), m, check_duplication=False)
+                    sketches.append(m)
+        edges = [(c, i) for i, m in enumerate(sketches) for c in lsh.query(m) if c < i]
+        dropped, kept = duplicate_map(edges)
+        seconds, peak = time.perf_counter() - t, _high_water_mb()
+    # The two workers' peaks at most (each shard's report is its worker's peak so far).
+    return MethodRun(seconds, startup, peak, peak + 2 * max(worker_peaks, default=0.0), dropped, kept)
 
 
 def run_rensa(corpus: Corpus) -> MethodRun:
@@ -371,7 +425,8 @@ def true_pairs_sample(corpus: Corpus, texts: list[str], cache: dict[tuple[int, i
 
 # --peers names; the stage's one run gives two rows, NEAR_DEDUP and STAGE.
 PEERS: dict[str, Callable[..., MethodRun]] = {
-    "datasketch": run_datasketch, "rensa": run_rensa, "kiln kernel": run_kiln_kernel, STAGE: run_kiln_stage,
+    "datasketch": run_datasketch, "datasketch x2": run_datasketch_2, "rensa": run_rensa,
+    "kiln kernel": run_kiln_kernel, STAGE: run_kiln_stage,
 }
 
 

@@ -53,6 +53,15 @@ def test_peer_finds_planted_copies(peer: str, tmp_path) -> None:
     assert np.all(run.kept < run.dropped)  # each dropped document points at its cluster's earliest
 
 
+def test_two_process_datasketch_finds_what_datasketch_finds(tmp_path) -> None:
+    """The peer on both cores (a pool sketches shards, this process indexes) decides as the
+    one-process recipe does: the same hash, the same sketches, the same LSH."""
+    corpus = bench.generate_corpus(600, tmp_path, docs_per_shard=150)
+    one, two = bench.PEERS["datasketch"](corpus), bench.PEERS["datasketch x2"](corpus)
+    assert np.array_equal(one.dropped, two.dropped) and np.array_equal(one.kept, two.kept)
+    assert _planted_recall(two, corpus) >= 0.9 and two.cluster_peak_mb > two.driver_peak_mb > 0
+
+
 def _row(method: str, docs: int, seconds: float, detail: dict | None = None) -> bench.Row:
     run = bench.MethodRun(seconds, 0.5, 100.0, 150.0, np.zeros(0, np.int64), np.zeros(0, np.int64), detail or {})
     return bench.Row(method, docs, run, bench.Quality(0.95, 0.9, 10, 10))
