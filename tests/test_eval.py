@@ -367,9 +367,29 @@ def test_model_entry_statistics_are_per_prompt() -> None:
     # pass@4 with n = k = 4 is "any of the 4 right": prompts 1, 3, 4.
     assert entry["pass_at_k"] == 0.75
     assert entry["sampled_accuracy"] == pytest.approx((0.5 + 0 + 1 + 0.25) / 4)
-    assert entry["sampled_accuracy_ci95"] == pytest.approx(list(mean_interval([0.5, 0.0, 1.0, 0.25])))
+    low, high = mean_interval([0.5, 0.0, 1.0, 0.25])  # t spills past both ends here: kept in [0, 1]
+    assert low < 0 < 1 < high and entry["sampled_accuracy_ci95"] == [0.0, 1.0]
+    assert entry["pass_at_k_ci95"] == list(wilson_interval(3, 4))  # each prompt's pass@k is 0 or 1
     assert entry["kl_to_ref"] == 0.25 and entry["rm_score_mean"] is None and entry["rm_score_mean_ci95"] is None
     assert entry["val_perplexity"] == 12.5 and entry["reward_mean"] == 0.5
+
+
+def test_rate_intervals_stay_in_0_1_and_do_not_collapse() -> None:
+    """pass@k and the sampled accuracy are means of per-prompt rates: 19 prompts all right and one
+    all wrong gave [0.845, 1.055] with Student's t, and every prompt right gave [1.0, 1.0]."""
+    def entry(sampled: list[int]) -> dict:
+        n = len(sampled)
+        return model_entry(ModelScores("m", "/m", n, [True] * n, sampled, 8, None, None, None, None, "started"))
+
+    mixed = entry([8] * 19 + [0])
+    for key in ("pass_at_k_ci95", "sampled_accuracy_ci95"):
+        assert mixed[key] == pytest.approx(list(wilson_interval(19, 20)))
+        assert 0.0 <= mixed[key][0] <= mixed[key][1] <= 1.0
+    perfect = entry([8] * 20)
+    assert perfect["pass_at_k_ci95"][0] < 1.0 and perfect["sampled_accuracy_ci95"][0] < 1.0
+    partial = entry([4, 8, 6, 7, 8])  # rates between 0 and 1: Student's t, inside [0, 1]
+    low, high = mean_interval([0.5, 1.0, 0.75, 0.875, 1.0])
+    assert partial["sampled_accuracy_ci95"] == pytest.approx([low, min(1.0, high)])
 
 
 def test_comparison_pairs_and_pairwise_accuracy() -> None:

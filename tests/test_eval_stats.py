@@ -21,6 +21,7 @@ from pipelines.eval.stats import (
     mean_interval,
     paired_mean_test,
     pass_at_k,
+    proportion_mean_interval,
     welch_test,
     wilson_interval,
 )
@@ -249,11 +250,24 @@ def test_paired_mean_test_sign_follows_b_minus_a() -> None:
 def test_paired_mean_test_identical_and_degenerate() -> None:
     assert paired_mean_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 1.0)
     assert paired_mean_test([0.5], [0.5]) == (0.0, 1.0)
-    assert paired_mean_test([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == (1.0, 0.0)
+    # The same difference on every pair: t is undefined; the exact sign-flip test gives 2 / 2**n
+    # (two pairs that agree are no evidence at all), never a certain 0.
+    assert paired_mean_test([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == (1.0, 0.25)
+    assert paired_mean_test([0.0, 0.0], [1.0, 1.0]) == (1.0, 0.5)
+    assert paired_mean_test([0.0] * 10, [-1.0] * 10) == (-1.0, pytest.approx(2 / 1024))
     delta, p = paired_mean_test([1.0], [3.0])
     assert delta == 2.0 and math.isnan(p)
     delta, p = paired_mean_test([], [])
     assert math.isnan(delta) and math.isnan(p)
+
+
+def test_proportion_mean_interval_wilson_for_0_1_rates_and_clipped_t_otherwise() -> None:
+    assert proportion_mean_interval([1.0] * 5 + [0.0] * 5) == wilson_interval(5, 10)
+    low, high = proportion_mean_interval([0.9, 1.0, 1.0, 0.95])
+    assert high == 1.0 and low == pytest.approx(mean_interval([0.9, 1.0, 1.0, 0.95])[0])
+    assert all(math.isnan(x) for x in proportion_mean_interval([]))
+    with pytest.raises(ValueError, match=r"\[0, 1\].*1\.5"):
+        proportion_mean_interval([0.5, 1.5])
 
 
 def test_paired_mean_test_length_mismatch_names_both_lengths() -> None:

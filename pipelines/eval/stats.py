@@ -7,11 +7,15 @@ comes with an interval or a test:
   inside [0, 1] and keeps its coverage near 0 and 1, where the normal (Wald) interval collapses to
   zero width (0/20 would "prove" an accuracy of exactly 0) or spills outside [0, 1].
 - ``mean_interval``: a mean score (a reward), with Student's t, which is right for small samples.
+- ``proportion_mean_interval``: a mean of per-prompt rates in [0, 1] (pass@k, the share of right
+  samples): Wilson when every rate is 0 or 1 (then it is a proportion of prompts), otherwise
+  Student's t kept inside [0, 1].
 - ``mcnemar_exact``: two models graded on the *same* prompts. The pairs are not independent, so
   comparing two Wilson intervals is wrong (and weak); McNemar's exact test uses only the
   discordant pairs (one right, the other wrong), which is where the difference lives.
 - ``pass_at_k``: the unbiased pass@k estimator of Chen et al. 2021 from n samples with c correct.
-- ``paired_mean_test``: two models' scores on the same prompts, with a paired t-test.
+- ``paired_mean_test``: two models' scores on the same prompts, with a paired t-test (an exact
+  sign-flip test when every pair differs by the same amount, where t is undefined).
 """
 
 from __future__ import annotations
@@ -71,6 +75,29 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     sem = float(x.std(ddof=1)) / math.sqrt(x.size)
     half = float(stats.t.ppf(0.5 + confidence / 2.0, df=x.size - 1)) * sem
     return mean - half, mean + half
+
+
+def proportion_mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the mean of per-item rates, each in [0, 1] (a prompt's pass@k, its
+    share of right samples).
+
+    When every rate is 0 or 1 the mean is a proportion of items and gets the Wilson interval: the
+    t interval would spill past 1 (19 prompts right and one wrong: [0.845, 1.055]) or collapse to
+    zero width when all items agree. Otherwise it is ``mean_interval`` kept inside [0, 1].
+
+    Returns:
+        ``(low, high)`` in [0, 1]; ``(nan, nan)`` with no values.
+
+    Raises:
+        ValueError: a rate outside [0, 1].
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size and not np.all((x >= 0.0) & (x <= 1.0)):
+        raise ValueError(f"rates must lie in [0, 1], got values from {x.min()} to {x.max()}")
+    if x.size and np.all((x == 0.0) | (x == 1.0)):
+        return wilson_interval(int(x.sum()), int(x.size), confidence)
+    low, high = mean_interval(x, confidence)
+    return (low, high) if x.size == 0 else (max(0.0, low), min(1.0, high))
 
 
 def _check_paired(a: Sequence[object], b: Sequence[object]) -> None:
@@ -147,7 +174,9 @@ def paired_mean_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, flo
 
     Returns:
         ``(mean of b - a, two-sided p-value)``. Identical inputs give ``(0.0, 1.0)``; a constant
-        nonzero difference gives p 0.0; fewer than two pairs give p nan (and no pairs a nan mean).
+        nonzero difference over n pairs (no spread: t is undefined) gives the exact sign-flip
+        test's ``2 / 2**n``, the chance that n fair coin flips all agree, not a certainty; fewer
+        than two pairs give p nan (and no pairs a nan mean).
     """
     _check_paired(a, b)
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
@@ -159,7 +188,7 @@ def paired_mean_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, flo
     if d.size < 2:
         return mean, math.nan
     if np.all(d == d[0]):
-        return mean, 0.0
+        return mean, min(1.0, 2.0 * 0.5**d.size)
     return mean, float(stats.ttest_rel(b, a).pvalue)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.eval.stats import mcnemar_exact, mean_interval, pass_at_k, wilson_interval
+from pipelines.eval.stats import mcnemar_exact, mean_interval, pass_at_k, proportion_mean_interval, wilson_interval
 
 
 @dataclass
@@ -53,10 +53,11 @@ def _interval(low_high: tuple[float, float]) -> list[float] | None:
     return None if any(math.isnan(x) for x in low_high) else [float(low_high[0]), float(low_high[1])]
 
 
-def _mean(values: Sequence[float] | None) -> tuple[float | None, list[float] | None]:
+def _mean(values: Sequence[float] | None, rates: bool = False) -> tuple[float | None, list[float] | None]:
+    """The mean and its 95 % interval; ``rates``: values in [0, 1], an interval that stays there."""
     if not values:
         return None, None
-    return float(np.mean(values)), _interval(mean_interval(values))
+    return float(np.mean(values)), _interval((proportion_mean_interval if rates else mean_interval)(values))
 
 
 def model_entry(m: ModelScores) -> dict[str, Any]:
@@ -68,8 +69,9 @@ def model_entry(m: ModelScores) -> dict[str, Any]:
         entry["task_accuracy"] = right / n
         entry["task_accuracy_ci95"] = list(wilson_interval(right, n))
         per_prompt = [pass_at_k(m.k, c, m.k) for c in m.sampled_correct]
-        entry["pass_at_k"], entry["pass_at_k_ci95"] = _mean(per_prompt)
-        entry["sampled_accuracy"], entry["sampled_accuracy_ci95"] = _mean([c / m.k for c in m.sampled_correct])
+        entry["pass_at_k"], entry["pass_at_k_ci95"] = _mean(per_prompt, rates=True)
+        entry["sampled_accuracy"], entry["sampled_accuracy_ci95"] = _mean([c / m.k for c in m.sampled_correct],
+                                                                          rates=True)  # fmt: skip
     else:
         entry.update(dict.fromkeys(("task_accuracy", "task_accuracy_ci95", "pass_at_k", "pass_at_k_ci95",
                                     "sampled_accuracy", "sampled_accuracy_ci95")))  # fmt: skip
