@@ -45,6 +45,10 @@ def test_ranges_and_cross_field_rules() -> None:
            "rollout": {"engine": {"max_model_len": 80}}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"rollout.engine.max_model_len \(80\) is shorter than max_prompt_tokens"):
         parse_config({**MINIMAL, "ppo": ppo})
+    # Found in review: vLLM refused a long prompt mid-evaluation, and cut shorter ones' responses.
+    with pytest.raises(ConfigError, match=r"eval: .*engine.max_model_len \(64\) is shorter than max_prompt_tokens"):
+        parse_config({**MINIMAL, "eval": {"engine": {"max_model_len": 64}}})
+    assert parse_config({**MINIMAL, "eval": {"engine": {"max_model_len": 160}}}).eval is not None
 
 
 def test_rlhf_section_is_reward_model_only() -> None:

@@ -7,7 +7,7 @@ set.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.config import EngineConfig, Section
 
@@ -60,3 +60,13 @@ class EvalConfig(Section):
         if value is not None and value.count(":") != 1:
             raise ValueError(f"expected 'module:function', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _room(self) -> "EvalConfig":
+        # vLLM refuses a prompt that fills the context mid-evaluation and cuts a response short
+        # without a word (graded wrong): every kept prompt must have room for a whole response.
+        room = self.engine.max_model_len
+        if room is not None and room < self.max_prompt_tokens + self.max_response_tokens:
+            raise ValueError(f"engine.max_model_len ({room}) is shorter than max_prompt_tokens + max_response_tokens "
+                             f"({self.max_prompt_tokens} + {self.max_response_tokens})")  # fmt: skip
+        return self
