@@ -229,7 +229,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained: dict[str, Any], wo
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from core.jsonl import read_jsonl
-    from pipelines.train.datasets import preference_rows, split_validation
+    from pipelines.train.datasets import preference_rows, prompt_key, split_validation
 
     summary = trained["reward_model"]
     losses = _losses(trained["cfg"].run.dir / "reward_model")
@@ -240,7 +240,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained: dict[str, Any], wo
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     records = [(str(n), r) for n, r in read_jsonl(workspace["corpus"] / "preferences.jsonl")]
-    _, held_out = split_validation(records, 0.2)
+    _, held_out = split_validation(records, 0.2, key=prompt_key)  # as the stage holds them out
 
     def accuracy(pairs: list[tuple[str, dict[str, Any]]]) -> float:
         rows, _ = preference_rows(tok, pairs, seq_len=96, overlong="truncate")

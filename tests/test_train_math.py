@@ -20,7 +20,7 @@ from core.config import ConfigError
 from core.jsonl import BadRecord
 from pipelines.config import load_config, parse_config
 from pipelines.train.config import ModelConfig, TrainConfig
-from pipelines.train.datasets import encode_chat, preference_rows, sft_rows, split_validation, write_rows
+from pipelines.train.datasets import encode_chat, preference_rows, prompt_key, sft_rows, split_validation, write_rows
 from pipelines.train.losses import (
     IGNORE,
     accumulation_weight,
@@ -207,6 +207,24 @@ def test_bad_preference_records_name_file_and_line(tok, record: dict, problem: s
     for encode in (preference_rows, dpo_rows):
         with pytest.raises(BadRecord, match=problem):
             encode(tok, [("p:3", record)], seq_len=32, overlong="truncate")
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"prompt": 5, "response": "x"}, "s:7: prompt must be a string, got int"),
+        ({"prompt": "q", "response": None}, "s:7: response must be a string, got NoneType"),
+        ({"prompt": "q", "response": " \n"}, "s:7: response is empty"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+         r"s:7: messages\[1\] \(assistant\) is empty"),
+    ],
+)
+def test_bad_sft_records_name_the_field(tok, record: dict, problem: str) -> None:  # noqa: ANN001
+    """Found in review: a number or null as prompt / response was reported as a bad 'messages' (a
+    key the record does not have), and an empty response became a row that trains only the
+    end-of-turn token: the model learnt to answer nothing."""
+    with pytest.raises(BadRecord, match=problem):
+        sft_rows(tok, [("s:7", record)], seq_len=40, overlong="truncate", packing=False)
 
 
 def test_a_template_that_refuses_a_record_or_a_tokenizer_without_pad_is_named(tiny_tokenizer_dir: Path) -> None:
@@ -399,6 +417,28 @@ def test_split_validation_is_deterministic() -> None:
     assert val == list(range(9, 100, 10))  # 1/k: every k-th item, as before
     # Any other fraction is held out as written (it was every round(1/f)-th: 0.4 held out half).
     assert [len(split_validation(list(range(1000)), f)[1]) for f in (0.4, 0.3, 0.333, 0.02)] == [400, 300, 333, 20]
+
+
+def test_split_validation_keeps_every_record_of_a_prompt_on_one_side() -> None:
+    """Found in review: held out by record, 93 % of the quickstart's SFT validation prompts (65 %
+    of its records, byte for byte) were also trained on, so the held-out loss measured recall."""
+    sft = [(f"s:{i}", {"prompt": f"q{i % 7}", "response": f"a{i}"}) for i in range(100)]
+    chats = [(f"c:{i}", {"messages": [{"role": "user", "content": f"q{i % 5}"},
+                                      {"role": "assistant", "content": f"a{i}"}]}) for i in range(50)]  # fmt: skip
+    pairs = [(f"p:{i}", {"prompt": [{"role": "user", "content": f"q{i % 9}"}], "chosen": "a", "rejected": "b"})
+             for i in range(90)]  # fmt: skip
+    for records in (sft, chats, pairs):
+        train, val = split_validation(records, 0.3, key=prompt_key)
+        seen = {prompt_key(r) for r in train}
+        assert val and train and not seen & {prompt_key(r) for r in val}
+        assert sorted(train + val) == sorted(records)
+    # 7 distinct prompts, 0.3 of them held out as written: groups 3 and 6 (numbered from 0).
+    assert {r["prompt"] for _, r in split_validation(sft, 0.3, key=prompt_key)[1]} == {"q3", "q6"}
+    # Distinct prompts: the split is the record split it always was; a record of no known shape
+    # is its own group.
+    distinct = [(f"d:{i}", {"prompt": f"q{i}", "response": "a"}) for i in range(100)]
+    assert split_validation(distinct, 0.1, key=prompt_key) == split_validation(distinct, 0.1)
+    assert prompt_key(("x:1", 5)) != prompt_key(("x:2", 5))
 
 
 # --- data order ----------------------------------------------------------------------------------

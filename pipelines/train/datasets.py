@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -70,12 +70,19 @@ def to_messages(record: dict[str, Any], where: str) -> list[Message]:
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "response" in record:
+        for key in ("prompt", "response"):  # named here: check_messages would name 'messages'
+            if not isinstance(record[key], str):
+                raise BadRecord(f"{where}: {key} must be a string, got {type(record[key]).__name__}")
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     else:
         raise BadRecord(f"{where}: needs 'messages' or 'prompt' and 'response' (got keys {sorted(record)})")
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant message to learn from")
+    # An empty answer would train only its end-of-turn token: the model learns to say nothing.
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise BadRecord(f"{where}: {'response' if 'messages' not in record else f'messages[{i}] (assistant)'} is empty")
     return messages
 
 
@@ -294,15 +301,39 @@ def dpo_rows(
     return out, stats
 
 
-def split_validation(items: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
-    """(train, validation): item i is held out where ``floor((i + 1) * fraction)`` steps up, so the
-    share held out is ``fraction`` (0.4 holds out 2 of 5, not every 2nd), spread evenly; ``1/k``
-    holds out every k-th item. In exact arithmetic: ``fraction`` as the decimal it was written."""
+def split_validation(items: list[Any], fraction: float,
+                     key: Callable[[Any], Hashable] | None = None) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """(train, validation), each in the items' order. Items are grouped by ``key`` (none: each item
+    is its own group), groups numbered by first appearance, and group g is held out where
+    ``floor((g + 1) * fraction)`` steps up: the share of groups held out is ``fraction`` (0.4 holds
+    out 2 of 5, not every 2nd), spread evenly; ``1/k`` holds out every k-th group. In exact
+    arithmetic: ``fraction`` as the decimal it was written. Items of one group are all on one
+    side, so with ``key`` = the prompt no held-out prompt is ever trained on."""
     if fraction <= 0:
         return items, []
     num, den = Fraction(str(fraction)).as_integer_ratio()
-    held = [(i + 1) * num // den > i * num // den for i in range(len(items))]
+    groups: dict[Hashable, int] = {}
+    numbers = [groups.setdefault(i if key is None else key(x), len(groups)) for i, x in enumerate(items)]
+    held = [(g + 1) * num // den > g * num // den for g in numbers]
     return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
+
+
+def prompt_key(item: tuple[str, Any]) -> Hashable:
+    """What a ``(file:line, record)``'s validation group is: its prompt (``prompt``, or a chat's
+    messages before its last assistant turn), as canonical JSON. SFT examples and preference pairs
+    often repeat a prompt (several answers, several pairs): held out by record, 93 % of the
+    quickstart's SFT validation prompts were also trained on, and the "held-out" loss measured
+    recall. A record of no known shape is a group of its own (its encoder names the problem)."""
+    where, record = item
+    if isinstance(record, dict):
+        if "prompt" in record:
+            return json.dumps(record["prompt"], sort_keys=True)
+        messages = record.get("messages")
+        if isinstance(messages, list):
+            last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                       default=len(messages))  # fmt: skip
+            return json.dumps(messages[:last], sort_keys=True, default=str)
+    return ("record", where)
 
 
 def write_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
@@ -326,13 +357,14 @@ def write_dataset(
     validation_fraction: float, add_columns: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     max_records: int | None = None,
 ) -> tuple[Path, EncodeStats, int]:
-    """Read JSONL records, hold out every k-th record, encode both parts, write ``<stage_dir>/dataset/``.
+    """Read JSONL records, hold out a share of their prompts (``split_validation`` by ``prompt_key``:
+    every record of a held-out prompt), encode both parts, write ``<stage_dir>/dataset/``.
 
     Args:
         stage_dir: the stage's folder.
         data: the JSONL file, or files read one after another (each record named ``file:line`` in errors).
         encode: records -> (rows, stats), e.g. ``sft_rows`` or ``preference_rows`` with their settings.
-        validation_fraction: share of records held out.
+        validation_fraction: share of distinct prompts held out, with all their records.
         add_columns: rows -> more columns of the same rows, computed once every record of both
             parts has encoded (DPO's reference log-probs: no model runs on a file with a bad record).
         max_records: read only the first this many records (None: all); the rest are not read.
@@ -352,7 +384,7 @@ def write_dataset(
     files = [data] if isinstance(data, Path) else data
     every = ((f"{f}:{lineno}", record) for f in files for lineno, record in read_jsonl(f))
     records = list(itertools.islice(every, max_records))
-    train_records, val_records = split_validation(records, validation_fraction)
+    train_records, val_records = split_validation(records, validation_fraction, key=prompt_key)
     train_rows, stats = encode(train_records)
     val_rows, val_stats = encode(val_records)
     for key, count in val_stats.extra.items():  # records left out (SFT's no_target): counted in both parts
