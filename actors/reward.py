@@ -47,6 +47,7 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 # Reward-function calls in a row that may time out under ``on_reward_error: skip`` before the run stops.
 MAX_TIMEOUTS_IN_A_ROW = 3
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are kept in float32
 
 
 def function_rewards(
@@ -79,6 +80,8 @@ def function_rewards(
             value = float(call_with_timeout(lambda: fn(prompt, response, **extra), timeout_s))  # noqa: B023 - called at once
             if not math.isfinite(value):
                 raise ValueError(f"returned {value}")
+            if abs(value) > _FLOAT32_MAX:  # finite in Python, but not in the float32 the rewards are kept in
+                raise ValueError(f"returned {value}, beyond float32's range")
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
             timed_out = isinstance(e, CallTimeout)
             hung = hung + 1 if timed_out else 0

@@ -334,3 +334,18 @@ def test_metric_lines_and_json_outputs_are_strict_json(tmp_path: Path) -> None:
     assert read_metrics(tmp_path) == [json.loads(line)]
     atomic_write_json(tmp_path / "s.json", {"p": float("nan"), "ci": (0.1, float("inf"))})
     assert json.loads((tmp_path / "s.json").read_text()) == {"p": None, "ci": [0.1, None]}
+
+
+def test_a_reward_beyond_float32_is_a_reward_error_named_or_skipped() -> None:
+    """Found in review: 1e39 is finite as a Python float, and storing it in the float32 rewards raised
+    torch's bare 'value cannot be converted to type float without overflow', which ended the run
+    under on_reward_error: skip too and named neither the function nor the sample."""
+    from actors.reward import RewardFunctionError, function_rewards
+
+    def huge(prompt: str, response: str) -> float:
+        return 1e39 if response == "big" else 1.0
+
+    values, valid = function_rewards(huge, "m:f", ["q", "q"], ["ok", "big"], [{}, {}], 5.0, True)
+    assert valid.tolist() == [True, False] and values.tolist() == [1.0, 0.0]
+    with pytest.raises(RewardFunctionError, match=r"reward function m:f failed on sample 1 .*beyond float32"):
+        function_rewards(huge, "m:f", ["q", "q"], ["ok", "big"], [{}, {}], 5.0, False)
