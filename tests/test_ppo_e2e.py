@@ -132,6 +132,9 @@ def test_rollout_logprobs_match_the_learner_after_every_sync(system: dict[str, A
         assert r["logprob_mismatch"] < 1e-4 and r["logprob_mismatch_max"] < 1e-3, r
     assert all(math.isfinite(r[k]) for r in system["records"] for k in ("policy_loss", "value_loss", "kl", "entropy"))
     assert [r["step"] for r in system["records"]] == [1, 2, 3, 4]
+    # The policy's and the critic's gradient norms, each its own (the critic's overwrote the policy's).
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["value_grad_norm"]) for r in system["records"])
+    assert any(r["grad_norm"] != r["value_grad_norm"] for r in system["records"])
 
 
 def test_killed_rollout_actor_is_restarted_and_resynced(system: dict[str, Any]) -> None:

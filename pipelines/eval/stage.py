@@ -67,7 +67,7 @@ from pipelines.eval.summary import ModelScores, comparison, comparison_pairs, mo
 from pipelines.eval.table import format_table
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.prompts import PromptRecord, prompt_ids, read_prompts
-from pipelines.train.modeling import check_model_dir, model_config
+from pipelines.train.modeling import check_model_dir, check_reward_model, model_config
 
 STAGE = "eval"
 # The reward scorer runs one small forward pass per model: a quarter CPU keeps it beside the
@@ -102,7 +102,8 @@ def resolve_inputs(cfg: KilnConfig) -> Inputs:
     if prompts is None:
         raise ConfigError("eval.prompts is not set and there is no ppo.eval_prompts to fall back on")
     if e.reward_model is not None:
-        reward_model: Path | None = check_model_dir(Path(e.reward_model).resolve())
+        reward_model: Path | None = check_reward_model(check_model_dir(Path(e.reward_model).resolve()),
+                                                       "eval.reward_model")  # fmt: skip
     else:
         default = (cfg.run.dir / "reward_model" / "model").resolve()
         reward_model = default if (default / "config.json").is_file() else None

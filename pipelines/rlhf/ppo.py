@@ -62,7 +62,7 @@ from pipelines.rlhf.ppo_math import (
 from pipelines.eval.scoring import metric_score
 from pipelines.rlhf.prompts import Prompt, PromptRecord, drawn_step, load_prompts, prompt_indices
 from pipelines.rlhf.trend import prompt_rewards, reward_trend
-from pipelines.train.modeling import check_context, check_lora_targets, check_model_dir
+from pipelines.train.modeling import check_context, check_lora_targets, check_model_dir, check_reward_model
 
 STAGE = "ppo"
 
@@ -295,7 +295,9 @@ def ppo_step(actors: Actors, prompts: list[Prompt], p: PpoConfig, state: State, 
     learn_refs = actors.learner.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs, loss_kl_coef))
     critic_refs = actors.critic.call(lambda r: r.update.remote(batch_ref, state.step, p.ppo_epochs)) if actors.critic else []
     learned = mean_records(ray.get(learn_refs))
-    valued = mean_records(ray.get(critic_refs)) if critic_refs else {}
+    # The critic's gradient norm under a name of its own: it overwrote the policy's grad_norm.
+    valued = {("value_grad_norm" if k == "grad_norm" else k): v
+              for k, v in (mean_records(ray.get(critic_refs)) if critic_refs else {}).items()}  # fmt: skip
     t_learn = time.perf_counter()
 
     # 6. sync
@@ -423,7 +425,8 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
     policy = check_model_dir(Path(p.policy or cfg.run.dir / "sft" / "model").resolve())
     if p.learner.lora is not None:
         check_lora_targets(p.learner.lora, policy, f"{stage}.learner.lora.target_modules")
-    reward_model = check_model_dir(Path(p.reward_model).resolve()) if p.reward_model else None
+    reward_model = (check_reward_model(check_model_dir(Path(p.reward_model).resolve()), f"{stage}.reward_model")
+                    if p.reward_model else None)  # fmt: skip
     critic_init = check_model_dir(Path(p.critic.init_from).resolve()) if p.critic.init_from else (reward_model or policy)
     if p.reward_function:
         load_function(p.reward_function)

@@ -21,6 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -85,6 +87,24 @@ def model_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def check_reward_model(model_dir: Path, where: str) -> Path:
+    """Fail early, naming ``where`` (the config key), unless ``model_dir`` is a one-label
+    sequence-classification model (a reward model): a causal LM given here loaded with a new,
+    random two-label head and failed steps later with a tensor shape error.
+
+    Raises:
+        ValueError: naming the key, the directory and what its config.json says.
+    """
+    config = model_config(model_dir)
+    architectures = config.get("architectures") or []
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures) or labels != 1:
+        raise ValueError(f"{where}: {model_dir} is not a reward model (config.json: architectures {architectures}, "
+                         f"{labels} labels); give a one-label sequence-classification model, such as the "
+                         "reward_model stage's <run>/reward_model/model")  # fmt: skip
+    return model_dir
+
+
 def check_context(model_dir: Path, tokens: int, where: str) -> None:
     """Fail early if a context of ``tokens`` (prompt + response) exceeds the model's
     ``max_position_embeddings`` (when its config.json gives one).
@@ -104,7 +124,9 @@ def build_model(
     arch: ModelConfig | None = None,
     path: str | Path | None = None,
 ) -> PreTrainedModel:
-    """A causal LM or a scalar reward model in float32, new from ``arch`` or loaded from ``path``.
+    """A causal LM or a scalar reward model in float32, new from ``arch`` (Llama) or loaded from
+    ``path`` in the architecture its config names (as the reference actor and vLLM load it: a
+    Qwen2 directory loaded as Llama lost its attention biases, and its logits moved by 0.3).
 
     A reward model loaded from a causal-LM directory keeps the trunk and gets a new score head.
     The caller seeds torch first: every data-parallel rank must build identical weights.
@@ -118,10 +140,10 @@ def build_model(
     config.pad_token_id = tokenizer.pad_token_id
     if head == "reward":
         config.num_labels = 1
-    cls = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
     if path is None:
-        return cls(config).float()
-    return cls.from_pretrained(str(path), config=config, dtype=torch.float32)
+        return (LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification)(config).float()
+    auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    return auto.from_pretrained(str(path), config=config, dtype=torch.float32)
 
 
 def save_hf_model(
