@@ -327,4 +327,4 @@ def test_outputs_to_object_storage(first_run: tuple, corpus: Path, tmp_path: Pat
     stream = RowStream(uris, ("input_ids",), seed=0, shuffle=True)
     assert stream.total == report["sequences"]["train"]
     assert stream.rows(0, np.arange(3))["input_ids"].shape == (3, 64)
-    assert validation_sequences(cfg.run.dir, 5).shape == (5, 64)
+    assert validation_sequences(location, 5).shape == (5, 64)

@@ -300,6 +300,27 @@ def test_an_edited_prompts_file_or_new_validation_shards_make_the_evaluation_sta
     assert stage.eval_digest(cfg, inputs, targets, custom=False).split("-") == before
 
 
+def test_perplexity_reads_the_shards_and_tokenizer_pretraining_read(run_root: Path, tmp_path: Path) -> None:
+    """Found in review: with pretrain.shards set, perplexity was null (or an older <run>/data's), and
+    editing the real validation shards did not make the evaluation stale."""
+    from pipelines.eval.inputs import pretraining_data, validation_sequences
+
+    shards = tmp_path / "shards"
+    rows = np.arange(4 * 8, dtype=np.int64).reshape(4, 8) % 50
+    write_rows(shards / "validation-00000.parquet", {"input_ids": rows})
+    plain = _config(run_root, "evalrun")
+    assert pretraining_data(plain) == (str(plain.run.dir / "data" / "shards"), (plain.run.dir / "tokenizer").resolve())
+    raw = plain.model_dump(mode="json", exclude_none=True)
+    cfg = parse_config({**raw, "pretrain": {"shards": str(shards), "tokenizer": str(tmp_path / "tok")}})
+    assert pretraining_data(cfg) == (str(shards), (tmp_path / "tok").resolve())
+    assert validation_sequences(pretraining_data(cfg)[0], 3).tolist() == rows[:3].tolist()
+    inputs, targets = stage.resolve_inputs(cfg), stage_models(cfg.run.dir)
+    before = stage.eval_digest(cfg, inputs, targets, custom=False).split("-")
+    time.sleep(0.01)
+    write_rows(shards / "validation-00000.parquet", {"input_ids": rows + 1})
+    assert stage.eval_digest(cfg, inputs, targets, custom=False).split("-")[2] != before[2]
+
+
 def test_missing_prompts_fail_before_any_actor(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_actor(*args: Any) -> None:
         raise AssertionError("an actor started before the inputs were checked")

@@ -97,10 +97,21 @@ def read_preferences(path: Path) -> list[PreferencePair]:
     return pairs
 
 
-def validation_sequences(run_dir: Path, count: int) -> np.ndarray | None:
-    """The first ``count`` rows of the data stage's validation shards, (N, seq_len) int64, in shard
-    order (deterministic); None when the run has no validation shards or ``count`` is 0."""
-    files = shard_files(shards_location(run_dir), "validation")  # a folder, or object storage
+def pretraining_data(cfg: Any) -> tuple[str, Path]:
+    """Where the run's pretraining read its shards (``pretrain.shards``, else the data stage's) and
+    the tokenizer they were written with (``pretrain.tokenizer``, else ``pretrain.model.path``'s,
+    else ``<run>/tokenizer``), as ``kiln pretrain`` resolves them: perplexity is measured on those
+    validation shards (with ``pretrain.shards`` set it was null, or an older run's data)."""
+    pcfg = cfg.pretrain
+    shards = pcfg.shards if pcfg is not None and pcfg.shards else shards_location(cfg.run.dir)
+    tokenizer = (pcfg.tokenizer or pcfg.model.path) if pcfg is not None else None
+    return shards, Path(tokenizer or cfg.run.dir / "tokenizer").resolve()
+
+
+def validation_sequences(location: str, count: int) -> np.ndarray | None:
+    """The first ``count`` rows of the validation shards in ``location`` (``pretraining_data``),
+    (N, seq_len) int64, in shard order (deterministic); None when there are none or ``count`` is 0."""
+    files = shard_files(location, "validation")  # a folder, or object storage
     if not files or count == 0:
         return None
     rows: list[np.ndarray] = []

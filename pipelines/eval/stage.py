@@ -50,7 +50,7 @@ from core.rundir import (
     unmark,
 )
 from pipelines.config import KilnConfig
-from pipelines.data.storage import shard_files, shards_location
+from pipelines.data.storage import shard_files
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.eval.config import EvalConfig
 from pipelines.eval.generation import GeneratorPool, Responses, engine_key, merge, sample_seeds
@@ -58,6 +58,7 @@ from pipelines.eval.inputs import (
     STAGE_MODELS,
     Target,
     parse_models,
+    pretraining_data,
     read_preferences,
     stage_models,
     validation_sequences,
@@ -149,7 +150,7 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
         "reward_model": model_stamp(inputs.reward_model) if inputs.reward_model else None,
         "models": [[t.name, where(t.path), model_stamp(t.path)] for t in targets],
     }
-    files = [inputs.prompts, inputs.preferences, *shard_files(shards_location(cfg.run.dir), "validation")]
+    files = [inputs.prompts, inputs.preferences, *shard_files(pretraining_data(cfg)[0], "validation")]
     data = input_stamps(str(f) for f in files if f is not None)
     if portable:
         data = {where(Path(f)): s for f, s in data.items()}
@@ -424,6 +425,7 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
           f"({skipped} over max_prompt_tokens left out), {e.samples_per_prompt} samples each", flush=True)  # fmt: skip
 
     # 1. Actors, torn down however the evaluation ends.
+    shards, vocabulary = pretraining_data(cfg)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     scorer = start_scorer(inputs.reward_model, inputs.prompts) if inputs.reward_model else None
@@ -437,8 +439,8 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
         ctx = Context(
             e=e, inputs=inputs, prompts=prompts, metric=metric, reward_fn=reward_fn, scorer=scorer,
             reference=reference, reference_model=load_causal_lm(reference.path) if reference else None,
-            sequences=validation_sequences(cfg.run.dir, e.perplexity_sequences),
-            run_vocabulary=(cfg.run.dir / "tokenizer").resolve() if (cfg.run.dir / "tokenizer").is_dir() else None,
+            sequences=validation_sequences(shards, e.perplexity_sequences),
+            run_vocabulary=vocabulary if vocabulary.is_dir() else None,
         )  # fmt: skip
         # 2. Every model, in order.
         scores, rows = measure(ctx, targets, ids_by_model, max_model_len)
