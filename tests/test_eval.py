@@ -321,6 +321,20 @@ def test_perplexity_reads_the_shards_and_tokenizer_pretraining_read(run_root: Pa
     assert stage.eval_digest(cfg, inputs, targets, custom=False).split("-")[2] != before[2]
 
 
+def test_an_edited_metric_function_makes_the_evaluation_stale(run_root: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Found in review: a fixed grader left the old grades standing ("finished; skipping")."""
+    (tmp_path / "grader_mod.py").write_text("def grade(prompt, response, **kw):\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _config(run_root, "evalrun", metric_function="grader_mod:grade")
+    inputs, targets = stage.resolve_inputs(cfg), stage_models(cfg.run.dir)
+    assert stage.function_source("grader_mod:grade") == tmp_path / "grader_mod.py"
+    before = stage.eval_digest(cfg, inputs, targets, custom=False).split("-")
+    (tmp_path / "grader_mod.py").write_text("def grade(prompt, response, **kw):\n    return False\n")
+    after = stage.eval_digest(cfg, inputs, targets, custom=False).split("-")
+    assert after[:2] == before[:2] and after[2] != before[2]
+
+
 def test_missing_prompts_fail_before_any_actor(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_actor(*args: Any) -> None:
         raise AssertionError("an actor started before the inputs were checked")

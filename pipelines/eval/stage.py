@@ -22,6 +22,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -124,6 +125,12 @@ def _mtime_stamp(model_dir: Path) -> int:
     return max(f.stat().st_mtime_ns for f in files if f.is_file())
 
 
+def function_source(spec: str) -> Path | None:
+    """The source file of a ``module:function``'s module (None: none on disk, e.g. a built-in)."""
+    found = importlib.util.find_spec(spec.split(":")[0])
+    return Path(found.origin) if found is not None and found.origin and Path(found.origin).is_file() else None
+
+
 def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -132,8 +139,8 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
     """What makes a finished evaluation stale, as ``<set-up>-<models>-<data>``: the set-up is the
     ``eval:`` section, the resolved inputs and whether the models were given (``--models``) or are
     the run's stage models; the models part is each model's name, directory and stamp, and the
-    reward model's; the data part is what the prompts file, the preference pairs and the
-    validation shards hold (``core.rundir.stamp``).
+    reward model's; the data part is what the prompts file, the preference pairs, the metric and
+    reward functions' source files and the validation shards hold (``core.rundir.stamp``).
 
     Paths inside the run directory are written by their place there (``core.rundir.run_key``) and
     models stamped like any input (by content up to 64 MiB), so a run directory moved or copied
@@ -150,7 +157,9 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
         "reward_model": model_stamp(inputs.reward_model) if inputs.reward_model else None,
         "models": [[t.name, where(t.path), model_stamp(t.path)] for t in targets],
     }
-    files = [inputs.prompts, inputs.preferences, *shard_files(pretraining_data(cfg)[0], "validation")]
+    # The metric and reward functions' source: a fixed grader makes the old grades stale.
+    code = [function_source(f) for f in (inputs.metric_function, inputs.reward_function) if f] if portable else []
+    files = [inputs.prompts, inputs.preferences, *code, *shard_files(pretraining_data(cfg)[0], "validation")]
     data = input_stamps(str(f) for f in files if f is not None)
     if portable:
         data = {where(Path(f)): s for f, s in data.items()}
