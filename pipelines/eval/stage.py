@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from actors.reward import RewardScorer, load_function
 from cluster.runtime import init_ray
 from core.config import ConfigError
+from core.jsonl import json_safe
 from core.rundir import (
     STAGE_MARKER,
     StageConfigChanged,
@@ -485,7 +486,8 @@ def run(cfg: KilnConfig, force: bool = False, models: list[str] | None = None) -
     # 4. Outputs: the folder is built aside and renamed into place; stage.json last.
     with atomic_dir(stage_dir) as tmp:
         atomic_write_json(tmp / "summary.json", summary)
-        atomic_write_text(tmp / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        # NaN (a reward model's score) as null: Python's bare NaN is not JSON (jq, JSON.parse refuse it).
+        atomic_write_text(tmp / "responses.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
     report = {"seconds": seconds, "models": [s.name for s in scores], "prompts": len(prompts),
               "summary": str(stage_dir / "summary.json")}  # fmt: skip
     mark_finished(stage_dir, STAGE, digest, report)
