@@ -17,6 +17,27 @@ from collections.abc import Iterator
 from serving.schemas import APIError
 
 
+# Work one admitted request may bring (one admission ticket each): choices (prompts x n), each an
+# engine sequence, and log-probability entries in the answer, which is built on the event loop
+# (so a huge one would stall /healthz and every stream of the replica).
+MAX_CHOICES = 256
+MAX_LOGPROB_ENTRIES = 1_000_000
+
+
+def check_work(choices: int, logprobs: int | None, tokens: int, n: int) -> None:
+    """Refuse (400) a request past ``MAX_CHOICES`` or, with ``logprobs`` (top-k per token), one
+    whose answer could hold more than ``MAX_LOGPROB_ENTRIES`` entries: ``n`` x ``tokens`` (every
+    prompt's most new tokens, plus its own tokens when echoed) x (``logprobs`` + 1)."""
+    if choices > MAX_CHOICES:
+        raise APIError(400, f"n: {choices} choices (prompts x n); at most {MAX_CHOICES} in one request", param="n",
+                       code="invalid_value")  # fmt: skip
+    entries = 0 if logprobs is None else n * tokens * (logprobs + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise APIError(400, f"logprobs: the answer could hold {entries:,} log-probabilities (n x tokens x "
+                       f"(logprobs + 1)); at most {MAX_LOGPROB_ENTRIES:,}: send fewer prompts or tokens, a smaller "
+                       "n or fewer logprobs", param="logprobs", code="invalid_value")  # fmt: skip
+
+
 # Serve's max_ongoing_requests for a replica that queues without limit itself: more than any
 # burst, so Serve's router never holds a request back (its value only has to be an int).
 UNLIMITED = 1 << 20

@@ -45,7 +45,7 @@ from starlette.requests import ClientDisconnect
 from core.chat import chat_stop_ids, tokenize_chat
 from core.config import format_errors
 from serving.adapters import Adapter, check_adapters, lora_engine_args, model_cards
-from serving.admission import Admission, Ticket, serve_limits
+from serving.admission import Admission, Ticket, check_work, serve_limits
 from serving.auth import check_bearer, check_exposure, key_digest, resolve_api_key
 from serving.config import ServeConfig
 from serving.errors import api_error
@@ -57,6 +57,7 @@ from serving.schemas import (
     DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
+    template_messages,
     validation_error,
 )
 from serving.streaming import ClosingStream, holding, read_body
@@ -94,7 +95,8 @@ class _Job:
     created: int
     # Token ids of each prompt (one for chat; completions may bring several).
     prompts: list[list[int]]
-    params: SamplingParams
+    # One per prompt: they differ only in max_tokens (the room each prompt leaves).
+    params: list[SamplingParams]
     # Top log-probabilities per token; None: no logprobs in the answer.
     logprobs: int | None
     include_usage: bool
@@ -103,6 +105,10 @@ class _Job:
     echo_texts: list[str] | None = None
     # Echo without generation (max_tokens 0): the engine makes one token, the answer shows none.
     echo_only: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.params[0].n
 
     @property
     def prompt_tokens(self) -> int:
@@ -277,14 +283,15 @@ class LLMServer:
         echo_texts = None
         if isinstance(req, ChatCompletionRequest):
             chat, prompt_param, max_tokens = True, "messages", req.max_new_tokens
-            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            tokens_param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+            messages = template_messages(req.messages, self.tokenizer.chat_template)
             # Contents as plain text: "<|im_start|>" typed in a message cannot open a turn.
             prompts = [tokenize_chat(self.tokenizer, messages, add_generation_prompt=True).ids]
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             stop_ids = [*self.chat_stop_ids, *(req.stop_token_ids or [])]
         else:
             assert isinstance(req, CompletionRequest)
-            chat, prompt_param, max_tokens = False, "prompt", req.max_tokens
+            chat, prompt_param, max_tokens, tokens_param = False, "prompt", req.max_tokens, "max_tokens"
             prompts = [self.tokenizer.encode(p) if isinstance(p, str) else self._known_ids(p) for p in req.prompts]
             if req.echo:
                 echo_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts]
@@ -307,18 +314,20 @@ class LLMServer:
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens; max_tokens "
                 f"({max_tokens}) cannot be greater.",
-                param="max_tokens",
+                param=tokens_param,
                 code="context_length_exceeded",
             )
         echo_only = echo_texts is not None and max_tokens == 0
         if logprobs is not None and logprobs > self.cfg.engine.max_logprobs:
             raise APIError(400, f"at most {self.cfg.engine.max_logprobs} logprobs", param="logprobs")
+        # Unset (chat: one prompt; completions default to 16): the room each prompt leaves; more
+        # than that room: the room (each prompt's own, as vLLM's server computes it).
+        limits = [(self.max_model_len - len(p)) if max_tokens is None else 1 if echo_only else
+                  min(max_tokens, self.max_model_len - len(p)) for p in prompts]  # fmt: skip
+        check_work(len(prompts) * req.n, logprobs, sum(limits) + (sum(map(len, prompts)) if echo_texts else 0), req.n)
         structured = structured_outputs_args(req.response_format)
-        params = SamplingParams(
+        common = dict(
             n=req.n,
-            # Unset (chat: one prompt; completions default to 16): the room the prompt leaves; more
-            # than that room: the room.
-            max_tokens=room if max_tokens is None else 1 if echo_only else min(max_tokens, room),
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -337,6 +346,7 @@ class LLMServer:
             # Streams get each new piece once; whole answers only the final state.
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
+        params = [SamplingParams(max_tokens=limit, **common) for limit in limits]
         return _Job(chat, request_id, req.model or self.model_name, lora, int(time.time()), prompts, params, logprobs,
                     req.include_usage, req.stream, echo_texts, echo_only)  # fmt: skip
 
@@ -366,8 +376,8 @@ class LLMServer:
         # Already tokenised: the engine skips its own rendering step. Closing the merged iterator
         # closes (and so aborts) every prompt's request.
         return merge_async_iterators(*(
-            self.engine.generate(tokens_input(prompt), job.params.clone(), request_id, lora_request=job.lora)
-            for prompt, request_id in zip(job.prompts, ids)
+            self.engine.generate(tokens_input(prompt), params, request_id, lora_request=job.lora)
+            for prompt, params, request_id in zip(job.prompts, job.params, ids)
         ))  # fmt: skip
 
     async def _complete(self, job: _Job, outputs: AsyncIterator[tuple[int, Any]]) -> dict[str, Any]:
@@ -376,7 +386,7 @@ class LLMServer:
         finals: dict[int, tuple[CompletionOutput, Any]] = {}
         async for i, out in outputs:
             for o in out.outputs:
-                finals[i * job.params.n + o.index] = (o, out.prompt_logprobs)
+                finals[i * job.n + o.index] = (o, out.prompt_logprobs)
         choices = [self._choice(job, index, o, prompt_lp, offset=0) for index, (o, prompt_lp) in sorted(finals.items())]
         completion_tokens = sum(len(o.token_ids) for o, _ in finals.values())
         return {
@@ -404,7 +414,7 @@ class LLMServer:
         completion_tokens, status = 0, 200
         # Characters streamed so far per choice (completions' logprobs.text_offset continues);
         # a choice's first chunk carries its echoed prompt.
-        offsets = [0] * (len(job.prompts) * job.params.n)
+        offsets = [0] * (len(job.prompts) * job.n)
         begun = [False] * len(offsets)
         # Each prompt's own log-probabilities (echo + logprobs): in delta mode vLLM attaches them to
         # one output only, and every choice of the prompt echoes them.
@@ -413,7 +423,7 @@ class LLMServer:
             if job.chat:
                 # OpenAI opens each chat choice with the role and empty content.
                 roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(job.params.n)]
+                          "finish_reason": None} for i in range(job.n)]
                 yield sse({**head, "choices": roles})
             item = first
             while item is not None:
@@ -422,7 +432,7 @@ class LLMServer:
                     prompt_lps.setdefault(i, out.prompt_logprobs)
                 choices = []
                 for o in out.outputs:
-                    index = i * job.params.n + o.index
+                    index = i * job.n + o.index
                     completion_tokens += len(o.token_ids)
                     choice = self._choice(job, index, o, prompt_lps.get(i), offsets[index], delta=True,
                                           echo=not begun[index])  # fmt: skip
@@ -472,8 +482,8 @@ class LLMServer:
         if job.echo_only:
             text, token_ids, positions = "", [], []
         if job.echo_texts is not None and echo:
-            prompt = job.prompts[index // job.params.n]
-            text = job.echo_texts[index // job.params.n] + text
+            prompt = job.prompts[index // job.n]
+            text = job.echo_texts[index // job.n] + text
             token_ids, positions = prompt + token_ids, [*(prompt_logprobs or [None] * len(prompt)), *positions]
         lp = (completion_logprobs(token_ids, positions, job.logprobs, offset, self._token_text)
               if job.logprobs is not None else None)  # fmt: skip
@@ -507,7 +517,7 @@ class LLMServer:
         req = _parse(raw, TokenizeRequest)
         self._check_model(req.model)
         if req.messages is not None:
-            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            messages = template_messages(req.messages, self.tokenizer.chat_template)
             ids = tokenize_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt).ids
         else:
             ids = self.tokenizer.encode(req.prompt)

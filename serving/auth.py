@@ -38,14 +38,23 @@ def resolve_api_key(api_key: str | None, api_key_env: str) -> str | None:
         if api_key is not None and len(api_key.strip()) < MIN_KEY_CHARS:
             raise ValueError(f"serve.api_key is shorter than {MIN_KEY_CHARS} characters without its surrounding "
                              "whitespace")  # fmt: skip
-        return api_key.strip() if api_key is not None else None  # a YAML block's newline: as the variable's
+        return _printable(api_key.strip(), "serve.api_key") if api_key is not None else None  # a YAML block's newline
     if len(env.strip()) < MIN_KEY_CHARS:
         what = "empty" if not env.strip() else f"shorter than {MIN_KEY_CHARS} characters"
         raise ValueError(
             f"the environment variable {api_key_env} is set but {what}: put the API key in it, or unset it "
             f"(then serve.api_key, if any, is the key)"
         )
-    return env.strip()  # a key file's trailing newline: clients' keys are compared stripped too
+    return _printable(env.strip(), f"the environment variable {api_key_env}")  # a key file's trailing newline
+
+
+def _printable(key: str, where: str) -> str:
+    """``key`` if it is printable ASCII. An HTTP header is read as Latin-1, so a client's ``é``
+    never equals the UTF-8 the digest was made of: such a key could never authenticate."""
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{where} holds a character that is not printable ASCII: HTTP clients cannot send such a "
+                         "key in a header as written (the key is not shown)")  # fmt: skip
+    return key
 
 
 def is_loopback(host: str) -> bool:

@@ -72,8 +72,22 @@ class _Request(BaseModel):
         ``temperature=None``); a required field's null stays an error."""
         if not isinstance(data, dict):
             return data
+        for key in UNSUPPORTED:
+            if data.get(key) is not None and data[key] not in _INERT.get(key, ()) and key not in cls.model_fields:
+                raise ValueError(f"{key}: not supported by this server")
         defaulted = _defaulted_fields(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+# OpenAI / vLLM fields that change the answer and that kiln does not implement: a request that sets
+# one is refused (400), not answered as if it had not (they were ignored as unknown fields).
+UNSUPPORTED = ("logit_bias", "best_of", "use_beam_search", "tools", "tool_choice", "functions", "function_call",
+               "min_p", "allowed_token_ids", "bad_words", "continue_final_message", "prompt_logprobs",
+               "truncate_prompt_tokens", "logits_processors")  # fmt: skip
+# Their values that are the same as leaving them out.
+_INERT: dict[str, tuple[Any, ...]] = {"best_of": (1,), "use_beam_search": (False,), "min_p": (0, 0.0),
+                                      "tool_choice": ("none",), "continue_final_message": (False,),
+                                      "tools": ([],), "functions": ([],), "logit_bias": ({},)}  # fmt: skip
 
 
 @functools.cache
@@ -215,7 +229,16 @@ class ChatMessage(_Request):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as one string: text parts joined by newlines, as vLLM's server joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+def template_messages(messages: list[ChatMessage], chat_template: str | None) -> list[dict[str, str]]:
+    """Messages as the chat template gets them. A ``developer`` message is a ``system`` one unless
+    the template names the role (vLLM's server does the same): kiln's ChatML template would
+    otherwise render a role no training record has."""
+    knows = chat_template is not None and ('"developer"' in chat_template or "'developer'" in chat_template)
+    return [{"role": "system" if m.role == "developer" and not knows else m.role, "content": m.text} for m in messages]
 
 
 class ChatCompletionRequest(SamplingFields):

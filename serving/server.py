@@ -64,6 +64,18 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
     serve.shutdown()
 
 
+def serve_running() -> bool:
+    """Whether Ray Serve's controller already runs on the connected cluster: another driver's, or
+    one a killed ``kiln serve`` left (it is a detached actor)."""
+    if not ray.is_initialized():
+        return False
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None = None) -> None:
     """Start Serve on ``cfg.host:cfg.port``, run ``app`` (from ``build_app(cfg)``), block until
     Ctrl-C, SIGINT or SIGTERM, then shut Serve down.
@@ -74,7 +86,17 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
         app: the application ``serving.app.build_app(cfg)`` returned.
         cfg: the ``serve:`` section it was built from.
         first_prompt: once the endpoint is up, ask it this over HTTP and print the answer.
+
+    Raises:
+        ValueError: Serve already runs on the cluster. Serve would keep its own host and port (a
+            key-less app checked for 127.0.0.1 could listen on 0.0.0.0, and the URL printed would
+            be wrong), and stopping kiln's app would stop every other Serve app there.
     """
+    if serve_running():
+        raise ValueError("Ray Serve is already running on this cluster (another driver's, or one a stopped kiln "
+                         "serve left): kiln serve would not choose its host and port, and its shutdown would stop "
+                         "the other Serve applications. Stop it first (`serve shutdown -y`, with RAY_ADDRESS set "
+                         "to the cluster) or serve on a cluster of its own")  # fmt: skip
     stop_on_signals()
     try:
         # Serve's controller starts the ingress: HAProxy if its environment says so.

@@ -99,6 +99,7 @@ def test_a_first_question_that_fails_leaves_the_server_serving(
 
     stopped: list[bool] = []
     monkeypatch.setattr(server, "ask", failing_ask)
+    monkeypatch.setattr(server, "serve_running", lambda: False)  # whatever an earlier test left in Ray
     monkeypatch.setattr(server, "stop_on_signals", lambda: None)
     monkeypatch.setattr(server.serve, "start", lambda **kw: None)
     monkeypatch.setattr(server.serve, "run", lambda *a, **kw: None)
@@ -108,6 +109,22 @@ def test_a_first_question_that_fails_leaves_the_server_serving(
     out = capsys.readouterr().out
     assert "asked 'What is 2 + 11?', no answer (HTTP Error 400: Bad Request); the server keeps serving" in out
     assert waited and stopped == [True] and "shutting down" in out
+
+
+def test_serve_already_running_on_the_cluster_is_refused_and_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: joining a cluster whose Serve already ran, serve.start kept that Serve's host
+    (a key-less app checked for 127.0.0.1 could listen on 0.0.0.0), and the shutdown on Ctrl-C or
+    on a failed serve.run deleted every other Serve app there. Fakes, named so: the controller probe."""
+    from serving import server
+    from serving.config import ServeConfig
+
+    touched: list[str] = []
+    monkeypatch.setattr(server, "serve_running", lambda: True)
+    monkeypatch.setattr(server.serve, "start", lambda **kw: touched.append("start"))
+    monkeypatch.setattr(server, "shutdown_serve", lambda: touched.append("shutdown"))
+    with pytest.raises(ValueError, match="Ray Serve is already running on this cluster"):
+        server.serve_forever(object(), ServeConfig(model="m"))  # type: ignore[arg-type]
+    assert touched == []
 
 
 @pytest.mark.slow

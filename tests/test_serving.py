@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from conftest import save_tiny_llama
 
 MODEL = "tiny"
@@ -478,6 +479,26 @@ def test_admission_limits() -> None:
     asyncio.run(main())
 
 
+def test_template_messages_and_inert_unsupported_fields() -> None:
+    """Pure: vLLM's server renames developer to system unless the template names the role, and joins
+    text parts with newlines; an unsupported field at its do-nothing value is no reason to refuse."""
+    from serving.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, template_messages
+
+    msgs = [ChatMessage(role="developer", content="Be terse."),
+            ChatMessage.model_validate({"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                     {"type": "text", "text": "b"}]})]  # fmt: skip
+    assert template_messages(msgs, "{{ m.role }}") == [{"role": "system", "content": "Be terse."},
+                                                       {"role": "user", "content": "a\nb"}]  # fmt: skip
+    assert template_messages(msgs, "{% if m.role == 'developer' %}")[0]["role"] == "developer"
+    ok = {"model": MODEL, "prompt": "x", "best_of": 1, "logit_bias": {}, "min_p": 0.0, "use_beam_search": False}
+    assert CompletionRequest.model_validate(ok).prompt == "x"
+    with pytest.raises(ValidationError, match="best_of: not supported"):
+        CompletionRequest.model_validate({**ok, "best_of": 2})
+    with pytest.raises(ValidationError, match="tool_choice: not supported"):
+        ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                              "tool_choice": "required"})  # fmt: skip
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
@@ -499,6 +520,18 @@ def test_admission_limits() -> None:
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
          "messages.0.role"),
         ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
+        # Found in review: the param named max_tokens, which the request did not send.
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "max_completion_tokens": CONTEXT + 1}, 400, "max_completion_tokens"),
+        # Fields that change the answer, not implemented: refused, not silently ignored.
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": -100}}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        # One admitted request may not bring unbounded work: 512 engine sequences, or an answer of
+        # 16 x 4,000 echoed tokens x 21 log-probabilities built on the replica's event loop.
+        ("/v1/completions", {"model": MODEL, "prompt": [[5]] * 256, "n": 2}, 400, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": [[5] * 4000] * 16, "echo": True, "logprobs": 20,
+                             "max_tokens": 0}, 400, "logprobs"),
     ],
 )
 def test_bad_input_gets_openai_error(http: httpx.Client, path: str, body: object, status: int,

@@ -11,6 +11,7 @@ and "please crash" divides by zero (an unexpected exception in the server).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -256,7 +257,7 @@ def test_a_deadline_passing_while_a_slow_client_reads_ends_the_stream_with_a_408
     async def slow_client() -> list[str]:
         server = types.SimpleNamespace(_observe=lambda *a: None)
         server._choice = types.MethodType(LLMServer.func_or_class._choice, server)
-        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], SamplingParams(n=1), None, False, True)
+        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], [SamplingParams(n=1)], None, False, True)
         deadline = asyncio.get_running_loop().time() + 0.3
         got = []
         async for chunk in LLMServer.func_or_class._stream(server, job, delta(0), fake_engine(), deadline, "c", 0.0):
@@ -306,7 +307,7 @@ def test_a_client_leaving_a_stream_aborts_it_frees_its_place_and_is_counted(left
         first = await anext(outputs)
         server = types.SimpleNamespace(_observe=lambda route, status, *a: counted.append(status))
         server._choice = types.MethodType(LLMServer.func_or_class._choice, server)
-        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], SamplingParams(n=1), None, False, True)
+        job = _Job(False, "cmpl-x", MODEL, None, 0, [[1, 2]], [SamplingParams(n=1)], None, False, True)
         deadline = asyncio.get_running_loop().time() + 60
         body = LLMServer.func_or_class._stream(server, job, first, outputs, deadline, "c", 0.0)
         response = ClosingStream(body, outputs, lambda: server._observe("c", 499))
@@ -340,6 +341,16 @@ def test_a_config_api_key_is_compared_without_its_surrounding_whitespace() -> No
     with pytest.raises(ValueError, match="shorter than 8 characters") as e:
         resolve_api_key("  short \n     ", "KILN_NO_SUCH_KEY_VAR")
     assert "short" not in str(e.value).replace("shorter", "")
+    # Found in review: a non-ASCII key could never match (headers arrive as Latin-1): refused at start.
+    with pytest.raises(ValueError, match="not printable ASCII") as e:
+        resolve_api_key("pässwort-1234", "KILN_NO_SUCH_KEY_VAR")
+    assert "wort" not in str(e.value)
+    os.environ["KILN_TEST_TAB_KEY"] = "tab\tinside-key"
+    try:
+        with pytest.raises(ValueError, match="KILN_TEST_TAB_KEY holds a character that is not printable"):
+            resolve_api_key(None, "KILN_TEST_TAB_KEY")
+    finally:
+        del os.environ["KILN_TEST_TAB_KEY"]
 
 
 def test_no_api_key_travels_in_the_replicas_runtime_env(serve_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811

@@ -110,6 +110,13 @@ SAME_ANSWER = [
                               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}),
     ("/tokenize", {"prompt": "hello world"}),
     ("/tokenize", {"messages": MESSAGES}),
+    # Found in review: a developer message rendered as a role the template's model never saw, and
+    # text parts joined without vLLM's newline.
+    ("/tokenize", {"messages": [{"role": "developer", "content": "Be terse."},
+                                {"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                                             {"type": "text", "text": "world"}]}]}),
+    # Each prompt's own room: the short prompt is not cut to what the long one leaves.
+    ("/v1/completions", {"prompt": [[5, 6], [5] * (CONTEXT - 8)], "ignore_eos": True}),
     ("/detokenize", {"tokens": [5, 6, 7, 8, 100]}),
 ]  # fmt: skip
 
@@ -166,6 +173,8 @@ def test_same_mistakes(pair: Pair, path: str, body: dict) -> None:
 KILN_STRICTER = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}),  # vLLM coerces the string
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),  # vLLM takes any role
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": -100}}),  # not implemented: refused, not ignored
+    ("/v1/completions", {"prompt": "x", "min_p": 0.1}),
 ]
 
 
