@@ -133,7 +133,8 @@ class SftConfig(TrainConfig):
     overlong: Literal["truncate", "reject"] = "truncate"
     # Pack several examples into each sequence (prompt tokens of each still masked).
     packing: bool = False
-    # Share of records held out for validation (every k-th record, deterministic).
+    # Share of prompts held out for validation, with all their records (deterministic: see
+    # datasets.split_validation; with distinct prompts, the share of records).
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
     # Train a LoRA adapter instead of every weight (null: full fine-tuning). The export holds the
     # merged model in model/ (as without LoRA) and the adapter alone in model/adapter/.
