@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -127,6 +129,7 @@ def test_the_report_renders_a_run_whose_metrics_end_in_a_torn_line(tmp_path: Pat
 _KILLED_WRITER = r"""
 import os, signal, sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import core.rundir as rundir
 
@@ -349,3 +352,94 @@ def test_a_reward_beyond_float32_is_a_reward_error_named_or_skipped() -> None:
     assert valid.tolist() == [True, False] and values.tolist() == [1.0, 0.0]
     with pytest.raises(RewardFunctionError, match=r"reward function m:f failed on sample 1 .*beyond float32"):
         function_rewards(huge, "m:f", ["q", "q"], ["ok", "big"], [{}, {}], 5.0, False)
+
+
+def test_dead_roles_finds_every_actor_that_died_together(ray_local: None) -> None:
+    """Found in review: the first dead actor found was the only one replaced, so two actors lost
+    together (a node) ended the run with a raw Ray error on the second. Real Ray, trivial actors."""
+    import ray
+
+    import pipelines.rlhf.ppo as ppo
+
+    @ray.remote(num_cpus=0)
+    class Alive:
+        def ping(self) -> int:
+            return 1
+
+    handles = {role: Alive.remote() for role in ("rollout", "reference", "learner rank 0", "learner rank 1")}
+    ray.get([h.ping.remote() for h in handles.values()])
+    fake_actors = SimpleNamespace(roles=lambda: handles)  # the real Actors' roles(): role -> handle
+    try:
+        assert ppo.dead_roles(fake_actors, ray.exceptions.RayActorError()) == {"an actor"}  # none answers dead
+        assert ppo.dead_roles(fake_actors, ValueError("code's own")) == set()
+        for role in ("reference", "learner rank 1"):
+            ray.kill(handles[role])
+            with pytest.raises(ray.exceptions.RayActorError):  # dead by now (kill is asynchronous)
+                for _ in range(100):
+                    ray.get(handles[role].ping.remote())
+                    time.sleep(0.05)
+        t0 = time.monotonic()
+        assert ppo.dead_roles(fake_actors, ray.exceptions.RayTaskError("f", "tb", ValueError())) == {
+            "reference", "learner rank 1"}  # fmt: skip
+        assert time.monotonic() - t0 < 10
+    finally:
+        for h in handles.values():
+            ray.kill(h)
+
+
+def test_two_groups_dead_at_once_or_a_death_during_recovery_restart_every_actor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The recovery loop, driven by fakes named so (no Ray): two groups dead together restart every
+    actor from the checkpoint; an actor dying while the recovery starts actors is one more failure
+    (it escaped the handler as a raw Ray error), then every actor restarts; the run reaches its end."""
+    import ray
+
+    import pipelines.rlhf.ppo as ppo
+    from pipelines.rlhf.config import PpoConfig
+
+    p = PpoConfig(prompts="p.jsonl", reward_function="m:f", max_steps=4, checkpoint_every_steps=2, max_failures=3)
+    deaths = {3: {"reference", "critic rank 0"}}  # step -> roles that die in it (once)
+    starts: list[str | None] = []
+    fail_next_start = [False]
+
+    def fake_start(keep: object = None, replace: str | None = None) -> SimpleNamespace:
+        starts.append(replace)
+        if fail_next_start[0]:
+            fail_next_start[0] = False
+            raise ray.exceptions.RayActorError()
+        return SimpleNamespace(roles=lambda: dict.fromkeys(["rollout", "reference", "critic rank 0"], object()),
+                               all=lambda: [], nodes=lambda: {}, ids=lambda: {},
+                               learner=SimpleNamespace(get=lambda f: None))  # fmt: skip
+
+    def fake_step(actors: object, prompts: object, p: object, state: ppo.State, pad_id: int) -> dict:
+        if (roles := deaths.pop(state.step + 1, None)) is not None:
+            monkeypatch.setattr(ppo, "dead_roles", lambda *a: roles)
+            raise ray.exceptions.RayActorError()
+        state.step += 1
+        return {"step": state.step}
+
+    def fake_save(actors: object, state: ppo.State, root: Path, keep: int) -> Path:
+        (root / f"step-{state.step:08d}").mkdir(parents=True, exist_ok=True)
+        return root
+
+    monkeypatch.setattr(ppo, "ppo_step", fake_step)
+    monkeypatch.setattr(ppo, "save_checkpoint", fake_save)
+    monkeypatch.setattr(ppo, "restore", lambda actors, ckpt: ppo.State(step=int(ckpt.name.split("-")[1])))
+    monkeypatch.setattr(ppo.ray, "kill", lambda actor: None)
+    out = ppo._train(fake_start, p, tmp_path, [], [], None, 0, "ppo")
+    assert out["recoveries"] == 1 and starts == [None, None]  # every actor, not one group
+    events = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    recovery = next(e for e in events if e.get("event") == "recovery")
+    assert recovery["role"] == "critic rank 0, reference" and recovery["resumed_step"] == 2
+
+    # One group dead, and the start of its replacement fails: a second failure, every actor restarts.
+    (tmp_path / "checkpoints").exists() and shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / METRICS_FILE).unlink()
+    deaths[3], starts[:] = {"reference"}, []
+
+    def failing_once(*args: object, **kw: object) -> SimpleNamespace:
+        fail_next_start[0] = bool(kw.get("replace"))
+        return fake_start(*args, **kw)
+
+    out = ppo._train(failing_once, p, tmp_path, [], [], None, 0, "ppo")
+    assert out["recoveries"] == 2 and starts == [None, "reference", None]

@@ -385,17 +385,20 @@ def restore(actors: Actors, checkpoint: Path) -> State:
 # --- surviving a dead actor ------------------------------------------------------------------
 
 
-def dead_role(actors: Actors, error: Exception, timeout_s: float = 30.0) -> str | None:
-    """The role of the actor whose death caused ``error`` (``learner rank 1``), or None if none died.
+def dead_roles(actors: Actors, error: Exception, timeout_s: float = 30.0, grace_s: float = 2.0) -> set[str]:
+    """The roles of the actors whose death caused ``error`` (``learner rank 1``, ...); ``{"an
+    actor"}`` when Ray reported an actor's death but none failed its ping in time; empty: none died.
 
     A dead actor shows as Ray's actor error where the controller calls it, but a dead learner or
     critic rank can also show first as a task error of a peer whose collective lost it. So every
     actor is asked whether it is alive; an error with no dead actor behind it is the code's own.
+    Actors die together (a lost node): after the first death the others get ``grace_s`` more to
+    answer, so that every dead one is found.
     """
     if not isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
-        return None
+        return set()
     pings = {actor.__ray_ready__.remote(): role for role, actor in actors.roles().items()}
-    deadline = time.monotonic() + timeout_s
+    deadline, dead = time.monotonic() + timeout_s, set()
     while pings:  # a rank stuck in a collective does not answer: wait for the others only
         ready, _ = ray.wait(list(pings), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
         if not ready:
@@ -404,8 +407,9 @@ def dead_role(actors: Actors, error: Exception, timeout_s: float = 30.0) -> str 
         try:
             ray.get(ready[0])
         except ray.exceptions.RayActorError:
-            return role
-    return "an actor" if isinstance(error, ray.exceptions.RayActorError) else None
+            dead.add(role)
+            deadline = min(deadline, time.monotonic() + grace_s)
+    return dead or ({"an actor"} if isinstance(error, ray.exceptions.RayActorError) else set())
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -542,22 +546,31 @@ def _train(
                     # which every stateful actor reloads (and the rollout engine is re-sent); with
                     # no checkpoint yet, start every actor again. Steps are functions of (seed,
                     # step): the replay is exact.
-                    if (role := dead_role(actors, error)) is None:
+                    if not (roles := dead_roles(actors, error)):
                         raise
-                    recoveries += 1
-                    if recoveries > p.max_failures:
-                        raise ActorFailure(f"{stage}: the {role} died during step {failed}, failure {recoveries} of "
-                                           f"at most {p.max_failures} (ppo.max_failures)") from error  # fmt: skip
-                    ckpt = latest_checkpoint(checkpoints)
-                    dead = [a for r, a in actors.roles().items() if ckpt is None or group_of(r) == group_of(role)]
-                    for actor in dead:
-                        ray.kill(actor)
-                    actors = start(keep=actors, replace=group_of(role)) if ckpt else start()
-                    metrics.write({"event": "actors", "nodes": actors.nodes(), "ids": actors.ids(), "time": time.time()})
-                    state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
+                    while True:  # an actor dying during the recovery is one more failure
+                        recoveries, role = recoveries + 1, ", ".join(sorted(roles))
+                        if recoveries > p.max_failures:
+                            raise ActorFailure(f"{stage}: the {role} died during step {failed}, failure {recoveries} "
+                                               f"of at most {p.max_failures} (ppo.max_failures)") from error  # fmt: skip
+                        ckpt = latest_checkpoint(checkpoints)
+                        # One group dead: it alone restarts. Several, or one not known: every actor.
+                        groups = {group_of(r) for r in roles}
+                        one = groups.pop() if ckpt and len(groups) == 1 and "an actor" not in roles else None
+                        for r, actor in actors.roles().items():
+                            if one is None or group_of(r) == one:
+                                ray.kill(actor)
+                        try:
+                            actors = start(keep=actors, replace=one) if one else start()
+                            metrics.write({"event": "actors", "nodes": actors.nodes(), "ids": actors.ids(),
+                                           "time": time.time()})  # fmt: skip
+                            state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
+                            break
+                        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as again:
+                            error, roles = again, {"an actor"}
                     metrics.write({"event": "recovery", "role": role, "failed_step": failed, "resumed_step": state.step,
                                    "recoveries": recoveries, "error": f"{type(error).__name__}: {error}"[:2000]})  # fmt: skip
-                    rebuilt = f"the {group_of(role)} restarted" if ckpt else "every actor restarted"
+                    rebuilt = f"the {one} restarted" if one else "every actor restarted"
                     bar.write(f"kiln {stage}: the {role} died during step {failed}; {rebuilt}, resumed from "
                               f"{ckpt.name if ckpt else 'the start'} (recovery {recoveries} of {p.max_failures})")  # fmt: skip
 
