@@ -120,6 +120,20 @@ def test_components_keep_smallest_id() -> None:
     assert empty[0].size == 0 and empty[1].size == 0
 
 
+def test_every_dup_of_is_a_kept_document_through_exact_then_near_chains() -> None:
+    """Found in review: doc 3 is an exact copy of doc 2, which is a near copy of doc 1; doc 3's
+    dup_of was doc 2, itself dropped (near). The Ray tasks' own functions, called directly."""
+    from pipelines.data.dedup import duplicate_map, exact_and_candidates
+
+    exact_pairs, lsh_pairs = np.array([[2, 3]]), np.array([[1, 3], [1, 2], [2, 3]])
+    exact_map, candidates, _ = exact_and_candidates._function((exact_pairs, lsh_pairs))
+    merged, stats = duplicate_map._function(exact_map, candidates)
+    assert merged["dropped"].tolist() == [2, 3] and merged["dup_of"].tolist() == [1, 1]
+    assert merged["kind"].tolist() == [1, 0]  # 2 near, 3 exact (of what was kept for it)
+    assert not set(merged["dup_of"].tolist()) & set(merged["dropped"].tolist())
+    assert (stats["exact_duplicates"], stats["near_duplicates"]) == (1, 1)
+
+
 def test_optimal_bands_near_datasketch_defaults() -> None:
     b, r = optimal_bands(0.8, 112)
     assert b * r <= 112

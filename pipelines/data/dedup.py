@@ -111,16 +111,21 @@ def duplicate_map(exact: dict[str, np.ndarray], candidates: np.ndarray,
                   *verified: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
     """Near-duplicate components of the verified candidates, merged with the exact map.
 
-    Near dedup ran on exact-dedup survivors, so every ``dup_of`` is a kept document.
+    Near dedup ran on exact-dedup survivors, and an exact duplicate whose original was then dropped
+    as a near duplicate points at what that one duplicates: every ``dup_of`` is a kept document.
 
     Returns:
         the map (``dropped`` sorted, ``dup_of``, ``kind`` 0 exact / 1 near) and its counts.
     """
     similar = np.concatenate(verified) if verified else np.ones(len(candidates), dtype=bool)
     near_dropped, near_kept = components(candidates[similar])
+    exact_of = exact["dup_of"]
+    if near_dropped.size and exact_of.size:  # near_dropped is sorted (components)
+        pos = np.minimum(np.searchsorted(near_dropped, exact_of), near_dropped.size - 1)
+        exact_of = np.where(near_dropped[pos] == exact_of, near_kept[pos], exact_of)
     dropped = np.concatenate([exact["dropped"], near_dropped])
     order = np.argsort(dropped, kind="stable")
-    merged = {"dropped": dropped[order], "dup_of": np.concatenate([exact["dup_of"], near_kept])[order],
+    merged = {"dropped": dropped[order], "dup_of": np.concatenate([exact_of, near_kept])[order],
               "kind": np.concatenate([exact["kind"], np.ones(near_dropped.size, np.int8)])[order]}  # fmt: skip
     stats = {"candidate_pairs": int(len(candidates)), "verified_pairs": int(similar.sum()),
              "components": int(np.unique(near_kept).size), "exact_duplicates": int(exact["dropped"].size),
