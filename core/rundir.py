@@ -211,6 +211,15 @@ def stamp(path: Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
+def files_stamp(run_dir: Path, files: Iterable[Path]) -> str:
+    """``stamp`` of a set of files (a corpus as listed): by content up to 64 MiB in all, else each
+    file's size and modification time; each file named by ``run_key`` (so a moved run keeps it)."""
+    files = list(files)
+    by_content = sum(f.stat().st_size for f in files) <= _CONTENT_STAMP_BYTES
+    listing = sorted((run_key(run_dir, str(f)), _file_stamp(f, by_content)) for f in files)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16] if listing else ""
+
+
 def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:
     """Each input's ``stamp``, by its path as given: computed once per stage start, then compared
     (``inputs_changed``) and recorded (``record_inputs``)."""

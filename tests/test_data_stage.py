@@ -235,6 +235,46 @@ def test_a_corpus_that_leaves_no_training_sequence_fails_and_marks_nothing_finis
     assert not (cfg.run.dir / "data").exists()  # not finished: a rerun after a fix does the work
 
 
+def test_an_edited_corpus_redoes_the_stage_and_a_half_installed_one_is_rolled_forward(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Found in review: the data stage compared only its config, so an edited or added corpus file
+    was skipped as 'finished' (and pretraining with it); and it looked for its output before rolling
+    forward a data/ whose final rename a kill interrupted, redoing hours of work or failing on a
+    corpus deleted since. A finished stage is set up here with the stage's own records (no Ray)."""
+    from core.rundir import files_stamp, mark_finished, record_inputs
+    from pipelines.data.corpus import list_corpus_files
+
+    shutil.copytree(corpus, tmp_path / "corpus")
+    cfg = _config(tmp_path / "runs", tmp_path / "corpus")
+    run_dir = cfg.run.dir
+
+    def finish(folder: Path) -> None:
+        files = [Path(f.uri) for f in list_corpus_files(cfg.data.input).files]
+        record_inputs(folder, {data.INPUTS_KEY: files_stamp(run_dir, files)})
+        mark_finished(folder, "data", cfg.digest("data"), {"documents": "the first run's"})
+
+    def boom(*args: Any) -> None:
+        raise RuntimeError("the stage started its work")
+
+    monkeypatch.setattr(data, "init_ray", boom)
+    finish(run_dir / "data")
+    assert data.run(cfg) == {"documents": "the first run's"}  # nothing changed: skipped
+    (tmp_path / "corpus" / "pretrain" / "part-0000.jsonl").write_bytes(b"")  # the same bytes: still skipped
+    shutil.copy2(corpus / "pretrain" / "part-0000.jsonl", tmp_path / "corpus" / "pretrain" / "part-0000.jsonl")
+    assert data.run(cfg) == {"documents": "the first run's"}
+    (tmp_path / "corpus" / "pretrain" / "part-9999.jsonl").write_text('{"text": "one more document"}\n')
+    with pytest.raises(RuntimeError, match="the stage started its work"):
+        data.run(cfg)
+    # Deleted to save space after the stage finished: the finished output stands.
+    shutil.rmtree(run_dir / "data")
+    finish(run_dir / "data")
+    shutil.rmtree(tmp_path / "corpus")
+    assert data.run(cfg) == {"documents": "the first run's"}
+    # Killed between moving the old data/ aside and renaming the new one in: rolled forward.
+    (run_dir / "data").rename(run_dir / ".data.new-0123abcd")
+    assert data.run(cfg) == {"documents": "the first run's"} and (run_dir / "data" / "stage.json").is_file()
+
+
 def test_dedup_off_keeps_every_duplicate(first_run: tuple, corpus: Path, tmp_path: Path) -> None:
     """Both deduplications off: no grouping pass at all (it once crashed on zero key columns),
     and the documents the first run dropped as duplicates are kept."""
@@ -313,7 +353,7 @@ def test_outputs_to_object_storage(first_run: tuple, corpus: Path, tmp_path: Pat
     assert report["outputs"] == {"shards": f"file://{versions}/{attempt}/shards",
                                  "documents": f"file://{versions}/{attempt}/documents"}  # fmt: skip
     assert sorted(p.name for p in (cfg.run.dir / "data").iterdir()) == [
-        "data_report.json", "rejected", "stage.json", "tokenizer"]  # fmt: skip
+        "data_report.json", "inputs.json", "rejected", "stage.json", "tokenizer"]  # fmt: skip
     assert sorted(p.name for p in (versions / attempt).iterdir()) == ["documents", "shards"]
     assert report["documents"] == base_report["documents"]
 

@@ -46,14 +46,17 @@ from core.locations import remove
 from core.rundir import (
     atomic_dir,
     atomic_write_json,
+    files_stamp,
     finished_summary,
+    inputs_changed,
     mark_finished,
+    record_inputs,
     recover_interrupted,
 )
 from pipelines.config import KilnConfig
 from pipelines.data import dedup, parts, storage
 from pipelines.data.config import DataConfig, DedupConfig
-from pipelines.data.corpus import Corpus, list_corpus_files
+from pipelines.data.corpus import Corpus, CorpusNotFound, list_corpus_files
 from pipelines.data.minhash import MinHasher, optimal_bands
 from pipelines.data.packing import ShardPlan, plan_shards
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
@@ -65,6 +68,7 @@ from pipelines.data.tokenizer import (
 )
 
 STAGE = "data"
+INPUTS_KEY = "data.input"  # the corpus files' stamp in inputs.json
 __all__ = ["EXACT", "FILTERED", "KEPT", "NEAR", "run"]
 
 
@@ -212,11 +216,22 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     run_dir = cfg.run.dir
     out_dir, tok_dir = run_dir / "data", run_dir / "tokenizer"
     digest = cfg.digest("data")
+    recover_interrupted(run_dir)  # a kill during the last run's final rename: roll it forward first
+    # An edited, added or removed corpus file redoes the stage, as an edited input does any stage's;
+    # a corpus gone since a finished run (deleted to save space) is no evidence either way.
+    try:
+        corpus: Corpus | None = list_corpus_files(dcfg.input)
+    except CorpusNotFound:
+        corpus = None
+    t_stamp = time.perf_counter()
+    stamps = {INPUTS_KEY: files_stamp(run_dir, (Path(f.uri) for f in corpus.files if "://" not in f.uri))} if corpus else {}
+    stamp_s = time.perf_counter() - t_stamp
+    force = force or inputs_changed(out_dir, "data", stamps)
     if (done := finished_summary(out_dir, "data", digest, force)) is not None:
         return done
 
     # Everything that can be checked without a cluster fails here, before any work starts.
-    corpus = list_corpus_files(dcfg.input)
+    corpus = corpus or list_corpus_files(dcfg.input)  # gone: raises, naming the path
     files = corpus.files
     uris = [f.uri for f in files]
     _warn_unknown(corpus)
@@ -228,8 +243,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     init_ray(cfg.ray)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     partitions = dcfg.shuffle_partitions or 2 * cpus
-    recover_interrupted(run_dir)
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {"stamp_inputs": stamp_s}
     t0 = time.perf_counter()
     print(f"kiln data: {len(files)} file(s), MinHash {bands[0]} bands x {bands[1]} rows, "
           f"{dcfg.dedup.ngram}-gram shingles", flush=True)  # fmt: skip
@@ -318,7 +332,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         _collect_rejected(scratch, work)
         remove(scratch)
         seconds["documents_pack"] = time.perf_counter() - t
-        seconds["total"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - t0 + stamp_s
 
         # 7. Report and marker, inside the directory that is renamed into place.
         sequences = {s: plans[s].sequences for s in splits}
@@ -366,6 +380,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
         atomic_write_json(work / storage.REPORT, report)
+        record_inputs(work, stamps)
         mark_finished(work, STAGE, digest, report)
         _link_tokenizer(run_dir)
     if versions is not None:
