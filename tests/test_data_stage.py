@@ -233,6 +233,12 @@ def test_a_corpus_that_leaves_no_training_sequence_fails_and_marks_nothing_finis
                                          r"filtered \{'too_few_words': 5\}, 0 kept with 0 tokens"):  # fmt: skip
         data.run(cfg)
     assert not (cfg.run.dir / "data").exists()  # not finished: a rerun after a fix does the work
+    # Found in review: every record rejected gave counts only, and the rejected records' file went
+    # with the unfinished folder: the reason (a JSONL without the text field) was nowhere.
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"content": f"doc {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match=r"5 records in, 5 rejected \(most often: \{\"no 'text' field\": 5\}; "
+                                         r"see data.input.text_field"):  # fmt: skip
+        data.run(cfg)
 
 
 def test_an_edited_corpus_redoes_the_stage_and_a_half_installed_one_is_rolled_forward(

@@ -62,6 +62,16 @@ class PartCounts:
     records: int = 0
     rejected: int = 0
     filtered: Counter[str] = field(default_factory=Counter)
+    # Rejected records by the kind of reason (its text up to the first ':'), at most 20 kinds:
+    # what an error names when nothing is left to train on.
+    rejected_why: Counter[str] = field(default_factory=Counter)
+
+    def count_rejected(self, reasons: list[str]) -> None:
+        self.rejected += len(reasons)
+        for reason in reasons:
+            kind = reason.split(":")[0][:80]
+            if kind in self.rejected_why or len(self.rejected_why) < 20:
+                self.rejected_why[kind] += 1
 
     @property
     def live(self) -> int:
@@ -166,7 +176,7 @@ def annotate_part_body(file: CorpusFile, dcfg: DataConfig, hasher: MinHasher, ba
             writer.write_table(_table(batch, ANNOTATED))
             live = batch["status"] == ""
             counts.records += len(batch["id"])
-            counts.rejected += int(np.sum(batch["status"] == REJECTED))
+            counts.count_rejected(batch["reason"][batch["status"] == REJECTED].tolist())
             counts.filtered.update(batch["reason"][batch["status"] == FILTERED].tolist())
             ids.append(batch["id"][live])
             hashes.append(content_hash[live])

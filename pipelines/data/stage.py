@@ -205,6 +205,11 @@ def _finish_and_pack(files: list[Any], scratch: str, out: str, dup_map: Any, tok
     return plans, sum(map(sum, sizes))
 
 
+def _why(reasons: Counter[str]) -> str:
+    """The most common reasons of rejected records, for an error message ("" if none)."""
+    return f" (most often: {dict(reasons.most_common(3))}; see data.input.text_field / format)" if reasons else ""
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 
@@ -338,10 +343,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         sequences = {s: plans[s].sequences for s in splits}
         seq_len = dcfg.pack.seq_len
         filtered: Counter[str] = sum((c.filtered for c in counts), Counter())
+        rejected_why: Counter[str] = sum((c.rejected_why for c in counts), Counter())
         if not sequences.get("train"):  # nothing is marked finished: pretraining would have no data
             raise ValueError(
                 f"kiln data: no training sequence of {seq_len} tokens to write: {sum(c.records for c in counts):,} "
-                f"records in, {sum(c.rejected for c in counts):,} rejected, filtered {dict(filtered) or 0}, "
+                f"records in, {sum(c.rejected for c in counts):,} rejected{_why(rejected_why)}, filtered {dict(filtered) or 0}, "
                 f"{kept:,} kept with {tokens_in:,} tokens. Add data or loosen data.filters / data.pack.seq_len, then rerun"
             )
         if not sequences.get("validation"):
