@@ -174,6 +174,23 @@ def test_globs_match_as_pythons_glob_and_existing_names_are_taken_literally(tmp_
     assert names("corpus [v2]") == ["corpus [v2]/d.jsonl"]
 
 
+def test_a_glob_lists_only_the_folders_it_can_match_and_an_unlistable_one_is_named(tmp_path: Path) -> None:
+    """Found in review: "dir/*.jsonl" walked every subfolder of dir, so one it could not list (a
+    lost+found, here a file name that is not UTF-8) failed the stage with a bare UnicodeDecodeError
+    / PermissionError naming no config key, though "*" never crosses a "/"."""
+    import os
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "odd").mkdir()
+    with open(os.path.join(bytes(tmp_path / "odd"), b"\xff.jsonl"), "wb") as f:
+        f.write(b'{"text": "y"}\n')
+    files = list_corpus_files(InputConfig(paths=[str(tmp_path / "*.jsonl")])).files
+    assert [Path(f.uri).name for f in files] == ["a.jsonl"]
+    for entry in (str(tmp_path / "odd"), str(tmp_path / "*/*.jsonl"), str(tmp_path)):
+        with pytest.raises(CorpusNotFound, match=r"data.input.paths\[1\]: cannot list .*a name in it is not UTF-8"):
+            list_corpus_files(InputConfig(paths=[str(tmp_path / "a.jsonl"), entry]))
+
+
 def test_compressed_parquet_is_refused_by_name(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "t.parquet")
     (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))

@@ -99,6 +99,21 @@ class Corpus:
     unknown: list[str]
 
 
+def _listing(fs: pafs.FileSystem, folder: str, recursive: bool, i: int, entry: str) -> list[str]:
+    """The files in ``folder`` (or below it), or ``CorpusNotFound`` naming the config key when it
+    cannot be listed: a folder it may not read, a name that is not UTF-8 (pyarrow decodes a name
+    when it is read)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
+        return [f.path for f in infos if f.is_file]
+    except UnicodeDecodeError as e:
+        name = e.object[: e.end].decode("utf-8", errors="replace") if isinstance(e.object, bytes) else "?"
+        raise CorpusNotFound(f"data.input.paths[{i}]: cannot list {entry!r}: a name in it is not UTF-8 "
+                             f"({name!r}); rename it or name the files to read") from None  # fmt: skip
+    except OSError as e:
+        raise CorpusNotFound(f"data.input.paths[{i}]: cannot list {entry!r}: {e}") from None
+
+
 def list_corpus_files(cfg: InputConfig) -> Corpus:
     """Every file the configured paths name: files, directories (recursively) or globs.
 
@@ -116,7 +131,7 @@ def list_corpus_files(cfg: InputConfig) -> Corpus:
         info = fs.get_file_info(path)  # a name that exists is that file or folder, "[" in it or not
         glob_at = min((path.find(c) for c in "*?[" if c in path), default=-1)
         if info.type == pafs.FileType.Directory:
-            matches = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.is_file]
+            matches = _listing(fs, path, True, i, entry)
         elif info.type == pafs.FileType.File:
             if _format_of(path, cfg.format) is None:
                 shown = display(entry, fs, path)
@@ -130,8 +145,11 @@ def list_corpus_files(cfg: InputConfig) -> Corpus:
             matches = [path]
         elif glob_at >= 0:
             base = path[: path.rfind("/", 0, glob_at) + 1] or "/"
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            matches = [f.path for f in infos if f.is_file and _glob_match(f.path.split("/"), path.split("/"))]
+            # Only a pattern with a folder part (dir/*/x, **) looks below the base's own files: a
+            # walk of every subfolder failed on one it could not read (lost+found at a mount's root).
+            rest = path[len(base) :]
+            files_below = _listing(fs, base, "/" in rest or "**" in rest, i, entry)
+            matches = [f for f in files_below if _glob_match(f.split("/"), path.split("/"))]
         else:
             matches = []
         files = [(display(entry, fs, m), fmt) for m in sorted(matches) if (fmt := _format_of(m, cfg.format))]
