@@ -67,3 +67,21 @@ def test_shards_past_five_digits_stay_in_shard_order(tmp_path: Path) -> None:
     (tmp_path / "validation-00000.parquet").write_bytes(b"")
     assert [Path(f).name for f in storage.shard_files(f"file://{tmp_path}", "train")] == [
         f"train-{n:05d}.parquet" for n in numbers]
+
+
+def test_an_object_store_uri_keeps_its_query_through_display_and_join() -> None:
+    """Found in review: s3://bucket/corpus/?endpoint_override=...&region=... listed on MinIO, but
+    each file's name lost the query, so its reader resolved it to AWS (every file one rejected
+    record); join put parts after the query. Resolving with a region touches no network."""
+    from core.locations import resolve
+
+    uri = "s3://bucket/corpus/?region=eu-west-1&endpoint_override=minio.local:9000&scheme=http"
+    fs, path = resolve(uri)
+    name = storage.display(uri, fs, f"{path.rstrip('/')}/a.jsonl")
+    assert name == "s3://bucket/corpus/a.jsonl?region=eu-west-1&endpoint_override=minio.local:9000&scheme=http"
+    again, again_path = resolve(name)
+    assert again.equals(fs) and again_path == "bucket/corpus/a.jsonl"
+    assert again.__reduce__()[1][0]["endpoint_override"] == "minio.local:9000"  # its settings, as pickled
+    assert not resolve("s3://bucket/corpus/a.jsonl?region=eu-west-1")[0].equals(fs)  # the query matters
+    assert storage.join("s3://b/runs?region=eu-west-1", "data", "x") == "s3://b/runs/data/x?region=eu-west-1"
+    assert storage.join("/local/runs", "data") == "/local/runs/data"

@@ -27,8 +27,13 @@ REPORT = "data_report.json"
 
 
 def display(uri: str, fs: pafs.FileSystem, path: str) -> str:
-    """A path in ``fs`` as users and readers see it: plain when local, else with ``uri``'s scheme."""
-    return path if isinstance(fs, pafs.LocalFileSystem) else f"{uri.split('://', 1)[0]}://{path}"
+    """A path in ``fs`` as users and readers see it: plain when local, else with ``uri``'s scheme and
+    its query (``?endpoint_override=...&region=...``: without it a reader resolved the name to
+    another endpoint, AWS's for a MinIO bucket)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    query = uri.partition("?")[2] if "://" in uri else ""
+    return f"{uri.split('://', 1)[0]}://{path}" + (f"?{query}" if query else "")
 
 
 def is_file(uri: str) -> bool:
@@ -38,7 +43,9 @@ def is_file(uri: str) -> bool:
 
 
 def join(location: str, *parts: str) -> str:
-    return "/".join([location.rstrip("/"), *parts])
+    """``location`` (a path or URI) and ``parts`` below it; a URI's query stays at the end."""
+    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
 def files_in(location: str, suffix: str = "") -> list[str]:
