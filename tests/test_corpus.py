@@ -338,6 +338,38 @@ def test_a_file_gone_after_listing_stops_the_stage(tmp_path: Path) -> None:
         list(read_file(files[1], cfg, "skip", batch_size=2))
 
 
+def test_a_read_failing_on_the_medium_stops_the_stage_and_a_corrupt_file_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Found in review: a connection reset or a disk's EIO mid-file was taken for a corrupt file: the
+    rest of the file became one rejected record and the stage finished without it, for good (a
+    rerun skips a finished stage). Fakes, named so: a line reader that fails after two lines."""
+    import errno
+
+    from pipelines.data import corpus as corpus_module
+    from pipelines.data.corpus import CorpusUnreadable
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    real_lines = corpus_module._lines
+
+    def failing_lines(failure: OSError):  # noqa: ANN202
+        def lines(stream: object, limit: int):  # noqa: ANN202
+            for k, item in enumerate(real_lines(stream, limit)):
+                if k == 2:
+                    raise failure
+                yield item
+        return lines
+
+    for failure in (OSError(errno.ECONNRESET, "Connection reset by peer"), OSError(errno.EIO, "Input/output error"),
+                    OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56")):  # fmt: skip
+        monkeypatch.setattr(corpus_module, "_lines", failing_lines(failure))
+        with pytest.raises(CorpusUnreadable, match=r"a\.jsonl: reading failed after record 2 .*rerun it"):
+            _read_all(tmp_path / "a.jsonl")
+    # The file's own bytes (a corrupt stream) stay one rejected record, as before.
+    monkeypatch.setattr(corpus_module, "_lines", failing_lines(OSError("zlib inflate failed: invalid block type")))
+    rows = _read_all(tmp_path / "a.jsonl")
+    assert [r["status"] for r in rows] == ["", "", REJECTED] and "the rest of the file is lost" in rows[2]["reason"]
+
+
 def test_a_parquet_file_with_two_text_columns_is_one_rejected_record(tmp_path: Path) -> None:
     pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), tmp_path / "t.parquet")
     rows = _read_all(tmp_path / "t.parquet")

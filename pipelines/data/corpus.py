@@ -10,6 +10,7 @@ position), and a human-readable ``source`` (``path:line``).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 from collections.abc import Iterator
@@ -44,6 +45,11 @@ class BadRecordError(ValueError):
 
 class CorpusNotFound(FileNotFoundError):
     """A configured input path that matches no file."""
+
+
+class CorpusUnreadable(OSError):
+    """A listed file whose reading failed on the medium (a disk's I/O error, a connection lost past
+    the object store's retries), not on its bytes: the stage stops; a rerun reads it whole."""
 
 
 class CorpusFileGone(FileNotFoundError):
@@ -374,14 +380,37 @@ def read_file(
     except (FileNotFoundError, PermissionError) as e:
         raise CorpusFileGone(f"{file.uri}: listed as an input but cannot be opened now ({type(e).__name__}: "
                              f"{e.strerror or e}); the stage stops rather than finish without its records") from e
-    except (OSError, pa.ArrowInvalid, EOFError) as e:
-        # Unreadable as a whole (corrupt gzip or zstd, not Parquet, ...): one rejected record for it.
-        # Unreadable past a point (a compressed file cut short, a corrupt page): the records before
-        # it are kept, and the rejected record is the next one, saying the rest is lost.
-        where, why = (("", f"cannot read file: {e}") if not number else
-                      (f":{number + 1}", f"cannot read past record {number}, the rest of the file is lost: {e}"))  # fmt: skip
-        if bad_records == "fail":
-            raise BadRecordError(f"{file.uri}{where}: {why}") from e
-        out.add(number + 1 if number else 0, "", REJECTED, why)
+    except OSError as e:
+        if not _transport_error(e):
+            _reject_rest(file, out, number, bad_records, e)
+        else:  # the disk or the network failed, not the file: a rerun can read it whole
+            raise CorpusUnreadable(f"{file.uri}: reading failed after record {number} ({type(e).__name__}: {e}); the "
+                                   "stage stops rather than finish without the rest of the file: rerun it") from e
+    except (pa.ArrowInvalid, EOFError) as e:
+        _reject_rest(file, out, number, bad_records, e)
     if out.ids:
         yield out.take()
+
+
+# An I/O failure of the medium, not the file's bytes: the errno of a failed disk or connection, or
+# an object store's transport error after its own retries (pyarrow's S3 and GCS errors carry no errno).
+_TRANSPORT_ERRNOS = {errno.EIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE}  # fmt: skip
+_TRANSPORT_WORDS = ("AWS Error", "NETWORK_CONNECTION", "Couldn't connect", "Connection reset", "timed out",
+                    "google::cloud::Status")  # fmt: skip
+
+
+def _transport_error(e: OSError) -> bool:
+    return e.errno in _TRANSPORT_ERRNOS or any(w in str(e) for w in _TRANSPORT_WORDS)
+
+
+def _reject_rest(file: CorpusFile, out: _Batcher, number: int, bad_records: str, e: Exception) -> None:
+    """The file's bytes cannot be read as a whole (corrupt gzip or zstd, not Parquet, ...): one
+    rejected record for it; or past a point (a compressed file cut short, a corrupt page): the
+    records before it are kept, and the rejected record is the next one, saying the rest is lost."""
+    where, why = (("", f"cannot read file: {e}") if not number else
+                  (f":{number + 1}", f"cannot read past record {number}, the rest of the file is lost: {e}"))  # fmt: skip
+    if bad_records == "fail":
+        raise BadRecordError(f"{file.uri}{where}: {why}") from e
+    out.add(number + 1 if number else 0, "", REJECTED, why)
+
