@@ -174,3 +174,19 @@ def test_wordless_documents_get_lsh_keys_of_their_own() -> None:
     _, _, keys = annotate(batch, off, MinHasher(112, 5), 14, 8, exact=True)
     assert len({k for row in keys[:3] for k in row.tolist()}) == 3 * 14  # no bucket shared, none within a document
     assert (keys[3] == keys[4]).all()
+
+
+def test_an_empty_document_is_filtered_even_with_the_filters_off() -> None:
+    """Found in review: a "" text field (or a blank file with text_unit: file) was kept with the
+    filters off and added a lone end-of-text token to the shards."""
+    from pipelines.data.config import FilterConfig
+    from pipelines.data.parts import FILTERED, annotate
+
+    texts = ["", "  \n\n \t ", "a real document"]
+    batch = {"id": np.arange(3, dtype=np.int64), "source": np.array(["s"] * 3, dtype=object),
+             "text": np.array(texts, dtype=object), "status": np.array([""] * 3, dtype=object),
+             "reason": np.array([""] * 3, dtype=object)}  # fmt: skip
+    off = FilterConfig(**{name: None for name in FilterConfig.model_fields})
+    out, _, keys = annotate(batch, off, MinHasher(112, 5), 14, 8, exact=True)
+    assert out["status"].tolist() == [FILTERED, FILTERED, ""] and out["reason"].tolist() == ["empty", "empty", ""]
+    assert not keys[:2].any() and keys[2].all()

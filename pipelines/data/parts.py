@@ -106,7 +106,9 @@ def annotate(batch: dict[str, np.ndarray], filters: FilterConfig, hasher: MinHas
         if status[i] == REJECTED:
             continue
         texts[i] = normalize(texts[i])
-        failed = first_failure(texts[i], filters) if check else None
+        # Nothing left (a "" text field, an empty file with text_unit: file): with the filters off it
+        # was kept, and added a lone end-of-text token to the shards.
+        failed = "empty" if not texts[i] else first_failure(texts[i], filters) if check else None
         if failed is not None:
             status[i], reason[i] = FILTERED, failed
             continue
