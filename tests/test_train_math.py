@@ -560,3 +560,11 @@ def test_a_non_llama_model_trains_as_itself_and_a_causal_lm_is_no_reward_model(t
         check_reward_model(tmp_path / "qwen", "ppo.reward_model")
     build_model("reward", tok, path=tmp_path / "qwen").save_pretrained(str(tmp_path / "rm"))
     assert check_reward_model(tmp_path / "rm", "ppo.reward_model") == tmp_path / "rm"
+    # LoRA on it: the new score head trains in full (a Llama-only check froze it at random).
+    from pipelines.train.config import LoraSettings
+    from pipelines.train.modeling import apply_lora, check_lora_targets
+
+    lora = LoraSettings(rank=2, alpha=4.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    wrapped = apply_lora(build_model("reward", tok, path=tmp_path / "qwen"), lora)
+    assert any("score" in n and p.requires_grad for n, p in wrapped.named_parameters())
+    check_lora_targets(lora, tmp_path / "qwen", "reward_model.lora.target_modules", head="reward")

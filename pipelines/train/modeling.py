@@ -192,7 +192,7 @@ def peft_config(lora: LoraSettings, head: Head = "lm") -> LoraConfig:
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """``model`` with LoRA adapters on its target modules; every base weight frozen (B starts at 0,
     so the wrapped model computes what ``model`` did). A reward model's score head trains in full."""
-    head: Head = "reward" if isinstance(model, LlamaForSequenceClassification) else "lm"
+    head: Head = "reward" if type(model).__name__.endswith("ForSequenceClassification") else "lm"  # any architecture
     return get_peft_model(model, peft_config(lora, head))
 
 
@@ -214,12 +214,12 @@ def check_lora_targets(lora: LoraSettings, model_dir: str | Path, key: str, head
         ValueError: naming each unmatched entry and the linear modules that exist.
     """
     config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
+    with torch.device("meta"):  # the architecture its config names, as build_model loads it
         if head == "reward":
             config.num_labels = 1
-            skeleton: PreTrainedModel = LlamaForSequenceClassification(config)
+            skeleton: PreTrainedModel = AutoModelForSequenceClassification.from_config(config)
         else:
-            skeleton = LlamaForCausalLM(config)
+            skeleton = AutoModelForCausalLM.from_config(config)
     linear = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = unmatched_targets(list(lora.target_modules), linear)
     if missing:
