@@ -443,3 +443,17 @@ def test_two_groups_dead_at_once_or_a_death_during_recovery_restart_every_actor(
 
     out = ppo._train(failing_once, p, tmp_path, [], [], None, 0, "ppo")
     assert out["recoveries"] == 2 and starts == [None, "reference", None]
+
+    # The code's own error during the recovery (a corrupt checkpoint: no actor is dead) surfaces at
+    # once, not retried as deaths up to max_failures.
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / METRICS_FILE).unlink()
+    deaths[3] = {"reference"}
+
+    def corrupt(actors: object, ckpt: Path) -> ppo.State:
+        monkeypatch.setattr(ppo, "dead_roles", lambda *a: set())
+        raise ray.exceptions.RayTaskError("load", "Traceback ...", ValueError("corrupt checkpoint"))
+
+    monkeypatch.setattr(ppo, "restore", corrupt)
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ppo._train(fake_start, p, tmp_path, [], [], None, 0, "ppo")

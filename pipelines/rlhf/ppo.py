@@ -560,14 +560,20 @@ def _train(
                         for r, actor in actors.roles().items():
                             if one is None or group_of(r) == one:
                                 ray.kill(actor)
+                        new: Actors | None = None
                         try:
-                            actors = start(keep=actors, replace=one) if one else start()
-                            metrics.write({"event": "actors", "nodes": actors.nodes(), "ids": actors.ids(),
-                                           "time": time.time()})  # fmt: skip
-                            state = restore(actors, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
+                            new = start(keep=actors, replace=one) if one else start()
+                            metrics.write({"event": "actors", "nodes": new.nodes(), "ids": new.ids(), "time": time.time()})
+                            state = restore(new, ckpt) if ckpt else State(kl_coef=p.kl_coef, eval_before=state.eval_before)
+                            actors = new
                             break
                         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as again:
-                            error, roles = again, {"an actor"}
+                            # A death, or the code's own error (a corrupt checkpoint): only a death retries.
+                            dying = isinstance(again, ray.exceptions.RayActorError)
+                            roles = dead_roles(new, again) if new is not None else {"an actor"} if dying else set()
+                            if not roles:
+                                raise
+                            actors, error = new or actors, again
                     metrics.write({"event": "recovery", "role": role, "failed_step": failed, "resumed_step": state.step,
                                    "recoveries": recoveries, "error": f"{type(error).__name__}: {error}"[:2000]})  # fmt: skip
                     rebuilt = f"the {one} restarted" if one else "every actor restarted"
