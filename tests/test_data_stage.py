@@ -247,7 +247,7 @@ def test_an_edited_corpus_redoes_the_stage_and_a_half_installed_one_is_rolled_fo
     was skipped as 'finished' (and pretraining with it); and it looked for its output before rolling
     forward a data/ whose final rename a kill interrupted, redoing hours of work or failing on a
     corpus deleted since. A finished stage is set up here with the stage's own records (no Ray)."""
-    from core.rundir import files_stamp, mark_finished, record_inputs
+    from core.rundir import mark_finished, record_inputs
     from pipelines.data.corpus import list_corpus_files
 
     shutil.copytree(corpus, tmp_path / "corpus")
@@ -255,8 +255,7 @@ def test_an_edited_corpus_redoes_the_stage_and_a_half_installed_one_is_rolled_fo
     run_dir = cfg.run.dir
 
     def finish(folder: Path) -> None:
-        files = [Path(f.uri) for f in list_corpus_files(cfg.data.input).files]
-        record_inputs(folder, {data.INPUTS_KEY: files_stamp(run_dir, files)})
+        record_inputs(folder, data.corpus_stamps(run_dir, list_corpus_files(cfg.data.input)))
         mark_finished(folder, "data", cfg.digest("data"), {"documents": "the first run's"})
 
     def boom(*args: Any) -> None:

@@ -68,7 +68,6 @@ from pipelines.data.tokenizer import (
 )
 
 STAGE = "data"
-INPUTS_KEY = "data.input"  # the corpus files' stamp in inputs.json
 __all__ = ["EXACT", "FILTERED", "KEPT", "NEAR", "run"]
 
 
@@ -210,6 +209,12 @@ def _why(reasons: Counter[str]) -> str:
     return f" (most often: {dict(reasons.most_common(3))}; see data.input.text_field / format)" if reasons else ""
 
 
+def corpus_stamps(run_dir: Path, corpus: Corpus) -> dict[str, str]:
+    """What ``data/inputs.json`` records of a local corpus: one stamp of its files as listed, under
+    a key inside the run (``<run>/data/corpus-files``, whatever the working directory)."""
+    return {str(run_dir / "data" / "corpus-files"): files_stamp(run_dir, (Path(f.uri) for f in corpus.files))}
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 
@@ -222,14 +227,16 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     out_dir, tok_dir = run_dir / "data", run_dir / "tokenizer"
     digest = cfg.digest("data")
     recover_interrupted(run_dir)  # a kill during the last run's final rename: roll it forward first
-    # An edited, added or removed corpus file redoes the stage, as an edited input does any stage's;
-    # a corpus gone since a finished run (deleted to save space) is no evidence either way.
-    try:
-        corpus: Corpus | None = list_corpus_files(dcfg.input)
-    except CorpusNotFound:
-        corpus = None
-    t_stamp = time.perf_counter()
-    stamps = {INPUTS_KEY: files_stamp(run_dir, (Path(f.uri) for f in corpus.files if "://" not in f.uri))} if corpus else {}
+    # An edited, added or removed local corpus file redoes the stage, as an edited input does any
+    # stage's; a corpus gone since a finished run (deleted to save space), or in object storage (not
+    # listed again for this: no network at a finished stage), is no evidence either way.
+    t_stamp, corpus, stamps = time.perf_counter(), None, {}
+    if all("://" not in p or p.startswith("file://") for p in dcfg.input.paths):
+        try:
+            corpus = list_corpus_files(dcfg.input)
+        except (CorpusNotFound, OSError):
+            corpus = None
+        stamps = corpus_stamps(run_dir, corpus) if corpus else {}
     stamp_s = time.perf_counter() - t_stamp
     force = force or inputs_changed(out_dir, "data", stamps)
     if (done := finished_summary(out_dir, "data", digest, force)) is not None:
