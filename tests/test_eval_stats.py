@@ -266,6 +266,8 @@ def test_proportion_mean_interval_wilson_for_0_1_rates_and_clipped_t_otherwise()
     low, high = proportion_mean_interval([0.9, 1.0, 1.0, 0.95])
     assert high == 1.0 and low == pytest.approx(mean_interval([0.9, 1.0, 1.0, 0.95])[0])
     assert all(math.isnan(x) for x in proportion_mean_interval([]))
+    low, high = proportion_mean_interval([0.5] * 20)  # every prompt 4 of 8: no spread, yet not certain
+    assert low < 0.5 < high and (low, high) == wilson_interval(10.0, 20)
     with pytest.raises(ValueError, match=r"\[0, 1\].*1\.5"):
         proportion_mean_interval([0.5, 1.5])
 

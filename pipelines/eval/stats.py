@@ -28,11 +28,12 @@ import numpy as np
 from scipy import stats
 
 
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion.
 
     Args:
-        successes: The number of successes, ``0 <= successes <= n``.
+        successes: The number of successes, ``0 <= successes <= n`` (a fractional count gives
+            Wilson's formula at that proportion).
         n: The number of trials; ``n == 0`` gives the uninformative ``(0.0, 1.0)``.
         confidence: The two-sided confidence level, in (0, 1).
 
@@ -83,7 +84,8 @@ def proportion_mean_interval(values: Sequence[float], confidence: float = 0.95) 
 
     When every rate is 0 or 1 the mean is a proportion of items and gets the Wilson interval: the
     t interval would spill past 1 (19 prompts right and one wrong: [0.845, 1.055]) or collapse to
-    zero width when all items agree. Otherwise it is ``mean_interval`` kept inside [0, 1].
+    zero width when all items agree; rates that all agree at another value get Wilson's formula at
+    that rate too. Otherwise it is ``mean_interval`` kept inside [0, 1].
 
     Returns:
         ``(low, high)`` in [0, 1]; ``(nan, nan)`` with no values.
@@ -96,6 +98,8 @@ def proportion_mean_interval(values: Sequence[float], confidence: float = 0.95) 
         raise ValueError(f"rates must lie in [0, 1], got values from {x.min()} to {x.max()}")
     if x.size and np.all((x == 0.0) | (x == 1.0)):
         return wilson_interval(int(x.sum()), int(x.size), confidence)
+    if x.size and np.all(x == x[0]):  # no spread (every prompt 4 of 8): t has zero width; Wilson's
+        return wilson_interval(float(x.sum()), int(x.size), confidence)  # formula at p = that rate
     low, high = mean_interval(x, confidence)
     return (low, high) if x.size == 0 else (max(0.0, low), min(1.0, high))
 
