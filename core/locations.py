@@ -17,6 +17,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def join(location: str, *parts: str) -> str:
+    """``location`` (a path or URI) and ``parts`` below it; a URI's query (``?endpoint_override=...``)
+    stays at the end, where pyarrow reads it."""
+    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
+
+
 def remove(location: str) -> None:
     """Delete a folder (path or URI) and everything in it, if it exists."""
     fs, path = resolve(location)

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.config import RayConfig
 from core.config import ConfigError, PathOrUri, Section, format_errors, redacted_dump
+from core.locations import join
 from pipelines.data.config import DataConfig
 from pipelines.eval.config import EvalConfig
 from pipelines.quickstart.config import GenerateConfig
@@ -78,7 +79,7 @@ class RunConfig(Section):
         """Ray Train storage of one stage's checkpoints: ``<storage_path>/<name>/<stage>``, or None."""
         if self.storage_path is None:
             return None
-        return f"{self.storage_path.rstrip('/')}/{self.name}/{stage}"
+        return join(self.storage_path, self.name, stage)  # a URI's query stays at its end
 
 
 class KilnConfig(Section):

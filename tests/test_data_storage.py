@@ -85,3 +85,7 @@ def test_an_object_store_uri_keeps_its_query_through_display_and_join() -> None:
     assert not resolve("s3://bucket/corpus/a.jsonl?region=eu-west-1")[0].equals(fs)  # the query matters
     assert storage.join("s3://b/runs?region=eu-west-1", "data", "x") == "s3://b/runs/data/x?region=eu-west-1"
     assert storage.join("/local/runs", "data") == "/local/runs/data"
+    from pipelines.config import parse_config
+
+    run = parse_config({"run": {"name": "q", "storage_path": "s3://b/runs?endpoint_override=minio:9000"}}).run
+    assert run.stage_storage("data") == "s3://b/runs/q/data?endpoint_override=minio:9000"

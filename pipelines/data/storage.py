@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-from core.locations import resolve
+from core.locations import join, resolve
 
 REPORT = "data_report.json"
 
@@ -40,12 +40,6 @@ def is_file(uri: str) -> bool:
     """Whether a local path or a URI names an existing file."""
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def join(location: str, *parts: str) -> str:
-    """``location`` (a path or URI) and ``parts`` below it; a URI's query stays at the end."""
-    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
-    return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
 def files_in(location: str, suffix: str = "") -> list[str]:
