@@ -39,7 +39,8 @@ class EvalConfig(Section):
     max_prompt_tokens: int = Field(default=128, ge=1)
     # Most tokens per response.
     max_response_tokens: int = Field(default=32, ge=1)
-    # Validation sequences (<run>/data/shards/validation-*.parquet) for perplexity; 0: skip it.
+    # Validation sequences for perplexity, from the shards pretraining read (pretrain.shards, else
+    # <run>/data/shards: validation-*.parquet); 0: skip it.
     perplexity_sequences: int = Field(default=64, ge=0)
     # Seed of the sampled responses (prompt i draws its k samples from seed + i * k onwards).
     seed: int = Field(default=0, ge=0)

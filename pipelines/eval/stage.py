@@ -141,7 +141,8 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
     ``eval:`` section, the resolved inputs and whether the models were given (``--models``) or are
     the run's stage models; the models part is each model's name, directory and stamp, and the
     reward model's; the data part is what the prompts file, the preference pairs, the metric and
-    reward functions' source files and the validation shards hold (``core.rundir.stamp``).
+    reward functions' source files, pretraining's validation shards and their tokenizer hold
+    (``core.rundir.stamp``).
 
     Paths inside the run directory are written by their place there (``core.rundir.run_key``) and
     models stamped like any input (by content up to 64 MiB), so a run directory moved or copied
@@ -160,7 +161,9 @@ def eval_digest(cfg: KilnConfig, inputs: Inputs, targets: list[Target], custom: 
     }
     # The metric and reward functions' source: a fixed grader makes the old grades stale.
     code = [function_source(f) for f in (inputs.metric_function, inputs.reward_function) if f] if portable else []
-    files = [inputs.prompts, inputs.preferences, *code, *shard_files(pretraining_data(cfg)[0], "validation")]
+    shards, vocabulary = pretraining_data(cfg)  # the validation shards and the tokenizer they were written with
+    tokenizer = [vocabulary / "tokenizer.json"] if portable else []
+    files = [inputs.prompts, inputs.preferences, *code, *tokenizer, *shard_files(shards, "validation")]
     data = input_stamps(str(f) for f in files if f is not None)
     if portable:
         data = {where(Path(f)): s for f, s in data.items()}
