@@ -27,7 +27,7 @@ MAX_LOGPROB_ENTRIES = 1_000_000
 def check_work(choices: int, logprobs: int | None, tokens: int, n: int) -> None:
     """Refuse (400) a request past ``MAX_CHOICES`` or, with ``logprobs`` (top-k per token), one
     whose answer could hold more than ``MAX_LOGPROB_ENTRIES`` entries: ``n`` x ``tokens`` (every
-    prompt's most new tokens, plus its own tokens when echoed) x (``logprobs`` + 1)."""
+    prompt's ``max_tokens`` when given, plus its own tokens when echoed) x (``logprobs`` + 1)."""
     if choices > MAX_CHOICES:
         raise APIError(400, f"n: {choices} choices (prompts x n); at most {MAX_CHOICES} in one request", param="n",
                        code="invalid_value")  # fmt: skip

@@ -324,7 +324,9 @@ class LLMServer:
         # than that room: the room (each prompt's own, as vLLM's server computes it).
         limits = [(self.max_model_len - len(p)) if max_tokens is None else 1 if echo_only else
                   min(max_tokens, self.max_model_len - len(p)) for p in prompts]  # fmt: skip
-        check_work(len(prompts) * req.n, logprobs, sum(limits) + (sum(map(len, prompts)) if echo_texts else 0), req.n)
+        # Counted: the tokens asked for (an unset max_tokens is not the whole context) and echoed.
+        asked = (sum(limits) if max_tokens is not None else 0) + (sum(map(len, prompts)) if echo_texts else 0)
+        check_work(len(prompts) * req.n, logprobs, asked, req.n)
         structured = structured_outputs_args(req.response_format)
         common = dict(
             n=req.n,

@@ -69,11 +69,13 @@ class _Request(BaseModel):
     def _null_is_not_given(cls, data: Any) -> Any:
         """An explicit null for an optional field with a default is that default, as OpenAI's and
         vLLM's servers read it (the official client sends ``"temperature": null`` for
-        ``temperature=None``); a required field's null stays an error."""
+        ``temperature=None``); a required field's null stays an error. A field of ``UNSUPPORTED``
+        set to a value that would change the answer is refused."""
         if not isinstance(data, dict):
             return data
         for key in UNSUPPORTED:
-            if data.get(key) is not None and data[key] not in _INERT.get(key, ()) and key not in cls.model_fields:
+            inert = data.get(key) in (None, [], {}) or data[key] in _INERT.get(key, ())
+            if not inert and key not in cls.model_fields:
                 raise ValueError(f"{key}: not supported by this server")
         defaulted = _defaulted_fields(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
@@ -84,10 +86,9 @@ class _Request(BaseModel):
 UNSUPPORTED = ("logit_bias", "best_of", "use_beam_search", "tools", "tool_choice", "functions", "function_call",
                "min_p", "allowed_token_ids", "bad_words", "continue_final_message", "prompt_logprobs",
                "truncate_prompt_tokens", "logits_processors")  # fmt: skip
-# Their values that are the same as leaving them out.
+# Their values that are the same as leaving them out (besides null and an empty list or object).
 _INERT: dict[str, tuple[Any, ...]] = {"best_of": (1,), "use_beam_search": (False,), "min_p": (0, 0.0),
-                                      "tool_choice": ("none",), "continue_final_message": (False,),
-                                      "tools": ([],), "functions": ([],), "logit_bias": ({},)}  # fmt: skip
+                                      "tool_choice": ("none",), "continue_final_message": (False,)}  # fmt: skip
 
 
 @functools.cache

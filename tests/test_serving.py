@@ -490,7 +490,8 @@ def test_template_messages_and_inert_unsupported_fields() -> None:
     assert template_messages(msgs, "{{ m.role }}") == [{"role": "system", "content": "Be terse."},
                                                        {"role": "user", "content": "a\nb"}]  # fmt: skip
     assert template_messages(msgs, "{% if m.role == 'developer' %}")[0]["role"] == "developer"
-    ok = {"model": MODEL, "prompt": "x", "best_of": 1, "logit_bias": {}, "min_p": 0.0, "use_beam_search": False}
+    ok = {"model": MODEL, "prompt": "x", "best_of": 1, "logit_bias": {}, "min_p": 0.0, "use_beam_search": False,
+          "bad_words": [], "allowed_token_ids": [], "logits_processors": None}  # fmt: skip
     assert CompletionRequest.model_validate(ok).prompt == "x"
     with pytest.raises(ValidationError, match="best_of: not supported"):
         CompletionRequest.model_validate({**ok, "best_of": 2})
