@@ -478,7 +478,7 @@ def _eval_section(summary: dict[str, Any]) -> list[str]:
              f"{_fmt(prompts)} held-out prompts. Accuracy: greedy decoding, 95 % Wilson interval; "
              f"pass@{summary.get('k', 'k')}: {summary.get('k', 'k')} samples per prompt at temperature "
              f"{summary.get('temperature', '—')}; reward and RM score: means over the greedy responses; "
-             f"ppl: perplexity on the data stage's validation shards (pretraining text, not the task); "
+             f"ppl: perplexity on pretraining's validation shards (pretraining text, not the task); "
              f"KL: per-response k1 estimate against {summary.get('reference', 'the reference')}.", ""]  # fmt: skip
     lines += _table(model_header(summary), [model_cells(m) for m in summary["models"]])
     if summary.get("comparisons"):

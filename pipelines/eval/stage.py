@@ -11,7 +11,7 @@ Read top to bottom:
   2. per model — the generator answers every prompt greedily and samples k responses to each;
      meanwhile this controller grades the previous model: metric and reward functions on the
      responses, the reward model's score, log-probs under the model and the reference (KL), and
-     perplexity on the data stage's validation sequences;
+     perplexity on the validation sequences pretraining read (pretrain.shards, else the data stage's);
   3. statistics — Wilson and t intervals, pass@k, McNemar's exact test between consecutive
      stages, the reward model's pairwise accuracy (``pipelines.eval.summary``, ``stats``);
   4. outputs — ``eval/summary.json``; ``eval/responses.jsonl`` (per model and prompt: the greedy
