@@ -203,21 +203,24 @@ def stamp(path: Path) -> str:
         return _file_stamp(path, path.stat().st_size <= _CONTENT_STAMP_BYTES)
     if not path.is_dir():
         return ""
-    files = sorted((f for f in path.rglob("*") if f.is_file()), key=lambda f: f.relative_to(path).as_posix())
-    if not files:
-        return ""
-    by_content = sum(f.stat().st_size for f in files) <= _CONTENT_STAMP_BYTES
-    listing = [(f.relative_to(path).as_posix(), _file_stamp(f, by_content)) for f in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return _named_stamp([(f.relative_to(path).as_posix(), f) for f in path.rglob("*") if f.is_file()])
 
 
 def files_stamp(run_dir: Path, files: Iterable[Path]) -> str:
     """``stamp`` of a set of files (a corpus as listed): by content up to 64 MiB in all, else each
     file's size and modification time; each file named by ``run_key`` (so a moved run keeps it)."""
-    files = list(files)
-    by_content = sum(f.stat().st_size for f in files) <= _CONTENT_STAMP_BYTES
-    listing = sorted((run_key(run_dir, str(f)), _file_stamp(f, by_content)) for f in files)
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16] if listing else ""
+    return _named_stamp([(run_key(run_dir, str(f)), f) for f in files])
+
+
+def _named_stamp(named: list[tuple[str, Path]]) -> str:
+    """One stamp of files under their names (sorted): each by content when all of them together
+    are at most 64 MiB, else by size and mtime; "" for none."""
+    if not named:
+        return ""
+    named = sorted(named, key=lambda item: item[0])
+    by_content = sum(f.stat().st_size for _, f in named) <= _CONTENT_STAMP_BYTES
+    listing = [(name, _file_stamp(f, by_content)) for name, f in named]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def input_stamps(inputs: Iterable[Path | str]) -> dict[str, str]:

@@ -413,4 +413,3 @@ def _reject_rest(file: CorpusFile, out: _Batcher, number: int, bad_records: str,
     if bad_records == "fail":
         raise BadRecordError(f"{file.uri}{where}: {why}") from e
     out.add(number + 1 if number else 0, "", REJECTED, why)
-

@@ -56,7 +56,7 @@ from core.rundir import (
 from pipelines.config import KilnConfig
 from pipelines.data import dedup, parts, storage
 from pipelines.data.config import DataConfig, DedupConfig
-from pipelines.data.corpus import Corpus, CorpusNotFound, list_corpus_files
+from pipelines.data.corpus import Corpus, list_corpus_files
 from pipelines.data.minhash import MinHasher, optimal_bands
 from pipelines.data.packing import ShardPlan, plan_shards
 from pipelines.data.parts import EXACT, FILTERED, KEPT, NEAR
@@ -234,7 +234,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     if all("://" not in p or p.startswith("file://") for p in dcfg.input.paths):
         try:
             corpus = list_corpus_files(dcfg.input)
-        except (CorpusNotFound, OSError):
+        except OSError:  # CorpusNotFound among them
             corpus = None
         stamps = corpus_stamps(run_dir, corpus) if corpus else {}
     stamp_s = time.perf_counter() - t_stamp
