@@ -95,15 +95,16 @@ class DeepSpeedRank:
     def _my_rows(self, batch: Batch) -> Batch:
         return batch.rows(split(batch.size, self.world)[self.rank]).to(self.device)
 
-    def _minibatches(self, batch: Batch, step: int, epoch: int) -> list[Batch]:
-        """This rank's share of each mini-batch of one epoch; the order is a function of (seed, step, epoch)."""
+    def _minibatches(self, batch: Batch, step: int, epoch: int) -> list[tuple[Batch, float]]:
+        """This rank's share of each mini-batch of one epoch, with the mini-batch's response-token
+        count over every rank; the order is a function of (seed, step, epoch)."""
         gen = torch.Generator().manual_seed(hash((self.seed, step, epoch)) & 0x7FFFFFFF)
         order = torch.randperm(batch.size, generator=gen)
         out = []
         for start in range(0, batch.size, self.minibatch_size):
             rows = order[start : start + self.minibatch_size]
             mine = rows[split(len(rows), self.world)[self.rank]]
-            out.append(batch.rows(mine).to(self.device))
+            out.append((batch.rows(mine).to(self.device), float(batch.response_mask[rows].sum())))
         return out
 
     def _micro_batches(self, part: Batch) -> list[Batch]:
@@ -118,13 +119,22 @@ class DeepSpeedRank:
             group["lr"] = lr
         return lr
 
-    def _train_minibatch(self, part: Batch, loss_fn: Any) -> dict[str, float]:
-        """One optimizer step over this rank's share of a mini-batch; returns summed loss parts."""
+    def _train_minibatch(self, part: Batch, tokens: float, loss_fn: Any) -> dict[str, float]:
+        """One optimizer step over this rank's share of a mini-batch of ``tokens`` response tokens
+        (every rank's); returns this rank's loss parts, whose mean over the ranks (``mean_records``)
+        is each part's token mean over the mini-batch.
+
+        ``loss_fn(micro, divisor)`` divides its token sums by ``divisor`` (``ppo_math.token_mean``):
+        the mini-batch's tokens over what DeepSpeed divides the gradient by (accumulation steps x
+        ranks), so the update is the gradient of the mini-batch's token mean whatever the micro-batch
+        size, and a micro-batch of skipped samples (mask 0) does not shrink it.
+        """
         self._set_lr()
         totals: dict[str, float] = {}
         micro_batches = self._micro_batches(part)
+        divisor = tokens / (self.engine.gradient_accumulation_steps() * self.world)
         for micro in micro_batches:
-            loss, parts = loss_fn(micro)
+            loss, parts = loss_fn(micro, divisor)
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer at the accumulation boundary only
             for k, v in parts.items():
@@ -141,7 +151,8 @@ class DeepSpeedRank:
             FloatingPointError: a loss part became NaN or infinite (the run stops; the last
                 checkpoint is intact).
         """
-        out = mean_records([self._train_minibatch(part, loss_fn) for epoch in range(epochs) for part in self._minibatches(batch, step, epoch)])
+        out = mean_records([self._train_minibatch(part, tokens, loss_fn)
+                            for epoch in range(epochs) for part, tokens in self._minibatches(batch, step, epoch)])
         bad = {k: v for k, v in out.items() if k != "grad_norm" and not math.isfinite(v)}
         if bad:
             raise FloatingPointError(f"{type(self).__name__}: {bad} at PPO step {step}")

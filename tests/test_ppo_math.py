@@ -18,6 +18,7 @@ from pipelines.rlhf.ppo_math import (
     kl_loss,
     masked_mean,
     masked_whiten,
+    token_mean,
     policy_loss,
     token_logprobs,
     token_rewards,
@@ -138,6 +139,37 @@ def test_policy_loss_gradient_is_advantage_at_ratio_one() -> None:
     loss, _, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, clip_eps=0.2)
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv * mask / 4)
+
+
+def test_micro_batch_losses_divided_by_the_mini_batch_tokens_add_up_to_its_token_mean() -> None:
+    """Two micro-batches of 5 and 1 tokens, and one of skipped samples (mask 0): each divides its sum
+    by the mini-batch's 6 tokens, so their sum is the mini-batch's token mean (a mean of the
+    micro-batches' own means would weigh the 1-token micro-batch as much as the 5-token one, and
+    count the skipped one as a zero)."""
+    logp = torch.tensor([[-0.1, -0.2, -0.3], [-0.4, -0.5, 0.0], [-0.6, 0.0, 0.0], [-0.7, -0.8, -0.9]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, 0.0], [3.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    old = logp.detach() + 0.05
+    whole, whole_clip, whole_kl = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    (whole_grad,) = torch.autograd.grad(whole, logp)
+    parts = [policy_loss(logp[rows], old[rows], adv[rows], mask[rows], 0.2, tokens=6.0) for rows in ([0, 1], [2], [3])]
+    summed = sum(p[0] for p in parts)
+    (summed_grad,) = torch.autograd.grad(summed, logp)
+    torch.testing.assert_close(summed, whole)
+    torch.testing.assert_close(summed_grad, whole_grad)
+    torch.testing.assert_close(sum(p[1] for p in parts), whole_clip)
+    torch.testing.assert_close(sum(p[2] for p in parts), whole_kl)
+    assert parts[2][0].item() == 0.0  # the skipped samples add nothing, and divide nothing
+    mean_of_means = sum(masked_mean(x, m) for x, m in ((adv[:2], mask[:2]), (adv[2:3], mask[2:3]))) / 2
+    assert mean_of_means.item() != pytest.approx(token_mean(adv, mask).item())
+    assert token_mean(adv, mask, tokens=6.0).item() == pytest.approx(token_mean(adv, mask).item())
+    values, returns = torch.randn(4, 3), torch.randn(4, 3)
+    v_whole, _ = value_loss(values, values, returns, mask, clip=0.2)
+    v_parts = sum(value_loss(values[r], values[r], returns[r], mask[r], 0.2, tokens=6.0)[0] for r in ([0, 1], [2], [3]))
+    torch.testing.assert_close(v_parts, v_whole)
+    ref = old - 0.3
+    k_whole = kl_loss(logp, ref, mask)
+    torch.testing.assert_close(sum(kl_loss(logp[r], ref[r], mask[r], tokens=6.0) for r in ([0, 1], [2], [3])), k_whole)
 
 
 def test_value_loss_clipped_and_unclipped() -> None:
