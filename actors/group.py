@@ -13,6 +13,15 @@ from typing import Any
 import ray
 
 
+def kill_quietly(actor: Any) -> None:
+    """``ray.kill``, for clean-up after a failure: an error of its own (Ray shutting down) must not
+    replace the failure being raised, nor stop the clean-up of the next actor."""
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - the failure being raised is the one to report
+        pass
+
+
 class RankGroup:
     """N ranks of one model (``PolicyLearner`` or ``Critic``), each a Ray actor.
 
@@ -25,8 +34,13 @@ class RankGroup:
 
     def __init__(self, actor_cls: Any, world: int, options: dict[str, Any], *args: Any) -> None:
         self.ranks = [actor_cls.options(**options).remote(rank, world, *args) for rank in range(world)]
-        addr, port = ray.get(self.ranks[0].rendezvous.remote())
-        ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        try:
+            addr, port = ray.get(self.ranks[0].rendezvous.remote())
+            ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        except BaseException:  # a rank that failed to start or join: the group is not made, none of it lives on
+            for r in self.ranks:
+                kill_quietly(r)
+            raise
 
     def call(self, method: Callable[[Any], ray.ObjectRef]) -> list[ray.ObjectRef]:
         """``method(rank)`` on every rank, in rank order; the object refs of the calls."""
@@ -35,3 +49,10 @@ class RankGroup:
     def get(self, method: Callable[[Any], ray.ObjectRef]) -> list[Any]:
         """``method(rank)`` on every rank, waiting for all results (rank order)."""
         return ray.get(self.call(method))
+
+
+def actor_handles(roles: dict[str, Any], only: str | None = None) -> list[Any]:
+    """The actors of a role -> (actor, ``RankGroup`` or None) map, a group's every rank; with
+    ``only``, that role's alone."""
+    picked = [h for role, h in roles.items() if only is None or role == only]
+    return [a for h in picked for a in (h.ranks if isinstance(h, RankGroup) else [h] if h is not None else [])]

@@ -119,3 +119,33 @@ def test_one_failure_too_many_ends_the_run_naming_role_and_step(ray_local: None,
 
     with pytest.raises(ActorFailure, match=r"the reference died during step 1, failure 1 of at most 0"):
         _run(task, _config(task, max_failures=0), tmp_path, fault=kill_reference)
+
+
+@pytest.mark.parametrize("missing", ["critic", "reward model"])
+def test_a_failed_constructor_leaves_no_actor_of_the_start_running(
+    ray_local: None, task: dict[str, Any], tmp_path: Path, missing: str
+) -> None:
+    """A model is missing. The critic's: its rank fails in set-up, after the rollout engine, the
+    reward scorer, the reference and the learner's ranks were made. The reward model's: the
+    scorer's constructor fails while the others start (Ray reports it at the scorer's first call).
+    Either way start_actors raises and kills every actor it made at once (before, Ray ended them
+    only when their last handle went, and the error's traceback held some)."""
+    import time
+
+    p = _config(task)
+
+    def settled() -> float:  # Ray returns a killed actor's CPUs a moment after ray.kill returns
+        total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+        while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return free
+
+    assert settled() == ray.cluster_resources()["CPU"]  # the earlier tests' actors are gone
+    absent = tmp_path / "no-such-model"
+    models = (None, absent) if missing == "critic" else (absent, task["policy"])
+    with pytest.raises((ray.exceptions.RayTaskError, ray.exceptions.RayActorError)) as failure:
+        start_actors(p, task["policy"], *models)
+    # While the error (and its traceback) is still held, as a caller that reports or retries holds
+    # it: the handles in its frames no longer keep the actors alive.
+    assert failure.traceback
+    assert settled() == ray.cluster_resources()["CPU"]

@@ -35,7 +35,7 @@ import torch
 
 from actors.critic import Critic
 from actors.experience import Samples, collate
-from actors.group import RankGroup
+from actors.group import RankGroup, actor_handles, kill_quietly
 from actors.learner import PolicyLearner
 from actors.reference import ReferencePolicy
 from actors.reward import RewardScorer, Scores, load_function
@@ -161,12 +161,20 @@ def start_actors(p: PpoConfig, policy: Path, reward_model: Path | None, critic_i
         "critic": lambda: RankGroup(Critic, p.critic.num_workers, options(p.critic), p, str(critic_init))
         if p.advantage == "gae" else None,
     }  # fmt: skip
-    if keep is None:
-        made = {group: make() for group, make in makers.items()}
-    else:
-        kept = {"rollout": keep.rollout, "reward scorer": keep.reward, "reference": keep.reference,
-                "learner": keep.learner, "critic": keep.critic}  # fmt: skip
-        made = {group: makers[group]() if group == replace else kept[group] for group in makers}
+    kept = {} if keep is None else {"rollout": keep.rollout, "reward scorer": keep.reward, "reference": keep.reference,
+                                    "learner": keep.learner, "critic": keep.critic}  # fmt: skip
+    made: dict[str, Any] = {}
+    only = None if keep is None else replace  # the groups this call makes
+    try:
+        for group, make in makers.items():
+            made[group] = kept[group] if keep is not None and group != replace else make()
+        # Constructors run asynchronously (a rank group's set-up waits on its own): one that failed
+        # raises here, while the actors made before it can still be ended.
+        ray.get([a.__ray_call__.remote(lambda _self: None) for a in actor_handles(made, only)])
+    except BaseException:  # none of the new actors outlives a failed start
+        for actor in actor_handles(made, only):
+            kill_quietly(actor)
+        raise
     actors = Actors(made["rollout"], made["reward scorer"], made["reference"], made["learner"], made["critic"])
     if keep is not None and replace != "rollout":  # the engine holds these weights (generate's resync check)
         actors.weights, actors.version = keep.weights, keep.version
@@ -586,6 +594,6 @@ def _train(
         after = evaluate(actors, eval_prompts, p, metric) if eval_prompts else {}
     finally:
         for actor in actors.all():
-            ray.kill(actor)
+            kill_quietly(actor)
     atomic_write_json(stage_dir / "eval.json", {"before": state.eval_before, "after": after})
     return {"before": state.eval_before, "after": after, "recoveries": recoveries}
