@@ -174,6 +174,26 @@ def test_globs_match_as_pythons_glob_and_existing_names_are_taken_literally(tmp_
     assert names("corpus [v2]") == ["corpus [v2]/d.jsonl"]
 
 
+def test_hidden_files_and_folders_are_read_only_when_named(tmp_path: Path) -> None:
+    """As Python's glob and Hugging Face datasets: ``*`` and ``**`` skip names starting with ".",
+    and so does a directory's listing (a checkout's .git, an editor's .swp, a cache)."""
+    for name in ("a.jsonl", ".b.jsonl", ".cache/c.jsonl", "sub/.d.jsonl", "sub/e.jsonl", ".hidden/f.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"text": "x"}\n')
+
+    def names(pattern: str) -> list[str]:
+        files = list_corpus_files(InputConfig(paths=[str(tmp_path / pattern)])).files
+        return [str(Path(f.uri).relative_to(tmp_path)) for f in files]
+
+    assert names("*.jsonl") == ["a.jsonl"]
+    assert names("**/*.jsonl") == ["a.jsonl", "sub/e.jsonl"]
+    assert names("") == ["a.jsonl", "sub/e.jsonl"]  # the directory itself
+    assert names(".*.jsonl") == [".b.jsonl"]  # a pattern part that starts with "." matches them
+    assert names(".cache/*.jsonl") == [".cache/c.jsonl"]
+    assert names(".hidden") == [".hidden/f.jsonl"]  # a hidden folder named on its own is read
+    assert names("sub/.d.jsonl") == ["sub/.d.jsonl"]
+
+
 def test_a_glob_lists_only_the_folders_it_can_match_and_an_unlistable_one_is_named(tmp_path: Path) -> None:
     """Found in review: "dir/*.jsonl" walked every subfolder of dir, so one it could not list (a
     lost+found, here a file name that is not UTF-8) failed the stage with a bare UnicodeDecodeError

@@ -13,7 +13,8 @@ from core.config import PathOrUri, Section
 class InputConfig(Section):
     """Which corpus files to read and how to find the text in them."""
 
-    # Files, directories or globs (* within a folder, ** across folders); local paths or URIs
+    # Files, directories or globs (* within a folder, ** across folders; hidden names, .git or
+    # .x.jsonl, only when named or matched by a part that starts with "."); local paths or URIs
     # pyarrow's filesystems accept (s3://, gs://).
     paths: list[PathOrUri] = Field(min_length=1)
     # auto: from the file extension (.jsonl/.json/.ndjson, .parquet, .txt); JSONL and text may be

@@ -88,12 +88,19 @@ _KNOWN = f"{', '.join(_EXTENSIONS)}; JSONL and text optionally {' or '.join(_COM
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     """Whether a path's ``/``-separated parts match a pattern's, as Python's ``glob(recursive=True)``
     does: ``*``, ``?`` and ``[...]`` within one part, never across ``/``; a ``**`` part matches any
-    number of folders."""
+    number of folders; a hidden name (``.git``, ``.cache.jsonl``) only a pattern part that starts
+    with ``.`` (``**`` never descends into a hidden folder)."""
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_glob_match(parts[k:], pattern[1:]) for k in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+        return any(_glob_match(parts[k:], pattern[1:]) for k in range(len(parts) + 1) if not _hidden(parts[:k]))
+    visible = not parts or not parts[0].startswith(".") or pattern[0].startswith(".")
+    return bool(parts) and visible and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+
+
+def _hidden(parts: list[str]) -> bool:
+    """Whether a name among ``parts`` is hidden (starts with ``.``, as ``.git`` or ``.DS_Store``)."""
+    return any(p.startswith(".") for p in parts)
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,9 @@ def list_corpus_files(cfg: InputConfig) -> Corpus:
         fs, path = resolve(entry)
         info = fs.get_file_info(path)  # a name that exists is that file or folder, "[" in it or not
         glob_at = min((path.find(c) for c in "*?[" if c in path), default=-1)
-        if info.type == pafs.FileType.Directory:
-            matches = _listing(fs, path, True, i, entry)
+        if info.type == pafs.FileType.Directory:  # its hidden files and folders are not read, as glob's "**"
+            below = len(path.rstrip("/").split("/"))
+            matches = [f for f in _listing(fs, path, True, i, entry) if not _hidden(f.split("/")[below:])]
         elif info.type == pafs.FileType.File:
             if _format_of(path, cfg.format) is None:
                 shown = display(entry, fs, path)
