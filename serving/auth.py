@@ -72,15 +72,17 @@ def check_exposure(host: str, key: str | None, allow_unauthenticated: bool, api_
     """Refuse to serve beyond this machine without an API key, unless the config says so.
 
     Raises:
-        ValueError: ``host`` is not a loopback interface, or the ingress is HAProxy (whose
-            replicas listen on every interface), there is no key and ``allow_unauthenticated`` is
-            false; the message names the ways out.
+        ValueError: ``host`` is not a loopback interface, or the ingress is HAProxy (whose stats
+            and metrics ports listen on every interface; across nodes the replicas take HTTP from
+            other nodes), there is no key and ``allow_unauthenticated`` is false; the message names
+            the ways out.
     """
     if key is None and not allow_unauthenticated and ingress == "haproxy":
         raise ValueError(
-            "serve.ingress is haproxy: each replica then listens on every interface (so HAProxy on any node "
-            f"reaches it), and there is no API key. Set one in the environment variable {api_key_env} (or "
-            "serve.api_key), use serve.ingress: proxy, or set serve.allow_unauthenticated: true on purpose"
+            "serve.ingress is haproxy: HAProxy's stats and metrics ports then listen on every interface and, "
+            "across nodes, each replica takes HTTP from other nodes' HAProxy; and there is no API key. Set one "
+            f"in the environment variable {api_key_env} (or serve.api_key), use serve.ingress: proxy, or set "
+            "serve.allow_unauthenticated: true on purpose"
         )
     if key is None and not allow_unauthenticated and not is_loopback(host):
         raise ValueError(

