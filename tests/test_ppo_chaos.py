@@ -10,6 +10,7 @@ function of (seed, step).
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import ray
 from test_ppo_e2e import _ppo_config
 
+from actors.group import RankGroup
 from core.metrics import read_metrics
 from pipelines.rlhf.config import PpoConfig
 from pipelines.rlhf.ppo import ActorFailure, Actors, _train, load_prompts, start_actors
@@ -121,31 +123,45 @@ def test_one_failure_too_many_ends_the_run_naming_role_and_step(ray_local: None,
         _run(task, _config(task, max_failures=0), tmp_path, fault=kill_reference)
 
 
-@pytest.mark.parametrize("missing", ["critic", "reward model"])
-def test_a_failed_constructor_leaves_no_actor_of_the_start_running(
-    ray_local: None, task: dict[str, Any], tmp_path: Path, missing: str
-) -> None:
-    """A model is missing. The critic's: its rank fails in set-up, after the rollout engine, the
-    reward scorer, the reference and the learner's ranks were made. The reward model's: the
-    scorer's constructor fails while the others start (Ray reports it at the scorer's first call).
-    Either way start_actors raises and kills every actor it made at once (before, Ray ended them
-    only when their last handle went, and the error's traceback held some)."""
-    import time
+def _settled() -> float:
+    """The cluster's free CPUs once Ray has returned those of killed actors (a moment after ray.kill)."""
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+    while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return free
 
-    p = _config(task)
 
-    def settled() -> float:  # Ray returns a killed actor's CPUs a moment after ray.kill returns
-        total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
-        while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return free
+def test_a_failed_constructor_leaves_no_actor_of_the_start_running(ray_local: None, task: dict[str, Any], tmp_path: Path) -> None:
+    """The reward model is missing: the scorer's constructor fails while the rollout engine, the
+    reference and the learner's and critic's ranks start (Ray reports it at the scorer's first
+    call). start_actors raises and kills every actor it made at once (before, it returned them,
+    and they lived until their last handle went)."""
+    assert _settled() == ray.cluster_resources()["CPU"]  # the earlier tests' actors are gone
+    with pytest.raises(ray.exceptions.RayActorError) as failure:
+        start_actors(_config(task), task["policy"], tmp_path / "no-such-model", task["policy"])
+    assert failure.traceback  # held, as a caller that reports or retries holds it
+    assert _settled() == ray.cluster_resources()["CPU"]
 
-    assert settled() == ray.cluster_resources()["CPU"]  # the earlier tests' actors are gone
-    absent = tmp_path / "no-such-model"
-    models = (None, absent) if missing == "critic" else (absent, task["policy"])
-    with pytest.raises((ray.exceptions.RayTaskError, ray.exceptions.RayActorError)) as failure:
-        start_actors(p, task["policy"], *models)
-    # While the error (and its traceback) is still held, as a caller that reports or retries holds
-    # it: the handles in its frames no longer keep the actors alive.
+
+@ray.remote(num_cpus=0.25)
+class FailingRank:
+    """A fake rank, named so: rank 1's set-up fails, as a DeepSpeed rank's does on a missing model."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+
+    def rendezvous(self) -> tuple[str, int]:
+        return "127.0.0.1", 1
+
+    def setup(self, addr: str, port: int) -> None:
+        if self.rank == 1:
+            raise RuntimeError("rank 1 cannot join")
+
+
+def test_a_rank_group_whose_rank_fails_to_set_up_kills_its_ranks(ray_local: None) -> None:
+    """Before, the group's ranks stayed alive as long as the error's traceback held the group."""
+    assert _settled() == ray.cluster_resources()["CPU"]
+    with pytest.raises(ray.exceptions.RayTaskError, match="rank 1 cannot join") as failure:
+        RankGroup(FailingRank, 2, {"num_cpus": 0.25})
     assert failure.traceback
-    assert settled() == ray.cluster_resources()["CPU"]
+    assert _settled() == ray.cluster_resources()["CPU"]
