@@ -69,9 +69,9 @@ class Critic(DeepSpeedRank):
     def update(self, batch: Batch, step: int, epochs: int) -> dict[str, float]:
         """Value-loss epochs over the batch (needs ``values`` and ``returns``); mean metrics."""
 
-        def loss_fn(micro: Batch, tokens: float) -> tuple[torch.Tensor, dict[str, Any]]:
+        def loss_fn(micro: Batch, divisor: float) -> tuple[torch.Tensor, dict[str, Any]]:
             values = self.engine(micro)
-            loss, clip_fraction = value_loss(values, micro.values, micro.returns, micro.response_mask, self.value_clip, tokens)
+            loss, clip_fraction = value_loss(values, micro.values, micro.returns, micro.response_mask, self.value_clip, divisor)
             return loss, {"value_loss": loss.item(), "value_clip_fraction": clip_fraction.item()}
 
         return self._train_epochs(batch, step, epochs, loss_fn)

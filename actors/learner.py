@@ -81,15 +81,15 @@ class PolicyLearner(DeepSpeedRank):
                 ``ref_logprobs``); 0 when the penalty is in the reward instead.
         """
 
-        def loss_fn(micro: Batch, tokens: float) -> tuple[torch.Tensor, dict[str, Any]]:
+        def loss_fn(micro: Batch, divisor: float) -> tuple[torch.Tensor, dict[str, Any]]:
             logits = self._logits(micro)
             logp = token_logprobs(logits, micro.input_ids[:, micro.prompt_len :])
             loss, clip_fraction, approx_kl = policy_loss(
-                logp, micro.old_logprobs, micro.advantages, micro.response_mask, self.clip_eps, tokens
+                logp, micro.old_logprobs, micro.advantages, micro.response_mask, self.clip_eps, divisor
             )
             parts = {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
             if kl_coef:
-                kl = kl_loss(logp, micro.ref_logprobs, micro.response_mask, tokens)
+                kl = kl_loss(logp, micro.ref_logprobs, micro.response_mask, divisor)
                 loss = loss + kl_coef * kl
                 parts["kl_loss"] = kl.item()
             return loss, parts
