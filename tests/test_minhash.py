@@ -93,6 +93,8 @@ def test_bucket_pairs_cliques_and_stars() -> None:
     assert bucket_pairs(keys, ids).tolist() == [[1, 2], [1, 3], [2, 3], [4, 8]]
     big = bucket_pairs(np.zeros(5, dtype=np.uint64), np.array([9, 8, 7, 6, 5]), max_clique=3)
     assert big.tolist() == [[5, 6], [5, 7], [5, 8], [5, 9]]  # a star to the smallest id
+    window = bucket_pairs(np.zeros(5, dtype=np.uint64), np.array([9, 8, 7, 6, 5]), max_clique=3, neighbours=2)
+    assert window.tolist() == [[5, 6], [5, 7], [5, 8], [5, 9], [6, 7], [6, 8], [7, 8], [7, 9], [8, 9]]
     wide = np.array([[5, 1], [5, 2], [5, 1], [7, 1]], dtype=np.uint64)  # (N, 2): a bucket needs both words equal
     assert bucket_pairs(wide, np.array([4, 3, 2, 1])).tolist() == [[2, 4]]
 
@@ -155,6 +157,35 @@ def test_lsh_pipeline_against_brute_force_exact_jaccard() -> None:
     recall = len(found & truth) / len(truth)
     assert found <= truth  # verified pairs are exact
     assert recall >= 0.95
+
+
+def test_a_large_bucket_of_edited_copies_is_found_whole() -> None:
+    """Found in review: an LSH bucket of more than 16 documents gave only a star to its smallest
+    id, and verification kept just the members >= 0.8 to that one document. 60 edited copies of a
+    page (the page itself absent) are >= 0.8 to some of the others, not all: the star lost 11 of
+    the 57 the exact-Jaccard graph drops. The stage's own grouping (``partition_pairs``) now adds
+    a window of each member's next 15 and finds all 57."""
+    from pipelines.data.dedup import partition_pairs
+
+    rng = random.Random(0)
+    page = _doc(rng, 400)
+    docs = [_mutate(rng, page, 0.012) for _ in range(60)]
+    ids = np.arange(len(docs), dtype=np.int64)
+    truth = [(i, j) for i, j in itertools.combinations(range(len(docs)), 2) if jaccard(docs[i], docs[j], 5) >= 0.8]
+    should_drop, _ = components(np.array(truth, dtype=np.int64))
+    keys = band_keys(MinHasher(112, 5).signatures(docs), 14, 8)  # (N, 14), the band mixed into each key
+    none = np.zeros(0, dtype=np.uint64)
+
+    def dropped(candidates: np.ndarray) -> np.ndarray:
+        verified = [(a, b) for a, b in candidates.tolist() if jaccard(docs[a], docs[b], 5) >= 0.8]
+        return components(np.array(verified, dtype=np.int64).reshape(-1, 2))[0]
+
+    exact, candidates = partition_pairs({"exact_key": none, "exact_check": none, "exact_id": ids[:0],
+                                         "near_key": keys.reshape(-1), "near_id": np.repeat(ids, 14)})  # fmt: skip
+    assert exact.size == 0
+    assert dropped(candidates).tolist() == should_drop.tolist() and should_drop.size == 57
+    star = bucket_pairs(keys.reshape(-1), np.repeat(ids, 14))
+    assert dropped(star).size == 46  # what the star alone found
 
 
 def test_wordless_documents_get_lsh_keys_of_their_own() -> None:

@@ -23,6 +23,8 @@ import ray
 from pipelines.data.minhash import bucket_pairs, components
 
 EMPTY_PAIRS = np.zeros((0, 2), dtype=np.int64)
+# Buckets of more LSH candidates than this are paired in a window (``bucket_pairs``), not in full.
+MAX_CLIQUE = 16
 
 
 def empty_map() -> dict[str, np.ndarray]:
@@ -32,7 +34,9 @@ def empty_map() -> dict[str, np.ndarray]:
 def partition_pairs(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """All pairs sharing a key within one shuffle partition (a key never spans partitions): exact
     pairs share all 128 bits of the content hash (``exact_key`` and ``exact_check``), candidates an
-    LSH key (``near_key``); ``slices`` are ``parts.split_by_partition``'s, one per part.
+    LSH key (``near_key``); ``slices`` are ``parts.split_by_partition``'s, one per part. A large
+    exact bucket is a star (its members are all one text); a large LSH bucket adds each member's
+    next ``MAX_CLIQUE - 1`` members (its members need not all be near the smallest id).
 
     Returns:
         exact pairs (E0, 2) and LSH candidate pairs (E1, 2), int64, smaller id first.
@@ -41,7 +45,8 @@ def partition_pairs(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
         return np.concatenate([s[name] for s in slices])
 
     exact_keys = np.stack([column("exact_key"), column("exact_check")], axis=1)
-    return bucket_pairs(exact_keys, column("exact_id")), bucket_pairs(column("near_key"), column("near_id"))
+    exact = bucket_pairs(exact_keys, column("exact_id"), MAX_CLIQUE)
+    return exact, bucket_pairs(column("near_key"), column("near_id"), MAX_CLIQUE, neighbours=MAX_CLIQUE - 1)
 
 
 group_partition = ray.remote(num_cpus=1)(partition_pairs)

@@ -236,16 +236,24 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = 16) -> np.ndarray:
+def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = 16, neighbours: int = 0) -> np.ndarray:
     """Candidate pairs from documents that share a bucket key.
 
     Buckets of up to ``max_clique`` documents give every pair (so candidate verification sees
     each real duplicate pair); larger ones give a star to their smallest id, enough to connect
-    them without a quadratic blow-up.
+    them without a quadratic blow-up when every member is a copy of every other (exact keys).
+    A near-duplicate bucket is not: its members can all be >= threshold to some of the others and
+    below it to the smallest id (40-60 edited copies of one page, the page itself absent: the star
+    alone lost 2-11 of each cluster's duplicates in ``tests/test_minhash.py``). With
+    ``neighbours`` > 0, each member of a large bucket is also paired with the next ``neighbours``
+    members in id order (a sorted-neighbourhood window), so a verified path through the cluster
+    is found at a cost linear in its size.
 
     Args:
         keys: (N,) bucket keys, or (N, W) keys of W words each (a bucket: all W equal);
             ids: (N,) int64 document ids.
+        max_clique: largest bucket given every pair.
+        neighbours: members after each one it is paired with in a larger bucket (0: the star only).
 
     Returns:
         (E, 2) int64 pairs, smaller id first, unique.
@@ -270,9 +278,15 @@ def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = 16) -> np.
     big = run_len > max_clique
     if big.any():
         run_of = np.cumsum(new) - 1
-        member = big[run_of] & ~new
+        in_big = big[run_of]
+        member = in_big & ~new
         leader = i[run_start][run_of]
         pairs.append(np.stack([leader[member], i[member]], axis=-1))
+        at = np.flatnonzero(in_big)  # positions in large buckets, each bucket's members in id order
+        for step in range(1, neighbours + 1):
+            a = at[at + step < i.size]
+            a = a[run_of[a + step] == run_of[a]]
+            pairs.append(np.stack([i[a], i[a + step]], axis=-1))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
     out = np.concatenate(pairs).astype(np.int64)
