@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import ray
 from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -80,13 +81,31 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise ValueError(
-                f"serve.port: {host}:{port} is in use on this machine: another server listens there, or the "
-                "HAProxy of a kiln serve whose Ray cluster was killed under it (its process is named haproxy). "
-                "Stop it or choose another port (--port, serve.port)"
-            ) from None
+            holder = port_holder(port)
+            if holder is None:
+                who = ("another server listens there, or the HAProxy of a kiln serve whose Ray cluster was killed "
+                       "under it (its process is named haproxy)")  # fmt: skip
+            else:
+                pid, name = holder
+                who = f"{name} (pid {pid}) listens there"
+                if name == "haproxy":
+                    who += ", most likely the HAProxy of a kiln serve whose Ray cluster was killed under it"
+            raise ValueError(f"serve.port: {host}:{port} is in use on this machine: {who}. Stop it or choose "
+                             "another port (--port, serve.port)") from None  # fmt: skip
         raise ValueError(f"serve.host / serve.port: cannot listen on {host}:{port} on this machine "
                          f"({e.strerror or e}); choose an address of this machine (--host, --port)") from None  # fmt: skip
+
+
+def port_holder(port: int) -> tuple[int, str] | None:
+    """(pid, process name) of a process listening on TCP ``port`` here, if the OS tells us (another
+    user's processes, and every process on some systems, need privileges to see)."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid, psutil.Process(conn.pid).name()
+    except (psutil.Error, OSError):
+        pass
+    return None
 
 
 def _on_head_node() -> bool:

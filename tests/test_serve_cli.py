@@ -5,6 +5,7 @@ a shell's background job (SIGINT ignored)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import save_tiny_llama
 
@@ -143,8 +145,13 @@ def test_a_port_another_program_holds_is_refused_before_serve_starts(monkeypatch
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ValueError, match=rf"serve.port: 127.0.0.1:{port} is in use on this machine: .*--port"):
+        held_by = rf"{re.escape(psutil.Process().name())} \(pid {os.getpid()}\) listens there"
+        with pytest.raises(ValueError, match=rf"serve.port: 127.0.0.1:{port} is in use on this machine: {held_by}.*--port"):
             server.serve_forever(object(), ServeConfig(model="m", port=port))  # type: ignore[arg-type]
+        monkeypatch.setattr(server, "port_holder", lambda port: (4242, "haproxy"))  # a fake holder, named so
+        with pytest.raises(ValueError, match=r"haproxy \(pid 4242\) listens there, most likely the HAProxy of a kiln "
+                                             r"serve whose Ray cluster was killed under it"):  # fmt: skip
+            server.check_port_free("127.0.0.1", port)
     assert touched == []
     server.check_port_free("127.0.0.1", port)  # let go: free again
     with pytest.raises(ValueError, match=r"cannot listen on 192.0.2.123:8000 on this machine .*--host"):
