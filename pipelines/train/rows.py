@@ -77,7 +77,7 @@ def trim_padding(rows: dict[str, np.ndarray], pad_id: int | None) -> dict[str, n
     compute. Cutting them changes no result beyond float rounding: the models are causal (no real
     token attends to a later column), padding carries no loss (IGNORE labels) and the reward head
     reads each row's last real token. (The rounding does differ, as matrix shapes change: over 600
-    SFT steps at LR 2e-3 it led to another model; README, the quickstart's figures.) The token columns are the 2-D ones: ``*labels`` pad with IGNORE, the others
+    SFT steps at LR 2e-3 it led to another model; docs/history.md.) The token columns are the 2-D ones: ``*labels`` pad with IGNORE, the others
     with ``pad_id``. A packed pretraining batch has no padding and comes back whole.
 
     Args:
