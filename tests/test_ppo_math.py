@@ -152,7 +152,7 @@ def test_micro_batch_losses_divided_by_the_mini_batch_tokens_add_up_to_its_token
     old = logp.detach() + 0.05
     whole, whole_clip, whole_kl = policy_loss(logp, old, adv, mask, clip_eps=0.2)
     (whole_grad,) = torch.autograd.grad(whole, logp)
-    parts = [policy_loss(logp[rows], old[rows], adv[rows], mask[rows], 0.2, tokens=6.0) for rows in ([0, 1], [2], [3])]
+    parts = [policy_loss(logp[rows], old[rows], adv[rows], mask[rows], 0.2, divisor=6.0) for rows in ([0, 1], [2], [3])]
     summed = sum(p[0] for p in parts)
     (summed_grad,) = torch.autograd.grad(summed, logp)
     torch.testing.assert_close(summed, whole)
@@ -162,14 +162,14 @@ def test_micro_batch_losses_divided_by_the_mini_batch_tokens_add_up_to_its_token
     assert parts[2][0].item() == 0.0  # the skipped samples add nothing, and divide nothing
     mean_of_means = sum(masked_mean(x, m) for x, m in ((adv[:2], mask[:2]), (adv[2:3], mask[2:3]))) / 2
     assert mean_of_means.item() != pytest.approx(token_mean(adv, mask).item())
-    assert token_mean(adv, mask, tokens=6.0).item() == pytest.approx(token_mean(adv, mask).item())
+    assert token_mean(adv, mask, divisor=6.0).item() == pytest.approx(token_mean(adv, mask).item())
     values, returns = torch.randn(4, 3), torch.randn(4, 3)
     v_whole, _ = value_loss(values, values, returns, mask, clip=0.2)
-    v_parts = sum(value_loss(values[r], values[r], returns[r], mask[r], 0.2, tokens=6.0)[0] for r in ([0, 1], [2], [3]))
+    v_parts = sum(value_loss(values[r], values[r], returns[r], mask[r], 0.2, divisor=6.0)[0] for r in ([0, 1], [2], [3]))
     torch.testing.assert_close(v_parts, v_whole)
     ref = old - 0.3
     k_whole = kl_loss(logp, ref, mask)
-    torch.testing.assert_close(sum(kl_loss(logp[r], ref[r], mask[r], tokens=6.0) for r in ([0, 1], [2], [3])), k_whole)
+    torch.testing.assert_close(sum(kl_loss(logp[r], ref[r], mask[r], divisor=6.0) for r in ([0, 1], [2], [3])), k_whole)
 
 
 def test_value_loss_clipped_and_unclipped() -> None:

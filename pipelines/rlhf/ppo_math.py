@@ -27,20 +27,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
-    """A loss's mean over response tokens: ``masked_mean(x, mask)``, or with ``tokens`` the masked
+def token_mean(x: torch.Tensor, mask: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+    """A loss's mean over response tokens: ``masked_mean(x, mask)``, or with ``divisor`` the masked
     sum divided by it.
 
-    ``tokens`` is how a loss over several micro-batches becomes one token mean (veRL's global
+    ``divisor`` is how a loss over several micro-batches becomes one token mean (veRL's global
     "token-mean", TRL's ``loss_type="dapo"``): each micro-batch divides its sum by the token count
     of the whole mini-batch (every micro-batch, every rank) rather than by its own, so a
     micro-batch of few tokens, or of samples the reward skipped (mask 0), weighs what its tokens
     weigh and the micro-batch size does not change the update. The caller folds in what its engine
     divides by (DeepSpeed: gradient-accumulation steps x data-parallel ranks).
     """
-    if tokens is None:
+    if divisor is None:
         return masked_mean(x, mask)
-    return (x * mask).sum() / max(tokens, 1e-8)
+    return (x * mask).sum() / max(divisor, 1e-8)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -79,7 +79,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
     return torch.expm1(-log_ratio) + log_ratio
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
     """The KL penalty as a loss term: the mean over response tokens of the k3 estimate of
     KL(pi_theta || ref), ``exp(ref - logp) - (ref - logp) - 1`` (GRPO, Shao et al. 2024).
 
@@ -90,14 +90,14 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, toke
         logp: (B, A) log pi_theta(a_t), with gradients.
         ref_logp: (B, A) log pi_ref(a_t).
         mask: (B, A) response mask.
-        tokens: the divisor of the token mean (``token_mean``; None: this batch's own tokens).
+        divisor: of the token mean (``token_mean``; None: this batch's own tokens).
 
     Padding is masked before the exponential: the learner's ``logp`` is not masked (the
     reference's is 0 there), and a pad token the policy puts below e^-88.7 would make float32's
     ``expm1`` infinite and ``inf * 0`` a NaN loss.
     """
     delta = (ref_logp - logp) * mask
-    return token_mean(torch.expm1(delta) - delta, mask, tokens)
+    return token_mean(torch.expm1(delta) - delta, mask, divisor)
 
 
 def sequence_scores(
@@ -200,9 +200,9 @@ def grpo_advantages(
 
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
-    tokens: float | None = None,
+    divisor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, averaged over response tokens (``token_mean`` with ``tokens``: then
+    """PPO's clipped surrogate, averaged over response tokens (``token_mean`` with ``divisor``: then
     each of the three is this batch's part of the whole mini-batch's mean).
 
     Returns:
@@ -213,18 +213,18 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = token_mean(torch.maximum(unclipped, clipped), mask, tokens)
-    clip_fraction = token_mean((clipped > unclipped).float(), mask, tokens)
-    approx_kl = token_mean(0.5 * log_ratio.pow(2), mask, tokens)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, divisor)
+    clip_fraction = token_mean((clipped > unclipped).float(), mask, divisor)
+    approx_kl = token_mean(0.5 * log_ratio.pow(2), mask, divisor)
     return loss, clip_fraction.detach(), approx_kl.detach()
 
 
 def value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None,
-    tokens: float | None = None,
+    divisor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The critic's (optionally clipped) squared error, ``0.5 * mean(max(err^2, err_clipped^2))``
-    (the mean: ``token_mean`` with ``tokens``).
+    (the mean: ``token_mean`` with ``divisor``).
 
     With ``clip``, a value may move at most ``clip`` away from its rollout-time estimate before
     its error stops improving (the PPO2 value clipping).
@@ -234,11 +234,11 @@ def value_loss(
     """
     err = (values - returns) ** 2
     if clip is None:
-        return 0.5 * token_mean(err, mask, tokens), torch.zeros(())
+        return 0.5 * token_mean(err, mask, divisor), torch.zeros(())
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     err_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * token_mean(torch.maximum(err, err_clipped), mask, tokens)
-    return loss, token_mean((err_clipped > err).float(), mask, tokens).detach()
+    loss = 0.5 * token_mean(torch.maximum(err, err_clipped), mask, divisor)
+    return loss, token_mean((err_clipped > err).float(), mask, divisor).detach()
 
 
 def adaptive_kl_coef(coef: float, observed_kl: float, target_kl: float, samples: int, horizon: int) -> float:
