@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from core.environment import environment
 from core.jsonl import json_safe, parse_json
 from core.locations import remove
 
@@ -293,10 +294,12 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def mark_finished(stage_dir: Path, stage: str, digest: str, summary: dict[str, Any]) -> None:
-    """Record that ``stage`` finished: written last, atomically."""
+    """Record that ``stage`` finished: written last, atomically, with the machine and library
+    versions it ran on (``core.environment``)."""
     atomic_write_json(
         stage_dir / STAGE_MARKER,
-        {"stage": stage, "config_digest": digest, "finished_at": time.time(), "summary": summary},
+        {"stage": stage, "config_digest": digest, "finished_at": time.time(), "summary": summary,
+         "environment": environment()},
     )
 
 

@@ -338,3 +338,19 @@ def test_a_real_logs_folder_is_kept_and_hides_no_error(tmp_path: Path, monkeypat
     (tmp_path / "runs" / "r" / "logs" / "ray").rmdir()
     cli._link_ray_logs(cfg)  # and the usual case: a link to the session's logs
     assert (tmp_path / "runs" / "r" / "logs" / "ray").resolve() == session.resolve()
+
+
+def test_stage_record_names_the_machine_and_library_versions(tmp_path: Path) -> None:
+    """Found on 2026-12-07: the same code gave another SFT model on another CPU draw (AVX2 only), and
+    nothing recorded what the earlier runs had run on. stage.json now does."""
+    from importlib import metadata
+
+    from core.environment import cpu_info
+
+    mark_finished(tmp_path, "sft", "d", {})
+    env = json.loads((tmp_path / "stage.json").read_text())["environment"]
+    assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["ray"] == metadata.version("ray")
+    assert env["cpu"]["count"] == os.cpu_count()
+    sample = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+              "flags\t\t: fpu sse2 avx avx2 fma avx512f\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: sse2\n")  # fmt: skip
+    assert cpu_info(sample) == {"model": "AMD EPYC", "family": "25", "model_number": "1", "isa": ["avx2", "fma", "avx512f"]}
