@@ -43,8 +43,8 @@ def cpu_info(cpuinfo: str) -> dict[str, Any]:
 @functools.cache
 def environment() -> dict[str, Any]:
     """``{"python", "platform", "cpu": {"model", "family", "model_number", "isa", "count"}, "packages":
-    {name: version}}`` of this
-    process's machine (installed packages only; the CPU fields None / empty where not Linux)."""
+    {name: version}}`` of this process's machine (installed packages only; the CPU fields None or
+    empty where not Linux)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         cpu = cpu_info(cpuinfo.read_text(errors="replace"))

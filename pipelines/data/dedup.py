@@ -20,11 +20,9 @@ import numba
 import numpy as np
 import ray
 
-from pipelines.data.minhash import bucket_pairs, components
+from pipelines.data.minhash import MAX_CLIQUE, bucket_pairs, components
 
 EMPTY_PAIRS = np.zeros((0, 2), dtype=np.int64)
-# Buckets of more LSH candidates than this are paired in a window (``bucket_pairs``), not in full.
-MAX_CLIQUE = 16
 
 
 def empty_map() -> dict[str, np.ndarray]:
@@ -45,8 +43,8 @@ def partition_pairs(*slices: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
         return np.concatenate([s[name] for s in slices])
 
     exact_keys = np.stack([column("exact_key"), column("exact_check")], axis=1)
-    exact = bucket_pairs(exact_keys, column("exact_id"), MAX_CLIQUE)
-    return exact, bucket_pairs(column("near_key"), column("near_id"), MAX_CLIQUE, neighbours=MAX_CLIQUE - 1)
+    near = bucket_pairs(column("near_key"), column("near_id"), neighbours=MAX_CLIQUE - 1)
+    return bucket_pairs(exact_keys, column("exact_id")), near
 
 
 group_partition = ray.remote(num_cpus=1)(partition_pairs)

@@ -236,15 +236,19 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = 16, neighbours: int = 0) -> np.ndarray:
+# Largest bucket given every pair; a larger one gets a star (and, for LSH keys, a window).
+MAX_CLIQUE = 16
+
+
+def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_clique: int = MAX_CLIQUE, neighbours: int = 0) -> np.ndarray:
     """Candidate pairs from documents that share a bucket key.
 
     Buckets of up to ``max_clique`` documents give every pair (so candidate verification sees
     each real duplicate pair); larger ones give a star to their smallest id, enough to connect
     them without a quadratic blow-up when every member is a copy of every other (exact keys).
     A near-duplicate bucket is not: its members can all be >= threshold to some of the others and
-    below it to the smallest id (40-60 edited copies of one page, the page itself absent: the star
-    alone lost 2-11 of each cluster's duplicates in ``tests/test_minhash.py``). With
+    below it to the smallest id (60 edited copies of one page, the page itself absent: the star
+    alone lost 11 of the 57 duplicates, ``tests/test_minhash.py``). With
     ``neighbours`` > 0, each member of a large bucket is also paired with the next ``neighbours``
     members in id order (a sorted-neighbourhood window), so a verified path through the cluster
     is found at a cost linear in its size.
