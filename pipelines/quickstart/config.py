@@ -31,5 +31,8 @@ class GenerateConfig(Section):
     # Share of the written pairs' wrong sums (same format) that miss the tens digit; the rest miss
     # the units digit. The held-out pairs kiln eval scores keep one half (eval_preferences.jsonl).
     preference_tens_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Share of the written pairs whose reject hedges without answering (a different format). The
+    # held-out pairs keep one quarter.
+    preference_hedge_share: float = Field(default=0.25, ge=0.0, le=1.0)
     ppo_prompts: int = Field(default=512, ge=10)
     eval_prompts: int = Field(default=200, ge=10)

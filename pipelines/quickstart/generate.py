@@ -318,8 +318,10 @@ def teacher_answer(rng: random.Random, a: int, b: int, carry_error: float) -> st
     return format_answer(a, b, value)
 
 
-# The held-out pairs' share of tens-digit misses, fixed so that kiln eval measures one thing.
+# The held-out pairs' shares of tens-digit misses and of hedges, fixed so that kiln eval measures
+# one thing whatever the training pairs' mix.
 HELD_OUT_TENS_SHARE = 0.5
+HELD_OUT_HEDGE_SHARE = 0.25
 
 
 def _wrong_value(rng: random.Random, a: int, b: int, tens_share: float) -> int:
@@ -347,14 +349,14 @@ def sft_example(rng: random.Random, a: int, b: int, carry_error: float) -> dict[
     return {"prompt": prompt, "response": response}
 
 
-def preference_pair(rng: random.Random, a: int, b: int, tens_share: float) -> dict[str, Any]:
+def preference_pair(rng: random.Random, a: int, b: int, tens_share: float, hedge_share: float) -> dict[str, Any]:
     """A right (chosen) and a worse (rejected) response to the same prompt.
 
-    Three rejects in four state a wrong sum in the same format as the chosen one
-    (``same_format: true``), ``tens_share`` of them with the tens digit wrong: the reward model
-    must check the sum, not the shape. The rest hedge without answering.
+    ``hedge_share`` of the rejects hedge without answering; the others state a wrong sum in the
+    same format as the chosen one (``same_format: true``), ``tens_share`` of them with the tens
+    digit wrong: the reward model must check the sum, not the shape.
     """
-    same_format = rng.random() < 0.75
+    same_format = rng.random() < 1.0 - hedge_share
     if same_format:
         rejected = format_answer(a, b, _wrong_value(rng, a, b, tens_share))
     else:
@@ -437,8 +439,8 @@ def build_task_data(
     """The task files' rows by file name; each file draws from its own stream.
 
     ``eval_preferences.jsonl`` pairs are built on the held-out pairs, for ``kiln eval`` only,
-    with ``HELD_OUT_TENS_SHARE`` whatever ``preference_tens_share`` is: the held-out measure stays
-    the same when the training pairs' mix changes.
+    with ``HELD_OUT_TENS_SHARE`` and ``HELD_OUT_HEDGE_SHARE`` whatever the training pairs' shares
+    are: the held-out measure stays the same when the training pairs' mix changes.
     """
     sft, preferences, ppo, held = (_rng(cfg.seed, name) for name in ("sft", "preferences", "ppo", "eval_preferences"))
     return {
@@ -446,7 +448,9 @@ def build_task_data(
             sft_example(sft, *sft.choice(train_pairs), cfg.teacher_carry_error) for _ in range(cfg.sft_examples)
         ],
         "preferences.jsonl": [
-            preference_pair(preferences, *preferences.choice(train_pairs), cfg.preference_tens_share)
+            preference_pair(
+                preferences, *preferences.choice(train_pairs), cfg.preference_tens_share, cfg.preference_hedge_share
+            )
             for _ in range(cfg.preference_pairs)
         ],
         "ppo_prompts.jsonl": [
@@ -455,7 +459,8 @@ def build_task_data(
         # Every training pair once: the prompts kiln preferences samples the SFT model on.
         "preference_prompts.jsonl": [_prompt_row(a, b) for a, b in train_pairs],
         "eval_prompts.jsonl": [_prompt_row(a, b) for a, b in eval_pairs],
-        "eval_preferences.jsonl": [preference_pair(held, a, b, HELD_OUT_TENS_SHARE) for a, b in eval_pairs],
+        "eval_preferences.jsonl": [preference_pair(held, a, b, HELD_OUT_TENS_SHARE, HELD_OUT_HEDGE_SHARE)
+                                   for a, b in eval_pairs],
     }
 
 
