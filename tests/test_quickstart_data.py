@@ -330,24 +330,23 @@ def _tens_share(rows: list[dict[str, Any]]) -> float:
     return sum(abs(m) == 10 for m in misses) / len(misses)
 
 
-@pytest.mark.parametrize(("field", "low", "high"), [("preference_tens_share", 0.5, 0.9),
-                                                      ("preference_hedge_share", 0.1, 0.4)])
+def _hedge_share(rows: list[dict[str, Any]]) -> float:
+    return sum(not row["same_format"] for row in rows) / len(rows)
+
+
+@pytest.mark.parametrize(("field", "measure", "low", "high"), [("preference_tens_share", _tens_share, 0.5, 0.9),
+                                                               ("preference_hedge_share", _hedge_share, 0.1, 0.4)])
 def test_pair_shares_move_the_training_pairs_and_not_the_held_out_ones(
-    tmp_path: Path, field: str, low: float, high: float
+    tmp_path: Path, field: str, measure: Any, low: float, high: float
 ) -> None:
-    measure = _tens_share if field == "preference_tens_share" else _hedge_share
     shares, held_out = [], []
     for share in (low, high):
         root = tmp_path / str(share)
         generate(_small(root).model_copy(update={"preference_pairs": 2000, field: share}))
         shares.append(measure(_read_jsonl(root / "preferences.jsonl")))
         held_out.append((root / "eval_preferences.jsonl").read_bytes())
-    assert abs(shares[0] - low) <= 0.05 and abs(shares[1] - high) <= 0.05, shares
+    assert abs(shares[0] - low) <= 0.05 and abs(shares[1] - high) <= 0.04, shares
     assert held_out[0] == held_out[1]
-
-
-def _hedge_share(rows: list[dict[str, Any]]) -> float:
-    return sum(not row["same_format"] for row in rows) / len(rows)
 
 
 def test_eval_pairs_are_held_out_from_everything(
