@@ -86,3 +86,39 @@ class StageProgress:
     def _follow(self) -> None:
         while not self._stop.wait(1.0):
             self._read_new()
+
+
+def summary_text(summary: dict[str, Any], cwd: Path | None = None) -> str:
+    """A stage's summary as the one line its ``done`` message shows: ``key=value`` pairs, floats to
+    four significant digits, paths under the working directory made relative, and Ray node ids
+    (``nodes``: a list, or a list per actor role) as how many nodes ran the stage. The summary
+    itself, every digit and node id, is what ``stage.json`` keeps.
+
+    >>> summary_text({"model": "/w/runs/a/model", "loss": 0.12345678, "nodes": ["n1", "n1"]}, Path("/w"))
+    'model=runs/a/model, loss=0.1235, nodes=1'
+    """
+    base = Path.cwd() if cwd is None else cwd
+
+    def node_count(nodes: Any) -> int:
+        ids = nodes if isinstance(nodes, list) else [n for group in nodes.values() for n in group]
+        return len(set(ids))
+
+    def text(value: Any) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, str) and value.startswith("/") and Path(value).is_relative_to(base):
+            return str(Path(value).relative_to(base))
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}={text(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(text(v) for v in value) + "]"
+        return str(value)
+
+    return ", ".join(
+        f"{key}={node_count(value) if key == 'nodes' and isinstance(value, (list, dict)) else text(value)}"
+        for key, value in summary.items()
+    )

@@ -44,7 +44,7 @@ from actors.trainable import mean_records
 from cluster.dashboard import StageGauges
 from cluster.runtime import init_ray
 from core.metrics import MetricsSink, read_metrics
-from core.progress import StageProgress
+from core.progress import StageProgress, summary_text
 from core.rundir import atomic_dir, atomic_write_json, mark_finished, prepare_stage, recover_interrupted
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
@@ -482,7 +482,7 @@ def run(cfg: KilnConfig, force: bool = False, stage: str = STAGE) -> dict[str, A
         "sync_share": sum(m["time_sync_s"] for m in steps) / max(sum(m["time_step_s"] for m in steps), 1e-9) if steps else None,
     }
     mark_finished(stage_dir, stage, digest, summary)
-    print(f"kiln {stage}: done {summary}", flush=True)
+    print(f"kiln {stage}: done {summary_text(summary)}", flush=True)
     return summary
 
 

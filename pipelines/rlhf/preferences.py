@@ -30,6 +30,7 @@ from typing import Any
 
 from actors.reward import load_function
 from cluster.runtime import init_ray
+from core.progress import summary_text
 from core.rundir import (
     atomic_write_text,
     finished_summary,
@@ -120,5 +121,5 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
               "empty_responses": empty,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     mark_finished(stage_dir, STAGE, digest, report)
-    print(f"kiln preferences: done {report}", flush=True)
+    print(f"kiln preferences: done {summary_text(report)}", flush=True)
     return report

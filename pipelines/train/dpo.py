@@ -21,6 +21,7 @@ import torch
 
 from cluster.config import RayConfig
 from cluster.runtime import init_ray
+from core.progress import summary_text
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
@@ -111,5 +112,5 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     report = {**summary(outcome), "pairs": stats.records, "truncated": stats.truncated, "held_out_pairs": held_out,
               "loss_type": dcfg.loss, "beta": dcfg.beta}  # fmt: skip
     mark_finished(stage_dir, STAGE, digest, report)
-    print(f"kiln dpo: done {report}", flush=True)
+    print(f"kiln dpo: done {summary_text(report)}", flush=True)
     return report

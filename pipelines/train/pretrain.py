@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.progress import summary_text
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.storage import shard_files, shards_location
@@ -52,5 +53,5 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
 
     report = summary(outcome)
     mark_finished(stage_dir, STAGE, digest, report)
-    print(f"kiln pretrain: done {report}", flush=True)
+    print(f"kiln pretrain: done {summary_text(report)}", flush=True)
     return report

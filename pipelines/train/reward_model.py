@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from core.progress import summary_text
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
@@ -51,5 +52,5 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
 
     report = {**summary(outcome), "pairs": stats.records, "truncated": stats.truncated}
     mark_finished(stage_dir, STAGE, digest, report)
-    print(f"kiln reward-model: done {report}", flush=True)
+    print(f"kiln reward-model: done {summary_text(report)}", flush=True)
     return report

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from core.progress import summary_text
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
@@ -53,5 +54,5 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
 
     report = {**summary(outcome), "examples": stats.records, "truncated": stats.truncated, **stats.extra}
     mark_finished(stage_dir, STAGE, digest, report)
-    print(f"kiln sft: done {report}", flush=True)
+    print(f"kiln sft: done {summary_text(report)}", flush=True)
     return report
