@@ -91,8 +91,9 @@ def test_ray_token_auth_notice_only_with_verbose_its_off_warning_always(restore_
 
 def test_a_stages_done_line_is_short_and_keeps_what_a_user_reads() -> None:
     """The ``done`` line of a PPO stage, as the quickstart printed it before (1,500 characters of
-    float noise and Ray node ids): four significant digits, run paths relative, nodes counted; the
-    numbers a user reads (held-out accuracy, the rollout-reward trend) still there."""
+    float noise and Ray node ids): four significant digits (whole numbers from 10,000 up), run
+    paths relative, nodes counted; the numbers a user reads (held-out accuracy, the rollout-reward
+    trend) still there."""
     from core.progress import summary_text
 
     node = "be9e619598c301cbbdf3e8f58856721772d329a7962842c357e95b83"
@@ -102,13 +103,13 @@ def test_a_stages_done_line_is_short_and_keeps_what_a_user_reads() -> None:
         "eval_after": {"reward": 0.8349999785423279, "prompts": 200, "accuracy": 0.835},
         "nodes": {"rollout": [node], "reward scorer": [node], "learner rank 0": [node, "other"]},
         "reward_last_steps": {"steps": 10, "mean": 0.76875, "ci95": [0.7244143405957507, 0.8130856594042494]},
-        "reward_gain_p": 1.4336596946035117e-07, "resumed": False, "lora": None,
+        "reward_gain_p": 1.4336596946035117e-07, "tokens_per_s": 15349.6, "resumed": False, "lora": None,
     }  # fmt: skip
     line = summary_text(summary, Path("/home/u/kiln"))
     assert line == (
         "model=runs/quickstart/ppo/model, seconds=94, steps=30, "
         "eval_before={reward=0.53, prompts=200, accuracy=0.53}, eval_after={reward=0.835, prompts=200, accuracy=0.835}, "
         "nodes=2, reward_last_steps={steps=10, mean=0.7688, ci95=[0.7244, 0.8131]}, reward_gain_p=1.434e-07, "
-        "resumed=false, lora=null"
+        "tokens_per_s=15,350, resumed=false, lora=null"
     )
     assert summary_text({"model": "/elsewhere/model", "nodes": [node, node]}, Path("/home/u/kiln")) == "model=/elsewhere/model, nodes=1"
