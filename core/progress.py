@@ -90,9 +90,9 @@ class StageProgress:
 
 def summary_text(summary: dict[str, Any], cwd: Path | None = None) -> str:
     """A stage's summary as the one line its ``done`` message shows: ``key=value`` pairs, floats to
-    four significant digits (whole from 10,000 up), paths under the working directory made relative, and Ray node ids
-    (``nodes``: a list, or a list per actor role) as how many nodes ran the stage. The summary
-    itself, every digit and node id, is what ``stage.json`` keeps.
+    four significant digits (whole from 10,000 up), paths under the working directory made
+    relative, and Ray node ids (``nodes``: a list, or a list per actor role) as how many nodes ran
+    the stage. The summary itself, every digit and node id, is what ``stage.json`` keeps.
 
     >>> summary_text({"model": "/w/runs/a/model", "loss": 0.12345678, "nodes": ["n1", "n1"]}, Path("/w"))
     'model=runs/a/model, loss=0.1235, nodes=1'
@@ -110,7 +110,7 @@ def summary_text(summary: dict[str, Any], cwd: Path | None = None) -> str:
             return str(value).lower()
         if isinstance(value, float):
             return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"  # 15,350 tokens/s, not 1.535e+04
-        if isinstance(value, str) and value.startswith("/") and Path(value).is_relative_to(base):
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(base):
             return str(Path(value).relative_to(base))
         if isinstance(value, dict):
             return "{" + ", ".join(f"{k}={text(v)}" for k, v in value.items()) + "}"
