@@ -56,14 +56,16 @@ def test_lines_pythons_json_parses_but_cannot_keep_are_rejected_not_a_crash(tmp_
     p = tmp_path / "c.jsonl"
     p.write_text(
         '{"text": "an emoji cut in half \\ud83d by a scraper"}\n'  # a lone surrogate: no UTF-8 form
-        '{"text": "x", "n": ' + "1" * 5000 + "}\n"  # past Python's 4,300-digit int parsing limit
+        '{"text": ' + "1" * 5000 + "}\n"  # past Python's 4,300-digit int parsing limit
+        '{"text": "kept", "n": ' + "1" * 5000 + "}\n"  # the same in a field that is never read
         '{"text": "good"}\n'
     )
     rows = _read_all(p)
-    assert [r["text"] for r in rows if r["status"] == ""] == ["good"]
+    assert [r["text"] for r in rows if r["status"] == ""] == ["kept", "good"]
     bad = [(r["source"].rsplit(":", 1)[1], r["reason"]) for r in rows if r["status"] == REJECTED]
     assert bad[0] == ("1", "field 'text' is not valid Unicode (a lone surrogate \\ud83d at character 21)")
     assert bad[1][0] == "2" and bad[1][1].startswith("malformed JSON: Exceeds the limit (4300 digits)")
+    assert len(bad) == 2
     with pytest.raises(BadRecordError, match=rf"{p}:1: field 'text' is not valid Unicode"):
         _read_all(p, policy="fail")
 

@@ -70,6 +70,22 @@ def test_signature_estimates_jaccard_without_bias() -> None:
     assert np.mean(np.abs(est - exact) <= 3 * sigma + 1e-9) > 0.97  # variance as theory says
 
 
+def test_signatures_are_each_documents_minimum_of_every_hash_function() -> None:
+    """The kernel against the definition, in numpy's wrapping uint64 arithmetic: out[d, p] is the
+    minimum over document d's shingle hashes x of (a[p] * x + b[p]) mod 2**64 >> 32."""
+    rng = random.Random(5)
+    texts = ["", "one", "x " * 40, *(_doc(rng, rng.randrange(1, 200)) for _ in range(25)), "", "a b c d e f"]
+    mh = MinHasher(112, 5, seed=9)
+    hashes, docs = shingle_hashes(texts, 5)
+    a, b = mh._a, mh._b  # type: ignore[attr-defined]
+    expected = np.full((len(texts), 112), EMPTY, dtype=np.uint32)
+    for d in range(len(texts)):
+        x = hashes[docs == d]
+        if x.size:
+            expected[d] = ((a[None, :] * x[:, None] + b[None, :]) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    assert np.array_equal(mh.signatures(texts), expected)
+
+
 def test_signatures_are_deterministic_and_batch_independent() -> None:
     rng = random.Random(3)
     docs = [_doc(rng) for _ in range(20)]
