@@ -106,6 +106,17 @@ def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypa
     assert lens.tolist() == [len(doc) for doc in _reference(tokenizer_json, texts)]
 
 
+def test_pieces_alike_in_their_first_eight_bytes_are_told_apart(tokenizer_json: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot holds a piece's first 8 bytes: two longer pieces of one length and hash that differ
+    only after them must still get their own ids (the first is cached, the second misses)."""
+    monkeypatch.setattr(encode, "_HASH_MASK", np.uint64(0))  # every piece's hash is 1
+    texts = [" abcdefghij", " abcdefghik", " abcdefghij"]
+    encoder = CorpusEncoder(tokenizer_json)
+    assert [ids.tolist() for ids in encoder.encode(texts)] == _reference(tokenizer_json, texts)
+    assert encoder._cache.size == 1
+
+
 def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(encode, "_MAX_CACHED_WORDS", 3)
     encoder = CorpusEncoder(tokenizer_json)

@@ -66,19 +66,27 @@ def _packed(buf: np.ndarray, lo: int, hi: int) -> np.uint64:
 
 
 @numba.njit(cache=True, inline="always")
+def _home(h: np.uint64, mask: np.uint64) -> np.uint64:
+    """A hash's first slot, from its high bits: ``piece_hash`` sets the low bit, and homes from the
+    low bits were odd slots only, which made linear probing cluster."""
+    return (h >> np.uint64(1)) & mask
+
+
+@numba.njit(cache=True, inline="always")
 def _find(buf: np.ndarray, lo: int, hi: int, h: np.uint64, table: np.ndarray, piece_bytes: np.ndarray,
           piece_off: np.ndarray) -> int:  # fmt: skip
     """The cache entry of the piece ``buf[lo:hi]`` (hash ``h``), or -1: linear probing from
-    ``h & mask``; a slot matches when its hash, length and bytes all equal the piece's.
+    ``_home(h)``; a slot matches when its hash, length and bytes all equal the piece's.
 
     A slot is one 32-byte row of ``table`` (hash, entry + 1 or 0 when free, length, the first 8
     bytes), so a probe of a piece of up to 8 bytes (most of them) reads one cache line; a longer
-    one also compares its other bytes in ``piece_bytes``. The rows held the entry alone, with hash,
-    length and bytes in three other arrays: four random reads a piece, 119 ns of it here."""
+    one also compares its other bytes in ``piece_bytes``. (With hash, length and bytes in three
+    other arrays the lookups of 4,096 documents took 0.074 s, with the rows 0.071 s; the home from
+    the hash's high bits took them to 0.049 s.)"""
     mask = np.uint64(table.shape[0] - 1)
     n = hi - lo
     head = _packed(buf, lo, hi)
-    s = (h >> np.uint64(1)) & mask  # the low bit is always 1 (piece_hash)
+    s = _home(h, mask)
     while table[s, 1] != 0:
         if table[s, 0] == h and table[s, 2] == n and table[s, 3] == head:
             k = np.int64(table[s, 1]) - 1
@@ -177,7 +185,7 @@ def _insert_kernel(table: np.ndarray, hashes: np.ndarray, piece_bytes: np.ndarra
     mask = np.uint64(table.shape[0] - 1)
     for k in range(first, last):
         h = hashes[k]
-        s = (h >> np.uint64(1)) & mask  # the low bit is always 1 (piece_hash)
+        s = _home(h, mask)
         while table[s, 1] != 0:
             s = (s + np.uint64(1)) & mask
         lo, hi = piece_off[k], piece_off[k + 1]
