@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +88,9 @@ def test_same_ids_on_the_quickstart_corpus(tokenizer_json: str, tmp_path: Path) 
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(max_codepoint=127), max_size=60), min_size=1, max_size=6))
 def test_piece_state_machine_is_the_pattern(texts: list[str]) -> None:
-    """The state machine's pieces (as the trainer gets them: mapped, space-separated) are the
-    pattern's, in order, document after document."""
-    want = [piece.translate(pretokenize.BYTE_CHARS) for t in texts for piece in PIECE_PATTERN.findall(t)]
-    assert pretokenize.spaced_pieces(texts).split(" ")[:-1] == want
+    """The state machine's pieces, as the BPE trainer counts them, are the pattern's (their order
+    is checked through the token ids above)."""
+    assert _counted(texts) == Counter(piece.encode() for t in texts for piece in PIECE_PATTERN.findall(t))
 
 
 def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,61 +125,23 @@ def test_cache_is_emptied_when_full(tokenizer_json: str, monkeypatch: pytest.Mon
     assert encoder._cache.size <= 3 + len(PIECE_PATTERN.findall(" ".join(texts)))
 
 
-def _trained_on_raw_text(texts: list[str], cfg: TokenizerConfig) -> str:
-    """The reference: the library's trainer with kiln's pre-tokenizer on the documents as they are."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from core.chat import SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pretokenize.pre_tokenizer()
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, show_progress=False,
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok.to_str()
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=60).map("".join), min_size=1, max_size=12),
-       st.sampled_from([1, 2]))  # fmt: skip
-def test_training_on_split_pieces_gives_the_library_tokenizer(texts: list[str], min_frequency: int) -> None:
-    """train_bpe feeds the trainer pieces it split itself: the tokenizer (vocabulary, merges, every
-    setting) is the one the library trains on the raw documents."""
-    cfg = TokenizerConfig(vocab_size=320, min_frequency=min_frequency)
-    assert train_bpe(texts, cfg).to_str() == _trained_on_raw_text(texts, cfg)
-
-
-def test_training_on_the_quickstart_corpus_gives_the_library_tokenizer(monkeypatch: pytest.MonkeyPatch,
-                                                                       tmp_path: Path) -> None:  # fmt: skip
-    from pipelines.quickstart.config import GenerateConfig
-    from pipelines.quickstart.generate import generate
-
-    generate(GenerateConfig(out_dir=str(tmp_path), num_documents=300, exact_duplicates=10, near_duplicates=10,
-                            junk_documents=20, sft_examples=10, preference_pairs=10, ppo_prompts=10,
-                            eval_prompts=10))  # fmt: skip
-    texts = [json.loads(line)["text"] for f in sorted((tmp_path / "pretrain").glob("*.jsonl"))
-             for line in f.read_text().splitlines()]  # fmt: skip
-    monkeypatch.setattr(pretokenize, "_TRAINING_CHUNK_BYTES", 4096)  # several training strings
-    cfg = TokenizerConfig(vocab_size=1024)
-    assert train_bpe([*TRAINING, *texts], cfg).to_str() == _trained_on_raw_text([*TRAINING, *texts], cfg)
-
-
-def test_spaced_pieces_are_the_pre_tokenizer_pieces() -> None:
+def test_counted_pieces_are_the_pre_tokenizer_pieces() -> None:
+    """The BPE trainer's word counts (``encode.PieceCounter``) are the library's pre-tokenizer's
+    pieces, byte-level mapped back to bytes, each counted."""
     library = pretokenize.pre_tokenizer()
+    inverse = {ch: b for b, ch in enumerate(pretokenize.byte_chars())}
     texts = [t for t in TRAINING[:3] if t.isascii()] + ["\x00\x7f\t \n  x", ""]
-    want = [piece for t in texts for piece, _ in library.pre_tokenize_str(t)]
-    assert pretokenize.spaced_pieces(texts).split(" ")[:-1] == want
+    want = Counter(bytes(inverse[c] for c in piece) for t in texts for piece, _ in library.pre_tokenize_str(t))
+    assert _counted(texts) == want
 
 
-def test_training_on_two_threads_gives_the_same_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The data stage trains on every core of a node; the result must not depend on it."""
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
-    cfg = TokenizerConfig(vocab_size=400, min_frequency=1)
-    one, two = (train_bpe(iter(TRAINING), cfg, threads=n).to_str() for n in (1, 2))
-    assert one == two
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and "RAYON_NUM_THREADS" not in os.environ  # restored
+def _counted(texts: list[str]) -> Counter[bytes]:
+    counter = encode.PieceCounter()
+    counter.add(texts[: len(texts) // 2])
+    counter.add(texts[len(texts) // 2 :])  # counts add up across calls
+    data, off, counts = counter.pieces()
+    assert not counter.unindexed
+    return Counter({data[a:b].tobytes(): int(c) for a, b, c in zip(off[:-1], off[1:], counts)})
 
 
 def test_large_batches_are_encoded_in_bounded_chunks(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -233,6 +233,42 @@ class _PieceCache:
             _insert_kernel(self.table, self.hashes, self.bytes, self.byte_off, first, self.size)
 
 
+class PieceCounter:
+    """How often each distinct pre-tokenizer piece occurs in ASCII documents: the encoder's index
+    kernel and cache, with no token ids (the BPE trainer's word counts, ``pipelines/data/bpe.py``)."""
+
+    def __init__(self) -> None:
+        self._cache = _PieceCache()
+        self._counts = np.zeros(1 << 12, np.int64)
+        self.unindexed: list[bytes] = []  # pieces whose hash another piece has (never seen in practice)
+
+    def add(self, texts: list[str]) -> None:
+        """Count the pieces of ASCII documents."""
+        cache = self._cache
+        encoded = [t.encode("ascii") for t in texts]
+        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        index, _, missed, miss_hash = _index_kernel(buf, doc_end, CLASS, _HASH_MASK, cache.table, cache.bytes,
+                                                    cache.byte_off)  # fmt: skip
+        if miss_hash.size:
+            _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
+            new = np.sort(first)
+            pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
+            cache.add(pieces, miss_hash[new], [[]] * len(pieces))
+            index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
+            still = np.flatnonzero(index[missed[:, 0]] < 0)
+            self.unindexed += [buf[a:b].tobytes() for a, b in missed[still, 1:].tolist()]
+        self._counts = _grow(self._counts, cache.size)
+        self._counts[: cache.size] += np.bincount(index[index >= 0], minlength=cache.size)
+
+    def pieces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every distinct piece counted: their bytes back to back, offsets (n + 1) and counts
+        (``unindexed`` pieces not among them)."""
+        n = self._cache.size
+        off = self._cache.byte_off[: n + 1]
+        return self._cache.bytes[: off[n]], off, self._counts[:n]
+
+
 def _grow(array: np.ndarray, needed: int) -> np.ndarray:
     """``array`` with room for at least ``needed`` items (doubled, so appends cost O(1) each)."""
     if needed <= array.size:

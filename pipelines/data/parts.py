@@ -337,13 +337,12 @@ def training_documents(scratch: str, parts: list[int], dropped: np.ndarray, max_
 
 
 @ray.remote(num_cpus=1)
-def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray], cfg: TokenizerConfig,
-                    threads: int = 1) -> tuple[str, int, int]:  # fmt: skip
-    """Train the BPE tokenizer on ``training_documents`` (the config's bounds) on ``threads`` cores
-    (the caller runs it alone, on a node with that many); returns the tokenizer's JSON and the
-    documents and bytes it was trained on."""
+def train_tokenizer(scratch: str, parts: list[int], dup_map: dict[str, np.ndarray],
+                    cfg: TokenizerConfig) -> tuple[str, int, int]:  # fmt: skip
+    """Train the BPE tokenizer on ``training_documents`` (the config's bounds); returns the
+    tokenizer's JSON and the documents and bytes it was trained on."""
     taken: list[int] = []
     docs = training_documents(scratch, parts, dup_map["dropped"], cfg.max_training_documents, cfg.max_training_bytes,
                               taken)  # fmt: skip
-    tokenizer_json = train_bpe(docs, cfg, threads=threads).to_str()
+    tokenizer_json = train_bpe(docs, cfg).to_str()
     return tokenizer_json, taken[0], taken[1]

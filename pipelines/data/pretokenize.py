@@ -3,15 +3,13 @@
 The tokenizer kiln trains (``pipelines/data/tokenizer.py``) splits digits one per piece, then runs
 GPT-2's byte-level regex and maps every byte to a printable character. On ASCII text that split is
 a small state machine (``piece_end``), tested against the library and against ``PIECE_PATTERN``.
-Two users: ``encode.CorpusEncoder`` (token ids of corpus documents) and ``training_text``, which
-hands the BPE trainer the pieces already split and mapped, so the trainer's own pre-tokenizer is a
-whitespace split: the same word counts, hence the same tokenizer, in a third less time.
+Two users, both through the corpus encoder's kernel: ``encode.CorpusEncoder`` (token ids of corpus
+documents) and ``encode.PieceCounter`` (the BPE trainer's word counts, ``pipelines/data/bpe.py``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
 
 import numba
 import numpy as np
@@ -46,11 +44,6 @@ PRE_TOKENIZER = {
         },
     ],
 }
-# Text per training string: the trainer counts the strings' words on its threads in parallel, and
-# smaller strings share them out more evenly (1 MiB: 1.35 s, 64 KiB: 1.1 s on 20 MB, 2 threads).
-_TRAINING_CHUNK_BYTES = 1 << 16
-
-
 def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """The library's pre-tokenizer (``PRE_TOKENIZER``): digits one per piece, then byte-level."""
     return pre_tokenizers.Sequence(
@@ -61,8 +54,8 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def ascii_byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what ByteLevel applies), for bytes 0-127."""
+def byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character map (what ByteLevel applies), for all 256 bytes."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -74,7 +67,12 @@ def ascii_byte_chars() -> dict[int, str]:
         if b not in chars:
             chars[b] = chr(256 + extra)
             extra += 1
-    return {b: chars[b] for b in range(128)}
+    return [chars[b] for b in range(256)]
+
+
+def ascii_byte_chars() -> dict[int, str]:
+    """``byte_chars`` for bytes 0-127."""
+    return dict(enumerate(byte_chars()[:128]))
 
 
 BYTE_CHARS = str.maketrans(ascii_byte_chars())
@@ -123,72 +121,3 @@ def piece_hash(buf: np.ndarray, start: int, stop: int) -> np.uint64:
     for q in range(start, stop):
         h = (h ^ np.uint64(buf[q])) * np.uint64(0x100000001B3)
     return mix64_one(h) | np.uint64(1)
-
-
-def _utf8_of_byte_chars() -> tuple[np.ndarray, np.ndarray]:
-    """Each ASCII byte's mapped character (``BYTE_CHARS``) in UTF-8: its bytes (128, 2) and length."""
-    out, size = np.zeros((128, 2), np.uint8), np.zeros(128, np.int64)
-    for b, ch in ascii_byte_chars().items():
-        code = ch.encode("utf-8")
-        out[b, : len(code)], size[b] = list(code), len(code)
-    return out, size
-
-
-_UTF8, _UTF8_SIZE = _utf8_of_byte_chars()
-
-
-@numba.njit(cache=True)
-def _spaced_pieces_kernel(buf: np.ndarray, doc_end: np.ndarray, cls: np.ndarray, utf8: np.ndarray,
-                          utf8_size: np.ndarray) -> np.ndarray:  # fmt: skip
-    """UTF-8 of the documents' pieces, each byte mapped, each piece followed by a space."""
-    out = np.empty(
-        3 * buf.size, dtype=np.uint8
-    )  # at most two bytes per byte and a space
-    o, pos = 0, 0
-    for d in range(doc_end.size):
-        end = doc_end[d]
-        while pos < end:
-            stop = piece_end(buf, pos, end, cls)
-            for q in range(pos, stop):
-                c = buf[q]
-                out[o] = utf8[c, 0]
-                out[o + 1] = utf8[c, 1]
-                o += utf8_size[c]
-            out[o] = 32
-            o += 1
-            pos = stop
-    return out[:o]
-
-
-def spaced_pieces(texts: list[str]) -> str:
-    """ASCII documents' pieces, byte-level mapped, separated by spaces (no mapped character is
-    whitespace): a whitespace split of the result is the pre-tokenizer's split of the documents."""
-    encoded = [t.encode("ascii") for t in texts]
-    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-    return (
-        _spaced_pieces_kernel(buf, doc_end, CLASS, _UTF8, _UTF8_SIZE)
-        .tobytes()
-        .decode("utf-8")
-    )
-
-
-def training_text(texts: Iterable[str]) -> Iterator[str]:
-    """The documents as the BPE trainer should see them under a whitespace-split pre-tokenizer:
-    every piece of ``pre_tokenizer()`` byte-level mapped, the pieces separated by spaces, about
-    ``_TRAINING_CHUNK_BYTES`` of documents per string. ASCII documents are split here; any other
-    goes through the library's pre-tokenizer."""
-    library = pre_tokenizer()
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        if not text.isascii():
-            yield " ".join(piece for piece, _ in library.pre_tokenize_str(text))
-            continue
-        batch.append(text)
-        size += len(text)
-        if size >= _TRAINING_CHUNK_BYTES:
-            yield spaced_pieces(batch)
-            batch, size = [], 0
-    if batch:
-        yield spaced_pieces(batch)

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tokenizers import Tokenizer
 
 from cluster.runtime import init_ray
@@ -133,13 +132,6 @@ def _collect_rejected(scratch: str, work: Path) -> None:
     (work / "rejected").mkdir()
     with open(work / "rejected" / "rejected.jsonl", "wb") as rejected:
         storage.concatenate(storage.files_in(storage.join(scratch, "rejected"), ".jsonl"), rejected)
-
-
-def _largest_node() -> tuple[str | None, int]:
-    """The live node with the most CPUs (a task cannot span nodes): its id and CPU count."""
-    nodes = [(int(n["Resources"].get("CPU", 0)), n["NodeID"]) for n in ray.nodes() if n["Alive"]]
-    cpus, node = max(nodes, default=(1, None))
-    return node, max(1, cpus)
 
 
 def _get(refs: list[Any], siblings: list[Any] = ()) -> list[Any]:
@@ -321,13 +313,7 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
             hf = load_tokenizer(work / "tokenizer")
             eos_id, vocab_size = hf.eos_token_id, len(hf)
         else:
-            # Nothing else of this stage runs meanwhile: the trainer uses every core of the largest
-            # node. It asks Ray for one: a task holding them all made Ray retire an idle worker
-            # process while it trained, and pass 3 then waited 0.7 s for a new one (measured).
-            node, threads = _largest_node()
-            where = NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT"
-            trained = parts.train_tokenizer.options(num_cpus=1, scheduling_strategy=where).remote(
-                scratch, [f.index for f in files], dup_map, dcfg.tokenizer, threads)  # fmt: skip
+            trained = parts.train_tokenizer.remote(scratch, [f.index for f in files], dup_map, dcfg.tokenizer)
             trained_json, *training = _get([trained])[0]
             tok = Tokenizer.from_str(trained_json)
             save_hf_tokenizer(tok, work / "tokenizer")
