@@ -277,16 +277,15 @@ def _rejected_lines(batch: dict[str, np.ndarray]) -> str:
                    for s, r, t in zip(batch["source"][bad], batch["reason"][bad], batch["text"][bad]))  # fmt: skip
 
 
-@ray.remote(num_cpus=1, num_returns=3)
-def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarray], files: list[str],
-                tokenizer_json: str, dcfg: DataConfig, eos_id: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
-    """Pass 3 of one part: its documents table and rejected records, and its kept documents
-    tokenised. Returns the sizes of its two token streams (small: the driver plans the packing
-    from them) and the streams, per split (train, validation) in id order: each document's ids
-    followed by EOS."""
+@ray.remote(num_cpus=1)
+def document_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarray], files: list[str],
+                  dcfg: DataConfig) -> int:  # fmt: skip
+    """Pass 3a of one part: its slice of the documents table (every record, its status and what it
+    duplicates) and its rejected records. It needs no tokenizer, so it runs while one is trained.
+    Returns the records written."""
     fs, path = resolve(part_file(storage.join(out, "documents"), index))
     rejected_fs, rejected_path = resolve(part_file(storage.join(scratch, "rejected"), index, "jsonl"))
-    streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
+    written = 0
     with pq.ParquetWriter(path, DOCUMENTS, filesystem=fs) as writer, \
             rejected_fs.open_output_stream(rejected_path) as rejected:  # fmt: skip
         for record_batch in _annotated_batches(scratch, index, ANNOTATED.names, dcfg.batch_size):
@@ -294,11 +293,27 @@ def finish_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndarra
             batch = mark_duplicates(batch, dup_map, files)
             writer.write_table(_table(batch, DOCUMENTS))
             rejected.write(_rejected_lines(batch).encode())
-            kept = batch["status"] == KEPT
-            ids, lens = tokenize(batch["text"][kept].tolist(), tokenizer_json)
-            in_val = in_validation(batch["id"][kept], dcfg.pack.validation_fraction)
-            for split, stream in zip((False, True), eos_streams(ids, lens, in_val, eos_id)):
-                streams[split].append(stream)
+            written += len(batch["id"])
+    return written
+
+
+@ray.remote(num_cpus=1, num_returns=3)
+def finish_part(index: int, scratch: str, dup_map: dict[str, np.ndarray], tokenizer_json: str, dcfg: DataConfig,
+                eos_id: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
+    """Pass 3b of one part: its kept documents tokenised (those ``document_part`` marks kept).
+    Returns the sizes of its two token streams (small: the driver plans the packing from them) and
+    the streams, per split (train, validation) in id order: each document's ids followed by EOS."""
+    streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
+    dropped = dup_map["dropped"]
+    for record_batch in _annotated_batches(scratch, index, ["id", "text", "status"], dcfg.batch_size):
+        ids_col = record_batch.column(0).to_numpy()
+        status = record_batch.column(2).to_numpy(zero_copy_only=False)
+        kept = np.flatnonzero((status == "") & ~np.isin(ids_col, dropped))
+        texts = record_batch.column(1).take(pa.array(kept)).to_pylist()
+        ids, lens = tokenize(texts, tokenizer_json)
+        in_val = in_validation(ids_col[kept], dcfg.pack.validation_fraction)
+        for split, stream in zip((False, True), eos_streams(ids, lens, in_val, eos_id)):
+            streams[split].append(stream)
     train, val = (np.concatenate(streams[v]) if streams[v] else np.zeros(0, np.int32) for v in (False, True))
     return (train.size, val.size), train, val
 

@@ -8,11 +8,12 @@ and the duplicate graph is built in Ray tasks too (``pipelines/data/dedup.py``).
      (near candidates); exact components, candidates re-pointed at exact survivors;
   3. candidates verified by the exact Jaccard of their shingle sets;
   4. near components; the duplicate map (dropped id -> kept id) stays in Ray's object store;
-  5. the BPE tokenizer, trained on the first kept documents (a bounded sample by default);
-  6. per part: its slice of the documents table (every record, its status and what it
-     duplicates), its rejected records, its kept documents tokenised; then, from the parts'
-     stream sizes, each split's shards planned and written in parallel (one task per part that
-     holds a shard's first token), byte for byte what one writer in id order would write;
+  5. the BPE tokenizer, trained on the first kept documents (a bounded sample by default); on the
+     other cores meanwhile, per part, its slice of the documents table (every record, its status
+     and what it duplicates) and its rejected records;
+  6. per part: its kept documents tokenised; then, from the parts' stream sizes, each split's
+     shards planned and written in parallel (one task per part that holds a shard's first
+     token), byte for byte what one writer in id order would write;
   7. data_report.json and the stage marker.
 The driver holds object references and counts, never documents, pairs or the duplicate map: its
 memory does not grow with the corpus. Everything is built inside a temporary directory renamed
@@ -163,11 +164,9 @@ def _finish_and_pack(files: list[Any], scratch: str, out: str, dup_map: Any, tok
     once no later shard reads them, so the object store holds a few parts' tokens, not all.
     Returns each split's plan of the whole stream (its counts) and the tokens read."""
     splits = ("train", "validation")  # finish_part returns ((train, validation) sizes, their two streams)
-    uris = [f.uri for f in files]
     sizes_refs, streams = [], []  # streams[part][split]: None once no later shard needs it
     for f in files:
-        size, *split_streams = parts.finish_part.remote(f.index, scratch, out, dup_map, uris, tokenizer_json, dcfg,
-                                                        eos_id)  # fmt: skip
+        size, *split_streams = parts.finish_part.remote(f.index, scratch, dup_map, tokenizer_json, dcfg, eos_id)
         sizes_refs.append(size)
         streams.append(split_streams)
     seq_len, rows = dcfg.pack.seq_len, dcfg.pack.sequences_per_shard
@@ -305,16 +304,20 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         live = sum(c.live for c in counts)
         kept = live - dup_stats["exact_duplicates"] - dup_stats["near_duplicates"]
 
-        # 5. Tokenizer: trained on the kept documents (a bounded sample by default), or copied.
+        # 5. Tokenizer: trained on the kept documents (a bounded sample by default), or copied;
+        #    meanwhile, on the other cores, each part's slice of the documents table.
         t = time.perf_counter()
         training: list[int | None] = [None, None]  # documents, bytes: none when copied
-        if dcfg.tokenizer.path is not None:
+        trained = None
+        if dcfg.tokenizer.path is None:  # submitted first: it is on the critical path
+            trained = parts.train_tokenizer.remote(scratch, [f.index for f in files], dup_map, dcfg.tokenizer)
+        tables = [parts.document_part.remote(f.index, scratch, out, dup_map, uris, dcfg) for f in files]
+        if trained is None:
             copy_hf_tokenizer(Path(dcfg.tokenizer.path), work / "tokenizer")
             hf = load_tokenizer(work / "tokenizer")
             eos_id, vocab_size = hf.eos_token_id, len(hf)
         else:
-            trained = parts.train_tokenizer.remote(scratch, [f.index for f in files], dup_map, dcfg.tokenizer)
-            trained_json, *training = _get([trained])[0]
+            trained_json, *training = _get([trained], tables)[0]
             tok = Tokenizer.from_str(trained_json)
             save_hf_tokenizer(tok, work / "tokenizer")
             # Ours: its EOS is known, and AutoTokenizer's import (seconds) is not needed to find it.
@@ -322,10 +325,15 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         tokenizer_json = (work / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
         seconds["tokenizer"] = time.perf_counter() - t
 
-        # 6. Per part: documents table, rejected records, tokens; each split's shards written in
-        #    id order as the parts' sizes come in.
+        # 6. Per part: its kept documents' tokens; each split's shards written in id order as the
+        #    parts' sizes come in. Then the documents table's parts are all written.
         t = time.perf_counter()
-        plans, tokens_in = _finish_and_pack(files, scratch, out, dup_map, tokenizer_json, dcfg, eos_id)
+        try:
+            plans, tokens_in = _finish_and_pack(files, scratch, out, dup_map, tokenizer_json, dcfg, eos_id)
+        except BaseException:
+            _stop(tables)
+            raise
+        _get(tables)
         splits = tuple(plans)
         _collect_rejected(scratch, work)
         remove(scratch)
