@@ -5,8 +5,9 @@ piece's Python-visible ``Encoding`` and in the pre-tokenizer's Unicode regex, fo
 repeat (Zipf). For the tokenizer kiln trains (``pipelines/data/tokenizer.py``: digits split one per
 token, then GPT-2's byte-level regex, then byte-level BPE, no normaliser) and ASCII text, the
 pre-tokenizer is a small state machine over bytes (``pipelines/data/pretokenize.py``), and a
-piece's tokens are a function of the piece alone, so each distinct piece is run through the
-library's own BPE model once and its ids are cached. One numba pass cuts a batch into pieces,
+piece's tokens are a function of the piece alone, so each distinct piece's ids are computed once
+(``_bpe_kernel``: the model's merges applied lowest rank first, as the library's BPE model does)
+and cached. One numba pass cuts a batch into pieces,
 hashes each and looks it up in the cache (an open-addressing table; a hit compares the bytes, so a
 hash collision cannot give wrong ids); a second gathers the ids back to back with each document's
 count: no Python object per piece, and none per document in ``encode_ragged``.
@@ -24,10 +25,11 @@ from typing import Any
 import numba
 import numpy as np
 
+from pipelines.data.minhash import mix64_one
 from pipelines.data.pretokenize import (
-    BYTE_CHARS,
     CLASS,
     PRE_TOKENIZER,
+    byte_chars,
     piece_end,
     piece_hash,
 )
@@ -52,6 +54,7 @@ def fast_path_applies(spec: dict[str, Any]) -> bool:
         and not model.get("continuing_subword_prefix")
         and not model.get("end_of_word_suffix")
         and not model.get("byte_fallback")
+        and not model.get("ignore_merges")
         and all(t.get("special") for t in spec.get("added_tokens", []))
     )
 
@@ -193,6 +196,70 @@ def _insert_kernel(table: np.ndarray, hashes: np.ndarray, piece_bytes: np.ndarra
         table[s, 3] = _packed(piece_bytes, lo, hi)
 
 
+@numba.njit(cache=True)
+def _merge_slot(keys: np.ndarray, key: int) -> int:
+    """The slot of a pair key (a << 32 | b) in the merge table, or the free slot (-1) where it would go."""
+    mask = np.uint64(keys.size - 1)
+    s = mix64_one(np.uint64(key)) & mask
+    while keys[s] != key and keys[s] != -1:
+        s = (s + np.uint64(1)) & mask
+    return np.int64(s)
+
+
+@numba.njit(cache=True)
+def _bpe_kernel(piece_bytes: np.ndarray, piece_off: np.ndarray, byte_id: np.ndarray, merge_keys: np.ndarray,
+                merge_rank: np.ndarray, merge_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each piece's token ids by the BPE model: its bytes' tokens, then, while any adjacent pair
+    has a merge, the one of lowest rank (the leftmost of equals) merged, as ``Word::merge_all``
+    does without dropout. Returns the ids back to back and each piece's count."""
+    n = piece_off.size - 1
+    ids = np.empty(piece_off[n] - piece_off[0], np.int32)
+    counts = np.empty(n, np.int64)
+    sym = np.empty(64, np.int64)
+    o = 0
+    for k in range(n):
+        lo, hi = piece_off[k], piece_off[k + 1]
+        if hi - lo > sym.size:
+            sym = np.empty(2 * (hi - lo), np.int64)
+        m = hi - lo
+        for q in range(m):
+            sym[q] = byte_id[piece_bytes[lo + q]]
+        while m > 1:
+            best, best_rank, best_new = -1, np.int64(1) << 62, 0
+            for i in range(m - 1):
+                s = _merge_slot(merge_keys, (sym[i] << 32) | sym[i + 1])
+                if merge_keys[s] != -1 and merge_rank[s] < best_rank:
+                    best, best_rank, best_new = i, merge_rank[s], merge_new[s]
+            if best < 0:
+                break
+            sym[best] = best_new
+            for r in range(best + 1, m - 1):
+                sym[r] = sym[r + 1]
+            m -= 1
+        for q in range(m):
+            ids[o + q] = sym[q]
+        o += m
+        counts[k] = m
+    return ids[:o], counts
+
+
+def _merge_table(model: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A BPE model's (its tokenizer.json ``model``) byte -> token id map and its merges as an
+    open-addressing table: pair key (a << 32 | b) -> rank and merged token id."""
+    vocab = model["vocab"]
+    byte_id = np.array([vocab.get(ch, -1) for ch in byte_chars()], np.int64)
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    size = 16
+    while size < 2 * len(merges) + 2:
+        size *= 2
+    keys, rank, new = np.full(size, -1, np.int64), np.zeros(size, np.int64), np.zeros(size, np.int64)
+    for r, (a, b) in enumerate(merges):
+        key = (vocab[a] << 32) | vocab[b]
+        s = _merge_slot(keys, key)
+        keys[s], rank[s], new[s] = key, r, vocab[a + b]  # a pair listed twice: its last rank, as the library's map
+    return byte_id, keys, rank, new
+
+
 class _PieceCache:
     """Distinct pieces (bytes and hash) and their token ids, in growable flat arrays, with an
     open-addressing table from hash to entry (at most half full)."""
@@ -207,11 +274,10 @@ class _PieceCache:
     def lookup(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         return _lookup_kernel(buf, starts, ends, hashes, self.table, self.bytes, self.byte_off)
 
-    def add(self, pieces: list[bytes], hashes: np.ndarray, ids: list[list[int]]) -> None:
-        """New entries: each piece's bytes, hash and token ids."""
+    def add(self, pieces: list[bytes], hashes: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> None:
+        """New entries: each piece's bytes, hash and token ids (back to back, ``counts`` each)."""
         n, first = len(pieces), self.size
         lengths = np.fromiter(map(len, pieces), np.int64, n)
-        counts = np.fromiter(map(len, ids), np.int64, n)
         self.byte_off = _grow(self.byte_off, first + n + 1)
         self.id_off = _grow(self.id_off, first + n + 1)
         self.hashes = _grow(self.hashes, first + n)
@@ -220,7 +286,7 @@ class _PieceCache:
         self.bytes = _grow(self.bytes, int(self.byte_off[first + n]))
         self.ids = _grow(self.ids, int(self.id_off[first + n]))
         self.bytes[self.byte_off[first] : self.byte_off[first + n]] = np.frombuffer(b"".join(pieces), np.uint8)
-        self.ids[self.id_off[first] : self.id_off[first + n]] = [t for piece in ids for t in piece]
+        self.ids[self.id_off[first] : self.id_off[first + n]] = ids
         self.hashes[first : first + n] = hashes
         self.size += n
         if 2 * self.size > len(self.table):  # rehash everything into a table twice the size
@@ -254,7 +320,7 @@ class PieceCounter:
             _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
             new = np.sort(first)
             pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
-            cache.add(pieces, miss_hash[new], [[]] * len(pieces))
+            cache.add(pieces, miss_hash[new], np.zeros(0, np.int32), np.zeros(len(pieces), np.int64))
             index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
             still = np.flatnonzero(index[missed[:, 0]] < 0)
             self.unindexed += [buf[a:b].tobytes() for a, b in missed[still, 1:].tolist()]
@@ -292,11 +358,9 @@ class CorpusEncoder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.fast = fast_path_applies(json.loads(tokenizer_json))
-        self._model = self.tokenizer.model
         self._cache = _PieceCache()
-
-    def _tokens(self, piece: bytes) -> list[int]:
-        return [t.id for t in self._model.tokenize(piece.decode("ascii").translate(BYTE_CHARS))]
+        if self.fast:
+            self._merges = _merge_table(json.loads(tokenizer_json)["model"])
 
     def _fast_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ASCII texts' ids back to back (int32), each text's token count, and which texts have a
@@ -314,7 +378,9 @@ class CorpusEncoder:
             _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
             new = np.sort(first)
             pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
-            cache.add(pieces, miss_hash[new], [self._tokens(piece) for piece in pieces])
+            off = np.concatenate([[0], np.cumsum(missed[new, 2] - missed[new, 1])])
+            ids, lens = _bpe_kernel(np.frombuffer(b"".join(pieces), np.uint8), off, *self._merges)
+            cache.add(pieces, miss_hash[new], ids, lens)
             # Still -1 after that: another piece has the hash (its document takes the slow path).
             index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
         return _gather_kernel(index, counts, cache.id_off, cache.ids)

@@ -70,14 +70,6 @@ def byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def ascii_byte_chars() -> dict[int, str]:
-    """``byte_chars`` for bytes 0-127."""
-    return dict(enumerate(byte_chars()[:128]))
-
-
-BYTE_CHARS = str.maketrans(ascii_byte_chars())
-
-
 @numba.njit(cache=True, inline="always")
 def piece_end(buf: np.ndarray, i: int, end: int, cls: np.ndarray) -> int:
     """One past the last byte of the piece that starts at ``buf[i]`` (``PIECE_PATTERN``'s match)."""
