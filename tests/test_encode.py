@@ -51,6 +51,9 @@ def test_the_stage_tokenizer_takes_the_fast_path(tokenizer_json: str) -> None:
     other["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = False
     assert not fast_path_applies(other)
     assert not fast_path_applies({**json.loads(tokenizer_json), "normalizer": {"type": "NFC"}})
+    ignoring = json.loads(tokenizer_json)
+    ignoring["model"]["ignore_merges"] = True  # a word in the vocabulary is one token: not the kernel's BPE
+    assert not fast_path_applies(ignoring)
 
 
 @settings(max_examples=300, deadline=None)
