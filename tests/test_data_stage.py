@@ -373,3 +373,13 @@ def test_outputs_to_object_storage(first_run: tuple, corpus: Path, tmp_path: Pat
     assert stream.total == report["sequences"]["train"]
     assert stream.rows(0, np.arange(3))["input_ids"].shape == (3, 64)
     assert validation_sequences(location, 5).shape == (5, 64)
+
+
+def test_in_sorted_is_membership() -> None:
+    from pipelines.data.parts import in_sorted
+
+    rng = np.random.default_rng(0)
+    wanted = np.unique(rng.integers(0, 50, 20))
+    ids = rng.integers(-5, 60, 200)
+    assert in_sorted(ids, wanted).tolist() == np.isin(ids, wanted).tolist()
+    assert not in_sorted(ids, np.zeros(0, np.int64)).any()

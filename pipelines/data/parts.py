@@ -208,6 +208,16 @@ def _annotated_batches(scratch: str, index: int, columns: list[str], size: int =
         yield from pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns)
 
 
+def in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Whether each id is in ``sorted_ids`` (ascending): a binary search each. ``np.isin`` hashes
+    its second argument on every call: with the duplicate map of a million documents (~95k dropped
+    ids) that took 11 ms a 512-document batch, half of a part's tokenising."""
+    if not sorted_ids.size:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
+    return sorted_ids[pos] == ids
+
+
 @ray.remote(num_cpus=1)
 def part_shingles(scratch: str, index: int, candidates: np.ndarray, ngram: int) -> dict[str, np.ndarray]:
     """The shingle-hash sets of part ``index``'s documents that appear in ``candidates`` (E, 2).
@@ -222,7 +232,7 @@ def part_shingles(scratch: str, index: int, candidates: np.ndarray, ngram: int) 
     if wanted.size:
         for batch in _annotated_batches(scratch, index, ["id", "text"]):
             batch_ids = batch.column(0).to_numpy()
-            hit = np.flatnonzero(np.isin(batch_ids, wanted))
+            hit = np.flatnonzero(in_sorted(batch_ids, wanted))
             if hit.size:
                 ids.append(batch_ids[hit])
                 texts.extend(batch.column(1).take(pa.array(hit)).to_pylist())
@@ -308,7 +318,7 @@ def finish_part(index: int, scratch: str, dup_map: dict[str, np.ndarray], tokeni
     for record_batch in _annotated_batches(scratch, index, ["id", "text", "status"], dcfg.batch_size):
         ids_col = record_batch.column(0).to_numpy()
         status = record_batch.column(2).to_numpy(zero_copy_only=False)
-        kept = np.flatnonzero((status == "") & ~np.isin(ids_col, dropped))
+        kept = np.flatnonzero((status == "") & ~in_sorted(ids_col, dropped))
         texts = record_batch.column(1).take(pa.array(kept)).to_pylist()
         ids, lens = tokenize(texts, tokenizer_json)
         in_val = in_validation(ids_col[kept], dcfg.pack.validation_fraction)
@@ -340,7 +350,7 @@ def training_documents(scratch: str, parts: list[int], dropped: np.ndarray, max_
     for index in parts:
         for batch in _annotated_batches(scratch, index, ["id", "text", "status"]):
             status = batch.column(2).to_numpy(zero_copy_only=False)
-            keep = np.flatnonzero((status == "") & ~np.isin(batch.column(0).to_numpy(), dropped))
+            keep = np.flatnonzero((status == "") & ~in_sorted(batch.column(0).to_numpy(), dropped))
             sizes = np.cumsum(pc.binary_length(batch.column(1)).to_numpy(zero_copy_only=False)[keep])
             n = min(keep.size, docs_left, int(np.searchsorted(sizes, bytes_left, side="left")) + 1)
             yield from batch.column(1).take(pa.array(keep[:n])).to_pylist()
