@@ -11,8 +11,8 @@ step (``tokenizers/src/models/bpe/trainer.rs``, ``do_train`` and ``Word::merge``
 - every word starts as its bytes; a pair's count is the sum over words of occurrences x count;
 - a max-heap of (count, pair, the words to visit) pops the highest count, ties to the smaller pair
   (by token ids); an entry whose count is stale is pushed back with the current count;
-- merging a pair in a word goes left to right, and records the same +1/-1 changes of neighbouring
-  pairs as the library's (a merged pair's own count is never lowered, as there);
+- merging a pair in a word goes left to right, and records the same +1/-1 changes of its
+  neighbouring pairs as the library's (the merged pair's own count is not reset, as there);
 - after each merge, every pair that gained an occurrence is pushed with the words that gained it;
 - training stops at ``vocab_size`` tokens, an empty heap, or a count below ``min_frequency``.
 
