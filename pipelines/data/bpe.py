@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from tokenizers import Tokenizer, models
 
-from pipelines.data.encode import PieceCounter
+from pipelines.data.encode import PieceCounter, key_slot
 from pipelines.data.minhash import mix64_one
 from pipelines.data.pretokenize import byte_chars, pre_tokenizer
 
@@ -156,17 +156,6 @@ def _pop(heap: np.ndarray, n: int) -> tuple[int, int, int, int]:
 
 
 @numba.njit(cache=True)
-def _slot(keys: np.ndarray, key: int) -> int:
-    """The slot of ``key`` in an open-addressing table of non-negative keys (-1: free), or the free
-    slot where it would go."""
-    mask = np.uint64(keys.size - 1)
-    s = mix64_one(np.uint64(key)) & mask
-    while keys[s] != key and keys[s] != -1:
-        s = (s + np.uint64(1)) & mask
-    return np.int64(s)
-
-
-@numba.njit(cache=True)
 def _empty_table(size: int) -> np.ndarray:
     keys = np.empty(size, np.int64)
     for i in range(size):
@@ -178,16 +167,16 @@ def _empty_table(size: int) -> np.ndarray:
 def _pair_add(keys: np.ndarray, values: np.ndarray, used: int, key: int,
               delta: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """``values[key] += delta`` (a new key starts at 0); the table doubles when half full."""
-    s = _slot(keys, key)
+    s = key_slot(keys, key)
     if keys[s] == -1:
         if 2 * (used + 1) > keys.size:
             bigger_k, bigger_v = _empty_table(2 * keys.size), np.zeros(2 * keys.size, np.int64)
             for q in range(keys.size):
                 if keys[q] != -1:
-                    t = _slot(bigger_k, keys[q])
+                    t = key_slot(bigger_k, keys[q])
                     bigger_k[t], bigger_v[t] = keys[q], values[q]
             keys, values = bigger_k, bigger_v
-            s = _slot(keys, key)
+            s = key_slot(keys, key)
         keys[s], values[s] = key, 0
         used += 1
     values[s] += delta
@@ -278,7 +267,7 @@ def _push_pairs(pairs: np.ndarray, words: np.ndarray, take: np.ndarray, pk: np.n
     groups = 0
     for i in range(pairs.size):
         if take[i]:
-            s = _slot(local, pairs[i])
+            s = key_slot(local, pairs[i])
             if local[s] == -1:
                 local[s], group[s] = pairs[i], groups
                 first[groups] = i
@@ -292,12 +281,12 @@ def _push_pairs(pairs: np.ndarray, words: np.ndarray, take: np.ndarray, pk: np.n
         fill[g] = list_off[lists + g]
     for i in range(pairs.size):
         if take[i]:
-            g = group[_slot(local, pairs[i])]
+            g = group[key_slot(local, pairs[i])]
             pool[fill[g]] = words[i]
             fill[g] += 1
     for g in range(groups):
         p = pairs[first[g]]
-        s = _slot(pk, p)
+        s = key_slot(pk, p)
         if pk[s] == p and pv[s] > 0:
             heap = _push(heap, n_heap, pv[s], p >> 32, p & 0xFFFFFFFF, lists + g)
             n_heap += 1
@@ -364,7 +353,7 @@ def _learn(word_bytes: np.ndarray, word_off: np.ndarray, counts: np.ndarray, tok
     while n_tok < vocab_size and n_heap > 0:
         count, a, b, entry = _pop(heap, n_heap)
         n_heap -= 1
-        s = _slot(pk, (a << 32) | b)
+        s = key_slot(pk, (a << 32) | b)
         current = pv[s] if pk[s] == (a << 32) | b else 0
         if count != current:
             heap = _push(heap, n_heap, current, a, b, entry)

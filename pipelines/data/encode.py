@@ -20,6 +20,7 @@ corpus text, and the state machine against GPT-2's regular expression.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numba
@@ -197,8 +198,9 @@ def _insert_kernel(table: np.ndarray, hashes: np.ndarray, piece_bytes: np.ndarra
 
 
 @numba.njit(cache=True)
-def _merge_slot(keys: np.ndarray, key: int) -> int:
-    """The slot of a pair key (a << 32 | b) in the merge table, or the free slot (-1) where it would go."""
+def key_slot(keys: np.ndarray, key: int) -> int:
+    """The slot of a non-negative int64 key (a pair of token ids: a << 32 | b) in an open-addressing
+    table of keys (-1: free), or the free slot where it would go."""
     mask = np.uint64(keys.size - 1)
     s = mix64_one(np.uint64(key)) & mask
     while keys[s] != key and keys[s] != -1:
@@ -227,7 +229,7 @@ def _bpe_kernel(piece_bytes: np.ndarray, piece_off: np.ndarray, byte_id: np.ndar
         while m > 1:
             best, best_rank, best_new = -1, np.int64(1) << 62, 0
             for i in range(m - 1):
-                s = _merge_slot(merge_keys, (sym[i] << 32) | sym[i + 1])
+                s = key_slot(merge_keys, (sym[i] << 32) | sym[i + 1])
                 if merge_keys[s] != -1 and merge_rank[s] < best_rank:
                     best, best_rank, best_new = i, merge_rank[s], merge_new[s]
             if best < 0:
@@ -255,7 +257,7 @@ def _merge_table(model: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
     keys, rank, new = np.full(size, -1, np.int64), np.zeros(size, np.int64), np.zeros(size, np.int64)
     for r, (a, b) in enumerate(merges):
         key = (vocab[a] << 32) | vocab[b]
-        s = _merge_slot(keys, key)
+        s = key_slot(keys, key)
         keys[s], rank[s], new[s] = key, r, vocab[a + b]  # a pair listed twice: its last rank, as the library's map
     return byte_id, keys, rank, new
 
@@ -273,6 +275,28 @@ class _PieceCache:
 
     def lookup(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         return _lookup_kernel(buf, starts, ends, hashes, self.table, self.bytes, self.byte_off)
+
+    def index(self, texts: list[str], ids_of: Callable[[bytes, np.ndarray], tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray, list[bytes]]:  # fmt: skip
+        """ASCII texts cut into pieces and looked up: each piece's entry and each text's piece
+        count. Pieces new to the cache are added first, one of each, with the token ids (back to
+        back, and a count each) that ``ids_of(their bytes back to back, offsets)`` gives. Also the
+        pieces still without an entry: another piece has their hash (never seen in practice)."""
+        encoded = [t.encode("ascii") for t in texts]
+        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        index, counts, missed, miss_hash = _index_kernel(buf, doc_end, CLASS, _HASH_MASK, self.table, self.bytes,
+                                                         self.byte_off)  # fmt: skip
+        if not miss_hash.size:
+            return index, counts, []
+        _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
+        new = np.sort(first)
+        pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
+        off = np.concatenate([[0], np.cumsum(missed[new, 2] - missed[new, 1])])
+        self.add(pieces, miss_hash[new], *ids_of(b"".join(pieces), off))
+        index[missed[:, 0]] = self.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
+        still = np.flatnonzero(index[missed[:, 0]] < 0)
+        return index, counts, [buf[a:b].tobytes() for a, b in missed[still, 1:].tolist()]
 
     def add(self, pieces: list[bytes], hashes: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> None:
         """New entries: each piece's bytes, hash and token ids (back to back, ``counts`` each)."""
@@ -299,6 +323,11 @@ class _PieceCache:
             _insert_kernel(self.table, self.hashes, self.bytes, self.byte_off, first, self.size)
 
 
+def _no_ids(pieces: bytes, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """No token ids for any piece (``PieceCounter`` counts pieces; it does not encode them)."""
+    return np.zeros(0, np.int32), np.zeros(off.size - 1, np.int64)
+
+
 class PieceCounter:
     """How often each distinct pre-tokenizer piece occurs in ASCII documents: the encoder's index
     kernel and cache, with no token ids (the BPE trainer's word counts, ``pipelines/data/bpe.py``)."""
@@ -311,19 +340,8 @@ class PieceCounter:
     def add(self, texts: list[str]) -> None:
         """Count the pieces of ASCII documents."""
         cache = self._cache
-        encoded = [t.encode("ascii") for t in texts]
-        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        index, _, missed, miss_hash = _index_kernel(buf, doc_end, CLASS, _HASH_MASK, cache.table, cache.bytes,
-                                                    cache.byte_off)  # fmt: skip
-        if miss_hash.size:
-            _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
-            new = np.sort(first)
-            pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
-            cache.add(pieces, miss_hash[new], np.zeros(0, np.int32), np.zeros(len(pieces), np.int64))
-            index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
-            still = np.flatnonzero(index[missed[:, 0]] < 0)
-            self.unindexed += [buf[a:b].tobytes() for a, b in missed[still, 1:].tolist()]
+        index, _, unindexed = cache.index(texts, _no_ids)
+        self.unindexed += unindexed
         self._counts = _grow(self._counts, cache.size)
         self._counts[: cache.size] += np.bincount(index[index >= 0], minlength=cache.size)
 
@@ -362,27 +380,18 @@ class CorpusEncoder:
         if self.fast:
             self._merges = _merge_table(json.loads(tokenizer_json)["model"])
 
+    def _ids_of(self, pieces: bytes, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _bpe_kernel(np.frombuffer(pieces, np.uint8), off, *self._merges)
+
     def _fast_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ASCII texts' ids back to back (int32), each text's token count, and which texts have a
         piece whose hash another cached piece has (never seen in practice; they get no ids here).
-        Pieces new to the cache are added first, their ids from the library's own BPE model."""
+        Pieces new to the cache are added first, their ids from the BPE kernel."""
         if self._cache.size > _MAX_CACHED_WORDS:
             self._cache = _PieceCache()
         cache = self._cache
-        encoded = [t.encode("ascii") for t in texts]
-        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        doc_end = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        index, counts, missed, miss_hash = _index_kernel(buf, doc_end, CLASS, _HASH_MASK, cache.table, cache.bytes,
-                                                         cache.byte_off)  # fmt: skip
-        if miss_hash.size:
-            _, first = np.unique(miss_hash, return_index=True)  # one of each new piece
-            new = np.sort(first)
-            pieces = [buf[a:b].tobytes() for a, b in missed[new, 1:].tolist()]
-            off = np.concatenate([[0], np.cumsum(missed[new, 2] - missed[new, 1])])
-            ids, lens = _bpe_kernel(np.frombuffer(b"".join(pieces), np.uint8), off, *self._merges)
-            cache.add(pieces, miss_hash[new], ids, lens)
-            # Still -1 after that: another piece has the hash (its document takes the slow path).
-            index[missed[:, 0]] = cache.lookup(buf, missed[:, 1], missed[:, 2], miss_hash)
+        # An entry -1: another piece has the hash (its document takes the slow path).
+        index, counts, _ = cache.index(texts, self._ids_of)
         return _gather_kernel(index, counts, cache.id_off, cache.ids)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
