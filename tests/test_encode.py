@@ -96,6 +96,16 @@ def test_piece_state_machine_is_the_pattern(texts: list[str]) -> None:
     assert _counted(texts) == Counter(piece.encode() for t in texts for piece in PIECE_PATTERN.findall(t))
 
 
+def test_pieces_too_long_for_the_kernel_get_the_librarys_ids(tokenizer_json: str) -> None:
+    """A piece over ``_KERNEL_PIECE_BYTES`` (a run of letters a file long) is encoded by the
+    library's model, between pieces the kernel encodes, in one batch."""
+    rng = np.random.default_rng(0)
+    long_word = "".join(rng.choice(list("thequickbrownfox"), size=3 * encode._KERNEL_PIECE_BYTES))
+    texts = ["What is 7 + 35?", "x" * 5000 + " done", long_word, f"the {long_word}s end", "the fox"]
+    got = CorpusEncoder(tokenizer_json).encode(texts)
+    assert [ids.tolist() for ids in got] == _reference(tokenizer_json, texts)
+
+
 def test_hash_collisions_fall_back_to_encode_batch(tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every piece hashing alike: the cache keeps one per hash and the rest take the slow path."""
     monkeypatch.setattr(encode, "_HASH_MASK", np.uint64(0))  # every piece's hash is 1

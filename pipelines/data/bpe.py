@@ -17,9 +17,9 @@ step (``tokenizers/src/models/bpe/trainer.rs``, ``do_train`` and ``Word::merge``
 - training stops at ``vocab_size`` tokens, an empty heap, or a count below ``min_frequency``.
 
 The result is the library's tokenizer byte for byte (``tests/test_bpe.py`` trains both on generated
-and corpus text: the library's trainer is the reference there). 0.17 s instead of the library's
-~1.0 s of counting and ~0.5 s of merges for 20,000 documents (3.05M words, 69,472 distinct, 8,192
-tokens); the counting 0.35 s instead of its ~1.6 CPU-seconds. numba compiles it once per
+and corpus text: the library's trainer is the reference there). For 20,000 documents (3.05M
+words, 69,472 distinct, 8,192 tokens): counting 0.35 s against the library's ~1.6 CPU-seconds
+(~1.0 s on 2 threads), learning the merges 0.17 s against its ~0.5 s. numba compiles it once per
 install, ~5 s on a slow 2-core machine (its cache is kept beside the source). Where two heap entries tie on
 count *and* pair (only after a merge re-creates an existing token) the library's own order depends
 on its hash maps' random iteration order, so neither trainer is defined there beyond that.
@@ -36,7 +36,7 @@ from tokenizers import Tokenizer, models
 
 from pipelines.data.encode import PieceCounter, key_slot
 from pipelines.data.minhash import mix64_one
-from pipelines.data.pretokenize import byte_chars, pre_tokenizer
+from pipelines.data.pretokenize import byte_chars, piece_hash, pre_tokenizer
 
 _CHUNK_BYTES = 4 << 20  # text per counting call (the kernel reserves ~40 bytes a byte)
 
@@ -184,14 +184,6 @@ def _pair_add(keys: np.ndarray, values: np.ndarray, used: int, key: int,
 
 
 @numba.njit(cache=True)
-def _content_hash(data: np.ndarray, lo: int, hi: int) -> np.uint64:
-    h = np.uint64(0xCBF29CE484222325)
-    for q in range(lo, hi):
-        h = (h ^ np.uint64(data[q])) * np.uint64(0x100000001B3)
-    return mix64_one(h)
-
-
-@numba.njit(cache=True)
 def _find_token(table: np.ndarray, t_hash: np.ndarray, t_bytes: np.ndarray, t_off: np.ndarray, h: np.uint64,
                 lo: int, hi: int) -> tuple[int, int]:  # fmt: skip
     """The id of the token whose bytes are ``t_bytes[lo:hi]`` (-1: none) and the slot where it is
@@ -323,7 +315,7 @@ def _learn(word_bytes: np.ndarray, word_off: np.ndarray, counts: np.ndarray, tok
         size *= 2
     t_table = _empty_table(size)
     for t in range(n_tok):
-        t_hash[t] = _content_hash(t_bytes, t_off[t], t_off[t + 1])
+        t_hash[t] = piece_hash(t_bytes, t_off[t], t_off[t + 1])
         found, slot = _find_token(t_table, t_hash, t_bytes, t_off, t_hash[t], t_off[t], t_off[t + 1])
         if found < 0:
             t_table[slot] = t
@@ -375,7 +367,7 @@ def _learn(word_bytes: np.ndarray, word_off: np.ndarray, counts: np.ndarray, tok
             t_bytes[lo + q] = t_bytes[t_off[a] + q]
         for q in range(n_bytes - len_a):
             t_bytes[lo + len_a + q] = t_bytes[t_off[b] + q]
-        h = _content_hash(t_bytes, lo, lo + n_bytes)
+        h = piece_hash(t_bytes, lo, lo + n_bytes)
         new, slot = _find_token(t_table, t_hash, t_bytes, t_off, h, lo, lo + n_bytes)
         if new < 0:
             new = n_tok

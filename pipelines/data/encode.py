@@ -39,6 +39,8 @@ _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
 # Text per kernel call: the index kernel's arrays take up to 40 bytes per byte of text (reserved,
 # mostly untouched), so a batch of large documents (text_unit: file) is cut into calls of at most
 # this much (one document at least).
+# The longest piece whose ids _bpe_kernel computes (a run of letters can be a whole file long).
+_KERNEL_PIECE_BYTES = 256
 _CHUNK_BYTES = 4 << 20
 # ANDed into every piece's hash: all ones; a test sets 0 to make every piece collide.
 _HASH_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -213,16 +215,19 @@ def _bpe_kernel(piece_bytes: np.ndarray, piece_off: np.ndarray, byte_id: np.ndar
                 merge_rank: np.ndarray, merge_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each piece's token ids by the BPE model: its bytes' tokens, then, while any adjacent pair
     has a merge, the one of lowest rank (the leftmost of equals) merged, as ``Word::merge_all``
-    does without dropout. Returns the ids back to back and each piece's count."""
+    does without dropout. Each step rescans the piece (quadratic in its length), so a piece longer
+    than ``_KERNEL_PIECE_BYTES`` gets no ids here (count -1; the caller asks the library, whose
+    queue is not quadratic). Returns the ids back to back and each piece's count."""
     n = piece_off.size - 1
     ids = np.empty(piece_off[n] - piece_off[0], np.int32)
     counts = np.empty(n, np.int64)
-    sym = np.empty(64, np.int64)
+    sym = np.empty(_KERNEL_PIECE_BYTES, np.int64)
     o = 0
     for k in range(n):
         lo, hi = piece_off[k], piece_off[k + 1]
-        if hi - lo > sym.size:
-            sym = np.empty(2 * (hi - lo), np.int64)
+        if hi - lo > _KERNEL_PIECE_BYTES:
+            counts[k] = -1
+            continue
         m = hi - lo
         for q in range(m):
             sym[q] = byte_id[piece_bytes[lo + q]]
@@ -379,9 +384,21 @@ class CorpusEncoder:
         self._cache = _PieceCache()
         if self.fast:
             self._merges = _merge_table(json.loads(tokenizer_json)["model"])
+            self._byte_chars = str.maketrans(dict(enumerate(byte_chars()[:128])))
 
     def _ids_of(self, pieces: bytes, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _bpe_kernel(np.frombuffer(pieces, np.uint8), off, *self._merges)
+        """The pieces' ids back to back and each one's count: the kernel's, and the library
+        model's for the pieces too long for it."""
+        ids, counts = _bpe_kernel(np.frombuffer(pieces, np.uint8), off, *self._merges)
+        long = np.flatnonzero(counts < 0)
+        if not long.size:
+            return ids, counts
+        per_piece = np.split(ids, np.cumsum(np.maximum(counts, 0))[:-1])
+        for k in long.tolist():
+            piece = pieces[off[k] : off[k + 1]].decode("ascii").translate(self._byte_chars)
+            per_piece[k] = np.array([t.id for t in self.tokenizer.model.tokenize(piece)], np.int32)
+            counts[k] = per_piece[k].size
+        return np.concatenate(per_piece).astype(np.int32), counts
 
     def _fast_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ASCII texts' ids back to back (int32), each text's token count, and which texts have a

@@ -44,6 +44,8 @@ PRE_TOKENIZER = {
         },
     ],
 }
+
+
 def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """The library's pre-tokenizer (``PRE_TOKENIZER``): digits one per piece, then byte-level."""
     return pre_tokenizers.Sequence(
