@@ -121,3 +121,51 @@ def test_planned_shards_refuse_streams_of_other_sizes(tmp_path: Path) -> None:
     assert (plan.sequences, plan.shards, plan.leftover) == (5, 3, 0)
     with pytest.raises(RuntimeError, match="hold 15 of the 16 tokens planned"):
         write_planned_shards(plan.tasks[0], [np.zeros(10, np.int32), np.zeros(5, np.int32)], tmp_path, "train", 4, 2)
+
+
+# Run in a fresh interpreter: unpickle each pickled remote function as a Ray worker does, and name
+# the numba kernels its body reaches directly whose disk cache is off.
+_UNCACHED_KERNELS = """
+import sys
+import numba
+import ray.cloudpickle
+found = []
+for module, name, payload in ray.cloudpickle.loads(sys.stdin.buffer.read()):
+    function = ray.cloudpickle.loads(payload)
+    for global_name in function.__code__.co_names:
+        value = function.__globals__.get(global_name)
+        if isinstance(value, numba.core.dispatcher.Dispatcher) and value.stats.cache_path is None:
+            found.append(f"{module}.{name} -> {global_name}")
+print("\\n".join(found))
+"""
+
+
+def test_ray_tasks_use_the_numba_kernels_disk_cache() -> None:
+    """Ray ships a remote function by value (its module's attribute is Ray's wrapper, not the
+    function), and with it every numba kernel the body names; numba rebuilds such a copy without
+    its disk cache, so each worker compiled the kernel at its first call (``eos_streams`` in
+    ``finish_part``: ~4 s in every fresh worker). Each of kiln's remote functions, unpickled in
+    another process as a worker unpickles it, must reach only cached kernels."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+    from ray.remote_function import RemoteFunction
+
+    import pipelines
+
+    import numba
+
+    functions = []
+    for info in pkgutil.walk_packages(pipelines.__path__, "pipelines."):
+        namespace = vars(importlib.import_module(info.name))
+        # A body can name only the kernels in its module's namespace: modules without one are skipped.
+        if any(isinstance(value, numba.core.dispatcher.Dispatcher) for value in namespace.values()):
+            functions += [(info.name, name, ray.cloudpickle.dumps(value._function)) for name, value in namespace.items()
+                          if isinstance(value, RemoteFunction)]  # fmt: skip
+    assert any(name == "finish_part" for _, name, _ in functions)
+    out = subprocess.run([sys.executable, "-c", _UNCACHED_KERNELS], input=ray.cloudpickle.dumps(functions),
+                         capture_output=True, check=True).stdout.decode()  # fmt: skip
+    assert out.strip() == "", f"remote functions that name a numba kernel (compiled again in every worker):\n{out}"

@@ -310,9 +310,22 @@ def document_part(index: int, scratch: str, out: str, dup_map: dict[str, np.ndar
 @ray.remote(num_cpus=1, num_returns=3)
 def finish_part(index: int, scratch: str, dup_map: dict[str, np.ndarray], tokenizer_json: str, dcfg: DataConfig,
                 eos_id: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
+    """Pass 3b of one part: ``finish_part_body`` in a Ray task."""
+    return finish_part_body(index, scratch, dup_map, tokenizer_json, dcfg, eos_id)
+
+
+def finish_part_body(index: int, scratch: str, dup_map: dict[str, np.ndarray], tokenizer_json: str, dcfg: DataConfig,
+                     eos_id: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
     """Pass 3b of one part: its kept documents tokenised (those ``document_part`` marks kept).
     Returns the sizes of its two token streams (small: the driver plans the packing from them) and
-    the streams, per split (train, validation) in id order: each document's ids followed by EOS."""
+    the streams, per split (train, validation) in id order: each document's ids followed by EOS.
+
+    A module function, not the task's own body, because of what it calls: Ray ships a remote
+    function by value, with every numba kernel its body names, and numba rebuilds such a copy
+    without its disk cache, so each worker compiled ``eos_streams`` anew (~4 s on 2 CPUs, in every
+    fresh worker's first part). Named from here, the kernel is the module's, cached
+    (``tests/test_packing.py`` checks every remote function).
+    """
     streams: dict[bool, list[np.ndarray]] = {False: [], True: []}  # in validation?
     dropped = dup_map["dropped"]
     for record_batch in _annotated_batches(scratch, index, ["id", "text", "status"], dcfg.batch_size):
