@@ -129,6 +129,17 @@ def _latest_checkpoint_step(storage: Path) -> int:
     return int(latest["checkpoint_dir_name"].split("-")[1])
 
 
+def _train_controller_logs(cluster: TwoNodes, tail: int = 4000) -> str:
+    """The tail of each Ray Train controller's output on the head (worker-group starts, restarts,
+    placement): what a failed placement check needs to be understood."""
+    out = []
+    for path in sorted(cluster.head.temp_dir.glob("session_latest/logs/worker-*.err")):
+        text = path.read_text(errors="replace")
+        if ":actor_name:TrainController" in text[:200]:
+            out.append(f"--- {path.name}\n{text[-tail:]}")
+    return "\n".join(out) or "(no TrainController log found)"
+
+
 def _summary(run_dir: Path, stage: str) -> dict[str, Any]:
     return json.loads((run_dir / stage / "stage.json").read_text())["summary"]
 
@@ -183,7 +194,7 @@ def test_pipeline_runs_on_two_nodes_and_survives_losing_one(cluster: TwoNodes, t
     # (or later), and every step to the end. The loss kept falling.
     pretrain = _summary(run_dir, "pretrain")
     starts = [m for m in read_metrics(run_dir / "pretrain") if m.get("event") in ("start", "resume")]
-    assert set(starts[0]["nodes"]) == {head, *first}, starts
+    assert set(starts[0]["nodes"]) == {head, *first}, (starts, _train_controller_logs(cluster))
     assert pretrain["resumes"] >= 1 and starts[1]["step"] >= 50, starts
     assert pretrain["steps"] == 300 and pretrain["final_loss"] < pretrain["first_loss"], pretrain
     assert (run_dir / "pretrain" / "model" / "config.json").is_file()
