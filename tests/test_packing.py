@@ -151,12 +151,11 @@ def test_ray_tasks_use_the_numba_kernels_disk_cache() -> None:
     import subprocess
     import sys
 
+    import numba
     import ray.cloudpickle
     from ray.remote_function import RemoteFunction
 
     import pipelines
-
-    import numba
 
     functions = []
     for info in pkgutil.walk_packages(pipelines.__path__, "pipelines."):

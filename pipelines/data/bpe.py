@@ -35,7 +35,6 @@ import numpy as np
 from tokenizers import Tokenizer, models
 
 from pipelines.data.encode import PieceCounter, key_slot
-from pipelines.data.minhash import mix64_one
 from pipelines.data.pretokenize import byte_chars, piece_hash, pre_tokenizer
 
 _CHUNK_BYTES = 4 << 20  # text per counting call (the kernel reserves ~40 bytes a byte)

@@ -36,11 +36,11 @@ from pipelines.data.pretokenize import (
 )
 
 _MAX_CACHED_WORDS = 500_000  # ~100 MB of cache at most
+# The longest piece whose ids _bpe_kernel computes (a run of letters can be a whole file long).
+_KERNEL_PIECE_BYTES = 256
 # Text per kernel call: the index kernel's arrays take up to 40 bytes per byte of text (reserved,
 # mostly untouched), so a batch of large documents (text_unit: file) is cut into calls of at most
 # this much (one document at least).
-# The longest piece whose ids _bpe_kernel computes (a run of letters can be a whole file long).
-_KERNEL_PIECE_BYTES = 256
 _CHUNK_BYTES = 4 << 20
 # ANDed into every piece's hash: all ones; a test sets 0 to make every piece collide.
 _HASH_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
