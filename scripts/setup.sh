@@ -49,6 +49,10 @@ if [ "$EXTRA" = cpu ]; then
     # generation needs none of them and their presence breaks `transformers` imports.
     "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# The data stage's numba kernels, compiled for this CPU into numba's cache (as uv compiled the
+# bytecode above): two processes side by side here, instead of on the first data stage's critical
+# path, where each worker compiles every kernel its passes call (pipelines/data/kernels.py).
+.venv/bin/python -m pipelines.data.kernels
 rm -f .venv/.kiln-setup-*
 touch "$stamp"
 echo "kiln installed in .venv ($EXTRA)"

@@ -141,6 +141,13 @@ class MinHasher:
         object.__setattr__(self, "_a", a)  # (P,) odd multipliers
         object.__setattr__(self, "_b", b)  # (P,)
 
+    def __reduce__(self) -> tuple[type, tuple[int, int, int]]:
+        # Pickled as its fields, the permutations drawn again where it lands: Ray gives a task its
+        # arguments' arrays read-only (zero-copy), a type of their own to numba, so every worker
+        # compiled _minhash_kernel a second time (the one scripts/setup.sh compiled takes writable
+        # arrays, as any caller outside Ray has).
+        return MinHasher, (self.num_perm, self.ngram, self.seed)
+
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """MinHash signatures of a batch of documents.
 
