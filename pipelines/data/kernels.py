@@ -67,7 +67,10 @@ def _corpus_group() -> None:
     hashes, offsets = shingle_sets(_TEXTS, 5)
     pair_jaccard(np.array([[0, 1], [1, 2]], dtype=np.int64), [{"ids": ids, "offsets": offsets, "hashes": hashes}])
     tokenizer_json = _library_bpe_json()
-    assert fast_path_applies(json.loads(tokenizer_json)), "the stand-in tokenizer must take the encoder's fast path"
+    if not fast_path_applies(json.loads(tokenizer_json)):  # a tokenizers release that writes its JSON otherwise
+        # Set-up goes on (the stage only compiles these itself); tests/test_kernels.py fails on it.
+        print("kiln: warning: the corpus encoder's kernels were not compiled ahead (its stand-in tokenizer "
+              "does not take the fast path)", file=sys.stderr)  # fmt: skip
     token_ids, lens = CorpusEncoder(tokenizer_json).encode_ragged(_TEXTS)
     eos_streams(token_ids, lens, in_validation(ids, 0.5), 0)
 
