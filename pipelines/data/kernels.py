@@ -2,7 +2,7 @@
 
 numba compiles a kernel at its first call and keeps the machine code in its disk cache (the
 ``__pycache__`` beside each module), so only the first data stage of an installation pays: on the
-quickstart corpus 20.5 s instead of 4.3 s on 2 CPUs, most of it on the stage's critical path, and
+quickstart corpus 19.8-20.8 s instead of 3.9-4.0 s on 2 CPUs, most of it on the stage's critical path, and
 every kernel a pass needs compiled by each worker that runs it. ``scripts/setup.sh`` runs this
 module once after installing, as uv compiles the packages' bytecode: the kernels in two groups side
 by side, each through the same functions the stage calls, so each kernel is compiled for the

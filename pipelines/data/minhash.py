@@ -143,9 +143,9 @@ class MinHasher:
 
     def __reduce__(self) -> tuple[type, tuple[int, int, int]]:
         # Pickled as its fields, the permutations drawn again where it lands: Ray gives a task its
-        # arguments' arrays read-only (zero-copy), a type of their own to numba, so every worker
-        # compiled _minhash_kernel a second time (the one scripts/setup.sh compiled takes writable
-        # arrays, as any caller outside Ray has).
+        # arguments' arrays read-only (zero-copy), a type of their own to numba, so an empty cache
+        # got _minhash_kernel compiled a second time in the first data stage (the one
+        # scripts/setup.sh compiles takes writable arrays, as any caller outside Ray passes).
         return MinHasher, (self.num_perm, self.ngram, self.seed)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
