@@ -2,20 +2,16 @@
 
 One Serve instance runs two applications for the whole module (vLLM start-up dominates the cost):
 ``open`` (no API key, generous limits) at ``/`` and ``secure`` (API key, one request at a time, a
-queue of one, a 3 s timeout) at ``/secure``, which also exercises overload and timeouts. vLLM's offline
-greedy output, for the equality check, is computed in a subprocess started beside them.
+queue of one, a 3 s timeout) at ``/secure``, which also exercises overload and timeouts. That the
+served greedy answers equal vLLM's own is test_serving_parity.py's (against vLLM's OpenAI server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,29 +27,12 @@ MODEL = "tiny"
 KEY = "kiln-test-key-0123456789"
 # Context of the served model: long enough that a 16 x 4000-token request runs for seconds.
 CONTEXT = 4096
-GREEDY_PROMPTS = ["What is 3 + 4?", "The quick brown fox"]
-GREEDY_TOKENS = 24
 ENGINE = {"dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.3, "cpu_kv_cache_gib": 1}
-
-OFFLINE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from vllm import LLM, SamplingParams
-
-    if __name__ == "__main__":
-        model, prompts, max_tokens, context = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-        llm = LLM(model=model, dtype="float32", max_model_len=context, gpu_memory_utilization=0.3,
-                  enforce_eager=True, seed=0)
-        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-        print("RESULT " + json.dumps([o.outputs[0].text for o in outs]))
-    """
-)
 
 
 @dataclass
 class Server:
     url: str
-    offline: subprocess.Popen[str]
 
 
 def _free_port() -> int:
@@ -69,7 +48,7 @@ def serve_model_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="module")
-def server(ray_local: None, serve_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(ray_local: None, serve_model_dir: Path) -> Iterator[Server]:
     from ray import serve
 
     from serving.app import build_app
@@ -81,13 +60,6 @@ def server(ray_local: None, serve_model_dir: Path, tmp_path_factory: pytest.Temp
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 controller_options={"runtime_env": {"env_vars": slow_ok}})
 
-    # vLLM's offline run starts now, beside the replicas' start-up.
-    script = tmp_path_factory.mktemp("offline") / "offline_greedy.py"
-    script.write_text(OFFLINE_SCRIPT)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    args = [str(serve_model_dir), json.dumps(GREEDY_PROMPTS), str(GREEDY_TOKENS), str(CONTEXT)]
-    offline = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env)
     # api_key_env names an unset variable so a developer's own KILN_API_KEY cannot leak in.
     common = {"model": str(serve_model_dir), "model_name": MODEL, "num_cpus": 0.5, "engine": ENGINE,
               "api_key_env": "KILN_TEST_NO_SUCH_VAR"}
@@ -98,9 +70,8 @@ def server(ray_local: None, serve_model_dir: Path, tmp_path_factory: pytest.Temp
     try:
         serve.run_many([serve.RunTarget(open_app, name="open", route_prefix="/"),
                         serve.RunTarget(secure_app, name="secure", route_prefix="/secure")])
-        yield Server(f"http://127.0.0.1:{port}", offline)
+        yield Server(f"http://127.0.0.1:{port}")
     finally:
-        offline.kill()
         serve.shutdown()
 
 
@@ -217,15 +188,6 @@ def test_sampling_parameters(http: httpx.Client) -> None:
                                                    "max_tokens": 3, "logprobs": True, "top_logprobs": 2}).json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
-
-
-def test_greedy_output_equals_vllm_offline(server: Server, http: httpx.Client) -> None:
-    served = [_complete(http, p, max_tokens=GREEDY_TOKENS, temperature=0)["choices"][0]["text"]
-              for p in GREEDY_PROMPTS]
-    out, _ = server.offline.communicate(timeout=600)
-    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    assert server.offline.returncode == 0 and result, out[-3000:]
-    assert served == json.loads(result[-1][len("RESULT "):])
 
 
 def test_32_concurrent_requests(http: httpx.Client, server: Server) -> None:

@@ -202,7 +202,8 @@ def test_exposed_host_without_a_key_is_refused(serve_model_dir: Path, monkeypatc
         build_app({**base, "ingress": "haproxy"})
     build_app({**base, "ingress": "haproxy", "api_key": "a-key-of-length"})
     build_app({**base, "ingress": "haproxy", "allow_unauthenticated": True})
-    assert ServeConfig(ingress="haproxy").ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert ServeConfig(ingress="haproxy").ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     assert ServeConfig().ingress == "proxy" and ServeConfig().ingress_env() == {}
 
     # An empty key variable is a mistake, not "no key": refused even on loopback, even when allowed.
