@@ -112,7 +112,6 @@ def _pipeline_config(tmp_path: Path, name: str) -> dict[str, Any]:
                                     "max_position_embeddings": 128}}  # fmt: skip
     short = {**train, "max_steps": 4, "log_every_steps": 2, "eval_every_steps": 4, "checkpoint_every_steps": 4}
     config["sft"] = {**quickstart["sft"], **short, "data": str(corpus / "sft.jsonl")}
-    config["reward_model"] = None
     ppo = quickstart["ppo"]
     config["ppo"] = {**ppo, "prompts": str(corpus / "ppo_prompts.jsonl"), "eval_prompts": str(corpus / "eval_prompts.jsonl"),
                      "scheduling_strategy": "SPREAD", "max_steps": 2, "revisit_steps": 0, "prompts_per_step": 4, "samples_per_prompt": 2,
