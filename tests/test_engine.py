@@ -65,7 +65,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def rank_main(rank, port, tokenizer_dir, model_dir, out):
+def rank_main(rank, port, tokenizer_dir, model_dir, lm_dir, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -74,8 +74,9 @@ def rank_main(rank, port, tokenizer_dir, model_dir, out):
 
     from pipelines.train.config import TrainConfig
     from pipelines.train.losses import bradley_terry_loss
-    from pipelines.train.modeling import build_model
-    from pipelines.train.worker import _pair_scores, start_engine
+    from pipelines.train.engine import full_state_dict
+    from pipelines.train.modeling import build_model, exported, with_lm_head
+    from pipelines.train.worker import _pair_scores, _pair_scores_with_lm, start_engine
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = build_model("reward", tok, path=model_dir)
@@ -90,8 +91,24 @@ def rank_main(rank, port, tokenizer_dir, model_dir, out):
         c, r, _ = _pair_scores(engine, chosen, rejected, tok.pad_token_id, one_forward=True)
         engine.backward(bradley_terry_loss(c, r))
         engine.step()
+    # With the auxiliary LM loss (reward_model.lm_loss_weight): the LM head's forward on the
+    # chosen side gathers its parameters as the trunk's do; the export drops it.
+    lm_engine = start_engine(with_lm_head(build_model("reward", tok, path=lm_dir), lm_dir), cfg)
+    labels = chosen.clone()
+    labels[:, :4] = -100
+    labels[chosen == tok.pad_token_id] = -100
+    for _ in range(2):
+        c, r, lm_sum, lm_count, _ = _pair_scores_with_lm(lm_engine, chosen, rejected, labels, tok.pad_token_id)
+        lm_engine.backward(bradley_terry_loss(c, r) + lm_sum / lm_count)
+        lm_engine.step()
+    state = full_state_dict(lm_engine, rank)
+    keys = None
+    if rank == 0:
+        module, state = exported(lm_engine.module, state)
+        keys = sorted(k for k, v in state.items() if v.numel() > 0)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"loaded_training": loaded_training, "engine_training": engine.module.training}, f)
+        json.dump({"loaded_training": loaded_training, "engine_training": engine.module.training,
+                   "exported": keys}, f)
     dist.destroy_process_group()
 
 
@@ -114,8 +131,10 @@ def test_zero3_reward_model_ranks_whose_pairs_differ_in_width_train_together(
     waited on each other until gloo's timeout (30 min under Ray Train). And a model loaded with
     ``from_pretrained`` trained in eval mode (activation checkpointing skipped) until its first
     evaluation. Real DeepSpeed, two gloo processes, a reward model wide enough (256) that ZeRO-3
-    partitions and gathers its parameters."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    partitions and gathers its parameters. The same with the auxiliary LM loss
+    (``reward_model.lm_loss_weight``): the LM head trains beside the score head, and the
+    consolidated export is the reward model's state alone."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -123,16 +142,21 @@ def test_zero3_reward_model_ranks_whose_pairs_differ_in_width_train_together(
                          pad_token_id=tok.pad_token_id, num_labels=1)  # fmt: skip
     LlamaForSequenceClassification(config).save_pretrained(str(tmp_path / "rm"), safe_serialization=True)
     tok.save_pretrained(str(tmp_path / "rm"))
+    lm = LlamaForCausalLM(config)  # the starting model of a reward model with the auxiliary LM loss
+    lm.save_pretrained(str(tmp_path / "lm"), safe_serialization=True)
+    tok.save_pretrained(str(tmp_path / "lm"))
+    want_keys = sorted(LlamaForSequenceClassification(config).state_dict())
     script = tmp_path / "zero3_pairs.py"
     script.write_text(_ZERO3_PAIRS)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(script), str(tiny_tokenizer_dir), str(tmp_path / "rm"),
-                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                           str(tmp_path / "lm"), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
                           check=False, timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         state = json.loads((tmp_path / f"out.{rank}").read_text())
-        assert state == {"loaded_training": False, "engine_training": True}, state
+        assert state == {"loaded_training": False, "engine_training": True,
+                         "exported": want_keys if rank == 0 else None}, {**state, "exported": "..."}
 
 
 def test_arch_suffixes_are_dropped_for_deepspeed() -> None:

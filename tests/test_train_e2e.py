@@ -8,6 +8,7 @@ config again, interrupted, and compare step by step with the uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -95,7 +96,8 @@ def trained(ray_local: None, workspace: dict[str, Path]) -> dict[str, Any]:
              "sequences_per_step": 16, "micro_batch_per_worker": 4, "max_steps": 25, "learning_rate": 2.0e-3},
         reward_model={**_TRAIN_COMMON, "data": str(ws["corpus"] / "preferences.jsonl"), "seq_len": 96,
                       "zero_stage": 1, "sequences_per_step": 16, "micro_batch_per_worker": 8, "max_steps": 60,
-                      "learning_rate": 2.0e-3, "eval_every_steps": 30, "eval_batches": 10, "validation_fraction": 0.2},
+                      "learning_rate": 2.0e-3, "eval_every_steps": 30, "eval_batches": 10, "validation_fraction": 0.2,
+                      "lm_loss_weight": 1.0},
     )  # fmt: skip
     out: dict[str, Any] = {"cfg": cfg, "seconds": {}}
     for stage, module in (("pretrain", pretrain), ("sft", sft), ("reward_model", reward_model)):
@@ -234,6 +236,11 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained: dict[str, Any], wo
     summary = trained["reward_model"]
     losses = _losses(trained["cfg"].run.dir / "reward_model")
     assert np.mean([losses[s] for s in sorted(losses)[-3:]]) < losses[min(losses)], losses
+    # The auxiliary next-token loss on the chosen responses (reward_model.lm_loss_weight) is logged
+    # beside the Bradley-Terry loss, held out too, and falls.
+    lm = [m["lm_loss"] for m in read_metrics(trained["cfg"].run.dir / "reward_model") if "lm_loss" in m]
+    assert len(lm) >= 3 and all(math.isfinite(x) for x in lm) and lm[-1] < lm[0], lm
+    assert math.isfinite(summary["val_lm_loss"])
     # The export is a standard one-label sequence-classification model.
     model_dir = trained["cfg"].run.dir / "reward_model" / "model"
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()

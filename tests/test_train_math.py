@@ -384,6 +384,59 @@ def test_reward_pairs_score_each_side_at_its_own_width(tok) -> None:  # noqa: AN
     assert cut_to_longest(torch.tensor([[0, 0]]), 0).shape == (1, 1)
 
 
+def test_a_reward_model_with_an_lm_head_scores_as_its_export_and_predicts_as_the_causal_lm(
+    tok, tiny_llama_dir: Path, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """``reward_model.lm_loss_weight``: the score is the exported sequence-classification model's
+    (read at each row's last real token), the auxiliary loss is the starting causal LM's next-token
+    loss on the chosen responses, both reach the trunk, and the export drops the LM head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipelines.train.datasets import dpo_rows
+    from pipelines.train.modeling import exported, last_token_scores, save_hf_model, with_lm_head
+    from pipelines.train.worker import _pair_scores_with_lm
+
+    torch.manual_seed(0)
+    reward = build_model("reward", tok, path=tiny_llama_dir)
+    model = with_lm_head(reward, tiny_llama_dir)
+    records = [("p:1", {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "1 + 1 = 3, I think, or so."}),
+               ("p:2", {"prompt": "What is 12 + 30?", "chosen": "12 + 30 = 42.", "rejected": "41"})]  # fmt: skip
+    rows = trim_padding(dpo_rows(tok, records, seq_len=48, overlong="truncate")[0], tok.pad_token_id)
+    chosen, rejected, labels = (torch.from_numpy(rows[k]).long() for k in ("chosen_ids", "rejected_ids", "chosen_labels"))
+    c, r, loss_sum, count, tokens = _pair_scores_with_lm(model, chosen, rejected, labels, tok.pad_token_id)
+    with torch.no_grad():
+        want = [reward(input_ids=cut_to_longest(ids, tok.pad_token_id)).logits.squeeze(-1) for ids in (chosen, rejected)]
+        lm = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+        want_loss, want_count = lm_loss_sum(lm(input_ids=chosen).logits, labels)
+    torch.testing.assert_close(torch.cat([c, r]), torch.cat(want), atol=1e-5, rtol=0)
+    assert int(count) == int(want_count) == int((labels != IGNORE).sum()) and int(count) > 0
+    torch.testing.assert_close(loss_sum, want_loss, atol=1e-4, rtol=1e-5)
+    assert tokens == cut_to_longest(chosen, tok.pad_token_id).numel() + cut_to_longest(rejected, tok.pad_token_id).numel()
+    (bradley_terry_loss(c, r) + loss_sum / count).backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0 and reward.score.weight.grad.abs().sum() > 0
+    assert last_token_scores(torch.arange(6.0).view(2, 3, 1), torch.tensor([[5, 6, 1], [5, 6, 7]]), 1).tolist() == [[1.0], [5.0]]
+    # The export is the reward model alone, and loads as one.
+    module, state = exported(model, model.state_dict())
+    assert module is reward and set(state) == set(reward.state_dict())
+    save_hf_model(module, state, tiny_llama_dir, tmp_path / "rm")
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=chosen).logits.squeeze(-1), c.detach(), atol=1e-5, rtol=0)
+    # Refused: a starting model without an LM head, and LoRA with the auxiliary loss.
+    with pytest.raises(ValueError, match=r"reward_model.lm_loss_weight: .*rm is not a causal LM \(config.json: "
+                                         r"architectures \['LlamaForSequenceClassification'\]"):  # fmt: skip
+        with_lm_head(reward, tmp_path / "rm")
+    from pipelines.train.config import LoraSettings, RewardModelConfig
+
+    with pytest.raises(ValueError, match="lm_loss_weight > 0 .* not supported with lora"):
+        RewardModelConfig(data="pairs.jsonl", lm_loss_weight=1.0, lora=LoraSettings())
+    # A tied LM head stays the reward model's input embeddings.
+    tied = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), tie_word_embeddings=True)
+    tied.save_pretrained(str(tmp_path / "tied"))
+    tied_reward = build_model("reward", tok, path=tmp_path / "tied")
+    assert with_lm_head(tied_reward, tmp_path / "tied").lm_head.weight is tied_reward.get_input_embeddings().weight
+
+
 def test_sft_loss_from_the_first_predicting_position_is_the_full_loss(tok) -> None:  # noqa: ANN001
     """SFT computes the output layer only from the first position that predicts a response token
     (``logits_to_keep``): the loss and its gradient are the full batch's; pretraining keeps all."""

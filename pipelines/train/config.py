@@ -157,6 +157,19 @@ class RewardModelConfig(TrainConfig):
     # weight (null: full fine-tuning); model/ is the merged model, model/adapter/ the PEFT adapter
     # (with the head). The trunk stays close to the SFT model's: what it knows about the task.
     lora: LoraSettings | None = None
+    # Weight of an auxiliary next-token loss on the chosen responses, added to the Bradley-Terry
+    # loss (0: none). The starting model's LM head trains beside the score head on the same trunk,
+    # and only the reward model is exported: the language-modelling signal keeps the trunk's
+    # knowledge of the task while the score head learns (text-generation regularisation, as in
+    # Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model
+    # for LLMs"). Needs a starting model with an LM head (a causal LM); not with lora.
+    lm_loss_weight: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _lm_loss_without_lora(self) -> "RewardModelConfig":
+        if self.lm_loss_weight > 0 and self.lora is not None:
+            raise ValueError("lm_loss_weight > 0 trains the LM head in full; it is not supported with lora")
+        return self
 
 
 class DpoConfig(TrainConfig):

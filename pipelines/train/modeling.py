@@ -105,6 +105,20 @@ def check_reward_model(model_dir: Path, where: str) -> Path:
     return model_dir
 
 
+def check_causal_lm(model_dir: Path, where: str) -> Path:
+    """Fail early, naming ``where`` (the config key), unless ``model_dir`` holds a causal LM (a
+    model with an LM head: a reward model's auxiliary next-token loss trains that head).
+
+    Raises:
+        ValueError: naming the key, the directory and the architectures its config.json gives.
+    """
+    architectures = model_config(model_dir).get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise ValueError(f"{where}: {model_dir} is not a causal LM (config.json: architectures {architectures}); "
+                         "the auxiliary next-token loss trains the starting model's LM head")  # fmt: skip
+    return model_dir
+
+
 def check_context(model_dir: Path, tokens: int, where: str) -> None:
     """Fail early if a context of ``tokens`` (prompt + response) exceeds the model's
     ``max_position_embeddings`` (when its config.json gives one).
@@ -144,6 +158,60 @@ def build_model(
         return (LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification)(config).float()
     auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
     return auto.from_pretrained(str(path), config=config, dtype=torch.float32)
+
+
+def last_token_scores(scores: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(B, T, labels) scores of every position → (B, labels) at each row's last non-pad token, by
+    ``transformers``' rule for sequence classification (the rightmost position that is not
+    ``pad_id``; all-pad rows read position 0; no ``pad_id``: the last position)."""
+    if pad_id is None:
+        return scores[:, -1]
+    positions = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
+    last = (positions * (ids != pad_id)).argmax(-1)  # (B,)
+    return scores[torch.arange(len(ids), device=ids.device), last]
+
+
+class RewardWithLmHead(torch.nn.Module):
+    """A reward model that trains with an auxiliary next-token loss (``reward_model.lm_loss_weight``):
+    the sequence-classification model, and beside its score head the starting model's LM head on
+    the same trunk. ``exported`` gives back the reward model alone.
+
+    ``forward(input_ids, lm_from)`` → (scores (B, 1) as the reward model's own forward computes
+    them, next-token logits (B, T - lm_from, V) of the positions from ``lm_from`` on, or None).
+    """
+
+    def __init__(self, reward: PreTrainedModel, lm_head: torch.nn.Module) -> None:
+        super().__init__()
+        self.reward = reward
+        self.lm_head = lm_head
+
+    def forward(self, input_ids: torch.Tensor, lm_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.reward.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H), after the final norm
+        scores = last_token_scores(self.reward.score(hidden), input_ids, self.reward.config.pad_token_id)
+        return scores, None if lm_from is None else self.lm_head(hidden[:, lm_from:])
+
+
+def with_lm_head(reward: PreTrainedModel, path: str | Path) -> RewardWithLmHead:
+    """``reward`` (loaded from the causal LM at ``path``) with that model's LM head beside its
+    score head; a tied head stays tied to the reward model's input embeddings.
+
+    Raises:
+        ValueError: ``path`` holds no causal LM (``check_causal_lm``).
+    """
+    check_causal_lm(Path(path), "reward_model.lm_loss_weight")
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    head = lm.get_output_embeddings()
+    if lm.config.tie_word_embeddings:
+        head.weight = reward.get_input_embeddings().weight
+    return RewardWithLmHead(reward, head)
+
+
+def exported(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model and state dict to write as the stage's Hugging Face export: a
+    ``RewardWithLmHead``'s reward model alone (its LM head dropped), anything else unchanged."""
+    if not isinstance(model, RewardWithLmHead):
+        return model, state
+    return model.reward, {k.removeprefix("reward."): v for k, v in state.items() if k.startswith("reward.")}
 
 
 def save_hf_model(

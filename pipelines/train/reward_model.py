@@ -17,8 +17,8 @@ from core.progress import summary_text
 from core.rundir import mark_finished, prepare_stage
 from pipelines.config import KilnConfig
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.train.datasets import preference_rows, write_dataset
-from pipelines.train.modeling import check_lora_targets, check_model_dir
+from pipelines.train.datasets import dpo_rows, preference_rows, write_dataset
+from pipelines.train.modeling import check_causal_lm, check_lora_targets, check_model_dir
 from pipelines.train.trainer import finetune_job, fit, summary
 
 STAGE = "reward_model"
@@ -28,6 +28,8 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
     """Train the reward model (or resume, or skip if finished); returns the stage summary."""
     rcfg, stage_dir, digest = cfg.stage_section(STAGE)
     init_from = check_model_dir(Path(rcfg.init_from or cfg.run.dir / "sft" / "model").resolve())
+    if rcfg.lm_loss_weight > 0:
+        check_causal_lm(init_from, f"{STAGE}.lm_loss_weight")
     if rcfg.lora is not None:
         check_lora_targets(rcfg.lora, init_from, f"{STAGE}.lora.target_modules", head="reward")
     data = [Path(f) for f in ([rcfg.data] if isinstance(rcfg.data, str) else rcfg.data)]
@@ -39,8 +41,11 @@ def run(cfg: KilnConfig, force: bool = False) -> dict[str, Any]:
         return done
 
     tokenizer = load_tokenizer(init_from)
+    # The auxiliary next-token loss needs the chosen responses' label masks: DPO's rows carry them
+    # (the same ids as preference_rows, and each side's response-only labels).
+    encode = dpo_rows if rcfg.lm_loss_weight > 0 else preference_rows
     dataset, stats, held_out = write_dataset(
-        stage_dir, data, lambda records: preference_rows(tokenizer, records, rcfg.seq_len, rcfg.overlong),
+        stage_dir, data, lambda records: encode(tokenizer, records, rcfg.seq_len, rcfg.overlong),
         rcfg.validation_fraction,
     )
     print(f"kiln reward-model: {stats.records} pairs ({stats.truncated} sequences truncated), "

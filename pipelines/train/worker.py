@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from cluster.dashboard import StageGauges
 from core.checkpoint import load_deepspeed_checkpoint, rng_state, set_rng_state
 from core.metrics import MetricsSink
-from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, TrainConfig
+from pipelines.train.config import DpoConfig, LoraSettings, ModelConfig, RewardModelConfig, TrainConfig
 from pipelines.train.engine import deepspeed_config, full_state_dict, import_deepspeed, param_groups
 from pipelines.train.losses import (
     accumulation_weight,
@@ -50,7 +50,7 @@ from pipelines.train.losses import (
     pairwise_correct,
     sequence_logps,
 )
-from pipelines.train.modeling import apply_lora, build_model, save_hf_model
+from pipelines.train.modeling import apply_lora, build_model, exported, save_hf_model, with_lm_head
 from pipelines.train.rows import RowStream, cut_to_longest, step_positions, trim_padding
 
 Objective = Literal["lm", "reward", "dpo"]
@@ -99,8 +99,13 @@ class TrainJob:
     lora: LoraSettings | None = None
 
     @property
+    def lm_loss_weight(self) -> float:
+        """The reward model's auxiliary next-token loss weight (0 for every other objective)."""
+        return self.train.lm_loss_weight if isinstance(self.train, RewardModelConfig) else 0.0
+
+    @property
     def columns(self) -> tuple[str, ...]:
-        return COLUMNS[self.objective]
+        return COLUMNS[self.objective] + (("chosen_labels",) if self.lm_loss_weight > 0 else ())
 
 
 def _seed_all(seed: int) -> None:
@@ -132,6 +137,24 @@ def _pair_scores(
         return *engine(input_ids=both).logits.squeeze(-1).chunk(2), both.numel()
     scores = [engine(input_ids=ids).logits.squeeze(-1) for ids in (chosen, rejected)]  # (B,) each
     return scores[0], scores[1], chosen.numel() + rejected.numel()
+
+
+def _pair_scores_with_lm(
+    engine: Any, chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, pad_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``_pair_scores`` of a ``RewardWithLmHead``, and the next-token loss of the chosen responses:
+    ((B,) chosen scores, (B,) rejected scores, summed loss, target tokens, tokens processed).
+
+    One forward per side (every rank runs two, as ZeRO-3 needs); only the chosen side goes through
+    the LM head, from its first predicting position (``first_predicting_position``) on.
+    """
+    chosen, rejected = cut_to_longest(chosen, pad_id), cut_to_longest(rejected, pad_id)
+    labels = labels[:, : chosen.shape[1]]  # labels are IGNORE wherever chosen is padding
+    first = first_predicting_position(labels)
+    chosen_scores, logits = engine(input_ids=chosen, lm_from=first)
+    rejected_scores, _ = engine(input_ids=rejected)
+    loss_sum, count = lm_loss_sum(logits, labels[:, first:])
+    return chosen_scores.squeeze(-1), rejected_scores.squeeze(-1), loss_sum, count, chosen.numel() + rejected.numel()
 
 
 def start_engine(model: torch.nn.Module, cfg: TrainConfig) -> Any:
@@ -172,6 +195,13 @@ def _forward(
         loss_sum, count = _lm_loss(job.train.torch_compile)(logits, targets)
         return loss_sum / count.clamp(min=1), {"loss": loss_sum.detach(), "count": count}, ids.numel()
     pairs = len(batch["chosen_ids"])
+    if job.objective == "reward" and job.lm_loss_weight > 0:
+        chosen, rejected, lm_sum, lm_count, tokens = _pair_scores_with_lm(
+            engine, batch["chosen_ids"], batch["rejected_ids"], batch["chosen_labels"], pad_id)  # fmt: skip
+        bt = bradley_terry_loss(chosen, rejected)
+        loss = bt + job.lm_loss_weight * lm_sum / lm_count.clamp(min=1)
+        return loss, {"loss": bt.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum(),
+                      "lm_loss": lm_sum.detach(), "lm_tokens": lm_count}, tokens  # fmt: skip
     if job.objective == "reward":
         chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id,
                                                 one_forward=job.train.zero_stage == 3)  # fmt: skip
@@ -224,6 +254,8 @@ def _metrics(sums: dict[str, float], objective: Objective, held_out: bool) -> di
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     if "correct" in sums:
         out["accuracy"] = sums["correct"] / count  # reward model: pairwise; DPO: implicit reward
+    if "lm_loss" in sums:  # the reward model's auxiliary next-token loss, per chosen-response token
+        out["lm_loss"] = sums["lm_loss"] / max(sums["lm_tokens"], 1.0)
     if "chosen_reward" in sums:
         out["chosen_reward"] = sums["chosen_reward"] / count
         out["rejected_reward"] = sums["rejected_reward"] / count
@@ -300,7 +332,7 @@ def _save_checkpoint(engine: Any, job: TrainJob, step: int, rank: int, metrics: 
             (root / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": job.config_digest,
                                                                   "window": window}))  # fmt: skip
             if state is not None:
-                save_hf_model(engine.module, state, job.tokenizer_dir, root / EXPORT_DIR)
+                save_hf_model(*exported(engine.module, state), job.tokenizer_dir, root / EXPORT_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:08d}")
 
 
@@ -328,6 +360,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if job.lm_loss_weight > 0:
+        assert job.init_from is not None, "the reward model starts from a model directory"
+        model = with_lm_head(model, job.init_from)  # exported without its LM head
     if job.lora is not None:
         # Base weights frozen: only the adapters reach the optimizer (param_groups keeps trainable
         # parameters). The HF export is the merged model, with the adapter beside it.
