@@ -195,18 +195,20 @@ def _forward(
         loss_sum, count = _lm_loss(job.train.torch_compile)(logits, targets)
         return loss_sum / count.clamp(min=1), {"loss": loss_sum.detach(), "count": count}, ids.numel()
     pairs = len(batch["chosen_ids"])
-    if job.objective == "reward" and job.lm_loss_weight > 0:
-        chosen, rejected, lm_sum, lm_count, tokens = _pair_scores_with_lm(
-            engine, batch["chosen_ids"], batch["rejected_ids"], batch["chosen_labels"], pad_id)  # fmt: skip
-        bt = bradley_terry_loss(chosen, rejected)
-        loss = bt + job.lm_loss_weight * lm_sum / lm_count.clamp(min=1)
-        return loss, {"loss": bt.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum(),
-                      "lm_loss": lm_sum.detach(), "lm_tokens": lm_count}, tokens  # fmt: skip
     if job.objective == "reward":
-        chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id,
-                                                one_forward=job.train.zero_stage == 3)  # fmt: skip
-        loss = bradley_terry_loss(chosen, rejected)
-        return loss, {"loss": loss.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum()}, tokens
+        lm: Sums = {}  # the auxiliary next-token loss's sums (reward_model.lm_loss_weight), if any
+        aux: torch.Tensor | float = 0.0
+        if job.lm_loss_weight > 0:
+            chosen, rejected, lm_sum, lm_count, tokens = _pair_scores_with_lm(
+                engine, batch["chosen_ids"], batch["rejected_ids"], batch["chosen_labels"], pad_id)  # fmt: skip
+            lm = {"lm_loss": lm_sum.detach(), "lm_tokens": lm_count}
+            aux = job.lm_loss_weight * lm_sum / lm_count.clamp(min=1)
+        else:
+            chosen, rejected, tokens = _pair_scores(engine, batch["chosen_ids"], batch["rejected_ids"], pad_id,
+                                                    one_forward=job.train.zero_stage == 3)  # fmt: skip
+        bt = bradley_terry_loss(chosen, rejected)
+        return bt + aux, {"loss": bt.detach() * pairs, "count": pairs, "correct": pairwise_correct(chosen, rejected).sum(),
+                          **lm}, tokens  # fmt: skip
     both = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T): one forward for both sides
     cfg = job.train
     assert isinstance(cfg, DpoConfig)
